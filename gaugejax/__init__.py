@@ -1,0 +1,42 @@
+"""gaugejax: gauge symmetries of neural networks and neural ODEs in JAX.
+
+After Hashimoto, Hirono & Sannai, "Unification of Symmetries Inside Neural Networks:
+Transformer, Feedforward and Neural ODE" (arXiv 2402.02362). x64 is never switched on here:
+entry points and tests do that.
+"""
+
+from . import gauges as gauges
+from .calculus import (
+    DeformedField as DeformedField,
+    ReparametrizedField as ReparametrizedField,
+    SpacetimePulledBackField as SpacetimePulledBackField,
+    deform as deform,
+    first_order_response as first_order_response,
+    lie_bracket as lie_bracket,
+    pullback as pullback,
+    reparametrize as reparametrize,
+    spacetime_pullback as spacetime_pullback,
+)
+from .gauges import (
+    AbstractGauge as AbstractGauge,
+    LieDeformationGauge as LieDeformationGauge,
+    SpatialDiffeoGauge as SpatialDiffeoGauge,
+    TimeReparamGauge as TimeReparamGauge,
+)
+from .models import MLPField as MLPField, NeuralODE as NeuralODE
+from .solve import (
+    SensitivityField as SensitivityField,
+    SolveStats as SolveStats,
+    count_evaluations as count_evaluations,
+    evaluations_per_step as evaluations_per_step,
+    result_name as result_name,
+    solve as solve,
+)
+from .sweep import (
+    SweepResult as SweepResult,
+    default_observable as default_observable,
+    sweep as sweep,
+)
+
+
+__version__ = "0.1.0"

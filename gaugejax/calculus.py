@@ -1,0 +1,275 @@
+"""Spacetime calculus of neural-ODE vector fields (paper Sec. 2.1-2.2).
+
+Conventions (all derivatives by `jax.jvp`, never finite differences, never a full Jacobian
+except inside the one linear solve of a finite diffeomorphism):
+
+- A field on R^n is `u(z) -> dz`; `lie_bracket(u, v)(z) = Dv(z) u(z) - Du(z) v(z) = (L_u v)(z)`.
+- A neural-ODE field is `F(t, y, args)` (diffrax's signature). Its spacetime lift is
+  `F_hat(t, y) = (1, F(t, y))`.
+- A spacetime generator is `eps(t, y) -> (eps0, eps_y)`. The paper's deformation (Eq. 9) maps
+  `F_hat -> F_hat + s L_eps F_hat`; restoring `t(s) = s` (Sec. 2.2) gives the new field
+  `F' = F + s [(L_eps F_hat)^y - F (L_eps F_hat)^t]`.
+- A finite spacetime diffeomorphism is a chart `Psi(s, y) -> (t, x)`: old coordinates in terms of
+  new ones. The pulled-back field solves `(D_y x - F (D_y t)) y' = F d_s t - d_s x`.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jaxtyping import ArrayLike, Float, PyTree
+
+from ._checks import check_like
+from ._types import Args, ScalarLike, SpacetimeGenerator, State, VectorField
+
+
+def _sub(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(lambda x, y: x - y, a, b)
+
+
+def _value_and_bracket(u: Callable, v: Callable, z: PyTree) -> tuple[PyTree, PyTree]:
+    """`(v(z), [u, v](z))` with two jvps and one evaluation each of u and v."""
+    uz = u(z)
+    check_like("`u(z)`", uz, z)
+    vz, dv_u = jax.jvp(v, (z,), (uz,))
+    check_like("`v(z)`", vz, z)
+    _, du_v = jax.jvp(u, (z,), (vz,))
+    return vz, _sub(dv_u, du_v)
+
+
+def lie_bracket(u: Callable[[PyTree], PyTree], v: Callable[[PyTree], PyTree]) -> Callable:
+    """The Lie bracket `[u, v] = L_u v` of two vector fields on R^n (arrays or PyTrees).
+
+    **Arguments:**
+
+    - `u`, `v`: fields `z -> dz` returning the structure of `z`.
+
+    **Returns:** a callable `z -> Dv(z) u(z) - Du(z) v(z)`; jit/vmap/grad-compatible.
+
+    **Raises:** (when called) `ValueError` if `u` or `v` does not return the structure of `z`.
+    """
+
+    def bracket(z: PyTree) -> PyTree:
+        return _value_and_bracket(u, v, z)[1]
+
+    return bracket
+
+
+def _time_array(t: ScalarLike) -> Float[ArrayLike, ""]:
+    t = jnp.asarray(t)
+    return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(float)
+
+
+class DeformedField(eqx.Module):
+    """`F + scale * [(L_eps F_hat)^y - F (L_eps F_hat)^t]`; built by `deform`."""
+
+    field: VectorField
+    eps: SpacetimeGenerator
+    scale: ScalarLike
+
+    def __call__(self, t: ScalarLike, y: State, args: Args) -> State:
+        t = _time_array(t)
+
+        def field_hat(z):
+            tz, yz = z
+            return jnp.ones_like(tz), self.field(tz, yz, args)
+
+        def eps_hat(z):
+            tz, yz = z
+            e0, ey = self.eps(tz, yz)
+            e0 = jnp.asarray(e0, dtype=tz.dtype)
+            if jnp.shape(e0) != ():
+                raise ValueError(
+                    "`eps(t, y)` must return (eps0, eps_y) with a scalar eps0; received eps0 of "
+                    f"shape {jnp.shape(e0)}."
+                )
+            return e0, ey
+
+        (_, f), (lie_t, lie_y) = _value_and_bracket(eps_hat, field_hat, (t, y))
+        return jax.tree.map(lambda f_, ly: f_ + self.scale * (ly - f_ * lie_t), f, lie_y)
+
+
+def deform(field: VectorField, eps: SpacetimeGenerator, scale: ScalarLike) -> DeformedField:
+    """Infinitesimal spacetime-diffeomorphism deformation of a neural-ODE field (Eq. 9, Sec. 2.2).
+
+    Solutions `y(t)` of the returned field are, to first order in `scale`, the solutions `x` of
+    `field` seen in the coordinates `x^mu = y^mu + scale * eps^mu(y)`, with time rescaled so that
+    `t(s) = s` again:
+
+    `F' = F + scale * [(L_eps F_hat)^y - F (L_eps F_hat)^t]`, `F_hat = (1, F)`.
+
+    Special cases: `eps = (0, eps_y)` gives Eq. 16, `F + scale (DF eps - D eps F - d_t eps)`;
+    `eps = (eps0(t), 0)` gives `F + scale d/dt(eps0 F) = F + scale (eps0' F + eps0 d_t F)`, which
+    is *not* the printed Eq. 20 (see the README).
+
+    **Arguments:**
+
+    - `field`: `(t, y, args) -> dy/dt`.
+    - `eps`: spacetime generator `(t, y) -> (eps0, eps_y)`, `eps0` a scalar, `eps_y` shaped as y.
+    - `scale`: the deformation parameter s (a float or a scalar array; differentiable).
+
+    **Returns:** a `DeformedField`, itself a field `(t, y, args) -> dy/dt` and a PyTree.
+    """
+    if not callable(field):
+        raise TypeError(f"`field` must be callable (t, y, args) -> dy/dt; received {type(field)}.")
+    if not callable(eps):
+        raise TypeError(f"`eps` must be callable (t, y) -> (eps0, eps_y); received {type(eps)}.")
+    return DeformedField(field, eps, scale)
+
+
+class SpacetimePulledBackField(eqx.Module):
+    """The exact field in new coordinates `(s, y)` with `(t, x) = chart(s, y)`."""
+
+    field: VectorField
+    chart: Callable[[ScalarLike, State], tuple[ScalarLike, State]]
+
+    def __call__(self, s: ScalarLike, y: State, args: Args) -> State:
+        s = _time_array(s)
+        (t, x), (dt_ds, dx_ds) = jax.jvp(lambda s_: self.chart(s_, y), (s,), (jnp.ones_like(s),))
+        check_like("the space part `x` of `chart(s, y)`", x, y)
+        f = self.field(t, x, args)
+        _, chart_y = jax.linearize(lambda y_: self.chart(s, y_), y)
+
+        def operator(v):
+            dt, dx = chart_y(v)
+            return jax.tree.map(lambda dx_, f_: dx_ - f_ * dt, dx, f)
+
+        rhs = jax.tree.map(lambda f_, dx_: f_ * dt_ds - dx_, f, dx_ds)
+        op = lx.FunctionLinearOperator(operator, jax.eval_shape(lambda: y))
+        # throw=False: a singular chart becomes NaN, which diffrax reports as a failed solve
+        # (a sweep lane result) instead of raising from inside XLA.
+        return lx.linear_solve(op, rhs, solver=lx.LU(), throw=False).value
+
+
+def spacetime_pullback(
+    field: VectorField, chart: Callable[[ScalarLike, State], tuple[ScalarLike, State]]
+) -> SpacetimePulledBackField:
+    """Exact field after a finite spacetime diffeomorphism `(t, x) = chart(s, y)`.
+
+    A curve `y(s)` solves the returned field iff `chart(s, y(s))` traces a solution of `field`.
+    With `M = D_y x - F (D_y t)^T` and the s-derivatives by jvp,
+    `dy/ds = M^-1 [F(t, x) d_s t - d_s x]` (one LU solve of a jvp-built operator, lineax).
+
+    **Arguments:**
+
+    - `field`: `(t, y, args) -> dy/dt`.
+    - `chart`: `(s, y) -> (t, x)`, `t` scalar, `x` shaped as `y`; must be a diffeomorphism with
+      `d_s t > 0` along trajectories.
+
+    **Returns:** a field `(s, y, args) -> dy/ds` (a PyTree).
+    """
+    if not callable(chart):
+        raise TypeError(f"`chart` must be callable (s, y) -> (t, x); received {type(chart)}.")
+    return SpacetimePulledBackField(field, chart)
+
+
+class _SpatialChart(eqx.Module):
+    psi: Callable[[ScalarLike, State], State]
+
+    def __call__(self, s, y):
+        return s, self.psi(s, y)
+
+
+def pullback(
+    field: VectorField, psi: Callable[[ScalarLike, State], State]
+) -> SpacetimePulledBackField:
+    """Exact field after a finite spatial diffeomorphism `x = psi(t, y)` (finite Eq. 13-16).
+
+    `dy/dt = (D_y psi)^-1 [F(t, psi(t, y)) - d_t psi(t, y)]`. With `psi_0 = psi_T = id` the
+    input-output map on `[0, T]` is unchanged; with `psi = G(t) y + c(t)` this is Eq. 25.
+
+    **Arguments:**
+
+    - `field`: `(t, y, args) -> dy/dt`.
+    - `psi`: `(t, y) -> x`, invertible in `y` for each `t`.
+
+    **Returns:** a field `(t, y, args) -> dy/dt` (a PyTree).
+    """
+    if not callable(psi):
+        raise TypeError(f"`psi` must be callable (t, y) -> x; received {type(psi)}.")
+    return spacetime_pullback(field, _SpatialChart(psi))
+
+
+class ReparametrizedField(eqx.Module):
+    """`dy/ds = tau'(s) F(tau(s), y)`; built by `reparametrize`."""
+
+    field: VectorField
+    tau: Callable[[ScalarLike], ScalarLike]
+
+    def __call__(self, s: ScalarLike, y: State, args: Args) -> State:
+        s = _time_array(s)
+        t, dtau = jax.jvp(self.tau, (s,), (jnp.ones_like(s),))
+        return jax.tree.map(lambda f: dtau * f, self.field(t, y, args))
+
+
+def reparametrize(
+    field: VectorField,
+    tau: Callable[[ScalarLike], ScalarLike],
+    *,
+    grid: Float[ArrayLike, " n"] | None = None,
+) -> ReparametrizedField:
+    """Exact field in a new time `s`, with `t = tau(s)` (finite Eq. 17-20).
+
+    `dy/ds = tau'(s) F(tau(s), y)`. With `tau(0) = 0`, `tau(T) = T` the output at `T` is unchanged.
+
+    **Arguments:**
+
+    - `field`: `(t, y, args) -> dy/dt`.
+    - `tau`: `s -> t`, strictly increasing.
+    - `grid`: optional points `s` at which `tau' > 0` is checked eagerly.
+
+    **Returns:** a field `(s, y, args) -> dy/ds` (a PyTree).
+
+    **Raises:** `ValueError` if `tau' <= 0` somewhere on `grid`.
+    """
+    if not callable(tau):
+        raise TypeError(f"`tau` must be callable s -> t; received {type(tau)}.")
+    if grid is not None:
+        grid = jnp.asarray(grid)
+        slopes = jax.vmap(lambda s: jax.jvp(tau, (s,), (jnp.ones_like(s),))[1])(grid)
+        if not isinstance(slopes, jax.core.Tracer):
+            bad = jnp.flatnonzero(~(slopes > 0))
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(
+                    "`tau` must be strictly increasing: tau'(s) > 0 on `grid`; received "
+                    f"tau'({float(grid[i])}) = {float(slopes[i])} "
+                    f"({bad.size} of {grid.size} points)."
+                )
+    return ReparametrizedField(field, tau)
+
+
+def first_order_response(
+    flow: Callable[[State], State],
+    field: VectorField,
+    eps: SpacetimeGenerator,
+    z: State,
+    *,
+    t0: ScalarLike,
+    t1: ScalarLike,
+    args: Args = None,
+) -> State:
+    """Predicted `d/ds` of the output under `deform(field, eps, s)` at s = 0 (Thm 2.1, necessity).
+
+    For the flow map `Phi` of `field` from `t0` to `t1` and `v(t, x) = eps_y - F eps0`:
+    `d/ds output = DPhi(z) v(t0, z) - v(t1, Phi(z))`. It vanishes for every `z` when the
+    generator vanishes at `t0` and `t1` (the sufficiency half of Thm 2.1).
+
+    **Arguments:**
+
+    - `flow`: the flow map `z -> Phi(z)` (e.g. a `NeuralODE` with a jvp-capable adjoint).
+    - `field`, `eps`: the field and the generator.
+    - `z`: one input state; `t0`, `t1`: the boundary times.
+
+    **Returns:** the predicted first-order response, shaped like `z`.
+    """
+
+    def v(t, x):
+        e0, ey = eps(_time_array(t), x)
+        f = field(t, x, args)
+        return jax.tree.map(lambda ey_, f_: ey_ - f_ * e0, ey, f)
+
+    phi_z, dphi_v0 = jax.jvp(flow, (z,), (v(t0, z),))
+    return _sub(dphi_v0, v(t1, phi_z))

@@ -1,0 +1,17 @@
+"""Gauge families: one class per family, all `AbstractGauge`s."""
+
+from .base import AbstractGauge as AbstractGauge
+from .diffeo import FeatureShift as FeatureShift, SpatialDiffeoGauge as SpatialDiffeoGauge
+from .features import RandomFeatures as RandomFeatures
+from .lie import (
+    FeatureGenerator as FeatureGenerator,
+    LieDeformationGauge as LieDeformationGauge,
+    LieGenerator as LieGenerator,
+)
+from .maps import (
+    AbstractMapGauge as AbstractMapGauge,
+    Compose as Compose,
+    FieldTangent as FieldTangent,
+    Inverse as Inverse,
+)
+from .reparam import SineReparam as SineReparam, TimeReparamGauge as TimeReparamGauge

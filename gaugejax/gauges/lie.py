@@ -1,0 +1,116 @@
+"""Infinitesimal Lie deformations `F -> F + s L_eps F` with random spacetime generators."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..calculus import deform
+from ..models import NeuralODE
+from .base import AbstractGauge
+from .features import RandomFeatures, check_boundary, check_positive, time_modes
+
+
+class LieGenerator(eqx.Module):
+    """Amplitudes of a generator: `eps_y = sum_k m_k(t) Wy[k] phi(y)`,
+    `eps0 = sum_k m_k(t) a0[k] . phi(y)`, with `m_k` the temporal modes and `phi` the features."""
+
+    Wy: Float[Array, "K d m"]
+    a0: Float[Array, "K m"]
+
+
+class FeatureGenerator(eqx.Module):
+    """A spacetime generator `(t, y) -> (eps0, eps_y)` built from a `LieGenerator`."""
+
+    features: RandomFeatures
+    amplitudes: LieGenerator
+    t1: float
+    boundary: str = eqx.field(static=True)
+
+    def __call__(self, t, y):
+        m = time_modes(t, self.t1, self.amplitudes.Wy.shape[0], self.boundary)
+        phi = self.features(y)
+        eps_y = jnp.einsum("k,kdm,m->d", m, self.amplitudes.Wy, phi)
+        eps0 = jnp.einsum("k,km,m->", m, self.amplitudes.a0, phi)
+        return eps0, eps_y
+
+
+class LieDeformationGauge(AbstractGauge):
+    """Infinitesimal spacetime diffeomorphisms of a `NeuralODE` (Eq. 7-9, Thm 2.1).
+
+    An element is a `LieGenerator` g; `act(g, model)` replaces the field by
+    `deform(F, eps_g, 1)`, so `act(s g, model)` is the deformation at scale s. The family is a
+    vector space (the Lie algebra): `compose` adds, `inverse` negates; both are exact to first
+    order, which is all an infinitesimal family means. With `boundary="vanishing"` every
+    generator vanishes at t = 0 and t = T (a gauge symmetry); with `"free"` it does not.
+
+    **Arguments:**
+
+    - `dim`: state dimension; `t1`: final time T; `key`: draws the random features.
+    - `num_modes` (K), `num_features` (m): size of the generator basis.
+    - `time_component`: include eps0 (a time reparametrisation part) or keep eps spatial.
+    - `amplitude`: standard deviation scale of sampled amplitudes.
+    - `boundary`: `"vanishing"` or `"free"`.
+    """
+
+    features: RandomFeatures
+    t1: float
+    num_modes: int = eqx.field(static=True)
+    time_component: bool = eqx.field(static=True)
+    amplitude: float
+    boundary: str = eqx.field(static=True)
+    infinitesimal = True
+
+    def __init__(
+        self,
+        dim: int,
+        t1: float,
+        *,
+        key: PRNGKeyArray,
+        num_modes: int = 2,
+        num_features: int = 8,
+        time_component: bool = True,
+        amplitude: float = 0.1,
+        boundary: str = "vanishing",
+    ):
+        check_positive("t1", t1)
+        check_positive("amplitude", amplitude)
+        if not isinstance(num_modes, int) or num_modes <= 0:
+            raise ValueError(f"`num_modes` must be a positive int; received {num_modes!r}.")
+        self.features = RandomFeatures(dim, num_features, key=key)
+        self.t1 = float(t1)
+        self.num_modes = num_modes
+        self.time_component = bool(time_component)
+        self.amplitude = float(amplitude)
+        self.boundary = check_boundary(boundary)
+
+    def generator(self, g: LieGenerator) -> FeatureGenerator:
+        """The spacetime generator `(t, y) -> (eps0, eps_y)` of element g."""
+        return FeatureGenerator(self.features, g, self.t1, self.boundary)
+
+    def sample(self, key: PRNGKeyArray) -> LieGenerator:
+        m, d = self.features.U.shape
+        ky, k0 = jax.random.split(key)
+        scale = self.amplitude / jnp.sqrt(m)
+        Wy = scale * jax.random.normal(ky, (self.num_modes, d, m))
+        a0 = scale * jax.random.normal(k0, (self.num_modes, m))
+        if not self.time_component:
+            a0 = jnp.zeros_like(a0)
+        return LieGenerator(Wy, a0)
+
+    def identity(self) -> LieGenerator:
+        m, d = self.features.U.shape
+        return LieGenerator(jnp.zeros((self.num_modes, d, m)), jnp.zeros((self.num_modes, m)))
+
+    def inverse(self, g: LieGenerator) -> LieGenerator:
+        return jax.tree.map(jnp.negative, g)
+
+    def compose(self, g1: LieGenerator, g2: LieGenerator) -> LieGenerator:
+        return jax.tree.map(jnp.add, g1, g2)
+
+    def act(self, g: LieGenerator, model: NeuralODE) -> NeuralODE:
+        if not isinstance(model, NeuralODE):
+            raise TypeError(
+                f"LieDeformationGauge acts on gaugejax.NeuralODE; received {type(model).__name__}."
+            )
+        return model.with_field(deform(model.field, self.generator(g), 1.0))

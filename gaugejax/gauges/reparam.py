@@ -1,0 +1,73 @@
+"""Finite time reparametrisations `t = tau(s) = s + sum_k c_k sin(omega_k s)` (finite Eq. 17-20)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..calculus import reparametrize
+from .features import check_boundary, check_positive
+from .maps import AbstractMapGauge, lipschitz_normalise
+
+
+class SineReparam(eqx.Module):
+    """`tau(s) = s + sum_k c_k sin(omega_k s)`."""
+
+    c: Float[Array, " K"]
+    omega: Float[Array, " K"]
+
+    def __call__(self, s):
+        return s + jnp.sum(self.c * jnp.sin(self.omega * s))
+
+
+class TimeReparamGauge(AbstractMapGauge):
+    """Finite time reparametrisations of a `NeuralODE`, acting by exact `reparametrize`.
+
+    Base elements are coefficients `c` (K,): `tau(s) = s + sum_k c_k sin(omega_k s)` with
+    `omega_k = k pi / T` (`boundary="vanishing"`: tau(0) = 0, tau(T) = T, a gauge symmetry) or
+    `omega_k = (k - 1/2) pi / T` (`"free"`: tau(T) != T, the output becomes x(tau(T))).
+
+    Monotonicity by construction: `tau'(s) >= 1 - sum_k |c_k| omega_k >= 1 - rho > 0`; samples
+    draw `sum_k |c_k| omega_k` uniformly in `[rho/4, rho]`.
+
+    **Arguments:** `t1`, `num_modes` (K), `rho` in (0, 1), `boundary`.
+    """
+
+    t1: float
+    num_modes: int = eqx.field(static=True)
+    rho: float
+    boundary: str = eqx.field(static=True)
+
+    def __init__(
+        self, t1: float, *, num_modes: int = 3, rho: float = 0.5, boundary: str = "vanishing"
+    ):
+        check_positive("t1", t1)
+        check_positive("rho", rho, below=1.0)
+        if not isinstance(num_modes, int) or num_modes <= 0:
+            raise ValueError(f"`num_modes` must be a positive int; received {num_modes!r}.")
+        self.t1 = float(t1)
+        self.num_modes = num_modes
+        self.rho = float(rho)
+        self.boundary = check_boundary(boundary)
+
+    @property
+    def omega(self) -> Float[Array, " K"]:
+        k = jnp.arange(1, self.num_modes + 1, dtype=float)
+        shift = 0.0 if self.boundary == "vanishing" else 0.5
+        return (k - shift) * jnp.pi / self.t1
+
+    def base_map(self, c: Float[Array, " K"]) -> SineReparam:
+        return SineReparam(c, self.omega.astype(c.dtype))
+
+    def pull(self, field, map_):
+        return reparametrize(field, map_)
+
+    def sample(self, key: PRNGKeyArray) -> Float[Array, " K"]:
+        kc, kr = jax.random.split(key)
+        raw = jax.random.normal(kc, (self.num_modes,)) / jnp.arange(1, self.num_modes + 1)
+        target = self.rho * jax.random.uniform(kr, minval=0.25, maxval=1.0)
+        omega = self.omega.astype(raw.dtype)
+        return lipschitz_normalise(raw, jnp.sum(jnp.abs(raw) * omega), target)
+
+    def identity(self) -> Float[Array, " K"]:
+        return jnp.zeros((self.num_modes,))

@@ -1,0 +1,3 @@
+"""Models whose parameter redundancies gaugejax studies."""
+
+from .node import MLPField as MLPField, NeuralODE as NeuralODE

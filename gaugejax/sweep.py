@@ -1,0 +1,311 @@
+"""The one sweep engine for every gauge family: jit(vmap) over gauge samples, chunked, sharded.
+
+Sample i uses the key `fold_in(key, i)`, so results do not depend on chunk or block sizes or
+on the number of devices. A block of `chunk_size * chunks_per_block` samples per device is one
+compiled call: inside it `lax.map(..., batch_size=chunk_size)` runs fixed-size vmapped chunks
+(memory bounded by `chunk_size` lanes for any `num_samples`); over devices the block is split by
+`jax.shard_map`, so each device runs its own solver loops (plain auto-sharding of a vmapped
+while-loop would all-reduce every step). The host loops over blocks and keeps only per-sample
+scalars.
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, PRNGKeyArray, PyTree
+from tqdm.auto import tqdm
+
+from .gauges.base import AbstractGauge
+from .models import NeuralODE
+from .solve import SolveStats, result_name
+
+
+MODES = ("auto", "finite", "first_order")
+
+
+def default_observable(model: Any, inputs: PyTree) -> tuple[PyTree, SolveStats | None]:
+    """`(outputs, stats)` of `model` on a batch of inputs (leading axis): `vmap(model.solve)` for a
+    `NeuralODE`, `vmap(model)` with no stats otherwise."""
+    if isinstance(model, NeuralODE):
+        return jax.vmap(model.solve)(inputs)
+    return jax.vmap(model)(inputs), None
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+    """Per-sample deviations and solver statistics of a gauge sweep (host numpy arrays).
+
+    `mode="finite"`: deviation `observable(act(g, model)) - observable(model)`.
+    `mode="first_order"`: `d/da observable(act(a g, model))` at a = 0 (infinitesimal families).
+    `max_rel` is `max |dev| / max |reference|` (norm-wise relative). `num_steps` is the maximum
+    and `num_evaluations` the sum over the inputs of a lane; `result` the worst diffrax code.
+    `noise_floor` is the measured deviation of the identity element through the same path.
+    """
+
+    mode: str
+    max_abs: np.ndarray
+    mean_abs: np.ndarray
+    max_rel: np.ndarray
+    result: np.ndarray
+    num_steps: np.ndarray
+    num_evaluations: np.ndarray
+    reference_scale: float
+    noise_floor: float
+    dtype: str
+    precision: str
+    chunk_size: int
+    num_devices: int
+    compile_time_s: float
+    run_time_s: float
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.max_abs.shape[0])
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Lanes whose solves succeeded and whose deviation is finite."""
+        return (self.result == 0) & np.isfinite(self.max_abs)
+
+    def failures(self) -> dict[str, int]:
+        """Failed lanes by reason (diffrax's result names, or `nonfinite_output`)."""
+        out: dict[str, int] = {}
+        for code in np.unique(self.result[self.result != 0]):
+            out[result_name(int(code))] = int(np.sum(self.result == code))
+        bad = (self.result == 0) & ~np.isfinite(self.max_abs)
+        if bad.any():
+            out["nonfinite_output"] = int(bad.sum())
+        return out
+
+    @property
+    def lane_efficiency(self) -> float:
+        """Mean over vmapped chunks of mean(steps)/max(steps): the useful fraction of work."""
+        steps = self.num_steps.astype(float)
+        n = (len(steps) // self.chunk_size) * self.chunk_size
+        chunks = steps[:n].reshape(-1, self.chunk_size) if n else steps[None]
+        peak = chunks.max(axis=1)
+        return float(np.mean(np.where(peak > 0, chunks.mean(axis=1) / np.maximum(peak, 1), 1.0)))
+
+    def summary(self) -> dict:
+        """JSON-ready summary (medians, maxima, failures, timings, provenance)."""
+        ok = self.ok
+        dev = self.max_abs[ok]
+        return {
+            "mode": self.mode,
+            "num_samples": self.num_samples,
+            "num_ok": int(ok.sum()),
+            "failures": self.failures(),
+            "max_abs_max": float(dev.max()) if dev.size else float("nan"),
+            "max_abs_median": float(np.median(dev)) if dev.size else float("nan"),
+            "max_rel_max": float(self.max_rel[ok].max()) if dev.size else float("nan"),
+            "reference_scale": self.reference_scale,
+            "noise_floor": self.noise_floor,
+            "num_steps_median": float(np.median(self.num_steps)),
+            "num_steps_max": int(self.num_steps.max()),
+            "num_evaluations_median": float(np.median(self.num_evaluations)),
+            "lane_efficiency": self.lane_efficiency,
+            "dtype": self.dtype,
+            "precision": self.precision,
+            "chunk_size": self.chunk_size,
+            "num_devices": self.num_devices,
+            "compile_time_s": self.compile_time_s,
+            "run_time_s": self.run_time_s,
+            "samples_per_s": self.num_samples / self.run_time_s if self.run_time_s else None,
+        }
+
+
+def _flat(tree: PyTree) -> Array:
+    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def _lane_metrics(dev: PyTree, scale: Array, stats: SolveStats | None) -> dict[str, Array]:
+    a = jnp.abs(_flat(dev))
+    if stats is None:
+        zero = jnp.zeros((), dtype=jnp.int32)
+        steps, nfe, code = zero, zero, zero
+    else:
+        steps = jnp.max(stats.num_steps)
+        nfe = jnp.sum(stats.num_evaluations)
+        code = jnp.max(stats.result)
+    return {
+        "max_abs": jnp.max(a),
+        "mean_abs": jnp.mean(a),
+        "max_rel": jnp.max(a) / scale,
+        "result": code.astype(jnp.int32),
+        "num_steps": steps.astype(jnp.int32),
+        "num_evaluations": nfe.astype(jnp.int32),
+    }
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive int; received {value!r}.")
+    return int(value)
+
+
+def _as_typed_key(key) -> PRNGKeyArray:
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    if key.dtype == jnp.uint32 and key.shape == (2,):
+        return jax.random.wrap_key_data(key)
+    raise ValueError(
+        f"`key` must be a jax.random.key (or a raw uint32[2] key); received {key.dtype}{key.shape}."
+    )
+
+
+def sweep(
+    model: Any,
+    gauge: AbstractGauge,
+    inputs: PyTree,
+    *,
+    key: PRNGKeyArray,
+    num_samples: int,
+    chunk_size: int = 64,
+    chunks_per_block: int = 4,
+    mode: str = "auto",
+    observable: Callable[[Any, PyTree], tuple[PyTree, SolveStats | None]] = default_observable,
+    precision: str = "highest",
+    devices: list | None = None,
+    progress: bool = False,
+) -> SweepResult:
+    """Check a gauge family on many random samples: jit + vmap, chunked, sharded over devices.
+
+    **Arguments:**
+
+    - `model`: the model (e.g. a `NeuralODE`); `gauge`: an `AbstractGauge` acting on it.
+    - `inputs`: a batch of inputs with a leading axis, fixed for all samples.
+    - `key`: base key; sample i uses `fold_in(key, i)`.
+    - `num_samples`: number of gauge samples (any size; memory is bounded by `chunk_size`).
+    - `chunk_size`: lanes vmapped together; `chunks_per_block`: chunks per compiled call and
+      device (one host round trip per block).
+    - `mode`: `"finite"` (deviation of the transformed model), `"first_order"` (derivative of
+      the observable at the identity along the sample), or `"auto"` (first order for
+      infinitesimal families). For a `NeuralODE` with the default observable the derivative is
+      the forward sensitivity system solved under error control (`NeuralODE.solve_tangent`);
+      otherwise a jvp through the observable (`diffrax.ForwardMode` for a `NeuralODE`).
+    - `observable`: `(model, inputs) -> (outputs, SolveStats | None)`.
+    - `precision`: matmul precision for every traced computation (default `"highest"`: float32
+      matmuls otherwise run as TF32 on recent GPUs).
+    - `devices`: devices to shard the sample axis over (default: all of `jax.devices()`).
+    - `progress`: show a tqdm bar over blocks.
+
+    **Returns:** a `SweepResult`. Solver failures are reported per lane, never raised.
+
+    **Raises:** `ValueError` for non-positive sizes, an unknown mode, or a non-gauge `gauge`.
+    """
+    if not isinstance(gauge, AbstractGauge):
+        raise TypeError(f"`gauge` must be an AbstractGauge; received {type(gauge).__name__}.")
+    num_samples = _positive_int("num_samples", num_samples)
+    chunk_size = _positive_int("chunk_size", chunk_size)
+    chunks_per_block = _positive_int("chunks_per_block", chunks_per_block)
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}; received {mode!r}.")
+    if not jax.tree.leaves(inputs):
+        raise ValueError("`inputs` must hold at least one array; received an empty PyTree.")
+    if mode == "auto":
+        mode = "first_order" if gauge.infinitesimal else "finite"
+    key = _as_typed_key(key)
+    devices = list(jax.devices()) if devices is None else list(devices)
+    # A NeuralODE with the default observable gets its first-order response from the forward
+    # sensitivity system (error-controlled); anything else by a jvp through the observable.
+    sensitivity = isinstance(model, NeuralODE) and observable is default_observable
+    if isinstance(model, NeuralODE):
+        model = model.with_options(throw=False)
+        if mode == "first_order" and not sensitivity:
+            model = model.with_options(adjoint=diffrax.ForwardMode())
+    # Arrays of model and gauge travel as jit arguments (not baked-in constants).
+    params, static = eqx.partition((model, gauge), eqx.is_array)
+
+    def lane(sample_key, params, reference, scale):
+        model, gauge = eqx.combine(params, static)
+        g = gauge.sample(sample_key)
+        if mode == "first_order" and sensitivity:
+            # the response solved as a forward sensitivity system, under error control
+            def fn(a, t, y, args):
+                return gauge.act(a, model).field(t, y, args)
+
+            def one(x):
+                zero = jax.tree.map(jnp.zeros_like, x)
+                (_, dx), stats = model.solve_tangent(x, zero, fn, gauge.identity(), g)
+                return dx, stats
+
+            dout, stats = jax.vmap(one)(inputs)
+            return _lane_metrics(dout, scale, stats)
+        if mode == "first_order":
+            # observable returns (outputs, stats): has_aux differentiates the outputs only
+            _, dout, stats = jax.jvp(
+                lambda a: observable(gauge.act(a, model), inputs),
+                (gauge.identity(),),
+                (g,),
+                has_aux=True,
+            )
+            return _lane_metrics(dout, scale, stats)
+        out, stats = observable(gauge.act(g, model), inputs)
+        return _lane_metrics(jax.tree.map(jnp.subtract, out, reference), scale, stats)
+
+    def observe(params, identity_element: bool):
+        model, gauge = eqx.combine(params, static)
+        if identity_element:
+            model = gauge.act(gauge.identity(), model)
+        return observable(model, inputs)[0]
+
+    per_device = chunk_size * chunks_per_block
+    block = per_device * len(devices)
+
+    def run_block(indices, params, reference, scale):
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+        return jax.lax.map(lambda k: lane(k, params, reference, scale), keys, batch_size=chunk_size)
+
+    with jax.default_matmul_precision(precision):
+        observe_jit = jax.jit(observe, static_argnums=1)
+        reference = observe_jit(params, False)
+        scale = jnp.max(jnp.abs(_flat(reference)))
+        noise_floor = float(jnp.max(jnp.abs(_flat(observe_jit(params, True)) - _flat(reference))))
+        if len(devices) > 1:
+            mesh = jax.make_mesh((len(devices),), ("samples",), devices=devices)
+            block_fn = jax.shard_map(
+                run_block,
+                mesh=mesh,
+                in_specs=(P("samples"), P(), P(), P()),
+                out_specs=P("samples"),
+                check_vma=False,
+            )
+        else:
+            block_fn = run_block
+        first = jnp.arange(block, dtype=jnp.uint32)
+        start = time.perf_counter()
+        compiled = jax.jit(block_fn).lower(first, params, reference, scale).compile()
+        compile_time = time.perf_counter() - start
+
+    num_blocks = -(-num_samples // block)
+    pieces = []
+    run_time = 0.0
+    for b in tqdm(range(num_blocks), desc="sweep", unit="block", disable=not progress):
+        indices = jnp.arange(b * block, (b + 1) * block, dtype=jnp.uint32)
+        start = time.perf_counter()
+        out = jax.block_until_ready(compiled(indices, params, reference, scale))
+        run_time += time.perf_counter() - start
+        pieces.append(jax.device_get(out))
+    merged = {k: np.concatenate([p[k] for p in pieces])[:num_samples] for k in pieces[0]}
+    dtype = str(jax.tree.leaves(reference)[0].dtype)
+    return SweepResult(
+        mode=mode,
+        reference_scale=float(scale),
+        noise_floor=noise_floor,
+        dtype=dtype,
+        precision=precision,
+        chunk_size=chunk_size,
+        num_devices=len(devices),
+        compile_time_s=compile_time,
+        run_time_s=run_time,
+        **merged,
+    )
