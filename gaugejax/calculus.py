@@ -18,7 +18,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
+from jax.flatten_util import ravel_pytree
 from jaxtyping import ArrayLike, Float, PyTree
 
 from ._checks import check_like
@@ -137,10 +137,13 @@ class SpacetimePulledBackField(eqx.Module):
             return jax.tree.map(lambda dx_, f_: dx_ - f_ * dt, dx, f)
 
         rhs = jax.tree.map(lambda f_, dx_: f_ * dt_ds - dx_, f, dx_ds)
-        op = lx.FunctionLinearOperator(operator, jax.eval_shape(lambda: y))
-        # throw=False: a singular chart becomes NaN, which diffrax reports as a failed solve
-        # (a sweep lane result) instead of raising from inside XLA.
-        return lx.linear_solve(op, rhs, solver=lx.LU(), throw=False).value
+        flat_rhs, unravel = ravel_pytree(rhs)
+        basis = jnp.eye(flat_rhs.shape[0], dtype=flat_rhs.dtype)
+        matrix = jax.vmap(lambda e: ravel_pytree(operator(unravel(e)))[0], out_axes=1)(basis)
+        # Dense LU of the jvp-built d x d operator. (lineax's LU rejects vectors whose avals carry
+        # shard_map's varying axes, so it cannot run inside the sharded sweep.) A singular chart
+        # gives non-finite values, which diffrax reports as a failed solve in that lane.
+        return unravel(jnp.linalg.solve(matrix, flat_rhs))
 
 
 def spacetime_pullback(
@@ -150,7 +153,7 @@ def spacetime_pullback(
 
     A curve `y(s)` solves the returned field iff `chart(s, y(s))` traces a solution of `field`.
     With `M = D_y x - F (D_y t)^T` and the s-derivatives by jvp,
-    `dy/ds = M^-1 [F(t, x) d_s t - d_s x]` (one LU solve of a jvp-built operator, lineax).
+    `dy/ds = M^-1 [F(t, x) d_s t - d_s x]` (one dense LU solve of the jvp-built operator).
 
     **Arguments:**
 
@@ -241,35 +244,28 @@ def reparametrize(
     return ReparametrizedField(field, tau)
 
 
-def first_order_response(
-    flow: Callable[[State], State],
-    field: VectorField,
-    eps: SpacetimeGenerator,
-    z: State,
-    *,
-    t0: ScalarLike,
-    t1: ScalarLike,
-    args: Args = None,
-) -> State:
+def first_order_response(model, eps: SpacetimeGenerator, z: State) -> State:
     """Predicted `d/ds` of the output under `deform(field, eps, s)` at s = 0 (Thm 2.1, necessity).
 
-    For the flow map `Phi` of `field` from `t0` to `t1` and `v(t, x) = eps_y - F eps0`:
+    For the flow map `Phi` of the model's field from `t0` to `t1` and `v(t, x) = eps_y - F eps0`:
     `d/ds output = DPhi(z) v(t0, z) - v(t1, Phi(z))`. It vanishes for every `z` when the
     generator vanishes at `t0` and `t1` (the sufficiency half of Thm 2.1).
 
     **Arguments:**
 
-    - `flow`: the flow map `z -> Phi(z)` (e.g. a `NeuralODE` with a jvp-capable adjoint).
-    - `field`, `eps`: the field and the generator.
-    - `z`: one input state; `t0`, `t1`: the boundary times.
+    - `model`: a `gaugejax.NeuralODE`; `DPhi(z) v` comes from its error-controlled forward
+      sensitivity system (`model.solve_tangent`).
+    - `eps`: the generator `(t, y) -> (eps0, eps_y)`.
+    - `z`: one input state.
 
     **Returns:** the predicted first-order response, shaped like `z`.
     """
 
     def v(t, x):
-        e0, ey = eps(_time_array(t), x)
-        f = field(t, x, args)
+        t = _time_array(t)
+        e0, ey = eps(t, x)
+        f = model.field(t, x, model.args)
         return jax.tree.map(lambda ey_, f_: ey_ - f_ * e0, ey, f)
 
-    phi_z, dphi_v0 = jax.jvp(flow, (z,), (v(t0, z),))
-    return _sub(dphi_v0, v(t1, phi_z))
+    (phi_z, dphi_v0), _ = model.solve_tangent(z, v(model.t0, z))
+    return _sub(dphi_v0, v(model.t1, phi_z))

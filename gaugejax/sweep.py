@@ -19,7 +19,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
@@ -279,9 +279,14 @@ def sweep(
                 out_specs=P("samples"),
                 check_vma=False,
             )
+            split = NamedSharding(mesh, P("samples"))
+            params, reference, scale = jax.device_put(
+                (params, reference, scale), NamedSharding(mesh, P())
+            )
         else:
             block_fn = run_block
-        first = jnp.arange(block, dtype=jnp.uint32)
+            split = devices[0]
+        first = jax.device_put(jnp.arange(block, dtype=jnp.uint32), split)
         start = time.perf_counter()
         compiled = jax.jit(block_fn).lower(first, params, reference, scale).compile()
         compile_time = time.perf_counter() - start
@@ -290,7 +295,7 @@ def sweep(
     pieces = []
     run_time = 0.0
     for b in tqdm(range(num_blocks), desc="sweep", unit="block", disable=not progress):
-        indices = jnp.arange(b * block, (b + 1) * block, dtype=jnp.uint32)
+        indices = jax.device_put(jnp.arange(b * block, (b + 1) * block, dtype=jnp.uint32), split)
         start = time.perf_counter()
         out = jax.block_until_ready(compiled(indices, params, reference, scale))
         run_time += time.perf_counter() - start

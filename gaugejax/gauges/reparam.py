@@ -64,7 +64,7 @@ class TimeReparamGauge(AbstractMapGauge):
 
     def sample(self, key: PRNGKeyArray) -> Float[Array, " K"]:
         kc, kr = jax.random.split(key)
-        raw = jax.random.normal(kc, (self.num_modes,)) / jnp.arange(1, self.num_modes + 1)
+        raw = jax.random.normal(kc, (self.num_modes,)) / jnp.arange(1.0, self.num_modes + 1.0)
         target = self.rho * jax.random.uniform(kr, minval=0.25, maxval=1.0)
         omega = self.omega.astype(raw.dtype)
         return lipschitz_normalise(raw, jnp.sum(jnp.abs(raw) * omega), target)

@@ -1,0 +1,102 @@
+"""The diffrax wrapper: evaluation counts, result codes, validation, NeuralODE."""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gaugejax as gj
+
+
+def counting_field():
+    calls = [0]
+
+    def bump():
+        calls[0] += 1
+
+    def field(t, y, args):
+        jax.debug.callback(bump)
+        return -y + jnp.sin(t) * jnp.roll(y, 1)
+
+    return field, calls
+
+
+@pytest.mark.parametrize(
+    "solver, controller, dt0",
+    [
+        (diffrax.Tsit5(), diffrax.PIDController(rtol=1e-6, atol=1e-6), None),
+        (diffrax.Dopri5(), diffrax.PIDController(rtol=1e-7, atol=1e-7), 0.05),
+        (diffrax.Heun(), diffrax.ConstantStepSize(), 0.1),
+        (diffrax.Euler(), diffrax.ConstantStepSize(), 0.1),
+        (diffrax.Bosh3(), diffrax.PIDController(rtol=1e-5, atol=1e-5), None),
+    ],
+)
+def test_evaluation_count_matches_counted_calls(solver, controller, dt0):
+    field, calls = counting_field()
+    y, stats = gj.solve(
+        field, jnp.array([1.0, 0.5]), t1=2.0, solver=solver, stepsize_controller=controller, dt0=dt0
+    )
+    jax.effects_barrier()
+    assert int(stats.num_evaluations) == calls[0], (int(stats.num_steps), calls[0])
+    assert int(stats.num_steps) == int(stats.num_accepted_steps) + int(stats.num_rejected_steps)
+
+
+def test_evaluation_count_rejects_implicit_solver():
+    with pytest.raises(TypeError, match="explicit"):
+        gj.evaluations_per_step(diffrax.Kvaerno5())
+
+
+def test_failed_solve_reports_result_instead_of_raising():
+    _, stats = gj.solve(lambda t, y, a: -y, jnp.ones(2), t1=1.0, max_steps=2, throw=False)
+    assert gj.result_name(int(stats.result)) == "max_steps_reached"
+    _, ok = gj.solve(lambda t, y, a: -y, jnp.ones(2), t1=1.0)
+    assert gj.result_name(int(ok.result)) == "successful"
+
+
+def test_solve_accuracy_linear():
+    y, _ = gj.solve(lambda t, y, a: -2.0 * y, jnp.array([1.0, 3.0]), t1=1.5)
+    np.testing.assert_allclose(y, jnp.array([1.0, 3.0]) * jnp.exp(-3.0), rtol=1e-7)
+
+
+def test_solve_validation():
+    f = lambda t, y, a: -y  # noqa: E731
+    with pytest.raises(ValueError, match="t1"):
+        gj.solve(f, jnp.ones(2), t0=1.0, t1=1.0)
+    with pytest.raises(ValueError, match="dt0"):
+        gj.solve(f, jnp.ones(2), t1=1.0, stepsize_controller=diffrax.ConstantStepSize())
+    with pytest.raises(ValueError, match="field"):
+        gj.solve(lambda t, y, a: y[:1], jnp.ones(2), t1=1.0)
+    with pytest.raises(ValueError, match="max_steps"):
+        gj.solve(f, jnp.ones(2), t1=1.0, max_steps=0)
+
+
+def test_neural_ode_single_batched_and_validation(getkey):
+    F = gj.MLPField(3, 8, 1, key=getkey())
+    model = gj.NeuralODE(F, t1=1.0)
+    x = jax.random.normal(getkey(), (5, 3))
+    batched = jax.jit(jax.vmap(model))(x)
+    np.testing.assert_allclose(batched[2], model(x[2]), rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="t1"):
+        gj.NeuralODE(F, t1=0.0)
+    with pytest.raises(ValueError, match="dim"):
+        gj.MLPField(0, 8, 1, key=getkey())
+    with pytest.raises(ValueError, match="field"):
+        model(jnp.ones(4))
+    with pytest.raises(ValueError, match="unknown option"):
+        model.with_options(tolerance=1.0)
+
+
+def test_solve_tangent_is_the_flow_jvp(getkey):
+    """The sensitivity system's tangent equals a jvp through a tightly solved flow (1e-8)."""
+    F = gj.MLPField(3, 8, 1, key=getkey())
+    model = gj.NeuralODE(F, t1=1.0)
+    x, v = jax.random.normal(getkey(), (2, 3))
+    (y, dy), _ = model.solve_tangent(x, v)
+    tight = model.with_options(
+        adjoint=diffrax.ForwardMode(),
+        stepsize_controller=diffrax.PIDController(rtol=1e-12, atol=1e-12),
+    )
+    y_ref, dy_ref = jax.jvp(tight, (x,), (v,))
+    np.testing.assert_allclose(y, y_ref, atol=1e-8)
+    np.testing.assert_allclose(dy, dy_ref, atol=1e-8)

@@ -1,0 +1,157 @@
+"""The sweep engine: chunking, failures, validation, sharding over (fake) devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gaugejax as gj
+
+from .conftest import small_node
+
+
+D = 3
+
+
+class ScaledField(eqx.Module):
+    """Test-only field `g * F` (g a scalar array)."""
+
+    field: object
+    g: jax.Array
+
+    def __call__(self, t, y, args):
+        return self.g * self.field(t, y, args)
+
+
+class FieldScaling(gj.AbstractGauge):
+    """A deliberately broken 'gauge' (it changes the function): `F -> g F`, g ~ U(0.5, 1.5).
+
+    With `nan_every=k`, every sample whose uniform draw falls below 1/k is NaN.
+    """
+
+    nan_below: float = 0.0
+    infinitesimal = False
+
+    def sample(self, key):
+        u = jax.random.uniform(key)
+        return jnp.where(u < self.nan_below, jnp.nan, 0.5 + u)
+
+    def act(self, g, model):
+        return model.with_field(ScaledField(model.field, g))
+
+    def identity(self):
+        return jnp.ones(())
+
+    def inverse(self, g):
+        return 1 / g
+
+    def compose(self, g1, g2):
+        return g1 * g2
+
+
+@pytest.fixture
+def node(getkey):
+    return small_node(getkey(), D), jax.random.normal(getkey(), (3, D))
+
+
+def test_results_do_not_depend_on_chunking(node, getkey):
+    model, x = node
+    gauge = gj.SpatialDiffeoGauge(D, 1.0, key=getkey())
+    key = getkey()
+    a = gj.sweep(model, gauge, x, key=key, num_samples=10, chunk_size=4, chunks_per_block=1)
+    b = gj.sweep(model, gauge, x, key=key, num_samples=10, chunk_size=2, chunks_per_block=3)
+    assert a.num_samples == b.num_samples == 10
+    np.testing.assert_allclose(a.max_abs, b.max_abs, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(a.num_steps, b.num_steps)
+    s = a.summary()
+    assert s["dtype"] == "float64" and s["precision"] == "highest"
+    assert s["num_ok"] == 10 and s["compile_time_s"] > 0 and s["run_time_s"] > 0
+    assert 0 < s["lane_efficiency"] <= 1
+    assert s["noise_floor"] < 1e-12
+    json.dumps(s)
+
+
+def test_broken_gauge_is_detected(node, getkey):
+    model, x = node
+    res = gj.sweep(model, FieldScaling(), x, key=getkey(), num_samples=8, chunk_size=4)
+    assert res.max_abs.min() > 1e-3
+    assert res.failures() == {}
+
+
+def test_failing_lanes_are_reported_not_raised(node, getkey):
+    model, x = node
+    res = gj.sweep(
+        model.with_options(max_steps=3),
+        FieldScaling(),
+        x,
+        key=getkey(),
+        num_samples=6,
+        chunk_size=3,
+    )
+    assert res.failures() == {"max_steps_reached": 6}
+    assert not res.ok.any()
+    nan = gj.sweep(
+        model, FieldScaling(nan_below=0.5), x, key=getkey(), num_samples=16, chunk_size=4
+    )
+    failed = sum(nan.failures().values())
+    assert 0 < failed < 16
+    assert nan.ok.sum() == 16 - failed
+    assert np.isfinite(nan.max_abs[nan.ok]).all()
+
+
+def test_sweep_validation(node, getkey):
+    model, x = node
+    gauge = gj.TimeReparamGauge(1.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        gj.sweep(model, gauge, x, key=getkey(), num_samples=4, chunk_size=0)
+    with pytest.raises(ValueError, match="num_samples"):
+        gj.sweep(model, gauge, x, key=getkey(), num_samples=-1)
+    with pytest.raises(ValueError, match="mode"):
+        gj.sweep(model, gauge, x, key=getkey(), num_samples=4, mode="exact")
+    with pytest.raises(TypeError, match="AbstractGauge"):
+        gj.sweep(model, object(), x, key=getkey(), num_samples=4)
+    # under the test suite's jaxtyping hook the annotation rejects it first (a TypeError)
+    with pytest.raises((ValueError, TypeError), match="key"):
+        gj.sweep(model, gauge, x, key=jnp.zeros(3), num_samples=4)
+
+
+SHARDED = """
+import jax, json, sys
+jax.config.update("jax_enable_x64", True)
+import gaugejax as gj
+from tests.conftest import small_node
+key = jax.random.key(3)
+k1, k2, k3, k4 = jax.random.split(key, 4)
+model = small_node(k1, 3)
+x = jax.random.normal(k2, (3, 3))
+gauge = gj.SpatialDiffeoGauge(3, 1.0, key=k3)
+res = gj.sweep(model, gauge, x, key=k4, num_samples=20, chunk_size=2, chunks_per_block=2,
+               devices=jax.devices()[: int(sys.argv[1])])
+print(json.dumps({"n": len(jax.devices()), "dev": res.num_devices, "max_abs": res.max_abs.tolist(),
+                  "steps": res.num_steps.tolist()}))
+"""
+
+
+def test_sharded_sweep_matches_single_device():
+    """shard_map over 4 fake CPU devices gives the per-sample results of one device."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {}
+    for n in ("4", "1"):
+        out = subprocess.run(
+            [sys.executable, "-c", SHARDED, n], env=env, cwd=root, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[n] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runs["4"]["n"] == 4 and runs["4"]["dev"] == 4 and runs["1"]["dev"] == 1
+    np.testing.assert_allclose(runs["4"]["max_abs"], runs["1"]["max_abs"], rtol=0, atol=1e-15)
+    assert runs["4"]["steps"] == runs["1"]["steps"]
+    assert max(runs["4"]["max_abs"]) < 1e-6
