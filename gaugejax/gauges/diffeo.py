@@ -10,22 +10,22 @@ from .features import RandomFeatures, check_boundary, check_positive
 from .maps import AbstractMapGauge, lipschitz_normalise
 
 
-def spatial_envelope(t, t1: float, boundary: str):
-    """`sin(pi t/T)` (vanishes at 0 and T) or `sin(pi t/(2T))` (vanishes at 0 only); |e| <= 1."""
-    period = 1.0 if boundary == "vanishing" else 2.0
-    return jnp.sin(jnp.pi * t / (period * t1))
+def envelope_frequency(t1: float, boundary: str) -> Float[Array, ""]:
+    """omega of the envelope `sin(omega t)`: pi/T (vanishes at 0 and T, `"vanishing"`) or
+    pi/(2T) (vanishes at 0 only, `"free"`); |e| <= 1 on [0, T] either way."""
+    check_boundary(boundary)
+    return jnp.asarray(jnp.pi / (t1 if boundary == "vanishing" else 2 * t1), dtype=float)
 
 
 class FeatureShift(eqx.Module):
-    """`psi(t, y) = y + e(t) W tanh(U y + v)`."""
+    """`psi(t, y) = y + sin(omega t) W tanh(U y + v)`."""
 
     W: Float[Array, "d m"]
     features: RandomFeatures
-    t1: float
-    boundary: str = eqx.field(static=True)
+    omega: Float[Array, ""]
 
     def __call__(self, t, y):
-        return y + spatial_envelope(t, self.t1, self.boundary) * (self.W @ self.features(y))
+        return y + jnp.sin(self.omega * t) * (self.W @ self.features(y))
 
 
 class SpatialDiffeoGauge(AbstractMapGauge):
@@ -46,7 +46,7 @@ class SpatialDiffeoGauge(AbstractMapGauge):
     features: RandomFeatures
     t1: float
     rho: float
-    boundary: str = eqx.field(static=True)
+    omega: Float[Array, ""]
 
     def __init__(
         self,
@@ -64,10 +64,10 @@ class SpatialDiffeoGauge(AbstractMapGauge):
         self.features = RandomFeatures(dim, num_features, key=key, scale=feature_scale)
         self.t1 = float(t1)
         self.rho = float(rho)
-        self.boundary = check_boundary(boundary)
+        self.omega = envelope_frequency(self.t1, boundary)
 
     def base_map(self, W: Float[Array, "d m"]) -> FeatureShift:
-        return FeatureShift(W, self.features, self.t1, self.boundary)
+        return FeatureShift(W, self.features, self.omega)
 
     def pull(self, field, map_):
         return pullback(field, map_)

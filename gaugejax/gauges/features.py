@@ -26,15 +26,22 @@ def check_positive(name: str, value, *, below: float | None = None):
     return value
 
 
+def mode_frequencies(t1: float, num_modes: int, boundary: str) -> tuple[Array, Array]:
+    """`(omega, phase)` of the temporal modes `sin(omega_k t + phase_k)` on [0, T]:
+    `sin(k pi t/T)`, k = 1..K, vanishing at both ends (`"vanishing"`), or `cos(k pi t/T)`,
+    k = 0..K-1, vanishing at neither end (`"free"`). Arrays, so that both variants share one
+    compiled program."""
+    check_boundary(boundary)
+    k = jnp.arange(num_modes, dtype=float) + (1.0 if boundary == "vanishing" else 0.0)
+    phase = jnp.full((num_modes,), 0.0 if boundary == "vanishing" else jnp.pi / 2)
+    return k * jnp.pi / t1, phase
+
+
 def time_modes(
-    t: Float[Array, ""], t1: float, num_modes: int, boundary: str
-) -> Float[Array, " num_modes"]:
-    """Temporal modes on [0, T]: `sin(k pi t/T)`, k = 1..K, vanishing at both ends, or
-    `cos(k pi t/T)`, k = 0..K-1, which vanish at neither end (`boundary="free"`)."""
-    k = jnp.arange(num_modes, dtype=jnp.result_type(t, float))
-    if boundary == "vanishing":
-        return jnp.sin((k + 1) * jnp.pi * t / t1)
-    return jnp.cos(k * jnp.pi * t / t1)
+    t: Float[Array, ""], omega: Float[Array, " K"], phase: Float[Array, " K"]
+) -> Float[Array, " K"]:
+    """The temporal modes `sin(omega_k t + phase_k)`."""
+    return jnp.sin(omega * t + phase)
 
 
 class RandomFeatures(eqx.Module):

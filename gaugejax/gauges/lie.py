@@ -8,7 +8,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ..calculus import deform
 from ..models import NeuralODE
 from .base import AbstractGauge
-from .features import RandomFeatures, check_boundary, check_positive, time_modes
+from .features import RandomFeatures, check_positive, mode_frequencies, time_modes
 
 
 class LieGenerator(eqx.Module):
@@ -24,11 +24,11 @@ class FeatureGenerator(eqx.Module):
 
     features: RandomFeatures
     amplitudes: LieGenerator
-    t1: float
-    boundary: str = eqx.field(static=True)
+    omega: Float[Array, " K"]
+    phase: Float[Array, " K"]
 
     def __call__(self, t, y):
-        m = time_modes(t, self.t1, self.amplitudes.Wy.shape[0], self.boundary)
+        m = time_modes(t, self.omega, self.phase)
         phi = self.features(y)
         eps_y = jnp.einsum("k,kdm,m->d", m, self.amplitudes.Wy, phi)
         eps0 = jnp.einsum("k,km,m->", m, self.amplitudes.a0, phi)
@@ -55,10 +55,10 @@ class LieDeformationGauge(AbstractGauge):
 
     features: RandomFeatures
     t1: float
-    num_modes: int = eqx.field(static=True)
+    omega: Float[Array, " K"]
+    phase: Float[Array, " K"]
     time_component: bool = eqx.field(static=True)
     amplitude: float
-    boundary: str = eqx.field(static=True)
     infinitesimal = True
 
     def __init__(
@@ -79,14 +79,17 @@ class LieDeformationGauge(AbstractGauge):
             raise ValueError(f"`num_modes` must be a positive int; received {num_modes!r}.")
         self.features = RandomFeatures(dim, num_features, key=key)
         self.t1 = float(t1)
-        self.num_modes = num_modes
+        self.omega, self.phase = mode_frequencies(self.t1, num_modes, boundary)
         self.time_component = bool(time_component)
         self.amplitude = float(amplitude)
-        self.boundary = check_boundary(boundary)
+
+    @property
+    def num_modes(self) -> int:
+        return self.omega.shape[0]
 
     def generator(self, g: LieGenerator) -> FeatureGenerator:
         """The spacetime generator `(t, y) -> (eps0, eps_y)` of element g."""
-        return FeatureGenerator(self.features, g, self.t1, self.boundary)
+        return FeatureGenerator(self.features, g, self.omega, self.phase)
 
     def sample(self, key: PRNGKeyArray) -> LieGenerator:
         m, d = self.features.U.shape

@@ -34,9 +34,8 @@ class TimeReparamGauge(AbstractMapGauge):
     """
 
     t1: float
-    num_modes: int = eqx.field(static=True)
     rho: float
-    boundary: str = eqx.field(static=True)
+    omega: Float[Array, " K"]
 
     def __init__(
         self, t1: float, *, num_modes: int = 3, rho: float = 0.5, boundary: str = "vanishing"
@@ -46,18 +45,18 @@ class TimeReparamGauge(AbstractMapGauge):
         if not isinstance(num_modes, int) or num_modes <= 0:
             raise ValueError(f"`num_modes` must be a positive int; received {num_modes!r}.")
         self.t1 = float(t1)
-        self.num_modes = num_modes
         self.rho = float(rho)
-        self.boundary = check_boundary(boundary)
+        k = jnp.arange(1.0, num_modes + 1.0) - (
+            0.0 if check_boundary(boundary) == "vanishing" else 0.5
+        )
+        self.omega = k * jnp.pi / self.t1
 
     @property
-    def omega(self) -> Float[Array, " K"]:
-        k = jnp.arange(1, self.num_modes + 1, dtype=float)
-        shift = 0.0 if self.boundary == "vanishing" else 0.5
-        return (k - shift) * jnp.pi / self.t1
+    def num_modes(self) -> int:
+        return self.omega.shape[0]
 
     def base_map(self, c: Float[Array, " K"]) -> SineReparam:
-        return SineReparam(c, self.omega.astype(c.dtype))
+        return SineReparam(c, self.omega)
 
     def pull(self, field, map_):
         return reparametrize(field, map_)
@@ -66,8 +65,7 @@ class TimeReparamGauge(AbstractMapGauge):
         kc, kr = jax.random.split(key)
         raw = jax.random.normal(kc, (self.num_modes,)) / jnp.arange(1.0, self.num_modes + 1.0)
         target = self.rho * jax.random.uniform(kr, minval=0.25, maxval=1.0)
-        omega = self.omega.astype(raw.dtype)
-        return lipschitz_normalise(raw, jnp.sum(jnp.abs(raw) * omega), target)
+        return lipschitz_normalise(raw, jnp.sum(jnp.abs(raw) * self.omega), target)
 
     def identity(self) -> Float[Array, " K"]:
         return jnp.zeros((self.num_modes,))

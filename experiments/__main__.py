@@ -1,0 +1,54 @@
+"""`python -m experiments <name> [--config FILE] [--out DIR] [key=value ...]`."""
+
+import argparse
+import os
+import sys
+
+from ._config import load_config, to_dict
+
+
+def main(argv: list[str] | None = None) -> int:
+    # x64 is switched on by the entry point, never on import of gaugejax.
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    # Repeat runs reuse compiled XLA programs (most of a smoke run's time is compilation).
+    cache = os.environ.get(
+        "GAUGEJAX_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gaugejax", "jax")
+    )
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    from gaugejax import io
+
+    from . import EXPERIMENTS
+
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
+    parser.add_argument("name", choices=sorted(EXPERIMENTS), help="experiment to run")
+    parser.add_argument("--config", help="TOML preset (default: the embedded default config)")
+    parser.add_argument("--out", default="runs", help="root of run directories (default: runs)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value (TOML values)")
+    args = parser.parse_args(argv)
+
+    module = EXPERIMENTS[args.name]
+    try:
+        config = load_config(module.Config, args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    run_dir = io.make_run_dir(args.out, args.name)
+    io.write_json(run_dir / "config.json", to_dict(config))
+    io.write_json(run_dir / "env.json", io.env_info())
+    summary = module.run(config, run_dir)
+    io.write_json(run_dir / "summary.json", summary)
+
+    claims = summary.get("claims", [])
+    for c in claims:
+        print(f"[{c['verdict']:>4}] {c['id']:<28} measured {c['measured']:.3g}  ({c['tolerance']})")
+    print(f"{summary.get('num_pass', 0)}/{len(claims)} claims pass; results in {run_dir}")
+    if "report" in summary:
+        print(f"report: {run_dir / summary['report']}")
+    return 0 if all(c["verdict"] == "pass" for c in claims) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
