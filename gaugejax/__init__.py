@@ -17,13 +17,41 @@ from .calculus import (
     reparametrize as reparametrize,
     spacetime_pullback as spacetime_pullback,
 )
+from .correspondence import (
+    LiftedGauge as LiftedGauge,
+    affine_propagator as affine_propagator,
+    discretize as discretize,
+    euler_discretize as euler_discretize,
+    lift as lift,
+    wilson_line as wilson_line,
+    wilson_line_magnus as wilson_line_magnus,
+)
 from .gauges import (
     AbstractGauge as AbstractGauge,
+    DiscreteLinearGauge as DiscreteLinearGauge,
     LieDeformationGauge as LieDeformationGauge,
+    LinearGauge as LinearGauge,
+    RescalingGauge as RescalingGauge,
     SpatialDiffeoGauge as SpatialDiffeoGauge,
     TimeReparamGauge as TimeReparamGauge,
+    discrete_gauge_transform as discrete_gauge_transform,
+    linear_gauge_transform as linear_gauge_transform,
 )
-from .models import MLPField as MLPField, NeuralODE as NeuralODE
+from .models import (
+    AbstractLinearField as AbstractLinearField,
+    AbstractNeuralODE as AbstractNeuralODE,
+    AbstractTimeBasis as AbstractTimeBasis,
+    BasisLinearField as BasisLinearField,
+    FeedforwardNet as FeedforwardNet,
+    FourierBasis as FourierBasis,
+    FunctionLinearField as FunctionLinearField,
+    LinearNet as LinearNet,
+    LinearNODE as LinearNODE,
+    MLPField as MLPField,
+    NeuralODE as NeuralODE,
+    PiecewiseLinearBasis as PiecewiseLinearBasis,
+    random_linear_node as random_linear_node,
+)
 from .solve import (
     SensitivityField as SensitivityField,
     SolveStats as SolveStats,

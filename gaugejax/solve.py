@@ -123,7 +123,7 @@ def solve(
 
     - `field`: vector field `(t, y, args) -> dy/dt`, returning the structure of `y`.
     - `y0`: initial state (array or PyTree).
-    - `t0`, `t1`: integration interval; `t1 > t0` is required when both are concrete.
+    - `t0`, `t1`: integration interval; `t1 < t0` integrates backwards in time.
     - `solver`: default `diffrax.Tsit5()`.
     - `stepsize_controller`: default `PIDController(rtol=1e-8, atol=1e-8)`.
     - `dt0`: initial step (required for a constant step size).
@@ -133,7 +133,7 @@ def solve(
 
     **Returns:** `(ys, stats)`: the saved states and a `SolveStats`.
 
-    **Raises:** `ValueError` for `t1 <= t0`, a field whose output is not shaped like `y0`, or a
+    **Raises:** `ValueError` for `t1 == t0`, a field whose output is not shaped like `y0`, or a
     constant step size without `dt0`.
     """
     solver = diffrax.Tsit5() if solver is None else solver
@@ -141,9 +141,10 @@ def solve(
         stepsize_controller = diffrax.PIDController(rtol=1e-8, atol=1e-8)
     adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
     if not isinstance(t0, jax.core.Tracer) and not isinstance(t1, jax.core.Tracer):
-        if float(t1) <= float(t0):
+        if float(t1) == float(t0):
             raise ValueError(
-                f"`t1` must be greater than `t0` = {float(t0)}; received t1 = {float(t1)}."
+                f"`t1` must differ from `t0` = {float(t0)} (t1 < t0 integrates backwards); "
+                f"received t1 = {float(t1)}."
             )
     if dt0 is None and not isinstance(
         stepsize_controller, diffrax.AbstractAdaptiveStepSizeController

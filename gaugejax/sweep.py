@@ -27,7 +27,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
 from .gauges.base import AbstractGauge
-from .models import NeuralODE
+from .models import AbstractNeuralODE
 from .solve import SolveStats, result_name
 
 
@@ -37,7 +37,7 @@ MODES = ("auto", "finite", "first_order")
 def default_observable(model: Any, inputs: PyTree) -> tuple[PyTree, SolveStats | None]:
     """`(outputs, stats)` of `model` on a batch of inputs (leading axis): `vmap(model.solve)` for a
     `NeuralODE`, `vmap(model)` with no stats otherwise."""
-    if isinstance(model, NeuralODE):
+    if isinstance(model, AbstractNeuralODE):
         return jax.vmap(model.solve)(inputs)
     return jax.vmap(model)(inputs), None
 
@@ -315,8 +315,8 @@ def sweep(
     devices = list(jax.devices()) if devices is None else list(devices)
     # A NeuralODE with the default observable gets its first-order response from the forward
     # sensitivity system (error-controlled); anything else by a jvp through the observable.
-    sensitivity = isinstance(model, NeuralODE) and observable is default_observable
-    if isinstance(model, NeuralODE):
+    sensitivity = isinstance(model, AbstractNeuralODE) and observable is default_observable
+    if isinstance(model, AbstractNeuralODE):
         model = model.with_options(throw=False)
         if mode == "first_order" and not sensitivity:
             model = model.with_options(adjoint=diffrax.ForwardMode())

@@ -63,6 +63,8 @@ def test_solve_validation():
     f = lambda t, y, a: -y  # noqa: E731
     with pytest.raises(ValueError, match="t1"):
         gj.solve(f, jnp.ones(2), t0=1.0, t1=1.0)
+    back, _ = gj.solve(f, jnp.ones(2), t0=1.0, t1=0.0)  # backwards: x(0) = e^{+1} x(1)
+    np.testing.assert_allclose(back, jnp.exp(1.0) * jnp.ones(2), rtol=1e-7)
     with pytest.raises(ValueError, match="dt0"):
         gj.solve(f, jnp.ones(2), t1=1.0, stepsize_controller=diffrax.ConstantStepSize())
     with pytest.raises(ValueError, match="field"):

@@ -8,6 +8,16 @@ from .lie import (
     LieDeformationGauge as LieDeformationGauge,
     LieGenerator as LieGenerator,
 )
+from .linear import (
+    AffineMap as AffineMap,
+    DiscreteGaugeElement as DiscreteGaugeElement,
+    DiscreteLinearGauge as DiscreteLinearGauge,
+    LinearGauge as LinearGauge,
+    LinearGaugeElement as LinearGaugeElement,
+    RescalingGauge as RescalingGauge,
+    discrete_gauge_transform as discrete_gauge_transform,
+    linear_gauge_transform as linear_gauge_transform,
+)
 from .maps import (
     AbstractMapGauge as AbstractMapGauge,
     Compose as Compose,

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..calculus import deform
-from ..models import NeuralODE
+from ..models import AbstractNeuralODE
 from .base import AbstractGauge
 from .features import RandomFeatures, check_positive, mode_frequencies, time_modes
 
@@ -111,8 +111,8 @@ class LieDeformationGauge(AbstractGauge):
     def compose(self, g1: LieGenerator, g2: LieGenerator) -> LieGenerator:
         return jax.tree.map(jnp.add, g1, g2)
 
-    def act(self, g: LieGenerator, model: NeuralODE) -> NeuralODE:
-        if not isinstance(model, NeuralODE):
+    def act(self, g: LieGenerator, model: AbstractNeuralODE) -> AbstractNeuralODE:
+        if not isinstance(model, AbstractNeuralODE):
             raise TypeError(
                 f"LieDeformationGauge acts on gaugejax.NeuralODE; received {type(model).__name__}."
             )

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from .._types import VectorField
-from ..models import NeuralODE
+from ..models import AbstractNeuralODE
 from .base import AbstractGauge
 
 
@@ -81,17 +81,25 @@ class AbstractMapGauge(AbstractGauge):
     def pull(self, field: VectorField, map_: Callable) -> VectorField:
         """The field transformed by `map_`."""
 
+    def compose_maps(self, outer: Callable, inner: Callable) -> Callable:
+        """The map `outer o inner` (families with closed-form compositions override this)."""
+        return ComposedMap(outer, inner)
+
+    def invert_map(self, map_: Callable) -> Callable:
+        """The inverse of a base element's map (fixed point unless overridden)."""
+        return InverseMap(map_)
+
     def to_map(self, g: PyTree) -> Callable:
         """The map realised by any element (base, `Compose` or `Inverse`)."""
         if isinstance(g, Compose):
             # acting by `first` then `then` pulls back by map(first) o map(then)
-            return ComposedMap(self.to_map(g.first), self.to_map(g.then))
+            return self.compose_maps(self.to_map(g.first), self.to_map(g.then))
         if isinstance(g, Inverse):
-            return InverseMap(self.base_map(g.of))
+            return self.invert_map(self.base_map(g.of))
         return self.base_map(g)
 
-    def act(self, g: PyTree, model: NeuralODE) -> NeuralODE:
-        if not isinstance(model, NeuralODE):
+    def act(self, g: PyTree, model: AbstractNeuralODE) -> AbstractNeuralODE:
+        if not isinstance(model, AbstractNeuralODE):
             raise TypeError(
                 f"{type(self).__name__} acts on gaugejax.NeuralODE; "
                 f"received {type(model).__name__}."
@@ -108,7 +116,7 @@ class AbstractMapGauge(AbstractGauge):
     def compose(self, g1: PyTree, g2: PyTree) -> PyTree:
         return Compose(g1, g2)
 
-    def tangent(self, model: NeuralODE, direction: PyTree) -> "FieldTangent":
+    def tangent(self, model: AbstractNeuralODE, direction: PyTree) -> "FieldTangent":
         """The field tangent `d/da F_{a * direction}(t, y)` at a = 0 (a callable field)."""
         return FieldTangent(self, model.field, direction)
 

@@ -48,7 +48,7 @@ class MLPField(eqx.Module):
         return self.out_scale * self.mlp(jnp.concatenate([t[None], y]))
 
 
-class NeuralODE(eqx.Module):
+class AbstractNeuralODE(eqx.Module):
     """A neural ODE `dx/dt = field(t, x, args)` on `[t0, t1]`; the model output is `x(t1)`.
 
     **Arguments:**
@@ -126,11 +126,12 @@ class NeuralODE(eqx.Module):
             p = dp = jnp.zeros(())
         return self.with_field(SensitivityField(fn, p, dp)).solve((x0, dx0))
 
-    def with_field(self, field: VectorField) -> "NeuralODE":
-        """The same neural ODE (solver, interval) with another field."""
+    def with_field(self, field: VectorField) -> "AbstractNeuralODE":
+        """The same neural ODE (solver, interval) with another field (a `NeuralODE` when the
+        field no longer has the structure this class requires)."""
         return eqx.tree_at(lambda m: m.field, self, field)
 
-    def with_options(self, **options) -> "NeuralODE":
+    def with_options(self, **options) -> "AbstractNeuralODE":
         """A copy with solver options replaced, e.g. `adjoint=diffrax.ForwardMode()`."""
         names = ("solver", "stepsize_controller", "dt0", "max_steps", "adjoint", "throw", "t1")
         unknown = sorted(set(options) - set(names))
@@ -142,3 +143,12 @@ class NeuralODE(eqx.Module):
             list(options.values()),
             is_leaf=lambda x: x is None,
         )
+
+
+class NeuralODE(AbstractNeuralODE):
+    """A neural ODE with any vector field. See `AbstractNeuralODE` for the arguments."""
+
+
+def _options(model: AbstractNeuralODE) -> dict:
+    names = ("t1", "t0", "solver", "stepsize_controller", "dt0", "max_steps", "adjoint")
+    return {k: getattr(model, k) for k in names + ("args", "throw")}

@@ -1,0 +1,297 @@
+"""Continuous <-> discrete correspondences: Wilson lines (Eq. 23), the integrated relation
+(Eq. 32) and the lift of discrete gauges to continuous ones (Theorem 3.1).
+
+Notation: `wilson_line(w, t_end, t_start)` is the *propagator* of `dx/dt = w(t) x` from
+`t_start` to `t_end`, for either order of the times. For `t_end >= t_start` it is Eq. 23's
+time-ordered exponential `T exp(int w)`; for `t_end < t_start` it is the inverse of the forward
+propagator, the reverse-ordered exponential of **-w**, i.e. the paper's `W(-w)` of Eq. 22. The
+printed second case of Eq. 23 (reverse-ordered exponential of +w) is not that propagator: with
+it Eq. 22 and the covariance Eq. 46 fail (see the README and `experiments/linear_symmetry`).
+"""
+
+from collections.abc import Callable
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+from jaxtyping import Array, Float
+
+from ._types import ScalarLike
+from .solve import solve
+
+
+MatrixFn = Callable[[ScalarLike], Float[Array, "d d"]]
+VectorFn = Callable[[ScalarLike], Float[Array, " d"]]
+
+
+def _dim(w: MatrixFn, t) -> int:
+    shape = jax.eval_shape(w, t).shape
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"`w(t)` must return a square (d, d) matrix; received shape {shape}.")
+    return shape[0]
+
+
+def _controller(rtol, atol):
+    return diffrax.PIDController(rtol=rtol, atol=atol)
+
+
+def affine_propagator(
+    w: MatrixFn,
+    b: VectorFn,
+    t_end: ScalarLike,
+    t_start: ScalarLike,
+    *,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+    max_steps: int = 4096,
+) -> tuple[Float[Array, "d d"], Float[Array, " d"]]:
+    """`(U, v)` with `x(t_end) = U x(t_start) + v` for `dx/dt = w(t) x + b(t)`, one diffrax
+    solve of `U' = w U`, `v' = w v + b` from `(I, 0)`. U is the Wilson line, v the integrated
+    bias `U int W_{t_start:t'} b(t') dt'` of Eq. 32."""
+    d = _dim(w, t_start)
+
+    def field(t, state, args):
+        U, v = state
+        wt = w(t)
+        return wt @ U, wt @ v + b(t)
+
+    dtype = jax.eval_shape(w, t_start).dtype
+    (U, v), _ = solve(
+        field,
+        (jnp.eye(d, dtype=dtype), jnp.zeros(d, dtype=dtype)),
+        t0=t_start,
+        t1=t_end,
+        stepsize_controller=_controller(rtol, atol),
+        max_steps=max_steps,
+    )
+    return U, v
+
+
+def wilson_line(
+    w: MatrixFn,
+    t_end: ScalarLike,
+    t_start: ScalarLike,
+    *,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+    max_steps: int = 4096,
+) -> Float[Array, "d d"]:
+    """The Wilson line `W(w)_{t_end:t_start}`: the propagator of `dx/dt = w(t) x` (diffrax).
+
+    **Arguments:**
+
+    - `w`: `t -> (d, d)`.
+    - `t_end`, `t_start`: any order; `t_end < t_start` integrates backwards and gives the
+      inverse of the forward propagator (Eq. 22's `W(-w)`).
+    - `rtol`, `atol`, `max_steps`: of the adaptive Tsit5 solve.
+
+    **Returns:** the (d, d) propagator; the identity when `t_end == t_start`.
+    """
+    d = _dim(w, t_start)
+    if not isinstance(t_end, jax.core.Tracer) and not isinstance(t_start, jax.core.Tracer):
+        if float(t_end) == float(t_start):
+            return jnp.eye(d, dtype=jax.eval_shape(w, t_start).dtype)
+
+    def field(t, U, args):
+        return w(t) @ U
+
+    U, _ = solve(
+        field,
+        jnp.eye(d, dtype=jax.eval_shape(w, t_start).dtype),
+        t0=t_start,
+        t1=t_end,
+        stepsize_controller=_controller(rtol, atol),
+        max_steps=max_steps,
+    )
+    return U
+
+
+_GAUSS = (0.5 - np.sqrt(3) / 6, 0.5 + np.sqrt(3) / 6)
+
+
+def wilson_line_magnus(
+    w: MatrixFn, t_end: ScalarLike, t_start: ScalarLike, *, num_steps: int, order: int = 4
+) -> Float[Array, "d d"]:
+    """The Wilson line by a fixed-step Magnus integrator (a fast cross-check of `wilson_line`).
+
+    Order 2: `Omega = h w(t + h/2)`. Order 4 (two Gauss points `c_{1,2} = 1/2 -+ sqrt(3)/6`):
+    `Omega = h/2 (A1 + A2) + sqrt(3)/12 h^2 [A2, A1]`. Each step multiplies `expm(Omega)` on the
+    left; global error O(h^order). Works for either order of the times (signed h).
+    """
+    if order not in (2, 4):
+        raise ValueError(f"`order` must be 2 or 4; received {order!r}.")
+    if not isinstance(num_steps, int) or num_steps <= 0:
+        raise ValueError(f"`num_steps` must be a positive int; received {num_steps!r}.")
+    d = _dim(w, t_start)
+    h = (t_end - t_start) / num_steps
+
+    def step(U, n):
+        t = t_start + n * h
+        if order == 2:
+            omega = h * w(t + 0.5 * h)
+        else:
+            A1, A2 = w(t + _GAUSS[0] * h), w(t + _GAUSS[1] * h)
+            omega = 0.5 * h * (A1 + A2) + (np.sqrt(3) / 12) * h**2 * (A2 @ A1 - A1 @ A2)
+        return jax.scipy.linalg.expm(omega) @ U, None
+
+    dtype = jax.eval_shape(w, t_start).dtype
+    U0 = jnp.eye(d, dtype=dtype)
+    return jax.lax.scan(step, U0, jnp.arange(num_steps, dtype=dtype))[0]
+
+
+def _check_layers(t1, num_layers):
+    if not isinstance(num_layers, int) or num_layers <= 0:
+        raise ValueError(f"`num_layers` must be a positive int; received {num_layers!r}.")
+    if not float(t1) > 0:
+        raise ValueError(f"`t1` must be > 0; received {t1!r}.")
+
+
+def discretize(
+    w: MatrixFn,
+    b: VectorFn,
+    t1: float,
+    num_layers: int,
+    *,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+) -> tuple[Float[Array, "N d d"], Float[Array, "N d"]]:
+    """The integrated relation (Eq. 32): layer n of the linear network is the exact affine map
+    of the linear neural ODE over `[n Delta, (n+1) Delta]`, `Delta = t1 / num_layers`.
+
+    `w_bar_n` is the Wilson line over the layer, `b_bar_n` the integrated bias. Unlike an Euler
+    step, the network's output equals the ODE's x(t1) for every N.
+
+    **Returns:** `(weights (N, d, d), biases (N, d))` for `LinearNet`.
+    """
+    _check_layers(t1, num_layers)
+    edges = jnp.linspace(0.0, float(t1), num_layers + 1)
+    return jax.vmap(lambda a, z: affine_propagator(w, b, z, a, rtol=rtol, atol=atol))(
+        edges[:-1], edges[1:]
+    )
+
+
+def euler_discretize(
+    w: MatrixFn, b: VectorFn, t1: float, num_layers: int
+) -> tuple[Float[Array, "N d d"], Float[Array, "N d"]]:
+    """The conventional (Euler) discretisation `w_bar_n = 1 + Delta w(n Delta)`,
+    `b_bar_n = Delta b(n Delta)`, for comparison with `discretize`: its error decays like 1/N."""
+    _check_layers(t1, num_layers)
+    delta = float(t1) / num_layers
+    ts = jnp.arange(float(num_layers)) * delta
+    W = jax.vmap(w)(ts)
+    return jnp.eye(W.shape[-1], dtype=W.dtype) + delta * W, delta * jax.vmap(b)(ts)
+
+
+# ---------------------------------------------------------------------------- Theorem 3.1
+
+
+def _smoothstep(tau):
+    return tau * tau * (3.0 - 2.0 * tau)
+
+
+class LiftedGauge(eqx.Module):
+    """A continuous, C^1 gauge `(G(t), c(t))` through discrete values `(G_n, c_n)` at `n Delta`.
+
+    On layer n: `G(t) = G_n expm(sigma R_n) expm(sigma P_n)` and
+    `c(t) = (1 - sigma) c_n + sigma c_{n+1}`, where `G_n^-1 G_{n+1} = exp(R_n) exp(P_n)` is the
+    polar decomposition (rotation times SPD; logarithms on the host with scipy) and
+    `sigma = 3 tau^2 - 2 tau^3` of the layer-local time tau, so dG/dt and dc/dt vanish at nodes.
+    """
+
+    Gs: Float[Array, "N1 d d"]
+    cs: Float[Array, "N1 d"]
+    log_rotation: Float[Array, "N d d"]
+    log_spd: Float[Array, "N d d"]
+    t1: float
+
+    def _locate(self, t):
+        num = self.log_rotation.shape[0]
+        x = t * num / self.t1
+        n = jnp.clip(jnp.floor(x), 0, num - 1)
+        return n.astype(int), _smoothstep(x - n)
+
+    def G(self, t: ScalarLike) -> Float[Array, "d d"]:
+        n, s = self._locate(t)
+        expm = jax.scipy.linalg.expm
+        return self.Gs[n] @ expm(s * self.log_rotation[n]) @ expm(s * self.log_spd[n])
+
+    def c(self, t: ScalarLike) -> Float[Array, " d"]:
+        n, s = self._locate(t)
+        return (1.0 - s) * self.cs[n] + s * self.cs[n + 1]
+
+
+def check_discrete_gauge(Gs, cs, *, atol: float = 1e-12) -> None:
+    """Validate `Gs` (N+1, d, d) and `cs` (N+1, d): `G_0 = G_N = 1`, `c_0 = c_N = 0`, and every
+    `G_n` invertible (eagerly, for concrete values; traced values are not checked)."""
+    Gs, cs = jnp.asarray(Gs), jnp.asarray(cs)
+    if Gs.ndim != 3 or Gs.shape[1] != Gs.shape[2]:
+        raise ValueError(f"`Gs` must have shape (N+1, d, d); received {Gs.shape}.")
+    if cs.shape != Gs.shape[:2]:
+        raise ValueError(f"`cs` must have shape {Gs.shape[:2]}; received {cs.shape}.")
+    if Gs.shape[0] < 2:
+        raise ValueError(f"`Gs` needs N+1 >= 2 entries; received {Gs.shape[0]}.")
+    if isinstance(Gs, jax.core.Tracer) or isinstance(cs, jax.core.Tracer):
+        return
+    eye = np.eye(Gs.shape[1])
+    for end in (0, Gs.shape[0] - 1):
+        if not np.allclose(np.asarray(Gs[end]), eye, rtol=0, atol=atol):
+            raise ValueError(f"`Gs[{end}]` must be the identity (boundary condition of Eq. 33).")
+        if not np.allclose(np.asarray(cs[end]), 0.0, rtol=0, atol=atol):
+            raise ValueError(f"`cs[{end}]` must be zero (boundary condition of Eq. 33).")
+    conds = np.linalg.cond(np.asarray(Gs))
+    if not np.all(np.isfinite(conds)) or conds.max() > 1e12:
+        n = int(np.argmax(np.where(np.isfinite(conds), conds, np.inf)))
+        raise ValueError(f"`Gs[{n}]` is singular or nearly so (condition number {conds[n]:.2e}).")
+
+
+def lift(Gs, cs, t1: float) -> LiftedGauge:
+    """Theorem 3.1: a continuous, differentiable gauge `(G(t), c(t))` of the linear neural ODE
+    with `G(n Delta) = G_n`, `c(n Delta) = c_n`, `Delta = t1 / N`, so that
+    `discretize(linear_gauge_transform(w, b, G, c))` equals
+    `discrete_gauge_transform(discretize(w, b), Gs, cs)`.
+
+    **Arguments:** `Gs` (N+1, d, d) with `G_0 = G_N = 1`; `cs` (N+1, d) with zero ends; `t1`.
+
+    **Returns:** a `LiftedGauge` with methods `G(t)` and `c(t)`.
+
+    **Raises:** `ValueError` for wrong shapes or end values, a singular `G_n`, or
+    `det G_n <= 0`: a continuous G(t) with G(0) = 1 stays in GL+(d), so such a discrete gauge
+    has no continuous lift.
+    """
+    check_discrete_gauge(Gs, cs)
+    if not float(t1) > 0:
+        raise ValueError(f"`t1` must be > 0; received {t1!r}.")
+    G = np.asarray(Gs, dtype=float)
+    dets = np.linalg.det(G)
+    bad = np.flatnonzero(dets <= 0)
+    if bad.size:
+        n = int(bad[0])
+        raise ValueError(
+            f"`Gs[{n}]` has det {dets[n]:.3g} <= 0: a continuous G(t) with G(0) = 1 keeps "
+            "det G(t) > 0, so this discrete gauge has no continuous lift (Thm 3.1 needs GL+)."
+        )
+    log_r, log_p = [], []
+    for n in range(G.shape[0] - 1):
+        step = np.linalg.solve(G[n], G[n + 1])
+        rot, spd = scipy.linalg.polar(step)  # step = rot @ spd, det rot = +1 here
+        lam, V = np.linalg.eigh(spd)
+        log_p.append((V * np.log(lam)) @ V.T)
+        lr = scipy.linalg.logm(rot)
+        if np.max(np.abs(np.imag(lr))) > 1e-8:
+            raise ValueError(
+                f"the rotation part of Gs[{n}]^-1 Gs[{n + 1}] has eigenvalue -1 (a rotation by "
+                "pi): its real logarithm is not unique; perturb the gauge slightly."
+            )
+        lr = np.real(lr)
+        log_r.append(0.5 * (lr - lr.T))  # the logarithm of a rotation is skew
+    dtype = jnp.asarray(Gs).dtype
+    return LiftedGauge(
+        jnp.asarray(Gs),
+        jnp.asarray(cs),
+        jnp.asarray(np.stack(log_r), dtype=dtype),
+        jnp.asarray(np.stack(log_p), dtype=dtype),
+        float(t1),
+    )

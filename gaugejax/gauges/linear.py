@@ -1,0 +1,404 @@
+"""Gauge transformations of linear neural ODEs (Eq. 24-25) and of discrete networks (Eq. 29, 33).
+
+Functional core: `linear_gauge_transform` (Eq. 25, for callables of t; dG/dt, dc/dt by jvp) and
+`discrete_gauge_transform` (Eq. 33). Families on top: `LinearGauge` (continuous, on a
+`LinearNODE`), `DiscreteLinearGauge` (on a `LinearNet`), `RescalingGauge` (positive per-neuron
+rescaling of ReLU / leaky-ReLU networks: gaugejax's `FeedforwardNet` and `eqx.nn.MLP`).
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .._types import ScalarLike
+from ..correspondence import check_discrete_gauge
+from ..models import AbstractNeuralODE, FeedforwardNet, FunctionLinearField, LinearNODE
+from ..models.linear import ACTIVATIONS, POSITIVELY_HOMOGENEOUS
+from .base import AbstractGauge
+from .features import check_positive
+from .maps import AbstractMapGauge
+
+
+def _time_derivative(f: Callable, t):
+    t = (
+        jnp.asarray(t, dtype=float)
+        if not jnp.issubdtype(jnp.asarray(t).dtype, jnp.floating)
+        else jnp.asarray(t)
+    )
+    return jax.jvp(f, (t,), (jnp.ones_like(t),))
+
+
+class GaugedWeight(eqx.Module):
+    """`w'(t) = G^-1 w G - G^-1 dG/dt` (Eq. 25)."""
+
+    w: Callable
+    G: Callable
+
+    def __call__(self, t: ScalarLike) -> Float[Array, "d d"]:
+        G, dG = _time_derivative(self.G, t)
+        return jnp.linalg.solve(G, self.w(t) @ G - dG)
+
+
+class GaugedBias(eqx.Module):
+    """`b'(t) = G^-1 [b + w c - dc/dt]` (Eq. 25)."""
+
+    w: Callable
+    b: Callable
+    G: Callable
+    c: Callable
+
+    def __call__(self, t: ScalarLike) -> Float[Array, " d"]:
+        c, dc = _time_derivative(self.c, t)
+        return jnp.linalg.solve(self.G(t), self.b(t) + self.w(t) @ c - dc)
+
+
+def linear_gauge_transform(
+    w: Callable, b: Callable, G: Callable, c: Callable
+) -> tuple[GaugedWeight, GaugedBias]:
+    """Eq. 25: the parameters of the linear neural ODE for `y` with `x = G(t) y + c(t)`.
+
+    **Arguments:** callables `w(t) -> (d, d)`, `b(t) -> (d,)`, `G(t) -> (d, d)` invertible,
+    `c(t) -> (d,)`. With `G(0) = G(T) = 1`, `c(0) = c(T) = 0` the map x(0) -> x(T) is unchanged.
+
+    **Returns:** `(w', b')`, callables of t (PyTrees).
+    """
+    for name, f in (("w", w), ("b", b), ("G", G), ("c", c)):
+        if not callable(f):
+            raise TypeError(f"`{name}` must be a callable of t; received {type(f).__name__}.")
+    return GaugedWeight(w, G), GaugedBias(w, b, G, c)
+
+
+def discrete_gauge_transform(
+    weights: Float[Array, "N d d"],
+    biases: Float[Array, "N d"],
+    Gs: Float[Array, "N1 d d"],
+    cs: Float[Array, "N1 d"],
+) -> tuple[Float[Array, "N d d"], Float[Array, "N d"]]:
+    """Eq. 33: `w_n -> G_{n+1}^-1 w_n G_n`, `b_n -> G_{n+1}^-1 [b_n + w_n c_n - c_{n+1}]`.
+
+    **Arguments:** `weights` (N, d, d), `biases` (N, d); `Gs` (N+1, d, d) invertible with
+    `G_0 = G_N = 1`; `cs` (N+1, d) with `c_0 = c_N = 0`.
+
+    **Raises:** `ValueError` for wrong shapes, wrong end values or a singular `G_n`.
+    """
+    check_discrete_gauge(Gs, cs)
+    if Gs.shape[0] != weights.shape[0] + 1 or Gs.shape[1] != weights.shape[1]:
+        raise ValueError(
+            f"`Gs` must have shape ({weights.shape[0] + 1}, {weights.shape[1]}, "
+            f"{weights.shape[1]}) for {weights.shape[0]} layers; received {Gs.shape}."
+        )
+    new_w = jnp.linalg.solve(Gs[1:], weights @ Gs[:-1])
+    rhs = biases + jnp.einsum("nij,nj->ni", weights, cs[:-1]) - cs[1:]
+    new_b = jnp.linalg.solve(Gs[1:], rhs[..., None])[..., 0]
+    return new_w, new_b
+
+
+# ---------------------------------------------------------------------------- continuous family
+
+
+class AffineMap(eqx.Module):
+    """`x = G(t) y + c(t)`, with `G` and `c` callables of t."""
+
+    G: Callable
+    c: Callable
+
+    def __call__(self, t, y):
+        return self.G(t) @ y + self.c(t)
+
+
+class _ComposedG(eqx.Module):
+    outer: AffineMap
+    inner: AffineMap
+
+    def __call__(self, t):
+        return self.outer.G(t) @ self.inner.G(t)
+
+
+class _ComposedC(eqx.Module):
+    outer: AffineMap
+    inner: AffineMap
+
+    def __call__(self, t):
+        return self.outer.G(t) @ self.inner.c(t) + self.outer.c(t)
+
+
+class _InverseG(eqx.Module):
+    map_: AffineMap
+
+    def __call__(self, t):
+        return jnp.linalg.inv(self.map_.G(t))
+
+
+class _InverseC(eqx.Module):
+    map_: AffineMap
+
+    def __call__(self, t):
+        return -jnp.linalg.solve(self.map_.G(t), self.map_.c(t))
+
+
+class ModeGauge(eqx.Module):
+    """`G(t) = expm(S(t))` or Cayley `(1 - S)^-1 (1 + S)`, `S(t) = sum_k sin(k pi t/T) A_k`, and
+    `c(t) = sum_k sin(k pi t/T) c_k`: both equal to (1, 0) at t = 0 and t = T."""
+
+    A: Float[Array, "K d d"]
+    cvec: Float[Array, "K d"]
+    omega: Float[Array, " K"]
+    cayley: bool = eqx.field(static=True)
+
+    def _S(self, t):
+        return jnp.tensordot(jnp.sin(self.omega * t), self.A, axes=1)
+
+    def G(self, t):
+        S = self._S(t)
+        if self.cayley:
+            eye = jnp.eye(S.shape[0], dtype=S.dtype)
+            return jnp.linalg.solve(eye - S, eye + S)
+        return jax.scipy.linalg.expm(S)
+
+    def c(self, t):
+        return jnp.tensordot(jnp.sin(self.omega * t), self.cvec, axes=1)
+
+
+class LinearGaugeElement(eqx.Module):
+    """A base element of `LinearGauge`: mode amplitudes `A` (K, d, d) and `c` (K, d)."""
+
+    A: Float[Array, "K d d"]
+    c: Float[Array, "K d"]
+
+
+class LinearGauge(AbstractMapGauge):
+    """Finite linear gauge transformations `x = G(t) y + c(t)` of a `LinearNODE` (Eq. 24-25).
+
+    Base elements draw `A_k` (scaled so that `sum_k |A_k|_2 = rho * u`, u ~ U(1/4, 1)) and `c_k`;
+    `G(t) = expm(S(t))` (`kind="expm"`, always invertible) or the Cayley transform
+    (`kind="cayley"`, invertible because |S(t)|_2 <= rho < 1). `G(0) = G(T) = 1`, `c(0) = c(T)
+    = 0` by construction. Compositions and inverses are exact affine maps. The action keeps the
+    model linear: the new field is `FunctionLinearField(*linear_gauge_transform(...))`.
+    """
+
+    dim: int = eqx.field(static=True)
+    t1: float
+    omega: Float[Array, " K"]
+    rho: float
+    bias_scale: float
+    kind: str = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        t1: float,
+        *,
+        num_modes: int = 2,
+        rho: float = 0.5,
+        bias_scale: float = 0.3,
+        kind: str = "expm",
+    ):
+        check_positive("t1", t1)
+        check_positive("rho", rho, below=1.0 if kind == "cayley" else None)
+        if kind not in ("expm", "cayley"):
+            raise ValueError(f"`kind` must be 'expm' or 'cayley'; received {kind!r}.")
+        if not isinstance(num_modes, int) or num_modes <= 0:
+            raise ValueError(f"`num_modes` must be a positive int; received {num_modes!r}.")
+        self.dim = dim
+        self.t1 = float(t1)
+        self.omega = jnp.arange(1.0, num_modes + 1.0) * jnp.pi / self.t1
+        self.rho = float(rho)
+        self.bias_scale = float(bias_scale)
+        self.kind = kind
+
+    def sample(self, key: PRNGKeyArray) -> LinearGaugeElement:
+        ka, kc, kr = jax.random.split(key, 3)
+        K, d = self.omega.shape[0], self.dim
+        A = jax.random.normal(ka, (K, d, d))
+        norms = jnp.linalg.norm(A, ord=2, axis=(1, 2))
+        A = A * (self.rho * jax.random.uniform(kr, minval=0.25, maxval=1.0) / jnp.sum(norms))
+        return LinearGaugeElement(A, self.bias_scale * jax.random.normal(kc, (K, d)))
+
+    def identity(self) -> LinearGaugeElement:
+        K, d = self.omega.shape[0], self.dim
+        return LinearGaugeElement(jnp.zeros((K, d, d)), jnp.zeros((K, d)))
+
+    def base_map(self, g: LinearGaugeElement) -> AffineMap:
+        mg = ModeGauge(g.A, g.c, self.omega, self.kind == "cayley")
+        return AffineMap(mg.G, mg.c)
+
+    def compose_maps(self, outer: AffineMap, inner: AffineMap) -> AffineMap:
+        return AffineMap(_ComposedG(outer, inner), _ComposedC(outer, inner))
+
+    def invert_map(self, map_: AffineMap) -> AffineMap:
+        return AffineMap(_InverseG(map_), _InverseC(map_))
+
+    def pull(self, field, map_: AffineMap):
+        return FunctionLinearField(
+            *linear_gauge_transform(field.weight, field.bias, map_.G, map_.c)
+        )
+
+    def act(self, g, model: AbstractNeuralODE) -> AbstractNeuralODE:
+        if not isinstance(model, LinearNODE):
+            raise TypeError(
+                f"LinearGauge acts on gaugejax.LinearNODE; received {type(model).__name__}."
+            )
+        return super().act(g, model)
+
+
+# ---------------------------------------------------------------------------- discrete families
+
+
+class DiscreteGaugeElement(eqx.Module):
+    """`Gs` (N+1, d, d) and `cs` (N+1, d) with identity / zero ends."""
+
+    Gs: Float[Array, "N1 d d"]
+    cs: Float[Array, "N1 d"]
+
+
+class DiscreteLinearGauge(AbstractGauge):
+    """Discrete linear gauges (Eq. 33) of a `LinearNet` with `num_layers` layers of width `dim`.
+
+    Interior `G_n = expm(A_n)` (`|A_n|_2 = scale`, so det G_n > 0 and Thm 3.1 lifts them),
+    `c_n ~ N(0, bias_scale^2)`; ends fixed to (1, 0). The family is a group in closed form:
+    `compose` multiplies `G_n` and composes shifts, `inverse` inverts each node.
+    """
+
+    dim: int = eqx.field(static=True)
+    num_layers: int = eqx.field(static=True)
+    scale: float
+    bias_scale: float
+    infinitesimal = False
+
+    def __init__(self, dim: int, num_layers: int, *, scale: float = 0.5, bias_scale: float = 0.3):
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"`num_layers` must be a positive int; received {num_layers!r}.")
+        self.dim, self.num_layers = dim, num_layers
+        self.scale, self.bias_scale = float(scale), float(bias_scale)
+
+    def sample(self, key: PRNGKeyArray) -> DiscreteGaugeElement:
+        ka, kc = jax.random.split(key)
+        N, d = self.num_layers, self.dim
+        A = jax.random.normal(ka, (N - 1, d, d))
+        A = self.scale * A / jnp.linalg.norm(A, ord=2, axis=(1, 2), keepdims=True)
+        eye = jnp.eye(d)[None]
+        Gs = jnp.concatenate([eye, jax.vmap(jax.scipy.linalg.expm)(A), eye])
+        zero = jnp.zeros((1, d))
+        cs = jnp.concatenate([zero, self.bias_scale * jax.random.normal(kc, (N - 1, d)), zero])
+        return DiscreteGaugeElement(Gs, cs)
+
+    def identity(self) -> DiscreteGaugeElement:
+        N, d = self.num_layers, self.dim
+        return DiscreteGaugeElement(jnp.tile(jnp.eye(d), (N + 1, 1, 1)), jnp.zeros((N + 1, d)))
+
+    def inverse(self, g):
+        Gi = jnp.linalg.inv(g.Gs)
+        return DiscreteGaugeElement(Gi, -jnp.einsum("nij,nj->ni", Gi, g.cs))
+
+    def compose(self, g1, g2):
+        # x = G1 (G2 y + c2) + c1
+        return DiscreteGaugeElement(g1.Gs @ g2.Gs, jnp.einsum("nij,nj->ni", g1.Gs, g2.cs) + g1.cs)
+
+    def act(self, g, model: FeedforwardNet) -> FeedforwardNet:
+        if not isinstance(model, FeedforwardNet) or model.activation != "identity":
+            raise TypeError(
+                "DiscreteLinearGauge acts on a LinearNet (FeedforwardNet with identity "
+                f"activation); received {type(model).__name__}."
+            )
+        w, b = discrete_gauge_transform(model.weights, model.biases, g.Gs, g.cs)
+        return FeedforwardNet(w, b, model.activation)
+
+
+def _activation_name(activation) -> str | None:
+    if isinstance(activation, str):
+        return activation
+    for name, fn in ACTIVATIONS.items():
+        if activation is fn:
+            return name
+    return getattr(activation, "__name__", None)
+
+
+class RescalingGauge(AbstractGauge):
+    """Positive per-neuron rescaling (Eq. 29): hidden unit j of layer n scales its incoming
+    weights and bias by `alpha_j` and its outgoing weights by `1/alpha_j`.
+
+    Acts on a `FeedforwardNet` (hidden layers n = 1..N-1, width d) or an `eqx.nn.MLP` (its
+    hidden layers). An element is a tuple of positive vectors, `alpha = exp(log_scale * z)`.
+    The output is invariant only for positively homogeneous activations (identity, ReLU,
+    leaky ReLU): other activations raise unless `check_activation=False`, which exists to
+    measure how badly the symmetry breaks (e.g. tanh, GELU).
+
+    **Arguments:** `widths`: the hidden widths, in order; `log_scale`; `check_activation`.
+    """
+
+    widths: tuple[int, ...] = eqx.field(static=True)
+    log_scale: float
+    check_activation: bool = eqx.field(static=True, default=True)
+    infinitesimal = False
+
+    def sample(self, key: PRNGKeyArray) -> tuple[Float[Array, " h"], ...]:
+        keys = jax.random.split(key, len(self.widths))
+        return tuple(
+            jnp.exp(self.log_scale * jax.random.normal(k, (w,)))
+            for k, w in zip(keys, self.widths, strict=True)
+        )
+
+    def identity(self):
+        return tuple(jnp.ones((w,)) for w in self.widths)
+
+    def inverse(self, g):
+        return tuple(1.0 / a for a in g)
+
+    def compose(self, g1, g2):
+        return tuple(a * b for a, b in zip(g1, g2, strict=True))
+
+    def _check(self, g, activation):
+        name = _activation_name(activation)
+        if self.check_activation and name not in POSITIVELY_HOMOGENEOUS:
+            raise ValueError(
+                f"activation {name!r} is not positively homogeneous (phi(a x) = a phi(x) for "
+                f"a > 0): the rescaling gauge needs one of {POSITIVELY_HOMOGENEOUS}."
+            )
+        if len(g) != len(self.widths):
+            raise ValueError(f"`g` must hold {len(self.widths)} scale vectors; received {len(g)}.")
+        for n, a in enumerate(g):
+            if not isinstance(a, jax.core.Tracer) and bool(jnp.any(a <= 0)):
+                raise ValueError(f"rescaling factors must be > 0; `g[{n}]` has a value <= 0.")
+
+    @staticmethod
+    def _rescale(weights, biases, g):
+        ones_in = jnp.ones((weights[0].shape[1],), dtype=weights[0].dtype)
+        ones_out = jnp.ones((weights[-1].shape[0],), dtype=weights[-1].dtype)
+        alphas = (ones_in, *g, ones_out)
+        new_w = [
+            a_out[:, None] * w / a_in[None, :]
+            for w, a_in, a_out in zip(weights, alphas[:-1], alphas[1:], strict=True)
+        ]
+        new_b = [a_out * b for b, a_out in zip(biases, alphas[1:], strict=True)]
+        return new_w, new_b
+
+    def act(self, g, model):
+        if isinstance(model, FeedforwardNet):
+            self._check(g, model.activation)
+            if self.widths != (model.weights.shape[1],) * (model.num_layers - 1):
+                raise ValueError(
+                    f"`widths` {self.widths} do not match the network's hidden layers "
+                    f"{(model.weights.shape[1],) * (model.num_layers - 1)}."
+                )
+            w, b = self._rescale(list(model.weights), list(model.biases), g)
+            return FeedforwardNet(jnp.stack(w), jnp.stack(b), model.activation)
+        if isinstance(model, eqx.nn.MLP):
+            self._check(g, model.activation)
+            hidden = tuple(layer.weight.shape[0] for layer in model.layers[:-1])
+            if self.widths != hidden:
+                raise ValueError(
+                    f"`widths` {self.widths} do not match the MLP's hidden widths {hidden}."
+                )
+            if any(layer.bias is None for layer in model.layers):
+                raise ValueError("the rescaling gauge needs an eqx.nn.MLP with biases.")
+            w, b = self._rescale(
+                [layer.weight for layer in model.layers], [layer.bias for layer in model.layers], g
+            )
+            model = eqx.tree_at(lambda m: [layer.weight for layer in m.layers], model, w)
+            return eqx.tree_at(lambda m: [layer.bias for layer in m.layers], model, b)
+        raise TypeError(
+            f"RescalingGauge acts on FeedforwardNet or eqx.nn.MLP; received {type(model).__name__}."
+        )

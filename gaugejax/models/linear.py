@@ -1,0 +1,230 @@
+"""Linear neural ODEs `dx/dt = w(t) x + b(t)` (Eq. 21) and discrete feedforward networks
+`x_{n+1} = phi(w_n x_n + b_n)` (Eq. 28/31)."""
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .._types import Args, ScalarLike
+from .node import AbstractNeuralODE, NeuralODE, _options
+
+
+# ---------------------------------------------------------------------------- time bases
+
+
+class AbstractTimeBasis(eqx.Module):
+    """Scalar functions `phi_k(t)`, k = 0..K-1, on [0, T]; `w(t) = sum_k phi_k(t) W_k`."""
+
+    @abc.abstractmethod
+    def __call__(self, t: ScalarLike) -> Float[Array, " K"]:
+        """The K basis values at t."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """K."""
+
+
+class PiecewiseLinearBasis(AbstractTimeBasis):
+    """Hat functions on `num_knots` equispaced knots over [0, T] (piecewise-linear w(t))."""
+
+    knots: Float[Array, " K"]
+
+    def __init__(self, t1: float, num_knots: int):
+        if not isinstance(num_knots, int) or num_knots < 2:
+            raise ValueError(f"`num_knots` must be an int >= 2; received {num_knots!r}.")
+        if not t1 > 0:
+            raise ValueError(f"`t1` must be > 0; received {t1!r}.")
+        self.knots = jnp.linspace(0.0, float(t1), num_knots)
+
+    def __call__(self, t):
+        h = self.knots[1] - self.knots[0]
+        return jnp.clip(1.0 - jnp.abs(t - self.knots) / h, 0.0, 1.0)
+
+    @property
+    def size(self) -> int:
+        return self.knots.shape[0]
+
+
+class FourierBasis(AbstractTimeBasis):
+    """`1, cos(k pi t/T), sin(k pi t/T)` for k = 1..num_modes (size 2 num_modes + 1)."""
+
+    omega: Float[Array, " M"]
+
+    def __init__(self, t1: float, num_modes: int):
+        if not isinstance(num_modes, int) or num_modes < 0:
+            raise ValueError(f"`num_modes` must be an int >= 0; received {num_modes!r}.")
+        if not t1 > 0:
+            raise ValueError(f"`t1` must be > 0; received {t1!r}.")
+        self.omega = jnp.arange(1.0, num_modes + 1.0) * jnp.pi / float(t1)
+
+    def __call__(self, t):
+        wt = self.omega * t
+        return jnp.concatenate([jnp.ones((1,), dtype=wt.dtype), jnp.cos(wt), jnp.sin(wt)])
+
+    @property
+    def size(self) -> int:
+        return 2 * self.omega.shape[0] + 1
+
+
+# ---------------------------------------------------------------------------- linear fields
+
+
+class AbstractLinearField(eqx.Module):
+    """A field `F(t, x) = w(t) x + b(t)`; subclasses define `weight(t)` and `bias(t)`."""
+
+    @abc.abstractmethod
+    def weight(self, t: ScalarLike) -> Float[Array, "d d"]:
+        """w(t)."""
+
+    @abc.abstractmethod
+    def bias(self, t: ScalarLike) -> Float[Array, " d"]:
+        """b(t)."""
+
+    def __call__(self, t: ScalarLike, x: Float[Array, " d"], args: Args = None):
+        return self.weight(t) @ x + self.bias(t)
+
+
+class BasisLinearField(AbstractLinearField):
+    """`w(t) = sum_k phi_k(t) W_k`, `b(t) = sum_k phi_k(t) b_k` in a time basis."""
+
+    basis: AbstractTimeBasis
+    weights: Float[Array, "K d d"]
+    biases: Float[Array, "K d"]
+
+    def __check_init__(self):
+        K = self.basis.size
+        if (
+            self.weights.ndim != 3
+            or self.weights.shape[0] != K
+            or (self.weights.shape[1] != self.weights.shape[2])
+        ):
+            raise ValueError(
+                f"`weights` must have shape (K={K}, d, d) for the basis; received "
+                f"{self.weights.shape}."
+            )
+        if self.biases.shape != self.weights.shape[:2]:
+            raise ValueError(
+                f"`biases` must have shape {self.weights.shape[:2]}; received {self.biases.shape}."
+            )
+
+    def weight(self, t):
+        return jnp.tensordot(self.basis(t), self.weights, axes=1)
+
+    def bias(self, t):
+        return jnp.tensordot(self.basis(t), self.biases, axes=1)
+
+
+class FunctionLinearField(AbstractLinearField):
+    """A linear field from two callables `w(t) -> (d, d)` and `b(t) -> (d,)`."""
+
+    w: object
+    b: object
+
+    def weight(self, t):
+        return self.w(t)
+
+    def bias(self, t):
+        return self.b(t)
+
+
+class LinearNODE(AbstractNeuralODE):
+    """A linear neural ODE `dx/dt = w(t) x + b(t)` (Eq. 21): a neural ODE whose field is an
+    `AbstractLinearField`. `weight(t)`, `bias(t)` expose the parameters; `__call__(x0)` gives
+    x(t1). See `AbstractNeuralODE` for the solver arguments."""
+
+    def __check_init__(self):
+        if not isinstance(self.field, AbstractLinearField):
+            raise TypeError(
+                "`field` of a LinearNODE must be an AbstractLinearField (e.g. BasisLinearField); "
+                f"received {type(self.field).__name__}."
+            )
+
+    def weight(self, t: ScalarLike) -> Float[Array, "d d"]:
+        return self.field.weight(t)
+
+    def bias(self, t: ScalarLike) -> Float[Array, " d"]:
+        return self.field.bias(t)
+
+    def with_field(self, field) -> AbstractNeuralODE:
+        if isinstance(field, AbstractLinearField):
+            return eqx.tree_at(lambda m: m.field, self, field)
+        return NeuralODE(field=field, **{k: v for k, v in _options(self).items()})
+
+
+def random_linear_node(
+    dim: int,
+    t1: float,
+    *,
+    key: PRNGKeyArray,
+    basis: AbstractTimeBasis | None = None,
+    weight_scale: float = 1.0,
+    bias_scale: float = 1.0,
+    **options,
+) -> LinearNODE:
+    """A `LinearNODE` with random coefficients `W_k ~ N(0, weight_scale^2 / d)`,
+    `b_k ~ N(0, bias_scale^2)` in `basis` (default `FourierBasis(t1, 2)`)."""
+    basis = FourierBasis(t1, 2) if basis is None else basis
+    kw, kb = jax.random.split(key)
+    W = weight_scale * jax.random.normal(kw, (basis.size, dim, dim)) / jnp.sqrt(dim) / basis.size
+    b = bias_scale * jax.random.normal(kb, (basis.size, dim)) / basis.size
+    return LinearNODE(BasisLinearField(basis, W, b), t1=t1, **options)
+
+
+# ---------------------------------------------------------------------------- discrete nets
+
+ACTIVATIONS = {
+    "identity": lambda x: x,
+    "relu": jax.nn.relu,
+    "leaky_relu": jax.nn.leaky_relu,
+    "tanh": jnp.tanh,
+    "gelu": jax.nn.gelu,
+}
+# phi(a x) = a phi(x) for every a > 0: the activations with the rescaling symmetry (Eq. 30)
+POSITIVELY_HOMOGENEOUS = ("identity", "relu", "leaky_relu")
+
+
+class FeedforwardNet(eqx.Module):
+    """`x_{n+1} = phi(w_n x_n + b_n)`, n = 0..N-1, all layers of width d (Eq. 28; Eq. 31 with
+    `activation="identity"`).
+
+    **Arguments:** `weights` (N, d, d), `biases` (N, d), `activation` one of
+    `identity, relu, leaky_relu, tanh, gelu`.
+    """
+
+    weights: Float[Array, "N d d"]
+    biases: Float[Array, "N d"]
+    activation: str = eqx.field(static=True, default="identity")
+
+    def __check_init__(self):
+        if self.weights.ndim != 3 or self.weights.shape[1] != self.weights.shape[2]:
+            raise ValueError(f"`weights` must have shape (N, d, d); received {self.weights.shape}.")
+        if self.biases.shape != self.weights.shape[:2]:
+            raise ValueError(
+                f"`biases` must have shape {self.weights.shape[:2]}; received {self.biases.shape}."
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"`activation` must be one of {sorted(ACTIVATIONS)}; received {self.activation!r}."
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return self.weights.shape[0]
+
+    def __call__(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
+        phi = ACTIVATIONS[self.activation]
+
+        def layer(x, wb):
+            w, b = wb
+            return phi(w @ x + b), None
+
+        return jax.lax.scan(layer, x, (self.weights, self.biases))[0]
+
+
+def LinearNet(weights: Float[Array, "N d d"], biases: Float[Array, "N d"]) -> FeedforwardNet:
+    """The linear network of Eq. 31, `x_{n+1} = w_n x_n + b_n` (a `FeedforwardNet`)."""
+    return FeedforwardNet(weights, biases, activation="identity")

@@ -1,0 +1,288 @@
+"""Linear neural ODEs, Wilson lines, discrete networks, Theorem 3.1, feedforward rescaling.
+
+Solves use rtol = atol = 1e-11 (1e-10 for Wilson lines), so identities between solved
+quantities are asserted to 1e-8: 10-100 x the accumulated tolerance of O(10) steps on O(1)
+matrices. Algebraic identities (rescaling, Eq. 33) are asserted to 1e-12.
+"""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gaugejax as gj
+
+from .conftest import loglog_slope
+
+
+D, T = 3, 1.0
+TIGHT = diffrax.PIDController(rtol=1e-11, atol=1e-11)
+
+
+@pytest.fixture(scope="module")
+def lin():
+    k = jax.random.split(jax.random.key(42), 4)
+    model = gj.random_linear_node(D, T, key=k[0], stepsize_controller=TIGHT)
+    x = jax.random.normal(k[1], (4, D))
+    return model, x, k
+
+
+def test_time_bases_and_shapes(lin):
+    model, x, k = lin
+    pl = gj.PiecewiseLinearBasis(T, 5)
+    np.testing.assert_allclose(pl(jnp.asarray(0.375)), [0, 0.5, 0.5, 0, 0], atol=1e-15)
+    assert gj.FourierBasis(T, 2).size == 5 and pl.size == 5
+    W = jax.random.normal(k[2], (5, D, D))
+    field = gj.BasisLinearField(pl, W, jnp.zeros((5, D)))
+    np.testing.assert_allclose(field.weight(jnp.asarray(0.25)), W[1], atol=1e-15)
+    with pytest.raises(ValueError, match="weights"):
+        gj.BasisLinearField(pl, W[:3], jnp.zeros((3, D)))
+    with pytest.raises(TypeError, match="AbstractLinearField"):
+        gj.LinearNODE(gj.MLPField(D, key=k[3]), t1=T)
+    assert model.weight(0.3).shape == (D, D) and model.bias(0.3).shape == (D,)
+
+
+def test_wilson_line_constant_and_both_orders():
+    A = jax.random.normal(jax.random.key(1), (D, D))
+    np.testing.assert_allclose(
+        gj.wilson_line(lambda t: A, 0.7, 0.2), jax.scipy.linalg.expm(0.5 * A), atol=1e-10
+    )
+    back = gj.wilson_line(lambda t: A, 0.2, 0.7)
+    np.testing.assert_allclose(back, jax.scipy.linalg.expm(-0.5 * A), atol=1e-10)
+    np.testing.assert_array_equal(gj.wilson_line(lambda t: A, 0.4, 0.4), jnp.eye(D))
+    with pytest.raises(ValueError, match="square"):
+        gj.wilson_line(lambda t: jnp.ones((D, D + 1)), 1.0, 0.0)
+
+
+def test_magnus_orders_and_eq22(lin):
+    model, x, k = lin
+    w, b = model.weight, model.bias
+    ref = gj.wilson_line(w, T, 0.0)
+    steps = [8, 16, 32]
+    for order in (2, 4):
+        errs = [
+            float(
+                jnp.max(jnp.abs(gj.wilson_line_magnus(w, T, 0.0, num_steps=n, order=order) - ref))
+            )
+            for n in steps
+        ]
+        assert abs(-loglog_slope(steps, errs) - order) < 0.15, (order, errs)
+    # backwards: the Magnus propagator from T to 0 inverts the forward one
+    back = gj.wilson_line_magnus(w, 0.0, T, num_steps=64, order=4)
+    np.testing.assert_allclose(back @ ref, jnp.eye(D), atol=1e-8)
+    # Eq. 22: x(T) = W_{T:0} (x0 + int_0^T W_{0:t} b(t) dt), Gauss-Legendre quadrature (40 nodes)
+    nodes, weights = np.polynomial.legendre.leggauss(40)
+    ts, ws = 0.5 * T * (nodes + 1), 0.5 * T * weights
+    integrand = jax.jit(jax.vmap(lambda t: gj.wilson_line(w, 0.0, t) @ b(t)))(jnp.asarray(ts))
+    closed = ref @ (x[0] + jnp.tensordot(jnp.asarray(ws), integrand, axes=1))
+    np.testing.assert_allclose(closed, model(x[0]), atol=1e-8)
+
+
+def test_eq23_printed_second_case_is_not_the_propagator(lin):
+    """Eq. 23 as printed for t1 < t2 (reverse-ordered exp of +w) is not the inverse propagator
+    that Eq. 22 and Eq. 46 use; the reverse-ordered exp of -w is."""
+    model, x, k = lin
+    w = model.weight
+    forward = gj.wilson_line(w, 0.8, 0.2)
+    propagator_back = gj.wilson_line(w, 0.2, 0.8)
+    printed = gj.wilson_line(lambda t: -w(t), 0.2, 0.8)  # = Tbar exp(+int_{0.2}^{0.8} w)
+    np.testing.assert_allclose(propagator_back @ forward, jnp.eye(D), atol=1e-9)
+    assert jnp.max(jnp.abs(printed @ forward - jnp.eye(D))) > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["expm", "cayley"])
+def test_linear_gauge_leaves_output_intact(lin, kind):
+    model, x, k = lin
+    gauge = gj.LinearGauge(D, T, kind=kind)
+    res = gj.sweep(model, gauge, x, key=k[2], num_samples=8, chunk_size=4)
+    assert res.failures() == {} and res.max_abs.max() < 1e-8, res.summary()
+    g = gauge.sample(k[3])
+    mp = gauge.to_map(g)
+    for t in (0.0, T):
+        np.testing.assert_allclose(mp.G(jnp.asarray(t)), jnp.eye(D), atol=1e-15)
+        np.testing.assert_allclose(mp.c(jnp.asarray(t)), jnp.zeros(D), atol=1e-15)
+    # group laws are exact affine compositions
+    both = gauge.act(gauge.compose(g, gauge.sample(k[1])), model)
+    undo = gauge.act(gauge.inverse(gauge.compose(g, gauge.sample(k[1]))), both)
+    np.testing.assert_allclose(undo.weight(0.37), model.weight(0.37), atol=1e-12)
+    np.testing.assert_allclose(undo.bias(0.37), model.bias(0.37), atol=1e-12)
+
+
+def test_gauge_with_G_T_not_one_changes_output(lin):
+    model, x, k = lin
+    A = 0.5 * jax.random.normal(k[2], (D, D))
+    c0 = jax.random.normal(k[3], (D,))
+
+    def G(t):
+        return jax.scipy.linalg.expm(t * A)  # G(T) != 1
+
+    def c(t):
+        return jnp.sin(jnp.pi * t) * c0
+
+    new = model.with_field(
+        gj.FunctionLinearField(*gj.linear_gauge_transform(model.weight, model.bias, G, c))
+    )
+    out, old = jax.vmap(new)(x), jax.vmap(model)(x)
+    assert jnp.max(jnp.abs(out - old)) > 1e-2
+    np.testing.assert_allclose(out, jnp.linalg.solve(G(T), old.T).T, atol=1e-8)  # G(T)^-1 x(T)
+
+
+def test_eq46_covariance(lin):
+    model, x, k = lin
+    gauge = gj.LinearGauge(D, T)
+    g = gauge.sample(k[1])
+    mp, new = gauge.to_map(g), gauge.act(g, model)
+    for t1, t2 in [(0.9, 0.15), (0.15, 0.9)]:
+        lhs = gj.wilson_line(new.weight, t1, t2)
+        rhs = jnp.linalg.solve(mp.G(t1), gj.wilson_line(model.weight, t1, t2) @ mp.G(t2))
+        np.testing.assert_allclose(lhs, rhs, atol=1e-8)
+
+
+def test_eq27_time_reparametrisation_is_a_linear_gauge(lin):
+    """G = 1 + h e w, c = h e b (Eq. 27) equals reparametrize with tau(s) = s - h e(s) to O(h^2)."""
+    model, x, k = lin
+    w, b, F = model.weight, model.bias, model.field
+
+    def e(t):
+        return 0.5 * jnp.sin(jnp.pi * t / T) + 0.3 * jnp.sin(2 * jnp.pi * t / T)
+
+    @jax.jit
+    def gaps(h):
+        G = lambda t: jnp.eye(D) + h * e(t) * w(t)  # noqa: E731
+        c = lambda t: h * e(t) * b(t)  # noqa: E731
+        lg = gj.FunctionLinearField(*gj.linear_gauge_transform(w, b, G, c))
+        minus = gj.reparametrize(F, lambda s: s - h * e(s))
+        plus = gj.reparametrize(F, lambda s: s + h * e(s))
+        pts = jnp.linspace(0.05, 0.95, 5)
+        def gap(f):
+            return jnp.max(
+                jax.vmap(lambda t, y: jnp.abs(lg(t, y) - f(t, y, None)).max())(
+                    pts, x[jnp.arange(5) % 4]
+                )
+            )
+
+        return gap(minus), gap(plus)
+
+    hs = [0.04, 0.02, 0.01]
+    vals = np.array([[float(v) for v in gaps(h)] for h in hs])
+    assert abs(loglog_slope(hs, vals[:, 0]) - 2) < 0.15
+    assert abs(loglog_slope(hs, vals[:, 1]) - 1) < 0.15
+
+
+def test_integrated_relation_is_exact_euler_is_not(lin):
+    model, x, k = lin
+    w, b = model.weight, model.bias
+    ref = jax.vmap(model)(x)
+    euler = []
+    Ns = [2, 4, 8, 16]
+    for N in Ns:
+        net = gj.LinearNet(*gj.discretize(w, b, T, N))
+        np.testing.assert_allclose(jax.vmap(net)(x), ref, atol=1e-8)
+        euler.append(
+            float(
+                jnp.max(jnp.abs(jax.vmap(gj.LinearNet(*gj.euler_discretize(w, b, T, N)))(x) - ref))
+            )
+        )
+    assert min(euler) > 1e-3
+    assert abs(loglog_slope(Ns, euler) + 1) < 0.2, euler
+
+
+def test_discrete_gauge_invariance_and_group(lin):
+    model, x, k = lin
+    net = gj.LinearNet(*gj.euler_discretize(model.weight, model.bias, T, 5))
+    gauge = gj.DiscreteLinearGauge(D, 5)
+    res = gj.sweep(net, gauge, x, key=k[0], num_samples=16, chunk_size=8)
+    assert res.max_rel.max() < 1e-12
+    g1, g2 = gauge.sample(k[1]), gauge.sample(k[2])
+    a = jax.vmap(gauge.act(gauge.compose(g1, g2), net))(x)
+    b2 = jax.vmap(gauge.act(g2, gauge.act(g1, net)))(x)
+    np.testing.assert_allclose(a, b2, atol=1e-12)
+    back = gauge.act(gauge.inverse(g1), gauge.act(g1, net))
+    np.testing.assert_allclose(back.weights, net.weights, atol=1e-12)
+    # a 'gauge' with G_N != 1 is rejected, and one that is applied anyway changes the output
+    bad = gj.gauges.DiscreteGaugeElement(g1.Gs.at[-1].set(2 * jnp.eye(D)), g1.cs)
+    with pytest.raises(ValueError, match=r"Gs\[5\]"):
+        gauge.act(bad, net)
+    with pytest.raises(ValueError, match=r"cs\[0\]"):
+        gauge.act(gj.gauges.DiscreteGaugeElement(g1.Gs, g1.cs.at[0].set(1.0)), net)
+    with pytest.raises(ValueError, match="singular"):
+        gauge.act(gj.gauges.DiscreteGaugeElement(g1.Gs.at[2].set(jnp.zeros((D, D))), g1.cs), net)
+
+
+def test_theorem_31_lift(lin):
+    model, x, k = lin
+    w, b = model.weight, model.bias
+    N = 4
+    g = gj.DiscreteLinearGauge(D, N).sample(k[3])
+    lifted = gj.lift(g.Gs, g.cs, T)
+    for n in range(N + 1):
+        np.testing.assert_allclose(lifted.G(jnp.asarray(n * T / N)), g.Gs[n], atol=1e-12)
+        np.testing.assert_allclose(lifted.c(jnp.asarray(n * T / N)), g.cs[n], atol=1e-12)
+    lhs = gj.discretize(*gj.linear_gauge_transform(w, b, lifted.G, lifted.c), T, N)
+    rhs = gj.discrete_gauge_transform(*gj.discretize(w, b, T, N), g.Gs, g.cs)
+    np.testing.assert_allclose(lhs[0], rhs[0], atol=1e-8)
+    np.testing.assert_allclose(lhs[1], rhs[1], atol=1e-8)
+    # dG/dt vanishes at the nodes (C^1 lift)
+    dG = jax.jvp(lifted.G, (jnp.asarray(T / N),), (jnp.asarray(1.0),))[1]
+    assert jnp.max(jnp.abs(dG)) < 1e-10
+    # no lift for det G_n < 0
+    flip = g.Gs.at[2].set(g.Gs[2] @ jnp.diag(jnp.array([-1.0] + [1.0] * (D - 1))))
+    with pytest.raises(ValueError, match=r"Gs\[2\].*det.*no continuous lift"):
+        gj.lift(flip, g.cs, T)
+
+
+def test_relu_version_of_theorem_31():
+    """Diagonal positive G_n (ReLU rescalings) lift to diagonal positive G(t)."""
+    alphas = jnp.exp(0.5 * jax.random.normal(jax.random.key(5), (3, D)))
+    Gs = jnp.concatenate([jnp.eye(D)[None], jax.vmap(jnp.diag)(alphas), jnp.eye(D)[None]])
+    lifted = gj.lift(Gs, jnp.zeros((5, D)), T)
+    for t in (0.1, 0.3, 0.62, 0.9):
+        G = lifted.G(jnp.asarray(t))
+        assert jnp.max(jnp.abs(G - jnp.diag(jnp.diag(G)))) < 1e-12 and jnp.all(jnp.diag(G) > 0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_rescaling_of_feedforward_nets(activation):
+    k = jax.random.split(jax.random.key(7), 6)
+    x = jax.random.normal(k[0], (6, D))
+    net = gj.FeedforwardNet(
+        jax.random.normal(k[1], (4, D, D)), jax.random.normal(k[2], (4, D)), activation
+    )
+    gauge = gj.RescalingGauge((D,) * 3, 0.7)
+    res = gj.sweep(net, gauge, x, key=k[3], num_samples=16, chunk_size=8)
+    assert res.max_rel.max() < 1e-12
+    mlp = eqx.nn.MLP(D, 2, 8, 3, activation=getattr(jax.nn, activation), key=k[4])
+    g_mlp = gj.RescalingGauge((8, 8, 8), 0.7)
+    assert gj.sweep(mlp, g_mlp, x, key=k[5], num_samples=16, chunk_size=8).max_rel.max() < 1e-12
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu"])
+def test_rescaling_breaks_for_non_homogeneous_activations(activation):
+    k = jax.random.split(jax.random.key(8), 4)
+    x = jax.random.normal(k[0], (6, D))
+    net = gj.FeedforwardNet(
+        jax.random.normal(k[1], (3, D, D)), jax.random.normal(k[2], (3, D)), activation
+    )
+    with pytest.raises(
+        ValueError, match=f"activation '{activation}' is not positively homogeneous"
+    ):
+        gj.RescalingGauge((D, D), 0.7).act(gj.RescalingGauge((D, D), 0.7).sample(k[3]), net)
+    loose = gj.RescalingGauge((D, D), 0.7, check_activation=False)
+    res = gj.sweep(net, loose, x, key=k[3], num_samples=16, chunk_size=8)
+    assert res.max_abs.min() > 1e-3
+
+
+def test_rescaling_bad_input():
+    net = gj.FeedforwardNet(jnp.ones((3, D, D)), jnp.zeros((3, D)), "relu")
+    gauge = gj.RescalingGauge((D, D), 0.5)
+    with pytest.raises(ValueError, match="> 0"):
+        gauge.act((jnp.ones(D), -jnp.ones(D)), net)
+    with pytest.raises(ValueError, match="widths"):
+        gj.RescalingGauge((D,), 0.5).act((jnp.ones(D),), net)
+    with pytest.raises(TypeError, match="LinearNODE"):
+        gj.LinearGauge(D, T).act(
+            gj.LinearGauge(D, T).identity(),
+            gj.NeuralODE(gj.MLPField(D, key=jax.random.key(0)), t1=T),
+        )
