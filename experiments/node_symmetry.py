@@ -6,9 +6,7 @@ check), `figures/*.png` (drawn from `results.json` by `plot`) and returns the su
 claim row per check.
 """
 
-import concurrent.futures
 import dataclasses
-import time
 from pathlib import Path
 
 import diffrax
@@ -16,10 +14,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 import gaugejax as gj
 from gaugejax import io
+
+from ._common import claim, in_band, log_histogram, pyplot, run_checks, slope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,26 +58,6 @@ PRESETS = {
 }
 
 
-def claim(id_, text, equation, measured, ok, tolerance, detail=""):
-    return {
-        "id": id_,
-        "claim": text,
-        "equation": equation,
-        "measured": measured,
-        "tolerance": tolerance,
-        "verdict": "pass" if ok else "FAIL",
-        "detail": detail,
-    }
-
-
-def slope(xs, ys) -> float:
-    return float(np.polyfit(np.log(np.asarray(xs)), np.log(np.asarray(ys)), 1)[0])
-
-
-def in_band(value, target, band):
-    return bool(abs(value - target) <= band)
-
-
 class _Setup(eqx.Module):
     model: gj.NeuralODE
     inputs: jax.Array
@@ -90,7 +69,7 @@ def _scaled(g, a):
     return jax.tree.map(lambda x: a * x, g)
 
 
-def check_lie_bracket(cfg, key):
+def check_lie_bracket(cfg, key, setup):
     ka, kz = jax.random.split(key)
     A, B = jax.random.normal(ka, (2, cfg.dim, cfg.dim)) / np.sqrt(cfg.dim)
     zs = jax.random.normal(kz, (cfg.num_points, cfg.dim))
@@ -475,23 +454,16 @@ def check_jvp_through_solve(cfg, key, setup):
 
 
 CHECKS = [
-    ("lie_bracket", check_lie_bracket, False),
-    ("eq16", check_eq16, True),
-    ("deform_vs_finite", check_deform_vs_finite, True),
-    ("thm21", check_thm21, True),
-    ("finite_families", check_finite_families, True),
-    ("eq20", check_eq20, True),
-    ("jvp_through_solve", check_jvp_through_solve, True),
+    ("lie_bracket", check_lie_bracket),
+    ("eq16", check_eq16),
+    ("deform_vs_finite", check_deform_vs_finite),
+    ("thm21", check_thm21),
+    ("finite_families", check_finite_families),
+    ("eq20", check_eq20),
+    ("jvp_through_solve", check_jvp_through_solve),
 ]
-
-
 # measured order of cost on 2 CPU cores (most expensive first)
-_COST_ORDER = ["thm21", "finite_families", "jvp_through_solve", "eq20", "eq16", "lie_bracket"]
-
-
-def _cost(item) -> int:
-    name = item[0][0]
-    return _COST_ORDER.index(name) if name in _COST_ORDER else len(_COST_ORDER)
+EXPENSIVE_FIRST = ["thm21", "finite_families", "jvp_through_solve", "eq20", "eq16"]
 
 
 def build_setup(cfg: Config, key) -> _Setup:
@@ -510,54 +482,13 @@ def build_setup(cfg: Config, key) -> _Setup:
 
 def run(config: Config, run_dir: Path) -> dict:
     """Run every Section 2 check; write results, metrics and figures under `run_dir`."""
-    run_dir = Path(run_dir)
-    start = time.perf_counter()
-    key = jax.random.key(config.seed)
-    key, ksetup = jax.random.split(key)
-    setup = build_setup(config, ksetup)
-    keys = jax.random.split(key, len(CHECKS))
-    claims, results = [], {}
-
-    def one(item):
-        (name, check, needs_setup), k = item
-        t0 = time.perf_counter()
-        rows, data = check(config, k, setup) if needs_setup else check(config, k)
-        return name, rows, data, time.perf_counter() - t0
-
-    # Checks are independent and mostly XLA compilation, which is single-threaded: run them on
-    # `workers` threads, longest first. Keys are fixed per check, so results do not depend on
-    # the schedule; rows are reported in CHECKS order.
-    items = list(zip(CHECKS, keys, strict=True))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=config.workers) as pool:
-        futures = {item[0][0]: pool.submit(one, item) for item in sorted(items, key=_cost)}
-        for name, rows, data, elapsed in tqdm(
-            (futures[c[0]].result() for c in CHECKS), total=len(items), desc="node_symmetry"
-        ):
-            claims += rows
-            results[name] = data
-            io.append_jsonl(
-                run_dir / "metrics.jsonl",
-                {"check": name, "seconds": elapsed, **{r["id"]: r["measured"] for r in rows}},
-            )
-    io.write_json(run_dir / "results.json", results)
-    figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config.tolerance)
-    return {
-        "experiment": "node_symmetry",
-        "claims": claims,
-        "num_pass": sum(r["verdict"] == "pass" for r in claims),
-        "num_claims": len(claims),
-        "figures": [str(Path(f).relative_to(run_dir)) for f in figures],
-        "wall_time_s": time.perf_counter() - start,
-    }
+    setup = build_setup(config, jax.random.key(config.seed))
+    return run_checks("node_symmetry", CHECKS, config, setup, run_dir, plot, EXPENSIVE_FIRST)
 
 
-def plot(results: dict, fig_dir: Path, tolerance: float | None = None) -> list[Path]:
+def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     """Figures from saved `results.json` content: convergence slopes and sweep histograms."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig_dir = Path(fig_dir)
     out = []
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -602,16 +533,13 @@ def plot(results: dict, fig_dir: Path, tolerance: float | None = None) -> list[P
         ("spatial diffeo (finite)", f["spatial"]["deviation"]),
         ("time reparam (finite)", f["reparam"]["deviation"]),
     ]
-    logs = [np.log10(np.maximum(np.asarray(v, dtype=float), 1e-17)) for _, v in series]
-    bins = np.linspace(min(v.min() for v in logs) - 0.5, max(v.max() for v in logs) + 0.5, 50)
-    for (label, _), v in zip(series, logs, strict=True):
-        ax.hist(v, bins=bins, alpha=0.6, label=label)
-    if tolerance is not None:
-        ax.axvline(np.log10(tolerance), color="k", ls=":", label=f"tolerance {tolerance:g}")
-    ax.set_xlabel("log10 max |deviation| per gauge sample")
-    ax.set_ylabel("samples")
-    ax.set_title("Gauge sweeps on a tanh-MLP neural ODE (float64, rtol 1e-8)")
-    ax.legend(fontsize=8)
+    log_histogram(
+        ax,
+        series,
+        xlabel="log10 max |deviation| per gauge sample",
+        title="Gauge sweeps on a tanh-MLP neural ODE (float64)",
+        tolerance=config.tolerance,
+    )
     out.append(io.save_figure(fig, fig_dir / "sweeps.png"))
     plt.close(fig)
     return out

@@ -141,7 +141,8 @@ def _lane_metrics(dev: PyTree, scale: Array, stats: SolveStats | None) -> dict[s
     return {
         "max_abs": jnp.max(a),
         "mean_abs": jnp.mean(a),
-        "max_rel": jnp.max(a) / scale,
+        # floored: a reference that is exactly zero gives max_rel = max_abs / tiny, not NaN
+        "max_rel": jnp.max(a) / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny),
         "result": code.astype(jnp.int32),
         "num_steps": steps.astype(jnp.int32),
         "num_evaluations": nfe.astype(jnp.int32),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import EXPERIMENTS, node_symmetry, reproduce
+from experiments import EXPERIMENTS, linear_symmetry, node_symmetry, reproduce
 from experiments._config import load_config, make_config
 from gaugejax import io
 
@@ -17,7 +17,7 @@ from gaugejax import io
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["node_symmetry", "reproduce"])
+@pytest.mark.parametrize("name", ["node_symmetry", "linear_symmetry", "reproduce"])
 @pytest.mark.parametrize("preset", ["default", "smoke"])
 def test_toml_presets_equal_embedded_presets(name, preset):
     module = EXPERIMENTS[name]
@@ -74,18 +74,35 @@ def test_reproduce_smoke_writes_report_with_all_claims(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     ids = {c["id"] for c in summary["claims"]}
     assert {"thm21_sufficiency", "thm21_necessity", "eq20_verdict", "finite_spatial"} <= ids
+    assert {
+        "eq22",
+        "eq23_verdict",
+        "eq25",
+        "eq46",
+        "eq32",
+        "eq33",
+        "thm31",
+        "eq29_relu",
+        "eq52_cnn",
+    } <= ids
     assert summary["num_pass"] == summary["num_claims"] == len(ids)
     report = (run_dir / "report.md").read_text()
     assert f"{summary['num_claims']} of {summary['num_claims']} claims pass" in report
     assert "Eq. 20" in report
-    for fig in ("convergence.png", "sweeps.png"):
-        assert (run_dir / "node_symmetry" / "figures" / fig).stat().st_size > 10_000
+    for exp, fig in [
+        ("node_symmetry", "convergence.png"),
+        ("node_symmetry", "sweeps.png"),
+        ("linear_symmetry", "discretisation.png"),
+        ("linear_symmetry", "sweeps.png"),
+    ]:
+        assert (run_dir / exp / "figures" / fig).stat().st_size > 10_000
     for name in ("config.json", "env.json", "summary.json"):
         assert (run_dir / name).exists()
     env_json = json.loads((run_dir / "env.json").read_text())
     assert env_json["x64"] is True and env_json["versions"]["jax"]
-    records = io.read_jsonl(run_dir / "node_symmetry" / "metrics.jsonl")
-    assert {r["check"] for r in records} == {c[0] for c in node_symmetry.CHECKS}
+    for module in (node_symmetry, linear_symmetry):
+        records = io.read_jsonl(run_dir / module.__name__.split(".")[-1] / "metrics.jsonl")
+        assert {r["check"] for r in records} == {c[0] for c in module.CHECKS}
 
 
 def test_cli_rejects_unknown_key_with_exit_code(tmp_path):
@@ -105,6 +122,11 @@ def test_cli_rejects_unknown_key_with_exit_code(tmp_path):
     )
     assert out.returncode == 2
     assert "unknown config key(s) ['nonsense']" in out.stderr and "valid keys" in out.stderr
+
+
+def test_linear_symmetry_config_cross_check():
+    with pytest.raises(ValueError, match="theorem_layers"):
+        make_config(linear_symmetry.Config, {"theorem_layers": 3, "layer_counts": [1, 2, 4]})
 
 
 def test_reproduce_rejects_unknown_experiment(tmp_path):

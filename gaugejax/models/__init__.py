@@ -1,5 +1,6 @@
 """Models whose parameter redundancies gaugejax studies."""
 
+from .cnn import ConvNet as ConvNet, GraphConvNet as GraphConvNet
 from .linear import (
     AbstractLinearField as AbstractLinearField,
     AbstractTimeBasis as AbstractTimeBasis,

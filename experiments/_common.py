@@ -1,0 +1,114 @@
+"""What every experiment shares: claim rows, slopes, and the threaded check runner."""
+
+import concurrent.futures
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from gaugejax import io
+
+
+def claim(id_, text, equation, measured, ok, tolerance, detail="") -> dict:
+    """One row of the report: what the paper claims, what we measured, and the verdict."""
+    return {
+        "id": id_,
+        "claim": text,
+        "equation": equation,
+        "measured": measured,
+        "tolerance": tolerance,
+        "verdict": "pass" if ok else "FAIL",
+        "detail": detail,
+    }
+
+
+def slope(xs, ys) -> float:
+    """Least-squares slope of log(ys) against log(xs)."""
+    return float(np.polyfit(np.log(np.asarray(xs)), np.log(np.asarray(ys)), 1)[0])
+
+
+def in_band(value, target, band) -> bool:
+    return bool(abs(value - target) <= band)
+
+
+def run_checks(
+    experiment: str,
+    checks: Sequence[tuple[str, Callable]],
+    config,
+    setup,
+    run_dir: Path,
+    plot: Callable[[dict, Path, object], list[Path]],
+    expensive_first: Sequence[str] = (),
+) -> dict:
+    """Run `check(config, key, setup) -> (rows, data)` for every check and write the results.
+
+    Checks are independent and mostly XLA compilation, which is single-threaded: they run on
+    `config.workers` threads, the names in `expensive_first` first. Each check has its own
+    fixed key (split from `config.seed`), so results do not depend on the schedule; rows are
+    reported in `checks` order. Writes `metrics.jsonl` (one record per check), `results.json`
+    and the figures drawn from `results.json` by `plot(results, fig_dir, config)`.
+    """
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1), len(checks))
+    order = list(expensive_first)
+
+    def priority(item):
+        name = item[0][0]
+        return order.index(name) if name in order else len(order)
+
+    def one(item):
+        (name, check), key = item
+        t0 = time.perf_counter()
+        rows, data = check(config, key, setup)
+        return name, rows, data, time.perf_counter() - t0
+
+    claims, results = [], {}
+    items = list(zip(checks, keys, strict=True))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=config.workers) as pool:
+        futures = {item[0][0]: pool.submit(one, item) for item in sorted(items, key=priority)}
+        ordered = (futures[name].result() for name, _ in checks)
+        for name, rows, data, elapsed in tqdm(ordered, total=len(items), desc=experiment):
+            claims += rows
+            results[name] = data
+            io.append_jsonl(
+                run_dir / "metrics.jsonl",
+                {"check": name, "seconds": elapsed, **{r["id"]: r["measured"] for r in rows}},
+            )
+    io.write_json(run_dir / "results.json", results)
+    figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config)
+    return {
+        "experiment": experiment,
+        "claims": claims,
+        "num_pass": sum(r["verdict"] == "pass" for r in claims),
+        "num_claims": len(claims),
+        "figures": [str(Path(f).relative_to(run_dir)) for f in figures],
+        "wall_time_s": time.perf_counter() - start,
+    }
+
+
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (figures are files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def log_histogram(ax, series, *, xlabel: str, title: str, tolerance: float | None = None):
+    """Histograms of log10 of several per-sample deviation series on common bins."""
+    logs = [np.log10(np.maximum(np.asarray(v, dtype=float), 1e-17)) for _, v in series]
+    bins = np.linspace(min(v.min() for v in logs) - 0.5, max(v.max() for v in logs) + 0.5, 60)
+    for (label, _), v in zip(series, logs, strict=True):
+        ax.hist(v, bins=bins, alpha=0.6, label=label)
+    if tolerance is not None:
+        ax.axvline(np.log10(tolerance), color="k", ls=":", label=f"tolerance {tolerance:g}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("samples")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
