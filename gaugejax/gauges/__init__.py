@@ -1,5 +1,10 @@
 """Gauge families: one class per family, all `AbstractGauge`s."""
 
+from .attention import (
+    AttentionGauge as AttentionGauge,
+    AttentionGaugeElement as AttentionGaugeElement,
+    attention_gauge as attention_gauge,
+)
 from .base import AbstractGauge as AbstractGauge
 from .diffeo import FeatureShift as FeatureShift, SpatialDiffeoGauge as SpatialDiffeoGauge
 from .features import RandomFeatures as RandomFeatures

@@ -1,6 +1,18 @@
 """Models whose parameter redundancies gaugejax studies."""
 
+from .attention import (
+    MergedAttention as MergedAttention,
+    MultiHeadAttention as MultiHeadAttention,
+    SelfAttention as SelfAttention,
+    attention as attention,
+)
 from .cnn import ConvNet as ConvNet, GraphConvNet as GraphConvNet
+from .cubic import (
+    AttentionNODE as AttentionNODE,
+    CubicField as CubicField,
+    attention_as_node as attention_as_node,
+    integrated_cubic as integrated_cubic,
+)
 from .linear import (
     AbstractLinearField as AbstractLinearField,
     AbstractTimeBasis as AbstractTimeBasis,
