@@ -14,7 +14,7 @@ class Config:
     """Config of `reproduce`: which preset each experiment runs at, and which experiments."""
 
     preset: str = "default"
-    experiments: tuple[str, ...] = ("node_symmetry", "linear_symmetry")
+    experiments: tuple[str, ...] = ("node_symmetry", "linear_symmetry", "attention_symmetry")
 
 
 PRESETS = {"default": {}, "smoke": {"preset": "smoke"}}

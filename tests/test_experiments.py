@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from experiments import EXPERIMENTS, linear_symmetry, node_symmetry, reproduce
+from experiments import (
+    EXPERIMENTS,
+    attention_symmetry,
+    linear_symmetry,
+    node_symmetry,
+    reproduce,
+)
 from experiments._config import load_config, make_config
 from gaugejax import io
 
@@ -17,7 +23,9 @@ from gaugejax import io
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["node_symmetry", "linear_symmetry", "reproduce"])
+@pytest.mark.parametrize(
+    "name", ["node_symmetry", "linear_symmetry", "attention_symmetry", "reproduce"]
+)
 @pytest.mark.parametrize("preset", ["default", "smoke"])
 def test_toml_presets_equal_embedded_presets(name, preset):
     module = EXPERIMENTS[name]
@@ -94,13 +102,14 @@ def test_reproduce_smoke_writes_report_with_all_claims(tmp_path):
         ("node_symmetry", "sweeps.png"),
         ("linear_symmetry", "discretisation.png"),
         ("linear_symmetry", "sweeps.png"),
+        ("attention_symmetry", "attention_table.png"),
     ]:
         assert (run_dir / exp / "figures" / fig).stat().st_size > 10_000
     for name in ("config.json", "env.json", "summary.json"):
         assert (run_dir / name).exists()
     env_json = json.loads((run_dir / "env.json").read_text())
     assert env_json["x64"] is True and env_json["versions"]["jax"]
-    for module in (node_symmetry, linear_symmetry):
+    for module in (node_symmetry, linear_symmetry, attention_symmetry):
         records = io.read_jsonl(run_dir / module.__name__.split(".")[-1] / "metrics.jsonl")
         assert {r["check"] for r in records} == {c[0] for c in module.CHECKS}
 
