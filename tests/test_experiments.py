@@ -133,9 +133,11 @@ def test_cli_rejects_unknown_key_with_exit_code(tmp_path):
     assert "unknown config key(s) ['nonsense']" in out.stderr and "valid keys" in out.stderr
 
 
-def test_linear_symmetry_config_cross_check():
+def test_linear_symmetry_config_cross_checks():
     with pytest.raises(ValueError, match="theorem_layers"):
-        make_config(linear_symmetry.Config, {"theorem_layers": 3, "layer_counts": [1, 2, 4]})
+        make_config(linear_symmetry.Config, {"theorem_layers": 3, "layer_counts": [1, 4, 8]})
+    with pytest.raises(ValueError, match="Euler rate"):
+        make_config(linear_symmetry.Config, {"theorem_layers": 2, "layer_counts": [1, 2, 4]})
 
 
 def test_reproduce_rejects_unknown_experiment(tmp_path):
