@@ -77,6 +77,7 @@ from .sweep import (
     default_observable as default_observable,
     sweep as sweep,
 )
+from .train import TrainResult as TrainResult, read_checkpoint as read_checkpoint, train as train
 
 
 __version__ = "0.1.0"

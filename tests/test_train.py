@@ -1,0 +1,167 @@
+"""Training loop: optimisation, regularisers, one compilation, checkpoints, exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gaugejax as gj
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def problem():
+    """Noisy samples of y = A x + c fitted by a linear layer (deterministic from fixed keys)."""
+    ka, kc = jax.random.split(jax.random.key(0))
+    A, c = jax.random.normal(ka, (3, 3)), jax.random.normal(kc, (3,))
+
+    def batch_fn(key):
+        kx, kn = jax.random.split(key)
+        x = jax.random.normal(kx, (16, 3))
+        return x, x @ A.T + c + 0.01 * jax.random.normal(kn, (16, 3))
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+    import equinox as eqx
+
+    return eqx.nn.Linear(3, 3, key=jax.random.key(1)), batch_fn, loss_fn
+
+
+def test_training_reduces_loss_compiles_once_and_logs_terms(tmp_path):
+    model, batch_fn, loss_fn = problem()
+    l2 = (1e-3, lambda m, b: jnp.sum(m.weight**2))
+    res = gj.train(
+        loss_fn,
+        model,
+        optax.adam(5e-2),
+        batch_fn,
+        key=jax.random.key(2),
+        num_steps=205,
+        steps_per_chunk=20,
+        regularizers={"l2": l2},
+        run_dir=tmp_path,
+    )
+    assert res.num_compilations == 1  # 11 chunks, the last one padded: no recompilation
+    assert len(res.history) == 205 and res.history[-1]["step"] == 204
+    assert res.history[-1]["loss"] < 0.1 * res.history[0]["loss"]
+    last = res.history[-1]
+    np.testing.assert_allclose(last["total"], last["loss"] + 1e-3 * last["l2"], rtol=1e-12)
+    assert len(gj.io.read_jsonl(tmp_path / "metrics.jsonl")) == 205
+    assert (tmp_path / "checkpoints" / "LATEST").read_text() == "step_00000205.eqx"
+
+
+SCRIPT = """
+import sys, time, json
+import jax, jax.numpy as jnp, numpy as np, optax
+jax.config.update("jax_enable_x64", True)
+sys.path.insert(0, {root!r})
+from tests.test_train import problem
+import gaugejax as gj
+model, batch_fn, loss_fn = problem()
+res = gj.train(loss_fn, model, optax.adam(1e-2), batch_fn, key=jax.random.key(2), num_steps=300,
+               steps_per_chunk=10, checkpoint_every=10, run_dir=sys.argv[1],
+               config={{"lr": 1e-2, "steps": 300}}, on_chunk=lambda s, m: time.sleep(0.05))
+np.save(sys.argv[1] + "/final.npy", np.asarray(res.model.weight))
+print(json.dumps({{"resumed_from": res.resumed_from}}))
+"""
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(root=str(ROOT)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+    def run(d):
+        out = subprocess.run(
+            [sys.executable, str(script), str(d)], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert run(tmp_path / "a")["resumed_from"] is None
+    b = tmp_path / "b"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(b)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (b / "checkpoints" / "LATEST").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int((b / "checkpoints" / "LATEST").read_text()[5:13])
+    assert 0 < killed_at < 300  # really interrupted mid-run
+    resumed = run(b)["resumed_from"]
+    assert resumed is not None and resumed >= killed_at
+    np.testing.assert_array_equal(np.load(b / "final.npy"), np.load(tmp_path / "a" / "final.npy"))
+    steps = [r["step"] for r in gj.io.read_jsonl(b / "metrics.jsonl")]
+    assert steps == list(range(300))
+
+
+def test_refuses_other_config_and_corrupt_checkpoints(tmp_path):
+    model, batch_fn, loss_fn = problem()
+    kw = dict(key=jax.random.key(2), steps_per_chunk=10, checkpoint_every=10, run_dir=tmp_path)
+    gj.train(loss_fn, model, optax.sgd(1e-2), batch_fn, num_steps=20, config={"lr": 0.01}, **kw)
+    with pytest.raises(ValueError, match=r"different config \(lr: 0.01 -> 0.1\)"):
+        gj.train(loss_fn, model, optax.sgd(1e-1), batch_fn, num_steps=40, config={"lr": 0.1}, **kw)
+    ckpt = tmp_path / "checkpoints" / "step_00000020.eqx"
+    ckpt.write_bytes(ckpt.read_bytes()[:-7])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        gj.train(loss_fn, model, optax.sgd(1e-2), batch_fn, num_steps=40, config={"lr": 0.01}, **kw)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a gaugejax checkpoint"):
+        gj.train(loss_fn, model, optax.sgd(1e-2), batch_fn, num_steps=40, config={"lr": 0.01}, **kw)
+
+
+def test_train_validation():
+    model, batch_fn, loss_fn = problem()
+    kw = dict(key=jax.random.key(0))
+    with pytest.raises(ValueError, match="num_steps"):
+        gj.train(loss_fn, model, optax.sgd(0.1), batch_fn, num_steps=0, **kw)
+    with pytest.raises(ValueError, match="weight >= 0"):
+        gj.train(
+            loss_fn,
+            model,
+            optax.sgd(0.1),
+            batch_fn,
+            num_steps=5,
+            regularizers={"r": (-1.0, loss_fn)},
+            **kw,
+        )
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        gj.train(
+            loss_fn,
+            model,
+            optax.sgd(0.1),
+            batch_fn,
+            num_steps=5,
+            steps_per_chunk=4,
+            checkpoint_every=6,
+            run_dir=".",
+            **kw,
+        )
+    with pytest.raises(ValueError, match="run_dir"):
+        gj.train(
+            loss_fn,
+            model,
+            optax.sgd(0.1),
+            batch_fn,
+            num_steps=5,
+            steps_per_chunk=5,
+            checkpoint_every=5,
+            **kw,
+        )
