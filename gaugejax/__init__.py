@@ -26,6 +26,10 @@ from .correspondence import (
     wilson_line as wilson_line,
     wilson_line_magnus as wilson_line_magnus,
 )
+from .gauge_fixing import (
+    canonical_gauge as canonical_gauge,
+    linear_gauge_fixing_penalty as linear_gauge_fixing_penalty,
+)
 from .gauges import (
     AbstractGauge as AbstractGauge,
     AttentionGauge as AttentionGauge,

@@ -1,0 +1,61 @@
+"""Eq. 45 and the canonical (uniform-motion) gauge of linear neural ODEs.
+
+Quadrature of smooth integrands with 32 Gauss nodes is exact to roundoff (1e-12 asserted);
+solved I/O maps use rtol = atol = 1e-11 (1e-8 asserted).
+"""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gaugejax as gj
+
+
+D, T = 3, 1.5
+
+
+def test_eq45_closed_form_for_constant_fields():
+    a, b0 = 0.7, jnp.array([0.3, -1.2, 0.5])
+    penalty = gj.linear_gauge_fixing_penalty(
+        lambda t: a * jnp.eye(D), lambda t: b0, T, strength=2.0
+    )
+    closed = 2.0 * T * (D * a**4 + a**2 * jnp.sum(b0**2))
+    np.testing.assert_allclose(penalty, closed, rtol=1e-12)
+
+
+def test_eq45_vanishes_on_uniform_motion_and_not_elsewhere():
+    c = jnp.array([1.0, -2.0, 0.5])
+    zero = gj.linear_gauge_fixing_penalty(lambda t: jnp.eye(D) / (t + 1), lambda t: c / (t + 1), T)
+    assert abs(float(zero)) < 1e-12
+    other = gj.linear_gauge_fixing_penalty(lambda t: jnp.eye(D) / (t + 2), lambda t: c, T)
+    assert other > 1e-2
+    with pytest.raises(ValueError, match="strength"):
+        gj.linear_gauge_fixing_penalty(lambda t: jnp.eye(D), lambda t: c, T, strength=-1.0)
+
+
+def test_canonical_gauge_has_zero_penalty_and_the_same_io_map():
+    tight = diffrax.PIDController(rtol=1e-11, atol=1e-11)
+    model = gj.random_linear_node(D, T, key=jax.random.key(3), stepsize_controller=tight)
+    M, m = gj.affine_propagator(model.weight, model.bias, T, 0.0)
+    w, b = gj.canonical_gauge(M, m, T)
+    assert abs(float(gj.linear_gauge_fixing_penalty(w, b, T))) < 1e-12
+    canonical = model.with_field(gj.FunctionLinearField(w, b))
+    x = jax.random.normal(jax.random.key(4), (5, D))
+    np.testing.assert_allclose(jax.vmap(canonical)(x), jax.vmap(model)(x), atol=1e-8)
+    # the original and a gauge-transformed copy are on the same orbit but not canonical
+    gauge = gj.LinearGauge(D, T)
+    moved = gauge.act(gauge.sample(jax.random.key(5)), canonical)
+    assert gj.linear_gauge_fixing_penalty(moved.weight, moved.bias, T) > 1e-3
+    assert gj.linear_gauge_fixing_penalty(model.weight, model.bias, T) > 1e-3
+
+
+def test_canonical_gauge_existence_condition():
+    with pytest.raises(ValueError, match="eigenvalue -0.5"):
+        gj.canonical_gauge(jnp.diag(jnp.array([1.0, -0.5, 2.0])), jnp.zeros(D), T)
+    with pytest.raises(ValueError, match=r"\(-inf, 0\]"):
+        gj.canonical_gauge(jnp.diag(jnp.array([1.0, 0.0, 2.0])), jnp.zeros(D), T)
+    # complex eigenvalues (a rotation) are fine
+    rot = jnp.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    gj.canonical_gauge(rot, jnp.zeros(D), T)
