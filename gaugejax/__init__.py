@@ -5,7 +5,7 @@ Transformer, Feedforward and Neural ODE" (arXiv 2402.02362). x64 is never switch
 entry points and tests do that.
 """
 
-from . import gauges as gauges
+from . import gauges as gauges, orbits as orbits
 from .calculus import (
     DeformedField as DeformedField,
     ReparametrizedField as ReparametrizedField,

@@ -4,7 +4,6 @@ import abc
 from typing import Any
 
 import equinox as eqx
-import jax
 from jaxtyping import PRNGKeyArray, PyTree
 
 
@@ -46,4 +45,5 @@ class AbstractGauge(eqx.Module):
         Returns a tangent with the structure of `act`'s output (a parameter PyTree). Families
         acting on neural-ODE fields return the field tangent instead (see `AbstractFieldGauge`).
         """
-        return jax.jvp(lambda g: self.act(g, model), (self.identity(),), (direction,))[1]
+        # filter_jvp: models may hold non-array leaves (e.g. eqx.nn.MLP's activation function)
+        return eqx.filter_jvp(lambda g: self.act(g, model), (self.identity(),), (direction,))[1]
