@@ -1,12 +1,13 @@
 """gaugejax experiments: each module has a frozen-dataclass `Config`, `PRESETS` (the embedded
 `default` and `smoke` values, mirrored by `configs/<name>/*.toml`) and `run(config, run_dir)`."""
 
-from . import attention_symmetry, linear_symmetry, node_symmetry, reproduce
+from . import attention_symmetry, gauge_fixing, linear_symmetry, node_symmetry, reproduce
 
 
 EXPERIMENTS = {
     "node_symmetry": node_symmetry,
     "linear_symmetry": linear_symmetry,
     "attention_symmetry": attention_symmetry,
+    "gauge_fixing": gauge_fixing,
     "reproduce": reproduce,
 }

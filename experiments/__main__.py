@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML preset (default: the embedded default config)")
     parser.add_argument("--out", default="runs", help="root of run directories (default: runs)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (TOML values)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --config
 
     module = EXPERIMENTS[args.name]
     try:

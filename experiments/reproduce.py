@@ -14,7 +14,12 @@ class Config:
     """Config of `reproduce`: which preset each experiment runs at, and which experiments."""
 
     preset: str = "default"
-    experiments: tuple[str, ...] = ("node_symmetry", "linear_symmetry", "attention_symmetry")
+    experiments: tuple[str, ...] = (
+        "node_symmetry",
+        "linear_symmetry",
+        "attention_symmetry",
+        "gauge_fixing",
+    )
 
 
 PRESETS = {"default": {}, "smoke": {"preset": "smoke"}}

@@ -12,6 +12,7 @@ import pytest
 from experiments import (
     EXPERIMENTS,
     attention_symmetry,
+    gauge_fixing,
     linear_symmetry,
     node_symmetry,
     reproduce,
@@ -24,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
-    "name", ["node_symmetry", "linear_symmetry", "attention_symmetry", "reproduce"]
+    "name",
+    ["node_symmetry", "linear_symmetry", "attention_symmetry", "gauge_fixing", "reproduce"],
 )
 @pytest.mark.parametrize("preset", ["default", "smoke"])
 def test_toml_presets_equal_embedded_presets(name, preset):
@@ -103,6 +105,7 @@ def test_reproduce_smoke_writes_report_with_all_claims(tmp_path):
         ("linear_symmetry", "discretisation.png"),
         ("linear_symmetry", "sweeps.png"),
         ("attention_symmetry", "attention_table.png"),
+        ("gauge_fixing", "gauge_fixing.png"),
     ]:
         assert (run_dir / exp / "figures" / fig).stat().st_size > 10_000
     for name in ("config.json", "env.json", "summary.json"):
@@ -138,6 +141,13 @@ def test_linear_symmetry_config_cross_checks():
         make_config(linear_symmetry.Config, {"theorem_layers": 3, "layer_counts": [1, 4, 8]})
     with pytest.raises(ValueError, match="Euler rate"):
         make_config(linear_symmetry.Config, {"theorem_layers": 2, "layer_counts": [1, 2, 4]})
+
+
+def test_gauge_fixing_config_validation():
+    with pytest.raises(ValueError, match="lambdas"):
+        make_config(gauge_fixing.Config, {"lambdas": [0.1, 1.0]})
+    with pytest.raises(ValueError, match=">= 0"):
+        make_config(gauge_fixing.Config, {"lambdas": [0.0, -1.0]})
 
 
 def test_reproduce_rejects_unknown_experiment(tmp_path):
