@@ -90,3 +90,64 @@ def canonical_gauge(
         )
     weight = CanonicalWeight(M, float(t1))
     return weight, CanonicalBias(weight, m)
+
+
+TRAJECTORY_TERMS = ("kinetic", "jacobian", "uniform_motion")
+
+
+class _AugmentedField(eqx.Module):
+    """`(x, q) -> (F, integrands)`: the regulariser integrands ride along in the same solve."""
+
+    field: Callable
+    terms: tuple[str, ...] = eqx.field(static=True)
+    probe: Float[Array, " d"] | None
+
+    def __call__(self, t, state, args):
+        x, _ = state
+        f = self.field(t, x, args)
+        rates = {}
+        if "kinetic" in self.terms:
+            rates["kinetic"] = jnp.sum(f**2)
+        if "jacobian" in self.terms:
+            _, pullback = jax.vjp(lambda y: self.field(t, y, args), x)
+            rates["jacobian"] = jnp.sum(pullback(self.probe)[0] ** 2)
+        if "uniform_motion" in self.terms:
+            t_arr = jnp.asarray(t, dtype=x.dtype)
+            _, dfdt = jax.jvp(
+                lambda tt, y: self.field(tt, y, args), (t_arr, x), (jnp.ones_like(t_arr), f)
+            )
+            rates["uniform_motion"] = jnp.sum(dfdt**2)
+        return f, rates
+
+
+def integrate_regularizers(
+    model,
+    x0: Float[Array, " d"],
+    terms: tuple[str, ...] = TRAJECTORY_TERMS,
+    *,
+    key=None,
+    probe: Float[Array, " d"] | None = None,
+) -> tuple[Float[Array, " d"], dict[str, Float[Array, ""]]]:
+    """`x(t1)` and trajectory regularisers of a neural ODE, all in one `diffeqsolve`:
+
+    - `kinetic`: `int |F|^2 dt` (RNODE kinetic energy, Finlay et al. 2020);
+    - `jacobian`: `int |eps^T D_x F|^2 dt`, Hutchinson's estimator of `int |D_x F|_F^2 dt` with one
+      Gaussian probe `eps` (from `key`) fixed within the solve, or an explicit `probe`;
+    - `uniform_motion`: `int |d/dt F(t, x(t))|^2 dt = int |d_t F + (D_x F) F|^2 dt` (Eq. 43 for any
+      field: zero exactly when the trajectory is a straight line at constant speed).
+
+    **Raises:** `ValueError` for an unknown term (listing the valid ones) or `jacobian` without a
+    `key` or `probe`.
+    """
+    terms = tuple(terms)
+    unknown = [t for t in terms if t not in TRAJECTORY_TERMS]
+    if unknown:
+        raise ValueError(f"unknown regulariser(s) {unknown}; valid: {list(TRAJECTORY_TERMS)}.")
+    if "jacobian" in terms and probe is None:
+        if key is None:
+            raise ValueError("the `jacobian` term needs a `key` (Hutchinson probe) or a `probe`.")
+        probe = jax.random.normal(key, jnp.shape(x0), dtype=x0.dtype)
+    field = _AugmentedField(model.field, terms, probe)
+    zeros = {t: jnp.zeros((), dtype=x0.dtype) for t in terms}
+    (x1, integrals), _ = model.with_field(field).solve((x0, zeros))
+    return x1, integrals

@@ -59,3 +59,50 @@ def test_canonical_gauge_existence_condition():
     # complex eigenvalues (a rotation) are fine
     rot = jnp.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     gj.canonical_gauge(rot, jnp.zeros(D), T)
+
+
+def test_trajectory_regularisers_closed_forms():
+    """dx/dt = a x: int |F|^2 = a^2 |x0|^2 (e^{2aT} - 1)/(2a); d/dt F = a^2 x; J = a I."""
+    tight = diffrax.PIDController(rtol=1e-11, atol=1e-11)
+    a = 0.7
+    field = gj.FunctionLinearField(lambda t: a * jnp.eye(D), lambda t: jnp.zeros(D))
+    model = gj.LinearNODE(field, t1=T, stepsize_controller=tight)
+    x0 = jnp.array([1.0, -0.5, 2.0])
+    x1, integrals = gj.integrate_regularizers(model, x0, probe=jnp.ones(D))
+    grow = (jnp.exp(2 * a * T) - 1) / (2 * a) * jnp.sum(x0**2)
+    np.testing.assert_allclose(x1, x0 * jnp.exp(a * T), rtol=1e-9)
+    np.testing.assert_allclose(integrals["kinetic"], a**2 * grow, rtol=1e-9)
+    np.testing.assert_allclose(integrals["uniform_motion"], a**4 * grow, rtol=1e-9)
+    np.testing.assert_allclose(integrals["jacobian"], a**2 * D * T, rtol=1e-9)
+
+
+def test_hutchinson_probes_sum_to_the_frobenius_integral():
+    tight = diffrax.PIDController(rtol=1e-11, atol=1e-11)
+    model = gj.random_linear_node(D, T, key=jax.random.key(6), stepsize_controller=tight)
+    x0 = jnp.ones(D)
+    total = sum(
+        gj.integrate_regularizers(model, x0, ("jacobian",), probe=e)[1]["jacobian"]
+        for e in jnp.eye(D)
+    )
+    nodes, weights = np.polynomial.legendre.leggauss(32)
+    ts = jnp.asarray(0.5 * T * (nodes + 1))
+    exact = jnp.dot(
+        0.5 * T * jnp.asarray(weights), jax.vmap(lambda t: jnp.sum(model.weight(t) ** 2))(ts)
+    )
+    np.testing.assert_allclose(total, exact, rtol=1e-9)
+    with pytest.raises(ValueError, match="needs a `key`"):
+        gj.integrate_regularizers(model, x0, ("jacobian",))
+    with pytest.raises(ValueError, match=r"unknown regulariser\(s\) \['speed'\]"):
+        gj.integrate_regularizers(model, x0, ("speed",))
+
+
+def test_uniform_motion_vanishes_on_the_canonical_gauge_trajectories():
+    """Eq. 43 along trajectories and Eq. 45 select the same representative of a linear orbit."""
+    tight = diffrax.PIDController(rtol=1e-11, atol=1e-11)
+    model = gj.random_linear_node(D, T, key=jax.random.key(7), stepsize_controller=tight)
+    M, m = gj.affine_propagator(model.weight, model.bias, T, 0.0)
+    canonical = model.with_field(gj.FunctionLinearField(*gj.canonical_gauge(M, m, T)))
+    for x0 in jax.random.normal(jax.random.key(8), (3, D)):
+        on = gj.integrate_regularizers(canonical, x0, ("uniform_motion",))[1]["uniform_motion"]
+        off = gj.integrate_regularizers(model, x0, ("uniform_motion",))[1]["uniform_motion"]
+        assert abs(float(on)) < 1e-12 and off > 1e-3
