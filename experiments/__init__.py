@@ -1,7 +1,14 @@
 """gaugejax experiments: each module has a frozen-dataclass `Config`, `PRESETS` (the embedded
 `default` and `smoke` values, mirrored by `configs/<name>/*.toml`) and `run(config, run_dir)`."""
 
-from . import attention_symmetry, gauge_fixing, linear_symmetry, node_symmetry, reproduce
+from . import (
+    attention_symmetry,
+    benchmark_sweep,
+    gauge_fixing,
+    linear_symmetry,
+    node_symmetry,
+    reproduce,
+)
 
 
 EXPERIMENTS = {
@@ -10,4 +17,5 @@ EXPERIMENTS = {
     "attention_symmetry": attention_symmetry,
     "gauge_fixing": gauge_fixing,
     "reproduce": reproduce,
+    "benchmark_sweep": benchmark_sweep,
 }

@@ -70,6 +70,7 @@ from .models import (
     random_linear_node as random_linear_node,
 )
 from .solve import (
+    RK4 as RK4,
     SensitivityField as SensitivityField,
     SolveStats as SolveStats,
     count_evaluations as count_evaluations,
@@ -78,9 +79,11 @@ from .solve import (
     solve as solve,
 )
 from .sweep import (
+    SweepLane as SweepLane,
     SweepResult as SweepResult,
     default_observable as default_observable,
     sweep as sweep,
+    sweep_lane as sweep_lane,
 )
 from .train import TrainResult as TrainResult, read_checkpoint as read_checkpoint, train as train
 

@@ -9,12 +9,13 @@ with diffrax 0.7.2 the initial step-size selection adds no executed call to that
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Int, PyTree
 
 from ._checks import check_like
@@ -37,6 +38,23 @@ class SolveStats(eqx.Module):
     num_rejected_steps: Int[Array, "*batch"]
     num_evaluations: Int[Array, "*batch"]
     result: Int[Array, "*batch"]
+
+
+class RK4(diffrax.AbstractERK):
+    """The classic fourth-order Runge-Kutta method (4 stages, no embedded error estimate: use it
+    with `diffrax.ConstantStepSize`). diffrax ships no classic RK4; torchdiffeq's fixed-grid
+    `rk4` baselines need one. Built from a `diffrax.ButcherTableau`, so diffrax runs it."""
+
+    tableau: ClassVar[diffrax.ButcherTableau] = diffrax.ButcherTableau(
+        a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
+        b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+        b_error=np.zeros(4),
+        c=np.array([0.5, 0.5, 1.0]),
+    )
+    interpolation_cls: ClassVar[Callable] = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
+
+    def order(self, terms):
+        return 4
 
 
 def result_name(code: int) -> str:

@@ -259,6 +259,67 @@ def _compiled_block(plan: _Plan, *args) -> tuple[Callable, float]:
     return compiled, time.perf_counter() - start
 
 
+def _prepare(model, gauge, inputs, mode, observable, chunk_size, mesh, precision):
+    """Validate, resolve `mode`, and split `(model, gauge)` into arrays and the static plan."""
+    if not isinstance(gauge, AbstractGauge):
+        raise TypeError(f"`gauge` must be an AbstractGauge; received {type(gauge).__name__}.")
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}; received {mode!r}.")
+    if not jax.tree.leaves(inputs):
+        raise ValueError("`inputs` must hold at least one array; received an empty PyTree.")
+    if mode == "auto":
+        mode = "first_order" if gauge.infinitesimal else "finite"
+    # A NeuralODE with the default observable gets its first-order response from the forward
+    # sensitivity system (error-controlled); anything else by a jvp through the observable.
+    sensitivity = isinstance(model, AbstractNeuralODE) and observable is default_observable
+    if isinstance(model, AbstractNeuralODE):
+        model = model.with_options(throw=False)
+        if mode == "first_order" and not sensitivity:
+            model = model.with_options(adjoint=diffrax.ForwardMode())
+    # Arrays travel as jit arguments; everything else is the static, hashable plan.
+    params, static = eqx.partition((model, gauge), eqx.is_array)
+    plan = _Plan(static, mode, sensitivity, observable, chunk_size, mesh, precision)
+    return plan, params
+
+
+class SweepLane(eqx.Module):
+    """The per-sample function that `sweep` vmaps: `lane(key)` draws the gauge sample of `key`
+    and returns its metrics (`max_abs`, `mean_abs`, `max_rel`, `result`, `num_steps`,
+    `num_evaluations`). Arrays are fields, so `eqx.filter_jit(lane)` traces them as arguments.
+    Build it with `sweep_lane`; benchmarks loop, vmap or jit exactly this function."""
+
+    plan: _Plan = eqx.field(static=True)
+    params: PyTree
+    inputs: PyTree
+    reference: PyTree
+    scale: Array
+
+    def __call__(self, key: PRNGKeyArray) -> dict[str, Array]:
+        # the context applies at trace time, so the sweep's precision holds under any jit
+        with jax.default_matmul_precision(self.plan.precision):
+            return _lane(self.plan, key, self.params, self.inputs, self.reference, self.scale)
+
+
+def sweep_lane(
+    model: Any,
+    gauge: AbstractGauge,
+    inputs: PyTree,
+    *,
+    mode: str = "auto",
+    observable: Callable[[Any, PyTree], tuple[PyTree, SolveStats | None]] = default_observable,
+    precision: str = "highest",
+) -> SweepLane:
+    """The lane function of `sweep(model, gauge, inputs, mode=..., observable=...)` as a
+    `SweepLane` Module: `lane(key)` gives the metrics of one gauge sample, the same numbers a
+    sweep reports for the sample drawn from `key` (a sweep uses `fold_in(key, i)` for sample i).
+    The reference outputs are computed once here, at `precision`.
+    """
+    plan, params = _prepare(model, gauge, inputs, mode, observable, 1, None, precision)
+    with jax.default_matmul_precision(precision):
+        reference, _ = _observe(plan, params, inputs)
+    return SweepLane(plan, params, inputs, reference, jnp.max(jnp.abs(_flat(reference))))
+
+
 def sweep(
     model: Any,
     gauge: AbstractGauge,
@@ -301,32 +362,16 @@ def sweep(
 
     **Raises:** `ValueError` for non-positive sizes, an unknown mode, or a non-gauge `gauge`.
     """
-    if not isinstance(gauge, AbstractGauge):
-        raise TypeError(f"`gauge` must be an AbstractGauge; received {type(gauge).__name__}.")
     num_samples = _positive_int("num_samples", num_samples)
     chunk_size = _positive_int("chunk_size", chunk_size)
     chunks_per_block = _positive_int("chunks_per_block", chunks_per_block)
-    if mode not in MODES:
-        raise ValueError(f"`mode` must be one of {MODES}; received {mode!r}.")
-    if not jax.tree.leaves(inputs):
-        raise ValueError("`inputs` must hold at least one array; received an empty PyTree.")
-    if mode == "auto":
-        mode = "first_order" if gauge.infinitesimal else "finite"
-    key = _as_typed_key(key)
     devices = list(jax.devices()) if devices is None else list(devices)
-    # A NeuralODE with the default observable gets its first-order response from the forward
-    # sensitivity system (error-controlled); anything else by a jvp through the observable.
-    sensitivity = isinstance(model, AbstractNeuralODE) and observable is default_observable
-    if isinstance(model, AbstractNeuralODE):
-        model = model.with_options(throw=False)
-        if mode == "first_order" and not sensitivity:
-            model = model.with_options(adjoint=diffrax.ForwardMode())
-    # Arrays travel as jit arguments; everything else is the static, hashable plan.
-    params, static = eqx.partition((model, gauge), eqx.is_array)
     mesh = (
         jax.make_mesh((len(devices),), ("samples",), devices=devices) if len(devices) > 1 else None
     )
-    plan = _Plan(static, mode, sensitivity, observable, chunk_size, mesh, precision)
+    plan, params = _prepare(model, gauge, inputs, mode, observable, chunk_size, mesh, precision)
+    mode = plan.mode
+    key = _as_typed_key(key)
     # no more chunks per block than the samples need (padding lanes are wasted work)
     chunks_needed = -(-num_samples // (chunk_size * len(devices)))
     block = chunk_size * min(chunks_per_block, chunks_needed) * len(devices)

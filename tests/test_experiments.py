@@ -12,6 +12,7 @@ import pytest
 from experiments import (
     EXPERIMENTS,
     attention_symmetry,
+    benchmark_sweep,
     gauge_fixing,
     linear_symmetry,
     node_symmetry,
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     "name",
-    ["node_symmetry", "linear_symmetry", "attention_symmetry", "gauge_fixing", "reproduce"],
+    sorted(EXPERIMENTS),
 )
 @pytest.mark.parametrize("preset", ["default", "smoke"])
 def test_toml_presets_equal_embedded_presets(name, preset):
@@ -154,3 +155,33 @@ def test_reproduce_rejects_unknown_experiment(tmp_path):
     cfg = make_config(reproduce.Config, {"experiments": ["nope"]})
     with pytest.raises(ValueError, match=r"unknown experiment\(s\) \['nope'\]"):
         reproduce.run(cfg, tmp_path)
+
+
+def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
+    """Tiny sizes: the benchmark runs, records compile and run times apart, and its three sides
+    (loop, vmap, sweep) compute the same per-sample numbers (to rounding, 1e-14)."""
+    cfg = make_config(
+        benchmark_sweep.Config,
+        {
+            "workloads": ["w1"],
+            "num_samples": 4,
+            "loop_samples": 2,
+            "chunk_size": 2,
+            "repeats": 1,
+            "w1_dim": 3,
+            "w1_steps": 10,
+        },
+    )
+    summary = benchmark_sweep.run(cfg, tmp_path)
+    res = io.read_json(tmp_path / "results.json")["w1"]
+    assert set(res["methods"]) == {"loop", "vmap", "sweep"}
+    for m in res["methods"].values():
+        assert m["compile_s"] > 0 and m["run_s_median"] > 0 and m["samples_per_s"] > 0
+    assert res["loop_vs_vmap_max_diff"] < 1e-14 and res["sweep_vs_vmap_max_diff"] < 1e-14
+    # RK4 with 10 steps on a gauge-transformed linear ODE: O(dt^4) deviation, well above 0
+    assert 1e-12 < res["deviation_max"] < 1e-3
+    assert res["failures"] == {} and (tmp_path / summary["figures"][0]).is_file()
+    with pytest.raises(ValueError, match="`workloads` must be"):
+        make_config(benchmark_sweep.Config, {"workloads": ["w2"]})
+    with pytest.raises(ValueError, match="loop_samples"):
+        make_config(benchmark_sweep.Config, {"num_samples": 4, "loop_samples": 8})
