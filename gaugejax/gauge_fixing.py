@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .models import AbstractNeuralODE, LinearNODE
+
 
 def _time_derivative(f: Callable, t):
     return jax.jvp(f, (t,), (jnp.ones_like(t),))
@@ -151,3 +153,52 @@ def integrate_regularizers(
     zeros = {t: jnp.zeros((), dtype=x0.dtype) for t in terms}
     (x1, integrals), _ = model.with_field(field).solve((x0, zeros))
     return x1, integrals
+
+
+PENALTIES = ("eq45", *TRAJECTORY_TERMS)
+
+
+def gauge_fixing_penalty(
+    name: str, model, inputs: Float[Array, "n d"], *, key=None
+) -> Float[Array, ""]:
+    """The regulariser `name` of `model` at lambda = 1, as a training loss term:
+
+    - `"eq45"`: Eq. 45 of a `LinearNODE` (`linear_gauge_fixing_penalty` of its `w`, `b` on
+      [t0, t1]); it does not depend on `inputs`.
+    - `"kinetic"`, `"jacobian"`, `"uniform_motion"`: the mean over `inputs` of
+      `integrate_regularizers` (any neural ODE; `jacobian` draws one probe per input from `key`).
+
+    **Raises:** `ValueError` for an unknown name (listing the valid ones); `TypeError` for
+    `"eq45"` on a model whose field is not linear (Eq. 45 is `|d/dt (w x + b)|^2` for linear
+    fields only; `"uniform_motion"` is its generalisation to any field) or for a model that is
+    not a neural ODE.
+    """
+    if name not in PENALTIES:
+        raise ValueError(f"unknown regulariser {name!r}; valid: {list(PENALTIES)}.")
+    if name == "eq45":
+        if not isinstance(model, LinearNODE):
+            field = getattr(model, "field", None)
+            raise TypeError(
+                "regulariser 'eq45' (Eq. 45) needs a LinearNODE (dx/dt = w(t) x + b(t)); received "
+                f"a {type(model).__name__} with field {type(field).__name__}. For a nonlinear "
+                "field use 'uniform_motion' (Eq. 43), its generalisation."
+            )
+        t0 = model.t0
+        return linear_gauge_fixing_penalty(
+            lambda s: model.weight(t0 + s), lambda s: model.bias(t0 + s), model.t1 - t0
+        )
+    if not isinstance(model, AbstractNeuralODE):
+        raise TypeError(
+            f"regulariser {name!r} integrates along trajectories of a neural ODE; received a "
+            f"{type(model).__name__}."
+        )
+    if name == "jacobian" and key is None:
+        raise ValueError("the 'jacobian' regulariser needs a `key` (Hutchinson probes).")
+    keys = jax.random.split(key, inputs.shape[0]) if key is not None else None
+
+    def one(x, k):
+        return integrate_regularizers(model, x, (name,), key=k)[1][name]
+
+    if keys is None:
+        return jnp.mean(jax.vmap(lambda x: one(x, None))(inputs))
+    return jnp.mean(jax.vmap(one)(inputs, keys))

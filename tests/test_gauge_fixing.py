@@ -106,3 +106,27 @@ def test_uniform_motion_vanishes_on_the_canonical_gauge_trajectories():
         on = gj.integrate_regularizers(canonical, x0, ("uniform_motion",))[1]["uniform_motion"]
         off = gj.integrate_regularizers(model, x0, ("uniform_motion",))[1]["uniform_motion"]
         assert abs(float(on)) < 1e-12 and off > 1e-3
+
+
+def test_gauge_fixing_penalty_matches_its_parts_and_refuses_mismatches():
+    tight = diffrax.PIDController(rtol=1e-11, atol=1e-11)
+    model = gj.random_linear_node(D, T, key=jax.random.key(7), stepsize_controller=tight)
+    xs = jax.random.normal(jax.random.key(8), (3, D))
+    eq45 = gj.gauge_fixing_penalty("eq45", model, xs)
+    direct = gj.linear_gauge_fixing_penalty(model.weight, model.bias, T)
+    assert abs(float(eq45 - direct)) < 1e-12 and eq45 > 1e-3
+    # the trajectory terms are the input-mean of integrate_regularizers (same solve; 1e-12)
+    kinetic = gj.gauge_fixing_penalty("kinetic", model, xs)
+    parts = [gj.integrate_regularizers(model, x, ("kinetic",))[1]["kinetic"] for x in xs]
+    assert abs(float(kinetic) - float(np.mean(parts))) < 1e-12
+    M, m = gj.affine_propagator(model.weight, model.bias, T, 0.0)
+    canonical = model.with_field(gj.FunctionLinearField(*gj.canonical_gauge(M, m, T)))
+    assert abs(float(gj.gauge_fixing_penalty("uniform_motion", canonical, xs))) < 1e-12
+    mlp = gj.NeuralODE(gj.MLPField(D, 8, 1, key=jax.random.key(0)), t1=T)
+    with pytest.raises(TypeError, match="'eq45'.*LinearNODE.*MLPField.*uniform_motion"):
+        gj.gauge_fixing_penalty("eq45", mlp, xs)
+    assert gj.gauge_fixing_penalty("uniform_motion", mlp, xs) > 0  # any field is fine there
+    with pytest.raises(ValueError, match=r"unknown regulariser 'rnode'.*'kinetic'"):
+        gj.gauge_fixing_penalty("rnode", model, xs)
+    with pytest.raises(ValueError, match="needs a `key`"):
+        gj.gauge_fixing_penalty("jacobian", model, xs)
