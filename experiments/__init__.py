@@ -7,6 +7,7 @@ from . import (
     gauge_fixing,
     linear_symmetry,
     node_symmetry,
+    orbit_geometry,
     reproduce,
 )
 
@@ -16,6 +17,7 @@ EXPERIMENTS = {
     "linear_symmetry": linear_symmetry,
     "attention_symmetry": attention_symmetry,
     "gauge_fixing": gauge_fixing,
+    "orbit_geometry": orbit_geometry,
     "reproduce": reproduce,
     "benchmark_sweep": benchmark_sweep,
 }

@@ -19,6 +19,7 @@ class Config:
         "linear_symmetry",
         "attention_symmetry",
         "gauge_fixing",
+        "orbit_geometry",
     )
 
 

@@ -28,6 +28,7 @@ from .correspondence import (
 )
 from .gauge_fixing import (
     canonical_gauge as canonical_gauge,
+    gauge_fixing_penalty as gauge_fixing_penalty,
     integrate_regularizers as integrate_regularizers,
     linear_gauge_fixing_penalty as linear_gauge_fixing_penalty,
 )

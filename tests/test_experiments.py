@@ -16,6 +16,7 @@ from experiments import (
     gauge_fixing,
     linear_symmetry,
     node_symmetry,
+    orbit_geometry,
     reproduce,
 )
 from experiments._config import load_config, make_config
@@ -96,6 +97,7 @@ def test_reproduce_smoke_writes_report_with_all_claims(tmp_path):
         "eq29_relu",
         "eq52_cnn",
     } <= ids
+    assert {"orthogonal_linear_node", "control_linear_node", "conserved_drift"} <= ids
     assert summary["num_pass"] == summary["num_claims"] == len(ids)
     report = (run_dir / "report.md").read_text()
     assert f"{summary['num_claims']} of {summary['num_claims']} claims pass" in report
@@ -107,13 +109,14 @@ def test_reproduce_smoke_writes_report_with_all_claims(tmp_path):
         ("linear_symmetry", "sweeps.png"),
         ("attention_symmetry", "attention_table.png"),
         ("gauge_fixing", "gauge_fixing.png"),
+        ("orbit_geometry", "orbit_geometry.png"),
     ]:
         assert (run_dir / exp / "figures" / fig).stat().st_size > 10_000
     for name in ("config.json", "env.json", "summary.json"):
         assert (run_dir / name).exists()
     env_json = json.loads((run_dir / "env.json").read_text())
     assert env_json["x64"] is True and env_json["versions"]["jax"]
-    for module in (node_symmetry, linear_symmetry, attention_symmetry):
+    for module in (node_symmetry, linear_symmetry, attention_symmetry, orbit_geometry):
         records = io.read_jsonl(run_dir / module.__name__.split(".")[-1] / "metrics.jsonl")
         assert {r["check"] for r in records} == {c[0] for c in module.CHECKS}
 
@@ -149,6 +152,12 @@ def test_gauge_fixing_config_validation():
         make_config(gauge_fixing.Config, {"lambdas": [0.1, 1.0]})
     with pytest.raises(ValueError, match=">= 0"):
         make_config(gauge_fixing.Config, {"lambdas": [0.0, -1.0]})
+    with pytest.raises(ValueError, match=r"`regularizer` must be one of \['eq45'"):
+        make_config(gauge_fixing.Config, {"regularizer": "jacobian"})
+    with pytest.raises(ValueError, match="regularizer_inputs"):
+        make_config(gauge_fixing.Config, {"regularizer_inputs": 64})
+    with pytest.raises(ValueError, match="learning_rates"):
+        make_config(orbit_geometry.Config, {"learning_rates": [0.001]})
 
 
 def test_reproduce_rejects_unknown_experiment(tmp_path):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import gaugejax as gj
 from gaugejax import orbits
@@ -105,3 +106,26 @@ def test_linear_node_fingerprint_is_gauge_invariant():
     np.testing.assert_allclose(m1, m0, atol=1e-8)
     other = gj.random_linear_node(D, 1.0, key=jax.random.key(10), stepsize_controller=tight)
     assert jnp.max(jnp.abs(orbits.linear_node_fingerprint(other)[0] - M0)) > 1e-2
+
+
+def test_function_space_cosines_for_linear_node_gauges():
+    # LinearGauge moves w(t), b(t) out of any finite basis, so the cosine is taken in L2([0, T]).
+    # With rtol 1e-10 the sensitivity-system response is accurate to ~1e-10 relative; measured
+    # cosines are ~4e-12, so 1e-8 leaves margin. A gauge with G(T) != 1 (sin modes of period
+    # 1.5 T) changes the I/O map: measured 0.02-0.08, so > 1e-3 shows the check can fail.
+    tight = diffrax.PIDController(rtol=1e-10, atol=1e-10)
+    model = gj.random_linear_node(D, 1.0, key=jax.random.key(8), stepsize_controller=tight)
+    x, y = data(jax.random.key(0))
+    keys = jax.random.split(jax.random.key(3), 3)
+
+    def loss(out):
+        return jnp.mean((out - y) ** 2)
+
+    cos = orbits.function_space_cosines(loss, model, gj.LinearGauge(D, 1.0), x, keys, num_knots=16)
+    assert jnp.max(jnp.abs(cos)) < 1e-8, cos
+    bad = orbits.function_space_cosines(loss, model, gj.LinearGauge(D, 1.5), x, keys, num_knots=16)
+    assert jnp.min(jnp.abs(bad)) > 1e-3, bad
+    with pytest.raises(TypeError, match="LinearNODE"):
+        orbits.function_space_cosines(
+            loss, relu_net(jax.random.key(2)), gj.LinearGauge(D, 1.0), x, keys
+        )
