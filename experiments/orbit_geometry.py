@@ -98,87 +98,69 @@ def _cosine_rows(cfg, name, family, equation, invariant, control, control_text, 
     return rows, data
 
 
-def _parameter_cosines(cfg, key, model, gauge, loss, decayed_loss):
-    keys = jax.random.split(key, cfg.num_directions)
-    cosines = eqx.filter_jit(orbits.gradient_orbit_cosines)
-    return cosines(loss, model, gauge, keys), cosines(decayed_loss, model, gauge, keys)
-
-
 def _mse(model, x, y):
     return jnp.mean((jax.vmap(model)(x) - y) ** 2)
 
 
-def check_mlp(cfg, key, setup):
-    km, kc = jax.random.split(key)
-    mlp = eqx.nn.MLP(cfg.dim, cfg.dim, cfg.width, 2, activation=jax.nn.relu, key=km)
-    gauge = gj.RescalingGauge((cfg.width, cfg.width), 0.5)
-
-    def loss(m):
-        return _mse(m, setup.x, setup.y)
-
-    def decayed(m):
-        return loss(m) + cfg.weight_decay * sum(jnp.sum(lin.weight**2) for lin in m.layers)
-
-    inv, ctl = _parameter_cosines(cfg, kc, mlp, gauge, loss, decayed)
-    return _cosine_rows(
-        cfg,
-        "mlp",
-        f"ReLU MLP (width {cfg.width}), per-neuron rescaling",
-        "Eq. 30",
-        inv,
-        ctl,
-        f"weight decay {cfg.weight_decay:g}",
-        cfg.tolerance,
+def _mlp_family(cfg, key, setup):
+    mlp = eqx.nn.MLP(cfg.dim, cfg.dim, cfg.width, 2, activation=jax.nn.relu, key=key)
+    return (
+        mlp,
+        gj.RescalingGauge((cfg.width, cfg.width), 0.5),
+        lambda m: _mse(m, setup.x, setup.y),
+        lambda m: sum(jnp.sum(lin.weight**2) for lin in m.layers),
+        (f"ReLU MLP (width {cfg.width}), per-neuron rescaling", "Eq. 30", ""),
     )
 
 
-def check_attention(cfg, key, setup):
-    km, kc = jax.random.split(key)
-    att = gj.SelfAttention(*jax.random.normal(km, (3, cfg.dim, cfg.dim)) / np.sqrt(cfg.dim), "relu")
-    gauge = gj.AttentionGauge(cfg.dim)
-
-    def loss(m):
-        return jnp.mean((jax.vmap(m)(setup.tokens) - setup.token_targets) ** 2)
-
-    def decayed(m):
-        return loss(m) + cfg.weight_decay * jnp.sum(m.Wq**2)
-
-    inv, ctl = _parameter_cosines(cfg, kc, att, gauge, loss, decayed)
-    return _cosine_rows(
-        cfg,
-        "attention",
-        "ReLU self-attention, Q -> Q A, K -> K B with A B^T = alpha I",
-        "Eq. 36 (derived form)",
-        inv,
-        ctl,
-        f"weight decay {cfg.weight_decay:g} on W_Q",
-        cfg.tolerance,
+def _attention_family(cfg, key, setup):
+    att = gj.SelfAttention(
+        *jax.random.normal(key, (3, cfg.dim, cfg.dim)) / np.sqrt(cfg.dim), "relu"
+    )
+    return (
+        att,
+        gj.AttentionGauge(cfg.dim),
+        lambda m: jnp.mean((jax.vmap(m)(setup.tokens) - setup.token_targets) ** 2),
+        lambda m: jnp.sum(m.Wq**2),
+        (
+            "ReLU self-attention, Q -> Q A, K -> K B with A B^T = alpha I",
+            "Eq. 36 (derived form)",
+            " on W_Q",
+        ),
     )
 
 
-def check_linear_net(cfg, key, setup):
-    km, kc = jax.random.split(key)
-    W = jax.random.normal(km, (cfg.num_layers, cfg.dim, cfg.dim)) / np.sqrt(cfg.dim)
-    net = gj.LinearNet(W, jnp.zeros((cfg.num_layers, cfg.dim)))
-    gauge = gj.DiscreteLinearGauge(cfg.dim, cfg.num_layers)
-
-    def loss(m):
-        return _mse(m, setup.x, setup.y)
-
-    def decayed(m):
-        return loss(m) + cfg.weight_decay * jnp.sum(m.weights**2)
-
-    inv, ctl = _parameter_cosines(cfg, kc, net, gauge, loss, decayed)
-    return _cosine_rows(
-        cfg,
-        "linear_net",
-        f"linear network ({cfg.num_layers} layers), W_n -> G_n^-1 W_n G_(n-1)",
-        "Eq. 33",
-        inv,
-        ctl,
-        f"weight decay {cfg.weight_decay:g}",
-        cfg.tolerance,
+def _linear_net_family(cfg, key, setup):
+    W = jax.random.normal(key, (cfg.num_layers, cfg.dim, cfg.dim)) / np.sqrt(cfg.dim)
+    return (
+        gj.LinearNet(W, jnp.zeros((cfg.num_layers, cfg.dim))),
+        gj.DiscreteLinearGauge(cfg.dim, cfg.num_layers),
+        lambda m: _mse(m, setup.x, setup.y),
+        lambda m: jnp.sum(m.weights**2),
+        (f"linear network ({cfg.num_layers} layers), W_n -> G_n^-1 W_n G_(n-1)", "Eq. 33", ""),
     )
+
+
+_FAMILIES = {"mlp": _mlp_family, "attention": _attention_family, "linear_net": _linear_net_family}
+
+
+def _parameter_check(name):
+    """The check of a family whose gauge acts on parameters: cosines of the invariant loss, and
+    of the loss plus weight decay (the control)."""
+
+    def check(cfg, key, setup):
+        km, kc = jax.random.split(key)
+        model, gauge, loss, squares, (family, equation, where) = _FAMILIES[name](cfg, km, setup)
+        keys = jax.random.split(kc, cfg.num_directions)
+        cosines = eqx.filter_jit(orbits.gradient_orbit_cosines)
+        invariant = cosines(loss, model, gauge, keys)
+        control = cosines(lambda m: loss(m) + cfg.weight_decay * squares(m), model, gauge, keys)
+        control_text = f"weight decay {cfg.weight_decay:g}{where}"
+        return _cosine_rows(
+            cfg, name, family, equation, invariant, control, control_text, cfg.tolerance
+        )
+
+    return check
 
 
 def check_linear_node(cfg, key, setup):
@@ -258,9 +240,9 @@ def check_drift(cfg, key, setup):
 
 
 CHECKS = [
-    ("mlp", check_mlp),
-    ("attention", check_attention),
-    ("linear_net", check_linear_net),
+    ("mlp", _parameter_check("mlp")),
+    ("attention", _parameter_check("attention")),
+    ("linear_net", _parameter_check("linear_net")),
     ("linear_node", check_linear_node),
     ("drift", check_drift),
 ]
