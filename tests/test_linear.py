@@ -321,3 +321,21 @@ def test_graph_convolution_rescaling():
     # the jaxtyping hook of the test suite rejects the shape first (a TypeError)
     with pytest.raises((ValueError, TypeError), match="adjacency"):
         gj.GraphConvNet(jnp.ones((3, 4)), (3, 2), key=k[1])
+
+
+def test_expm_fixed_matches_expm_and_refuses_huge_norms():
+    # scaling and squaring with a degree-12 Taylor polynomial: relative error ~1e-14 up to
+    # |S|_1 ~ 200 (rounding grows with the squarings), NaN beyond 0.25 * 2^12 instead of garbage
+    from gaugejax.gauges.linear import expm_fixed
+
+    A = jax.random.normal(jax.random.key(1), (16, 16)) / 4
+    for scale in (0.0, 1e-3, 0.1, 1.0, 5.0, 50.0):
+        ref = jax.scipy.linalg.expm(scale * A)
+        rel = jnp.max(jnp.abs(expm_fixed(scale * A) - ref)) / jnp.max(jnp.abs(ref))
+        assert rel < 1e-13, (scale, rel)
+    assert jnp.isnan(expm_fixed(5000.0 * jnp.eye(3))).all()
+    # differentiable (LinearGauge's action needs dG/dt by jvp): matches expm's jvp
+    t = jnp.ones_like(A)
+    got = jax.jvp(expm_fixed, (0.3 * A,), (t,))[1]
+    ref = jax.jvp(jax.scipy.linalg.expm, (0.3 * A,), (t,))[1]
+    assert jnp.max(jnp.abs(got - ref)) < 1e-12
