@@ -12,13 +12,6 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    # Repeat runs reuse compiled XLA programs (most of a smoke run's time is compilation).
-    cache = os.environ.get(
-        "GAUGEJAX_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gaugejax", "jax")
-    )
-    if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from gaugejax import io
 
     from . import EXPERIMENTS
@@ -31,6 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may follow --config
 
     module = EXPERIMENTS[args.name]
+    # Repeat runs reuse compiled XLA programs (most of a smoke run's time is compilation);
+    # benchmarks opt out, as their compile times must be measured, not read from disk.
+    cache = os.environ.get(
+        "GAUGEJAX_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gaugejax", "jax")
+    )
+    if cache and getattr(module, "PERSISTENT_COMPILE_CACHE", True):
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     try:
         config = load_config(module.Config, args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:

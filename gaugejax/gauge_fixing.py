@@ -194,11 +194,9 @@ def gauge_fixing_penalty(
         )
     if name == "jacobian" and key is None:
         raise ValueError("the 'jacobian' regulariser needs a `key` (Hutchinson probes).")
-    keys = jax.random.split(key, inputs.shape[0]) if key is not None else None
+    keys = None if key is None else jax.random.split(key, inputs.shape[0])  # None: no leaves
 
     def one(x, k):
         return integrate_regularizers(model, x, (name,), key=k)[1][name]
 
-    if keys is None:
-        return jnp.mean(jax.vmap(lambda x: one(x, None))(inputs))
     return jnp.mean(jax.vmap(one)(inputs, keys))

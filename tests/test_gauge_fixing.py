@@ -119,6 +119,14 @@ def test_gauge_fixing_penalty_matches_its_parts_and_refuses_mismatches():
     kinetic = gj.gauge_fixing_penalty("kinetic", model, xs)
     parts = [gj.integrate_regularizers(model, x, ("kinetic",))[1]["kinetic"] for x in xs]
     assert abs(float(kinetic) - float(np.mean(parts))) < 1e-12
+    key = jax.random.key(9)
+    jac = gj.gauge_fixing_penalty("jacobian", model, xs, key=key)
+    keys = jax.random.split(key, len(xs))
+    parts = [
+        gj.integrate_regularizers(model, x, ("jacobian",), key=k)[1]["jacobian"]
+        for x, k in zip(xs, keys, strict=True)
+    ]
+    assert abs(float(jac) - float(np.mean(parts))) < 1e-12 and jac > 1e-3
     M, m = gj.affine_propagator(model.weight, model.bias, T, 0.0)
     canonical = model.with_field(gj.FunctionLinearField(*gj.canonical_gauge(M, m, T)))
     assert abs(float(gj.gauge_fixing_penalty("uniform_motion", canonical, xs))) < 1e-12
