@@ -38,6 +38,25 @@ def _controller(rtol, atol):
     return diffrax.PIDController(rtol=rtol, atol=atol)
 
 
+# Fields are Modules, not closures: diffeqsolve is jitted on the field's structure, so equal
+# structures share one compiled program across calls (a new closure compiles anew).
+class _WilsonField(eqx.Module):
+    w: MatrixFn
+
+    def __call__(self, t, U, args):
+        return self.w(t) @ U
+
+
+class _AffineField(eqx.Module):
+    w: MatrixFn
+    b: VectorFn
+
+    def __call__(self, t, state, args):
+        U, v = state
+        wt = self.w(t)
+        return wt @ U, wt @ v + self.b(t)
+
+
 def affine_propagator(
     w: MatrixFn,
     b: VectorFn,
@@ -52,15 +71,9 @@ def affine_propagator(
     solve of `U' = w U`, `v' = w v + b` from `(I, 0)`. U is the Wilson line, v the integrated
     bias `U int W_{t_start:t'} b(t') dt'` of Eq. 32."""
     d = _dim(w, t_start)
-
-    def field(t, state, args):
-        U, v = state
-        wt = w(t)
-        return wt @ U, wt @ v + b(t)
-
     dtype = jax.eval_shape(w, t_start).dtype
     (U, v), _ = solve(
-        field,
+        _AffineField(w, b),
         (jnp.eye(d, dtype=dtype), jnp.zeros(d, dtype=dtype)),
         t0=t_start,
         t1=t_end,
@@ -94,12 +107,8 @@ def wilson_line(
     if not isinstance(t_end, jax.core.Tracer) and not isinstance(t_start, jax.core.Tracer):
         if float(t_end) == float(t_start):
             return jnp.eye(d, dtype=jax.eval_shape(w, t_start).dtype)
-
-    def field(t, U, args):
-        return w(t) @ U
-
     U, _ = solve(
-        field,
+        _WilsonField(w),
         jnp.eye(d, dtype=jax.eval_shape(w, t_start).dtype),
         t0=t_start,
         t1=t_end,
@@ -125,21 +134,29 @@ def wilson_line_magnus(
         raise ValueError(f"`order` must be 2 or 4; received {order!r}.")
     if not isinstance(num_steps, int) or num_steps <= 0:
         raise ValueError(f"`num_steps` must be a positive int; received {num_steps!r}.")
-    d = _dim(w, t_start)
+    _dim(w, t_start)
+    # one compiled program per (structure of w, order): times and num_steps are traced
+    dtype = jax.eval_shape(w, t_start).dtype
+    times = jnp.asarray(t_end, dtype=dtype), jnp.asarray(t_start, dtype=dtype)
+    return _magnus(w, *times, jnp.asarray(num_steps), order)
+
+
+@eqx.filter_jit
+def _magnus(w, t_end, t_start, num_steps, order):
     h = (t_end - t_start) / num_steps
 
-    def step(U, n):
+    def step(n, U):
         t = t_start + n * h
         if order == 2:
             omega = h * w(t + 0.5 * h)
         else:
             A1, A2 = w(t + _GAUSS[0] * h), w(t + _GAUSS[1] * h)
             omega = 0.5 * h * (A1 + A2) + (np.sqrt(3) / 12) * h**2 * (A2 @ A1 - A1 @ A2)
-        return jax.scipy.linalg.expm(omega) @ U, None
+        return jax.scipy.linalg.expm(omega) @ U
 
-    dtype = jax.eval_shape(w, t_start).dtype
-    U0 = jnp.eye(d, dtype=dtype)
-    return jax.lax.scan(step, U0, jnp.arange(num_steps, dtype=dtype))[0]
+    out = jax.eval_shape(w, t_start)
+    U0 = jnp.eye(out.shape[0], dtype=out.dtype)
+    return jax.lax.fori_loop(0, num_steps, step, U0)
 
 
 def _check_layers(t1, num_layers):

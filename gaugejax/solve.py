@@ -120,6 +120,14 @@ def _check_field(field: VectorField, t0: ScalarLike, y0: State, args: Args) -> N
     check_like("`field(t, y, args)` (the output of the vector field)", out, y0)
 
 
+def _as_time(t):
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return jnp.asarray(float(t))
+    if isinstance(t, np.number | np.ndarray):
+        return jnp.asarray(t)
+    return t
+
+
 def solve(
     field: VectorField,
     y0: State,
@@ -174,6 +182,10 @@ def solve(
     if not isinstance(max_steps, int) or max_steps <= 0:
         raise ValueError(f"`max_steps` must be a positive int; received {max_steps!r}.")
     _check_field(field, t0, y0, args)
+    # Python/NumPy times as arrays: diffeqsolve is jitted and would compile anew for every
+    # distinct float value of a static time (weak types keep the promotion of Python floats).
+    t0, t1 = _as_time(t0), _as_time(t1)
+    dt0 = None if dt0 is None else _as_time(dt0)
     only_t1 = saveat is None
     saveat = diffrax.SaveAt(t1=True) if only_t1 else saveat
     sol = diffrax.diffeqsolve(

@@ -42,3 +42,29 @@ def small_node(key, dim=3, rtol=1e-8):
     return gj.NeuralODE(
         field, t1=1.0, stepsize_controller=diffrax.PIDController(rtol=rtol, atol=rtol)
     )
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (jax.monitoring events) while active."""
+
+    _active: list = []
+    _registered = False
+
+    def __init__(self):
+        self.count = 0
+        if not CompileCounter._registered:
+            jax.monitoring.register_event_duration_secs_listener(CompileCounter._listen)
+            CompileCounter._registered = True
+
+    @staticmethod
+    def _listen(event, duration, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            for counter in CompileCounter._active:
+                counter.count += 1
+
+    def __enter__(self):
+        CompileCounter._active.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        CompileCounter._active.remove(self)

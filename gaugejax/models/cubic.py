@@ -24,6 +24,30 @@ class CubicField(eqx.Module):
         return self.w(t) @ x + self.scale * cubic
 
 
+class _IntegratedCubicField(eqx.Module):
+    w: Callable
+    lam: Callable
+
+    def __call__(self, t, state, args):
+        W, Lam = state
+        wt = self.w(t)
+        source = jnp.einsum("ijkl,ja,kb,lc->iabc", self.lam(t), W, W, W)
+        return wt @ W, jnp.einsum("ij,jabc->iabc", wt, Lam) + source
+
+
+class _JumpField(eqx.Module):
+    """`dX_I/dtau = scale * sum_J (x_I^T lambda~ x_J) lambda x_J` (a Module, so calls with
+    equal shapes share one compiled solve)."""
+
+    lam: Float[Array, "d d"]
+    lam_tilde: Float[Array, "d d"]
+    scale: float | Array
+
+    def __call__(self, tau, X, args):
+        scores = X @ self.lam_tilde @ X.T  # (x_I^T lambda~ x_J)
+        return self.scale * scores @ (X @ self.lam.T)
+
+
 def integrated_cubic(
     w: Callable, lam: Callable, t1: float, *, rtol: float = 1e-10, atol: float = 1e-10
 ) -> tuple[Float[Array, "d d"], Float[Array, "d d d d"]]:
@@ -32,13 +56,7 @@ def integrated_cubic(
     `Lambda' = w Lambda + lambda(t)[W, W, W]` from `(1, 0)`, which is the variation-of-constants
     integral printed below Eq. 38."""
     d = jax.eval_shape(w, 0.0).shape[0]
-
-    def field(t, state, args):
-        W, Lam = state
-        wt = w(t)
-        source = jnp.einsum("ijkl,ja,kb,lc->iabc", lam(t), W, W, W)
-        return wt @ W, jnp.einsum("ij,jabc->iabc", wt, Lam) + source
-
+    field = _IntegratedCubicField(w, lam)
     dtype = jax.eval_shape(w, 0.0).dtype
     init = (jnp.eye(d, dtype=dtype), jnp.zeros((d, d, d, d), dtype=dtype))
     controller = diffrax.PIDController(rtol=rtol, atol=atol)
@@ -65,10 +83,7 @@ class AttentionNODE(eqx.Module):
     scale: float | Array = 1.0
 
     def _jump(self, X):
-        def field(tau, X, args):
-            scores = X @ self.lam_tilde @ X.T  # (x_I^T lambda~ x_J)
-            return self.scale * scores @ (X @ self.lam.T)
-
+        field = _JumpField(self.lam, self.lam_tilde, jnp.asarray(self.scale, X.dtype))
         return solve(field, X, t0=0.0, t1=1.0, stepsize_controller=_tight())[0]
 
     def __call__(self, x: Float[Array, "n d"]) -> Float[Array, "n d"]:

@@ -1,0 +1,64 @@
+"""Calls that differ only in array values or times reuse one compiled program.
+
+Most of a smoke run is XLA compilation; these tests pin the structural choices that let repeated
+calls share programs (Module fields instead of closures, times passed as arrays). The assertion
+is a count of backend compilations, not a timing. The negative case shows the counter sees a
+recompilation when the structure does change.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import gaugejax as gj
+
+from .conftest import CompileCounter
+
+
+D = 3
+
+
+def _weight(key):
+    return gj.random_linear_node(D, 1.0, key=key).field.weight
+
+
+def test_wilson_line_second_call_compiles_nothing(getkey):
+    w = _weight(getkey())
+    w2 = _weight(getkey())
+    jax.block_until_ready(gj.wilson_line(w, 0.7, 0.2))
+    with CompileCounter() as c:
+        U = gj.wilson_line(w2, 0.9, 0.1)  # other arrays, other times: same program
+        Ub = gj.wilson_line(w2, 0.1, 0.9)
+    assert c.count == 0
+    # and the numbers are those of the new call: U(0.1 <- 0.9) U(0.9 <- 0.1) = 1
+    np.testing.assert_allclose(Ub @ U, np.eye(D), atol=1e-9)
+    with CompileCounter() as c:
+        gj.wilson_line(lambda t: jnp.eye(D), 0.9, 0.1)  # a new closure: a new program
+    assert c.count >= 1
+
+
+def test_magnus_steps_are_traced(getkey):
+    w = _weight(getkey())
+    ref = gj.wilson_line(w, 1.0, 0.0)
+    errs = [float(jnp.max(jnp.abs(gj.wilson_line_magnus(w, 1.0, 0.0, num_steps=4) - ref)))]
+    with CompileCounter() as c:
+        for n in (8, 16):
+            errs.append(
+                float(jnp.max(jnp.abs(gj.wilson_line_magnus(w, 1.0, 0.0, num_steps=n) - ref)))
+            )
+    assert c.count <= 3  # the subtraction/max of the comparison, never the integrator again
+    # order 4: halving the step divides the error by about 16
+    assert errs[1] < errs[0] / 8 and errs[2] < errs[1] / 8
+
+
+def test_attention_node_reuses_its_solves(getkey):
+    # moderate weights and tokens: the cubic flow of the jump stays far from blow-up
+    Wq, Wk, Wv = jax.random.normal(getkey(), (3, D, D)) / np.sqrt(D)
+    x = 0.5 * jax.random.normal(getkey(), (4, D))
+    jax.block_until_ready(gj.attention_as_node(Wq, Wk, Wv, scale=0.1)(x))
+    Wv2 = 2 * Wv
+    with CompileCounter() as c:
+        y = gj.attention_as_node(Wq, Wk, Wv2, scale=0.05)(x)
+    assert c.count == 0  # three solves (two Wilson lines and the jump), all reused
+    h = gj.attention(x, Wq, Wk, Wv2, "identity")
+    assert float(jnp.max(jnp.abs(y - x - 0.05 * h))) < 0.05 * float(jnp.max(jnp.abs(h)))
