@@ -5,6 +5,9 @@ JSONL metrics, atomic checkpoints and exact resume.
   resumed from a checkpoint replays exactly the steps an uninterrupted run would take.
 - Steps run in chunks of `steps_per_chunk` with `lax.scan`; the last chunk is padded with
   masked (no-op) steps, so the program is compiled once (`TrainResult.num_compilations`).
+  The compiled chunk is keyed on the functions, optimiser and model structure: runs that differ
+  only in regulariser weights, data key, step count or initial values reuse it (pass the same
+  function and optimiser objects).
 - Checkpoints `checkpoints/step_XXXXXXXX.eqx` hold a one-line JSON header (format, step,
   config, sha256 of the payload) and `eqx.tree_serialise_leaves` of (model, optimiser state);
   each is written atomically and `checkpoints/LATEST` names the newest. A restart with the same
@@ -18,7 +21,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -98,6 +101,48 @@ def read_checkpoint(path: str | Path, like, config: Mapping | None = None) -> tu
     return header["step"], eqx.tree_deserialise_leaves(_io.BytesIO(data), like)
 
 
+class _Spec(NamedTuple):
+    """The static part of a training run (hashable: the compiled chunk's cache key)."""
+
+    loss_fn: Callable
+    regularizers: tuple
+    optimizer: Any
+    batch_fn: Callable
+    static: Any
+    steps_per_chunk: int
+
+
+_TRACES = [0]  # incremented at trace time: counts compilations of `_run_chunk`
+
+
+@eqx.filter_jit
+def _run_chunk(spec: _Spec, p, state, first_step, key, num_steps, weights):
+    _TRACES[0] += 1
+
+    def objective(p, batch):
+        m = eqx.combine(p, spec.static)
+        terms = {"loss": spec.loss_fn(m, batch)}
+        for name, fn in spec.regularizers:
+            terms[name] = fn(m, batch)
+        total = terms["loss"] + sum(weights[n] * terms[n] for n, _ in spec.regularizers)
+        return total, terms
+
+    def step(carry, i):
+        p, state = carry
+        s = first_step + i
+        batch = spec.batch_fn(jax.random.fold_in(key, s))
+        (total, terms), grads = jax.value_and_grad(objective, has_aux=True)(p, batch)
+        updates, new_state = spec.optimizer.update(grads, state, p)
+        new_p = eqx.apply_updates(p, updates)
+        active = s < num_steps  # padded steps of the last chunk change nothing
+        keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
+        p = jax.tree.map(keep, new_p, p)
+        state = jax.tree.map(keep, new_state, state)
+        return (p, state), {"total": total, **terms}
+
+    return jax.lax.scan(step, (p, state), jnp.arange(spec.steps_per_chunk))
+
+
 def train(
     loss_fn: Callable[[Any, PyTree], jax.Array],
     model: Any,
@@ -153,8 +198,11 @@ def train(
     regularizers = dict(regularizers or {})
     _check_regularizers(regularizers)
     config = dict(config or {})
-    weights = {name: float(w) for name, (w, _) in regularizers.items()}
+    # weights are traced: runs that differ only in them share one compiled chunk
+    weights = {name: jnp.asarray(float(w)) for name, (w, _) in regularizers.items()}
+    fns = tuple((name, fn) for name, (_, fn) in regularizers.items())
     params, static = eqx.partition(model, eqx.is_inexact_array)
+    spec = _Spec(loss_fn, fns, optimizer, batch_fn, static, steps_per_chunk)
     opt_state = optimizer.init(params)
     start_step, resumed_from = 0, None
     ckpt_dir = Path(run_dir) / "checkpoints" if run_dir is not None else None
@@ -169,36 +217,8 @@ def train(
                 metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode()
             )
 
-    traces = [0]
-
-    def objective(p, batch):
-        m = eqx.combine(p, static)
-        terms = {"loss": loss_fn(m, batch)}
-        for name, (_, fn) in regularizers.items():
-            terms[name] = fn(m, batch)
-        total = terms["loss"] + sum(weights[n] * terms[n] for n in regularizers)
-        return total, terms
-
-    @eqx.filter_jit
-    def run_chunk(p, state, first_step):
-        traces[0] += 1  # runs at trace time only: counts compilations
-
-        def step(carry, i):
-            p, state = carry
-            s = first_step + i
-            batch = batch_fn(jax.random.fold_in(key, s))
-            (total, terms), grads = jax.value_and_grad(objective, has_aux=True)(p, batch)
-            updates, new_state = optimizer.update(grads, state, p)
-            new_p = eqx.apply_updates(p, updates)
-            active = s < num_steps  # padded steps of the last chunk change nothing
-            keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
-            p = jax.tree.map(keep, new_p, p)
-            state = jax.tree.map(keep, new_state, state)
-            return (p, state), {"total": total, **terms}
-
-        return jax.lax.scan(step, (p, state), jnp.arange(steps_per_chunk))
-
     history = []
+    compilations = 0
     start = time.perf_counter()
     bar = tqdm(total=num_steps, initial=start_step, disable=not progress, desc="train")
     step = start_step
@@ -207,7 +227,11 @@ def train(
         # optax mixes int32 step counts with floats (Adam's bias correction): trace the step
         # under standard promotion even where a caller (e.g. a test suite) set "strict"
         with jax.numpy_dtype_promotion("standard"):
-            (params, opt_state), metrics = run_chunk(params, opt_state, jnp.asarray(step))
+            traces = _TRACES[0]
+            (params, opt_state), metrics = _run_chunk(
+                spec, params, opt_state, jnp.asarray(step), key, jnp.asarray(num_steps), weights
+            )
+            compilations += _TRACES[0] - traces
         metrics = jax.device_get(metrics)
         seconds = (time.perf_counter() - t0) / steps_per_chunk
         n = min(steps_per_chunk, num_steps - step)
@@ -238,6 +262,6 @@ def train(
         opt_state=opt_state,
         history=history,
         resumed_from=resumed_from,
-        num_compilations=traces[0],
+        num_compilations=compilations,
         seconds=time.perf_counter() - start,
     )

@@ -41,11 +41,13 @@ def problem():
 
 def test_training_reduces_loss_compiles_once_and_logs_terms(tmp_path):
     model, batch_fn, loss_fn = problem()
-    l2 = (1e-3, lambda m, b: jnp.sum(m.weight**2))
+    penalty = lambda m, b: jnp.sum(m.weight**2)  # noqa: E731
+    l2 = (1e-3, penalty)
+    optimizer = optax.adam(5e-2)
     res = gj.train(
         loss_fn,
         model,
-        optax.adam(5e-2),
+        optimizer,
         batch_fn,
         key=jax.random.key(2),
         num_steps=205,
@@ -60,6 +62,36 @@ def test_training_reduces_loss_compiles_once_and_logs_terms(tmp_path):
     np.testing.assert_allclose(last["total"], last["loss"] + 1e-3 * last["l2"], rtol=1e-12)
     assert len(gj.io.read_jsonl(tmp_path / "metrics.jsonl")) == 205
     assert (tmp_path / "checkpoints" / "LATEST").read_text() == "step_00000205.eqx"
+    # another weight, the same functions and optimiser: the compiled chunk is reused, and the
+    # new weight (a traced argument, not a baked constant) is the one applied
+    again = gj.train(
+        loss_fn,
+        model,
+        optimizer,
+        batch_fn,
+        key=jax.random.key(2),
+        num_steps=40,
+        steps_per_chunk=20,
+        regularizers={"l2": (0.5, penalty)},
+    )
+    assert again.num_compilations == 0
+    last = again.history[-1]
+    np.testing.assert_allclose(last["total"], last["loss"] + 0.5 * last["l2"], rtol=1e-12)
+    assert again.history[0]["total"] == pytest.approx(
+        res.history[0]["loss"] + 0.5 * res.history[0]["l2"], rel=1e-12
+    )
+    # a new optimiser object is a new program (the counter sees it)
+    fresh = gj.train(
+        loss_fn,
+        model,
+        optax.adam(5e-2),
+        batch_fn,
+        key=jax.random.key(2),
+        num_steps=20,
+        steps_per_chunk=20,
+        regularizers={"l2": l2},
+    )
+    assert fresh.num_compilations == 1
 
 
 SCRIPT = """
