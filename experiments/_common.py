@@ -1,6 +1,7 @@
 """What every experiment shares: claim rows, slopes, and the threaded check runner."""
 
 import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +35,16 @@ def in_band(value, target, band) -> bool:
     return bool(abs(value - target) <= band)
 
 
+def validate_checks(selected: Sequence[str], checks: Sequence[tuple[str, Callable]]) -> None:
+    """`ValueError` naming the unknown entries of a config's `checks` and the valid names."""
+    valid = [name for name, _ in checks]
+    unknown = [name for name in selected if name not in valid]
+    if unknown:
+        raise ValueError(f"unknown check(s) {unknown} in `checks`; valid checks are {valid}.")
+    if len(set(selected)) != len(selected):
+        raise ValueError(f"`checks` names a check twice; received {list(selected)}.")
+
+
 def run_checks(
     experiment: str,
     checks: Sequence[tuple[str, Callable]],
@@ -44,6 +55,9 @@ def run_checks(
     expensive_first: Sequence[str] = (),
 ) -> dict:
     """Run `check(config, key, setup) -> (rows, data)` for every check and write the results.
+
+    `config.checks` (when not empty) restricts the run to the named checks; each check keeps
+    the key it has in a full run, so a subset reproduces the full run's numbers.
 
     Checks are independent and mostly XLA compilation, which is single-threaded: they run on
     `config.workers` threads, the names in `expensive_first` first. Each check has its own
@@ -68,6 +82,9 @@ def run_checks(
 
     claims, results = [], {}
     items = list(zip(checks, keys, strict=True))
+    if config.checks:
+        items = [item for item in items if item[0][0] in config.checks]
+        checks = [c for c in checks if c[0] in config.checks]
     with concurrent.futures.ThreadPoolExecutor(max_workers=config.workers) as pool:
         futures = {item[0][0]: pool.submit(one, item) for item in sorted(items, key=priority)}
         ordered = (futures[name].result() for name, _ in checks)
@@ -79,7 +96,8 @@ def run_checks(
                 {"check": name, "seconds": elapsed, **{r["id"]: r["measured"] for r in rows}},
             )
     io.write_json(run_dir / "results.json", results)
-    figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config)
+    with PLOT_LOCK:
+        figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config)
     return {
         "experiment": experiment,
         "claims": claims,
@@ -90,8 +108,12 @@ def run_checks(
     }
 
 
+PLOT_LOCK = threading.Lock()  # pyplot's figure registry is global: one plot at a time
+
+
 def pyplot():
-    """matplotlib's pyplot on the non-interactive Agg backend (figures are files)."""
+    """matplotlib's pyplot on the non-interactive Agg backend (figures are files). Hold
+    `PLOT_LOCK` while drawing: experiments may run concurrently (`reproduce` workers)."""
     import matplotlib
 
     matplotlib.use("Agg")

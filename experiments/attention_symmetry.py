@@ -15,7 +15,15 @@ import numpy as np
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import claim, in_band, log_histogram, pyplot, run_checks, slope
+from ._common import (
+    claim,
+    in_band,
+    log_histogram,
+    pyplot,
+    run_checks,
+    slope,
+    validate_checks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +44,10 @@ class Config:
     identity_tolerance: float = 1e-12
     slope_band: float = 0.15
     workers: int = 2
+    checks: tuple[str, ...] = ()  # run only these checks (all when empty)
+
+    def __post_init__(self):
+        validate_checks(self.checks, CHECKS)
 
 
 PRESETS = {
@@ -342,7 +354,24 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     plt = pyplot()
     fig_dir = Path(fig_dir)
     out = []
-    table = results["table"]["table"]
+    if "table" in results:
+        out.append(_table_figure(plt, results["table"]["table"], fig_dir))
+    if {"cubic", "attention_node"} <= results.keys():
+        out.append(_integrated_figure(plt, results, fig_dir))
+    if "multihead" in results:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        log_histogram(
+            ax,
+            list(results["multihead"].items()),
+            xlabel="log10 max relative deviation",
+            title="Multi-head attention gauge sweeps",
+        )
+        out.append(io.save_figure(fig, fig_dir / "multihead.png"))
+        plt.close(fig)
+    return out
+
+
+def _table_figure(plt, table, fig_dir) -> Path:
     keys = list(table)
     worst = [np.log10(max(float(np.max(table[k])), 1e-17)) for k in keys]
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -351,8 +380,12 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     ax.set_xticks(range(len(keys)), keys, rotation=70, fontsize=7)
     ax.set_ylabel("log10 max relative deviation")
     ax.set_title("Attention gauge: activation / condition / alpha (green: symmetry holds)")
-    out.append(io.save_figure(fig, fig_dir / "attention_table.png"))
+    path = io.save_figure(fig, fig_dir / "attention_table.png")
     plt.close(fig)
+    return path
+
+
+def _integrated_figure(plt, results, fig_dir) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, name, title in [
         (axes[0], "cubic", "Eq. 38: cubic ODE vs leading order"),
@@ -367,15 +400,6 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    out.append(io.save_figure(fig, fig_dir / "integrated.png"))
+    path = io.save_figure(fig, fig_dir / "integrated.png")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    log_histogram(
-        ax,
-        list(results["multihead"].items()),
-        xlabel="log10 max relative deviation",
-        title="Multi-head attention gauge sweeps",
-    )
-    out.append(io.save_figure(fig, fig_dir / "multihead.png"))
-    plt.close(fig)
-    return out
+    return path

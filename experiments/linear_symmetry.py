@@ -15,7 +15,15 @@ import numpy as np
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import claim, in_band, log_histogram, pyplot, run_checks, slope
+from ._common import (
+    claim,
+    in_band,
+    log_histogram,
+    pyplot,
+    run_checks,
+    slope,
+    validate_checks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +46,10 @@ class Config:
     identity_tolerance: float = 1e-12
     slope_band: float = 0.15
     workers: int = 2
+    checks: tuple[str, ...] = ()  # run only these checks (all when empty)
 
     def __post_init__(self):
+        validate_checks(self.checks, CHECKS)
         if sum(n >= 4 for n in self.layer_counts) < 2:
             raise ValueError(
                 f"`layer_counts` needs two or more values >= 4 for the Euler rate; received "
@@ -456,6 +466,36 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     plt = pyplot()
     fig_dir = Path(fig_dir)
     out = []
+    if {"discrete", "wilson"} <= results.keys():
+        out.append(_discretisation_figure(plt, results, fig_dir))
+    series = [
+        (label, results[check][entry])
+        for label, check, entry in [
+            ("LinearGauge expm (abs)", "linear_gauge", "deviation_expm"),
+            ("LinearGauge Cayley (abs)", "linear_gauge", "deviation_cayley"),
+            ("discrete gauge, Eq. 33 (rel)", "discrete", "eq33"),
+            ("ReLU rescaling (rel)", "rescaling", "relu"),
+            ("eqx.nn.MLP rescaling (rel)", "rescaling", "eqx_mlp"),
+            ("tanh rescaling (rel, broken)", "rescaling", "tanh"),
+            ("CNN, L_inf pooling (rel)", "cnn_gnn", "Linf"),
+            ("CNN + instance norm (rel, broken)", "cnn_gnn", "instance_norm"),
+        ]
+        if check in results
+    ]
+    if series:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        log_histogram(
+            ax,
+            series,
+            xlabel="log10 max deviation per gauge sample",
+            title="Linear and rescaling gauge sweeps (float64)",
+        )
+        out.append(io.save_figure(fig, fig_dir / "sweeps.png"))
+        plt.close(fig)
+    return out
+
+
+def _discretisation_figure(plt, results, fig_dir) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     d = results["discrete"]
     axes[0].loglog(d["layers"], d["euler"], "s--", label="Euler: w_n = 1 + Delta w(n Delta)")
@@ -472,26 +512,6 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    out.append(io.save_figure(fig, fig_dir / "discretisation.png"))
+    path = io.save_figure(fig, fig_dir / "discretisation.png")
     plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    series = [
-        ("LinearGauge expm (abs)", results["linear_gauge"]["deviation_expm"]),
-        ("LinearGauge Cayley (abs)", results["linear_gauge"]["deviation_cayley"]),
-        ("discrete gauge, Eq. 33 (rel)", results["discrete"]["eq33"]),
-        ("ReLU rescaling (rel)", results["rescaling"]["relu"]),
-        ("eqx.nn.MLP rescaling (rel)", results["rescaling"]["eqx_mlp"]),
-        ("tanh rescaling (rel, broken)", results["rescaling"]["tanh"]),
-        ("CNN, L_inf pooling (rel)", results["cnn_gnn"]["Linf"]),
-        ("CNN + instance norm (rel, broken)", results["cnn_gnn"]["instance_norm"]),
-    ]
-    log_histogram(
-        ax,
-        series,
-        xlabel="log10 max deviation per gauge sample",
-        title="Linear and rescaling gauge sweeps (float64)",
-    )
-    out.append(io.save_figure(fig, fig_dir / "sweeps.png"))
-    plt.close(fig)
-    return out
+    return path

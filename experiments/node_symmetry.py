@@ -18,7 +18,15 @@ import numpy as np
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import claim, in_band, log_histogram, pyplot, run_checks, slope
+from ._common import (
+    claim,
+    in_band,
+    log_histogram,
+    pyplot,
+    run_checks,
+    slope,
+    validate_checks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +50,10 @@ class Config:
     identity_tolerance: float = 1e-12
     slope_band: float = 0.2
     workers: int = 2
+    checks: tuple[str, ...] = ()  # run only these checks (all when empty)
+
+    def __post_init__(self):
+        validate_checks(self.checks, CHECKS)
 
 
 PRESETS = {
@@ -491,6 +503,8 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     plt = pyplot()
     fig_dir = Path(fig_dir)
     out = []
+    if not {"deform_vs_finite", "thm21", "eq20"} <= results.keys():
+        return out + _sweep_figure(plt, results, fig_dir, config)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     d = results["deform_vs_finite"]
     axes[0].loglog(d["scales"], d["gaps"], "o-", label=f"deform vs finite (slope {d['slope']:.2f})")
@@ -524,15 +538,26 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     axes[0].set_ylabel("max abs gap")
     out.append(io.save_figure(fig, fig_dir / "convergence.png"))
     plt.close(fig)
+    return out + _sweep_figure(plt, results, fig_dir, config)
 
+
+def _sweep_figure(plt, results, fig_dir, config) -> list[Path]:
+    series = []
+    if "thm21" in results:
+        t = results["thm21"]
+        series += [
+            ("Lie, vanishing (1st order)", t["first_order_vanishing"]),
+            ("Lie, free (1st order)", t["first_order_free"]),
+        ]
+    if "finite_families" in results:
+        f = results["finite_families"]
+        series += [
+            ("spatial diffeo (finite)", f["spatial"]["deviation"]),
+            ("time reparam (finite)", f["reparam"]["deviation"]),
+        ]
+    if not series:
+        return []
     fig, ax = plt.subplots(figsize=(8, 4))
-    f = results["finite_families"]
-    series = [
-        ("Lie, vanishing (1st order)", t["first_order_vanishing"]),
-        ("Lie, free (1st order)", t["first_order_free"]),
-        ("spatial diffeo (finite)", f["spatial"]["deviation"]),
-        ("time reparam (finite)", f["reparam"]["deviation"]),
-    ]
     log_histogram(
         ax,
         series,
@@ -540,6 +565,6 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
         title="Gauge sweeps on a tanh-MLP neural ODE (float64)",
         tolerance=config.tolerance,
     )
-    out.append(io.save_figure(fig, fig_dir / "sweeps.png"))
+    path = io.save_figure(fig, fig_dir / "sweeps.png")
     plt.close(fig)
-    return out
+    return [path]

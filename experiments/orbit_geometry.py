@@ -18,7 +18,15 @@ import optax
 import gaugejax as gj
 from gaugejax import io, orbits
 
-from ._common import claim, in_band, log_histogram, pyplot, run_checks, slope
+from ._common import (
+    claim,
+    in_band,
+    log_histogram,
+    pyplot,
+    run_checks,
+    slope,
+    validate_checks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +51,10 @@ class Config:
     decay: float = 0.5
     slope_band: float = 0.2
     workers: int = 2
+    checks: tuple[str, ...] = ()  # run only these checks (all when empty)
 
     def __post_init__(self):
+        validate_checks(self.checks, CHECKS)
         if len(self.learning_rates) < 2 or any(lr <= 0 for lr in self.learning_rates):
             raise ValueError(
                 "`learning_rates` must hold at least two values > 0 (a slope needs two); "
@@ -270,13 +280,16 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     """Cosine histograms (invariant vs control) and charge drift vs learning rate."""
     plt = pyplot()
     fig_dir = Path(fig_dir)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     series = []
     for name in ("mlp", "attention", "linear_net", "linear_node"):
-        series += [
-            (f"{name}", results[name]["invariant"]),
-            (f"{name} control", results[name]["control"]),
-        ]
+        if name in results:
+            series += [
+                (f"{name}", results[name]["invariant"]),
+                (f"{name} control", results[name]["control"]),
+            ]
+    if not series or "drift" not in results:  # both panels, or no figure
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     log_histogram(
         axes[0],
         series,

@@ -63,7 +63,8 @@ def test_atomic_writes_and_jsonl(tmp_path):
 
 
 def test_reproduce_smoke_writes_report_with_all_claims(tmp_path):
-    """The smoke preset runs every check; every claim passes and lands in report.md."""
+    """Every check of every experiment at smoke sizes (`checks=[]` lifts the smoke preset's
+    selection): every claim passes and lands in report.md."""
     env = dict(os.environ, GAUGEJAX_JAX_CACHE=str(tmp_path / "cache"))
     out = subprocess.run(
         [
@@ -73,6 +74,7 @@ def test_reproduce_smoke_writes_report_with_all_claims(tmp_path):
             "reproduce",
             "--config",
             "configs/reproduce/smoke.toml",
+            "checks=[]",
             "--out",
             str(tmp_path / "runs"),
         ],
@@ -101,6 +103,7 @@ def test_reproduce_smoke_writes_report_with_all_claims(tmp_path):
     assert summary["num_pass"] == summary["num_claims"] == len(ids)
     report = (run_dir / "report.md").read_text()
     assert f"{summary['num_claims']} of {summary['num_claims']} claims pass" in report
+    assert summary["checks_left_out"] == [] and "checks left out" not in report
     assert "Eq. 20" in report
     for exp, fig in [
         ("node_symmetry", "convergence.png"),
@@ -160,10 +163,58 @@ def test_gauge_fixing_config_validation():
         make_config(orbit_geometry.Config, {"learning_rates": [0.001]})
 
 
-def test_reproduce_rejects_unknown_experiment(tmp_path):
-    cfg = make_config(reproduce.Config, {"experiments": ["nope"]})
+def test_reproduce_config_validation():
     with pytest.raises(ValueError, match=r"unknown experiment\(s\) \['nope'\]"):
-        reproduce.run(cfg, tmp_path)
+        make_config(reproduce.Config, {"experiments": ["nope"]})
+    with pytest.raises(ValueError, match=r"'experiment.check'.*received 'eq16'"):
+        make_config(reproduce.Config, {"checks": ["eq16"]})
+    with pytest.raises(ValueError, match=r"received 'gauge_fixing.train'"):
+        make_config(reproduce.Config, {"checks": ["gauge_fixing.train"]})
+    with pytest.raises(ValueError, match=r"received 'node_symmetry.eq16'"):
+        make_config(
+            reproduce.Config, {"experiments": ["linear_symmetry"], "checks": ["node_symmetry.eq16"]}
+        )
+    with pytest.raises(ValueError, match=r"unknown check\(s\) \['eq17'\].*valid checks"):
+        make_config(reproduce.Config, {"checks": ["node_symmetry.eq17"]})
+    with pytest.raises(ValueError, match="`workers` must be an int >= 1"):
+        make_config(reproduce.Config, {"workers": 0})
+    with pytest.raises(ValueError, match=r"unknown check\(s\) \['nope'\] in `checks`"):
+        make_config(orbit_geometry.Config, {"checks": ["nope"]})
+    with pytest.raises(ValueError, match="twice"):
+        make_config(attention_symmetry.Config, {"checks": ["cubic", "cubic"]})
+    # the smoke preset's selection is valid and covers every experiment
+    smoke = make_config(reproduce.Config, reproduce.PRESETS["smoke"])
+    assert set(smoke.selection()) == {n for n in smoke.experiments if n != "gauge_fixing"}
+
+
+def test_reproduce_runs_a_selection_and_lists_what_it_left_out(tmp_path):
+    """A selection runs just those checks, with the keys of a full run (same numbers), and the
+    report names every check it left out."""
+    cfg = make_config(
+        reproduce.Config,
+        {
+            "preset": "smoke",
+            "experiments": ["node_symmetry"],
+            "checks": ["node_symmetry.eq16", "node_symmetry.lie_bracket"],
+        },
+    )
+    summary = reproduce.run(cfg, tmp_path)
+    assert [c["id"] for c in summary["claims"]] == ["lie_bracket", "eq16"]  # CHECKS order
+    assert summary["num_pass"] == 2
+    left = {name for name, _ in node_symmetry.CHECKS} - {"eq16", "lie_bracket"}
+    assert summary["checks_left_out"] == [
+        f"node_symmetry.{n}" for n, _ in node_symmetry.CHECKS if n in left
+    ]
+    report = (tmp_path / "report.md").read_text()
+    assert "checks left out at this preset (5" in report and "`node_symmetry.thm21`" in report
+    # the figures need checks that did not run: none is drawn, and none is claimed
+    assert json.loads((tmp_path / "node_symmetry" / "summary.json").read_text())["figures"] == []
+    # a lone check reproduces the number it has in a run of both (its key does not change)
+    alone = make_config(
+        node_symmetry.Config, {**node_symmetry.PRESETS["smoke"], "checks": ["eq16"]}
+    )
+    rows = node_symmetry.run(alone, tmp_path / "alone")["claims"]
+    assert rows[0]["measured"] == summary["claims"][1]["measured"]
 
 
 def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
