@@ -134,3 +134,13 @@ def log_histogram(ax, series, *, xlabel: str, title: str, tolerance: float | Non
     ax.set_ylabel("samples")
     ax.set_title(title)
     ax.legend(fontsize=7)
+
+
+def histogram_figure(path: Path, series, *, xlabel: str, title: str, tolerance=None) -> Path:
+    """One `log_histogram` figure written to `path` (call with `PLOT_LOCK` held)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    log_histogram(ax, series, xlabel=xlabel, title=title, tolerance=tolerance)
+    path = io.save_figure(fig, path)
+    plt.close(fig)
+    return path

@@ -15,15 +15,7 @@ import numpy as np
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import (
-    claim,
-    in_band,
-    log_histogram,
-    pyplot,
-    run_checks,
-    slope,
-    validate_checks,
-)
+from ._common import claim, histogram_figure, in_band, pyplot, run_checks, slope, validate_checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,15 +351,14 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     if {"cubic", "attention_node"} <= results.keys():
         out.append(_integrated_figure(plt, results, fig_dir))
     if "multihead" in results:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        log_histogram(
-            ax,
-            list(results["multihead"].items()),
-            xlabel="log10 max relative deviation",
-            title="Multi-head attention gauge sweeps",
+        out.append(
+            histogram_figure(
+                fig_dir / "multihead.png",
+                list(results["multihead"].items()),
+                xlabel="log10 max relative deviation",
+                title="Multi-head attention gauge sweeps",
+            )
         )
-        out.append(io.save_figure(fig, fig_dir / "multihead.png"))
-        plt.close(fig)
     return out
 
 

@@ -15,15 +15,7 @@ import numpy as np
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import (
-    claim,
-    in_band,
-    log_histogram,
-    pyplot,
-    run_checks,
-    slope,
-    validate_checks,
-)
+from ._common import claim, histogram_figure, in_band, pyplot, run_checks, slope, validate_checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,15 +475,14 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
         if check in results
     ]
     if series:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        log_histogram(
-            ax,
-            series,
-            xlabel="log10 max deviation per gauge sample",
-            title="Linear and rescaling gauge sweeps (float64)",
+        out.append(
+            histogram_figure(
+                fig_dir / "sweeps.png",
+                series,
+                xlabel="log10 max deviation per gauge sample",
+                title="Linear and rescaling gauge sweeps (float64)",
+            )
         )
-        out.append(io.save_figure(fig, fig_dir / "sweeps.png"))
-        plt.close(fig)
     return out
 
 

@@ -18,15 +18,7 @@ import numpy as np
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import (
-    claim,
-    in_band,
-    log_histogram,
-    pyplot,
-    run_checks,
-    slope,
-    validate_checks,
-)
+from ._common import claim, histogram_figure, in_band, pyplot, run_checks, slope, validate_checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,7 +496,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     fig_dir = Path(fig_dir)
     out = []
     if not {"deform_vs_finite", "thm21", "eq20"} <= results.keys():
-        return out + _sweep_figure(plt, results, fig_dir, config)
+        return out + _sweep_figure(results, fig_dir, config)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     d = results["deform_vs_finite"]
     axes[0].loglog(d["scales"], d["gaps"], "o-", label=f"deform vs finite (slope {d['slope']:.2f})")
@@ -538,10 +530,10 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     axes[0].set_ylabel("max abs gap")
     out.append(io.save_figure(fig, fig_dir / "convergence.png"))
     plt.close(fig)
-    return out + _sweep_figure(plt, results, fig_dir, config)
+    return out + _sweep_figure(results, fig_dir, config)
 
 
-def _sweep_figure(plt, results, fig_dir, config) -> list[Path]:
+def _sweep_figure(results, fig_dir, config) -> list[Path]:
     series = []
     if "thm21" in results:
         t = results["thm21"]
@@ -557,14 +549,11 @@ def _sweep_figure(plt, results, fig_dir, config) -> list[Path]:
         ]
     if not series:
         return []
-    fig, ax = plt.subplots(figsize=(8, 4))
-    log_histogram(
-        ax,
+    path = histogram_figure(
+        fig_dir / "sweeps.png",
         series,
         xlabel="log10 max |deviation| per gauge sample",
         title="Gauge sweeps on a tanh-MLP neural ODE (float64)",
         tolerance=config.tolerance,
     )
-    path = io.save_figure(fig, fig_dir / "sweeps.png")
-    plt.close(fig)
     return [path]

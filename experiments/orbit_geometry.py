@@ -18,15 +18,7 @@ import optax
 import gaugejax as gj
 from gaugejax import io, orbits
 
-from ._common import (
-    claim,
-    in_band,
-    log_histogram,
-    pyplot,
-    run_checks,
-    slope,
-    validate_checks,
-)
+from ._common import claim, in_band, log_histogram, pyplot, run_checks, slope, validate_checks
 
 
 @dataclasses.dataclass(frozen=True)
