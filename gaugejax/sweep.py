@@ -6,7 +6,9 @@ compiled call: inside it `lax.map(..., batch_size=chunk_size)` runs fixed-size v
 (memory bounded by `chunk_size` lanes for any `num_samples`); over devices the block is split by
 `jax.shard_map`, so each device runs its own solver loops (plain auto-sharding of a vmapped
 while-loop would all-reduce every step). The host loops over blocks and keeps only per-sample
-scalars.
+scalars. Multi-host: after `jax.distributed.initialize`, `jax.devices()` spans every process;
+each process calls `sweep` with the same arguments, runs the samples of its own devices, and
+receives the whole result (one all-gather of per-sample scalars per block).
 """
 
 import collections
@@ -22,6 +24,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
@@ -164,6 +167,27 @@ def _as_typed_key(key) -> PRNGKeyArray:
     raise ValueError(
         f"`key` must be a jax.random.key (or a raw uint32[2] key); received {key.dtype}{key.shape}."
     )
+
+
+def _replicate(tree: PyTree, sharding: NamedSharding) -> PyTree:
+    """`tree` replicated with `sharding`. Through host numpy: for a mesh that spans processes
+    (`jax.distributed`) `device_put` accepts host values only, the same on every process."""
+
+    def one(a):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            data = one(jax.random.key_data(a))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
+        return jax.device_put(np.asarray(a), sharding)
+
+    return jax.tree.map(one, tree)
+
+
+def _gather(out: PyTree) -> PyTree:
+    """Host numpy copies of a block's outputs; from every process when the mesh spans several
+    (each process then holds the whole result)."""
+    if all(x.is_fully_addressable for x in jax.tree.leaves(out)):
+        return jax.device_get(out)
+    return multihost_utils.process_allgather(out, tiled=True)
 
 
 class _Plan(NamedTuple):
@@ -353,7 +377,9 @@ def sweep(
     - `observable`: `(model, inputs) -> (outputs, SolveStats | None)`.
     - `precision`: matmul precision for every traced computation (default `"highest"`: float32
       matmuls otherwise run as TF32 on recent GPUs).
-    - `devices`: devices to shard the sample axis over (default: all of `jax.devices()`).
+    - `devices`: devices to shard the sample axis over (default: all of `jax.devices()`, which
+      spans every process after `jax.distributed.initialize`; then every process must call
+      `sweep` with the same arguments, and each gets the whole result).
     - `progress`: show a tqdm bar over blocks.
 
     **Returns:** a `SweepResult`. Solver failures are reported per lane, never raised.
@@ -379,32 +405,32 @@ def sweep(
     with jax.default_matmul_precision(precision):
         reference, noise_floor = _observe(plan, params, inputs)
         scale = jnp.max(jnp.abs(_flat(reference)))
-        noise_floor = float(noise_floor)
+        noise_floor, reference_scale = float(noise_floor), float(scale)
         if mesh is not None:
             split = NamedSharding(mesh, P("samples"))
-            key, params, inputs, reference, scale = jax.device_put(
+            key, params, inputs, reference, scale = _replicate(
                 (key, params, inputs, reference, scale), NamedSharding(mesh, P())
             )
         else:
             split = devices[0]
         args = (key, params, inputs, reference, scale)
-        first = jax.device_put(jnp.arange(block, dtype=jnp.uint32), split)
+        first = jax.device_put(np.arange(block, dtype=np.uint32), split)
         compiled, compile_time = _compiled_block(plan, first, *args)
 
     num_blocks = -(-num_samples // block)
     pieces = []
     run_time = 0.0
     for b in tqdm(range(num_blocks), desc="sweep", unit="block", disable=not progress):
-        indices = jax.device_put(jnp.arange(b * block, (b + 1) * block, dtype=jnp.uint32), split)
+        indices = jax.device_put(np.arange(b * block, (b + 1) * block, dtype=np.uint32), split)
         start = time.perf_counter()
         out = jax.block_until_ready(compiled(indices, *args))
         run_time += time.perf_counter() - start
-        pieces.append(jax.device_get(out))
+        pieces.append(_gather(out))
     merged = {k: np.concatenate([p[k] for p in pieces])[:num_samples] for k in pieces[0]}
     dtype = str(jax.tree.leaves(reference)[0].dtype)
     return SweepResult(
         mode=mode,
-        reference_scale=float(scale),
+        reference_scale=reference_scale,
         noise_floor=noise_floor,
         dtype=dtype,
         precision=precision,
