@@ -15,10 +15,10 @@ Workloads:
   100 fixed steps; the deformed ODE is really integrated. `LinearGauge` normalises `A` by its
   spectral norm (`|A|_2 = rho u`, u ~ U(1/4, 1)) instead of W1's `0.3 N(0, 1)/sqrt(d)`.
 
-Known hazard (jaxlib 0.10.2, CPU): one vmapped call of the w1 lane over 64 or more samples
-(8 inputs each; `expm` gauges at d = 16, RK4 or Tsit5) never returns: every thread waits on a
-futex and no CPU is used. 48 samples, `kind="cayley"` or d = 4 run. Hence the vmap side is
-timed on one chunk and the default chunk is 32; not reduced to a small reproducer yet.
+Known problem (jaxlib 0.10.2, CPU): a vmapped loop body with two independent "inner loop ->
+LU solve" chains never returns at a batch of about 100 or more (README: a pure-JAX reproducer).
+The w1 lane had that shape until `LinearGauge` fused its weight and bias into one solve
+(`GaugedLinearField`); chunks of 128 to 1024 now return. The vmap side is timed on one chunk.
 
 This is a benchmark, not a check: it has no claims; numbers go to `results.json`,
 `summary.json` (the `table`) and `figures/throughput.png`.
@@ -153,7 +153,7 @@ def measure(cfg: Config, name: str, key) -> dict:
 
     def loop():
         # block on every sample, as a loop that reads each result does (queueing 64 async
-        # calls of the w1 program deadlocked jaxlib 0.10.2's CPU runtime: all threads idle)
+        # calls of the unfused w1 program deadlocked jaxlib 0.10.2's CPU runtime)
         return [jax.block_until_ready(one(lane, k)) for k in loop_keys]
 
     loop_time = _median_time(loop, cfg.repeats)

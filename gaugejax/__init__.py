@@ -36,6 +36,7 @@ from .gauges import (
     AbstractGauge as AbstractGauge,
     AttentionGauge as AttentionGauge,
     DiscreteLinearGauge as DiscreteLinearGauge,
+    GaugedLinearField as GaugedLinearField,
     LieDeformationGauge as LieDeformationGauge,
     LinearGauge as LinearGauge,
     RescalingGauge as RescalingGauge,

@@ -17,6 +17,7 @@ from .linear import (
     AffineMap as AffineMap,
     DiscreteGaugeElement as DiscreteGaugeElement,
     DiscreteLinearGauge as DiscreteLinearGauge,
+    GaugedLinearField as GaugedLinearField,
     LinearGauge as LinearGauge,
     LinearGaugeElement as LinearGaugeElement,
     RescalingGauge as RescalingGauge,
