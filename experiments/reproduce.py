@@ -66,7 +66,6 @@ SMOKE_CHECKS = (
     "node_symmetry.eq16",
     "node_symmetry.deform_vs_finite",
     "node_symmetry.eq20",
-    "node_symmetry.thm21",
     "linear_symmetry.eq27",
     "linear_symmetry.wilson",
     "attention_symmetry.cubic",
