@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import io as _io
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -112,12 +113,14 @@ class _Spec(NamedTuple):
     steps_per_chunk: int
 
 
-_TRACES = [0]  # incremented at trace time: counts compilations of `_run_chunk`
+# incremented at trace time, which runs in the calling thread: per-thread counts of compilations
+# of `_run_chunk` stay exact when several runs train concurrently
+_TRACES = threading.local()
 
 
 @eqx.filter_jit
 def _run_chunk(spec: _Spec, p, state, first_step, key, num_steps, weights):
-    _TRACES[0] += 1
+    _TRACES.count = getattr(_TRACES, "count", 0) + 1
 
     def objective(p, batch):
         m = eqx.combine(p, spec.static)
@@ -227,11 +230,11 @@ def train(
         # optax mixes int32 step counts with floats (Adam's bias correction): trace the step
         # under standard promotion even where a caller (e.g. a test suite) set "strict"
         with jax.numpy_dtype_promotion("standard"):
-            traces = _TRACES[0]
+            traces = getattr(_TRACES, "count", 0)
             (params, opt_state), metrics = _run_chunk(
                 spec, params, opt_state, jnp.asarray(step), key, jnp.asarray(num_steps), weights
             )
-            compilations += _TRACES[0] - traces
+            compilations += getattr(_TRACES, "count", 0) - traces
         metrics = jax.device_get(metrics)
         seconds = (time.perf_counter() - t0) / steps_per_chunk
         n = min(steps_per_chunk, num_steps - step)
