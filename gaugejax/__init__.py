@@ -33,10 +33,11 @@ from .gauge_fixing import (
     linear_gauge_fixing_penalty as linear_gauge_fixing_penalty,
 )
 from .gauges import (
+    AbstractFieldGauge as AbstractFieldGauge,
     AbstractGauge as AbstractGauge,
+    AbstractParameterGauge as AbstractParameterGauge,
     AttentionGauge as AttentionGauge,
     DiscreteLinearGauge as DiscreteLinearGauge,
-    GaugedLinearField as GaugedLinearField,
     LieDeformationGauge as LieDeformationGauge,
     LinearGauge as LinearGauge,
     RescalingGauge as RescalingGauge,
@@ -57,6 +58,7 @@ from .models import (
     FeedforwardNet as FeedforwardNet,
     FourierBasis as FourierBasis,
     FunctionLinearField as FunctionLinearField,
+    GaugedLinearField as GaugedLinearField,
     GraphConvNet as GraphConvNet,
     LinearNet as LinearNet,
     LinearNODE as LinearNODE,
@@ -72,9 +74,11 @@ from .models import (
     random_linear_node as random_linear_node,
 )
 from .solve import (
+    NOT_COUNTED as NOT_COUNTED,
     RK4 as RK4,
     SensitivityField as SensitivityField,
     SolveStats as SolveStats,
+    SolveStatus as SolveStatus,
     count_evaluations as count_evaluations,
     evaluations_per_step as evaluations_per_step,
     result_name as result_name,
@@ -84,10 +88,12 @@ from .sweep import (
     SweepLane as SweepLane,
     SweepResult as SweepResult,
     default_observable as default_observable,
+    status_name as status_name,
     sweep as sweep,
     sweep_lane as sweep_lane,
 )
 from .train import TrainResult as TrainResult, read_checkpoint as read_checkpoint, train as train
+from .verdict import VERDICTS as VERDICTS, Verdict as Verdict, judge as judge
 
 
 __version__ = "0.1.0"

@@ -23,6 +23,7 @@ from jaxtyping import ArrayLike, Float, PyTree
 
 from ._checks import check_like
 from ._types import Args, ScalarLike, SpacetimeGenerator, State, VectorField
+from .models import AbstractNeuralODE
 
 
 def _sub(a: PyTree, b: PyTree) -> PyTree:
@@ -259,7 +260,15 @@ def first_order_response(model, eps: SpacetimeGenerator, z: State) -> State:
     - `z`: one input state.
 
     **Returns:** the predicted first-order response, shaped like `z`.
+
+    **Raises:** `TypeError` if `model` is not a gaugejax neural ODE (saying how to wrap one).
     """
+    if not isinstance(model, AbstractNeuralODE):
+        raise TypeError(
+            "first_order_response needs a gaugejax neural ODE (gaugejax.NeuralODE or "
+            f"LinearNODE); received {type(model).__name__}. Wrap your vector field in one line: "
+            "gj.NeuralODE(field, t1=..., solver=..., stepsize_controller=...)."
+        )
 
     def v(t, x):
         t = _time_array(t)

@@ -9,6 +9,7 @@ printed second case of Eq. 23 (reverse-ordered exponential of +w) is not that pr
 it Eq. 22 and the covariance Eq. 46 fail (see the README and `experiments/linear_symmetry`).
 """
 
+import math
 from collections.abc import Callable
 
 import diffrax
@@ -240,9 +241,16 @@ class LiftedGauge(eqx.Module):
         return (1.0 - s) * self.cs[n] + s * self.cs[n + 1]
 
 
-def check_discrete_gauge(Gs, cs, *, atol: float = 1e-12) -> None:
-    """Validate `Gs` (N+1, d, d) and `cs` (N+1, d): `G_0 = G_N = 1`, `c_0 = c_N = 0`, and every
-    `G_n` invertible (eagerly, for concrete values; traced values are not checked)."""
+def check_discrete_gauge(Gs, cs, *, atol: float = 1e-12):
+    """Validate `Gs` (N+1, d, d) and `cs` (N+1, d): `G_0 = G_N = 1`, `c_0 = c_N = 0`, every
+    `G_n` invertible (condition number <= 1e12) and every value finite.
+
+    **Returns:** `(Gs, cs)` as arrays; use them: under `jit` the value checks are
+    `eqx.error_if` runtime errors attached to them.
+
+    **Raises:** `ValueError` for wrong shapes, and (concrete values) for wrong end values, a
+    singular or non-finite `G_n`.
+    """
     Gs, cs = jnp.asarray(Gs), jnp.asarray(cs)
     if Gs.ndim != 3 or Gs.shape[1] != Gs.shape[2]:
         raise ValueError(f"`Gs` must have shape (N+1, d, d); received {Gs.shape}.")
@@ -250,18 +258,32 @@ def check_discrete_gauge(Gs, cs, *, atol: float = 1e-12) -> None:
         raise ValueError(f"`cs` must have shape {Gs.shape[:2]}; received {cs.shape}.")
     if Gs.shape[0] < 2:
         raise ValueError(f"`Gs` needs N+1 >= 2 entries; received {Gs.shape[0]}.")
+    eye = jnp.eye(Gs.shape[1], dtype=Gs.dtype)
+    ends = jnp.stack([Gs[0], Gs[-1]])
+    bad_G = ~jnp.all(jnp.abs(ends - eye) <= atol, axis=(1, 2))
+    bad_c = ~jnp.all(jnp.abs(jnp.stack([cs[0], cs[-1]])) <= atol, axis=1)
+    finite = jnp.all(jnp.isfinite(Gs), axis=(1, 2)) & jnp.all(jnp.isfinite(cs), axis=1)
+    svals = jnp.linalg.svd(jnp.where(finite[:, None, None], Gs, eye), compute_uv=False)
+    conds = svals[:, 0] / svals[:, -1]
+    singular = ~finite | ~(conds <= 1e12)
     if isinstance(Gs, jax.core.Tracer) or isinstance(cs, jax.core.Tracer):
-        return
-    eye = np.eye(Gs.shape[1])
-    for end in (0, Gs.shape[0] - 1):
-        if not np.allclose(np.asarray(Gs[end]), eye, rtol=0, atol=atol):
+        # the same checks at run time: never skipped because the values are traced
+        Gs = eqx.error_if(Gs, jnp.any(bad_G), "`Gs[0]` and `Gs[-1]` must be the identity.")
+        Gs = eqx.error_if(Gs, jnp.any(singular), "every `Gs[n]` must be finite and invertible.")
+        cs = eqx.error_if(cs, jnp.any(bad_c), "`cs[0]` and `cs[-1]` must be zero.")
+        return Gs, cs
+    for i, end in enumerate((0, Gs.shape[0] - 1)):
+        if bool(bad_G[i]):
             raise ValueError(f"`Gs[{end}]` must be the identity (boundary condition of Eq. 33).")
-        if not np.allclose(np.asarray(cs[end]), 0.0, rtol=0, atol=atol):
+        if bool(bad_c[i]):
             raise ValueError(f"`cs[{end}]` must be zero (boundary condition of Eq. 33).")
-    conds = np.linalg.cond(np.asarray(Gs))
-    if not np.all(np.isfinite(conds)) or conds.max() > 1e12:
-        n = int(np.argmax(np.where(np.isfinite(conds), conds, np.inf)))
-        raise ValueError(f"`Gs[{n}]` is singular or nearly so (condition number {conds[n]:.2e}).")
+    if bool(jnp.any(singular)):
+        n = int(jnp.argmax(singular))
+        raise ValueError(
+            f"`Gs[{n}]` (or `cs[{n}]`) is singular or not finite (condition number "
+            f"{float(conds[n]):.2e})."
+        )
+    return Gs, cs
 
 
 def lift(Gs, cs, t1: float) -> LiftedGauge:
@@ -278,8 +300,8 @@ def lift(Gs, cs, t1: float) -> LiftedGauge:
     `det G_n <= 0`: a continuous G(t) with G(0) = 1 stays in GL+(d), so such a discrete gauge
     has no continuous lift.
     """
-    check_discrete_gauge(Gs, cs)
-    if not float(t1) > 0:
+    Gs, cs = check_discrete_gauge(Gs, cs)
+    if not (isinstance(t1, (int, float)) and math.isfinite(t1) and t1 > 0):
         raise ValueError(f"`t1` must be > 0; received {t1!r}.")
     G = np.asarray(Gs, dtype=float)
     dets = np.linalg.det(G)

@@ -29,15 +29,77 @@ class SolveStats(eqx.Module):
 
     - `num_steps`: steps attempted (accepted + rejected).
     - `num_accepted_steps`, `num_rejected_steps`: as diffrax counts them.
-    - `num_evaluations`: vector-field evaluations, counted as described in the module docstring.
-    - `result`: the integer code of diffrax's `RESULTS` (0 is success); `result_name` decodes it.
+    - `num_evaluations`: vector-field evaluations, counted as described in the module
+      docstring; `NOT_COUNTED` (-1) for solvers whose evaluations are not a fixed multiple of
+      the steps (implicit, reversible, ...): not a guess, not a refusal.
+    - `result`: a `SolveStatus` item (diffrax's outcome, set in-graph); `result_name` names it.
     """
 
     num_steps: Int[Array, "*batch"]
     num_accepted_steps: Int[Array, "*batch"]
     num_rejected_steps: Int[Array, "*batch"]
     num_evaluations: Int[Array, "*batch"]
-    result: Int[Array, "*batch"]
+    result: "SolveStatus"
+
+
+NOT_COUNTED = -1
+
+
+class SolveStatus(eqx.Enumeration):
+    """Outcome of a solve, or of one lane of a sweep (set in-graph, so it vmaps).
+
+    diffrax's failure kinds are mapped from its public `diffrax.RESULTS` items; gaugejax adds
+    `nonfinite_output` (the solve succeeded but the output has NaN/inf) and `singular_gauge`
+    (the gauge element is singular or not finite).
+    """
+
+    successful = ""
+    max_steps_reached = "the solver reached `max_steps`"
+    dt_min_reached = "the step size controller reached its minimum step"
+    singular = "a linear solve inside the solver met a singular matrix"
+    breakdown = "a linear solve inside the solver broke down"
+    divergence = "a nonlinear solve (implicit solver) diverged"
+    nonlinear_max_steps_reached = "a nonlinear solve (implicit solver) ran out of steps"
+    solver_failed = "another diffrax failure"
+    nonfinite_output = "the solve succeeded but the output is not finite"
+    singular_gauge = "the gauge element is singular or not finite"
+
+
+# diffrax's public RESULTS items that have a SolveStatus of the same name
+_DIFFRAX_KINDS = (
+    "max_steps_reached",
+    "dt_min_reached",
+    "singular",
+    "breakdown",
+    "divergence",
+    "nonlinear_max_steps_reached",
+)
+
+
+def status_from_diffrax(result) -> SolveStatus:
+    """The `SolveStatus` of a diffrax `RESULTS` item (in-graph, public comparisons only)."""
+    status = SolveStatus.where(
+        result == diffrax.RESULTS.successful, SolveStatus.successful, SolveStatus.solver_failed
+    )
+    for name in _DIFFRAX_KINDS:
+        item = getattr(diffrax.RESULTS, name, None)
+        if item is not None:
+            status = SolveStatus.where(result == item, getattr(SolveStatus, name), status)
+    return status
+
+
+def status_code(status: SolveStatus) -> Int[Array, "*batch"]:
+    """The integer array inside a `SolveStatus` item (its one PyTree leaf)."""
+    return jnp.asarray(jax.tree.leaves(status)[0], dtype=jnp.int32)
+
+
+STATUS_NAMES = (
+    "successful",
+    *_DIFFRAX_KINDS,
+    "solver_failed",
+    "nonfinite_output",
+    "singular_gauge",
+)
 
 
 class RK4(diffrax.AbstractERK):
@@ -57,26 +119,25 @@ class RK4(diffrax.AbstractERK):
         return 4
 
 
-def result_name(code: int) -> str:
-    """The name of diffrax's `RESULTS` item with integer value `code`, e.g. `max_steps_reached`."""
-    for name, item in diffrax.RESULTS._name_to_item.items():
-        if int(item._value) == int(code):
+def result_name(result) -> str:
+    """The name of a `SolveStatus` item or of its integer code, e.g. `max_steps_reached`."""
+    code = int(np.asarray(status_code(result))) if isinstance(result, SolveStatus) else result
+    for name in STATUS_NAMES:
+        if int(np.asarray(status_code(getattr(SolveStatus, name)))) == int(code):
             return name
     return f"unknown_{int(code)}"
 
 
-def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int]:
-    """Vector-field evaluations `(per_step, at_init)` of an explicit solver.
+def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int] | None:
+    """Vector-field evaluations `(per_step, at_init)` of a solver, or None where they are not a
+    fixed multiple of the steps (implicit and reversible solvers, ...): "not counted".
 
     **Arguments:**
 
-    - `solver`: an explicit Runge-Kutta solver of diffrax (`Tsit5`, `Dopri5`, `Heun`, ...) or
-      `diffrax.Euler`.
+    - `solver`: any diffrax solver. `diffrax.Euler` and explicit Runge-Kutta solvers with one
+      Butcher tableau (`Tsit5`, `Dopri5`, `Heun`, `gj.RK4`, ...) are counted exactly.
 
-    **Returns:** evaluations per attempted step, and the evaluations made once at the start.
-
-    **Raises:** `TypeError` for implicit or non-Runge-Kutta solvers, whose evaluation count is
-    not a fixed multiple of the steps.
+    **Returns:** evaluations per attempted step and evaluations made once at the start, or None.
     """
     if isinstance(solver, diffrax.Euler):
         return 1, 0
@@ -84,10 +145,7 @@ def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int]:
     if not isinstance(solver, diffrax.AbstractERK) or not isinstance(
         tableau, diffrax.ButcherTableau
     ):
-        raise TypeError(
-            "`solver` must be diffrax.Euler or an explicit Runge-Kutta solver with one Butcher "
-            f"tableau to count field evaluations; got {type(solver).__name__}."
-        )
+        return None
     stages = len(tableau.a_lower) + 1
     if tableau.fsal:
         return stages - 1, 1
@@ -100,9 +158,13 @@ def count_evaluations(
     dt0: ScalarLike | None,
     num_steps: Int[Array, "*batch"],
 ) -> Int[Array, "*batch"]:
-    """Vector-field evaluations of a solve that took `num_steps` attempted steps."""
+    """Vector-field evaluations of a solve that took `num_steps` attempted steps, or
+    `NOT_COUNTED` (-1) where `evaluations_per_step(solver)` is None."""
     del controller, dt0  # the count does not depend on them (see the module docstring)
-    per_step, at_init = evaluations_per_step(solver)
+    counts = evaluations_per_step(solver)
+    if counts is None:
+        return jnp.full_like(num_steps, NOT_COUNTED)
+    per_step, at_init = counts
     return per_step * num_steps + at_init
 
 
@@ -166,12 +228,13 @@ def solve(
     if stepsize_controller is None:
         stepsize_controller = diffrax.PIDController(rtol=1e-8, atol=1e-8)
     adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
-    if not isinstance(t0, jax.core.Tracer) and not isinstance(t1, jax.core.Tracer):
-        if float(t1) == float(t0):
-            raise ValueError(
-                f"`t1` must differ from `t0` = {float(t0)} (t1 < t0 integrates backwards); "
-                f"received t1 = {float(t1)}."
-            )
+    if isinstance(t0, jax.core.Tracer) or isinstance(t1, jax.core.Tracer):
+        t1 = eqx.error_if(t1, t1 == t0, "`t1` must differ from `t0`.")
+    elif float(t1) == float(t0):
+        raise ValueError(
+            f"`t1` must differ from `t0` = {float(t0)} (t1 < t0 integrates backwards); "
+            f"received t1 = {float(t1)}."
+        )
     if dt0 is None and not isinstance(
         stepsize_controller, diffrax.AbstractAdaptiveStepSizeController
     ):
@@ -209,7 +272,7 @@ def solve(
         num_accepted_steps=jnp.asarray(sol.stats["num_accepted_steps"]),
         num_rejected_steps=jnp.asarray(sol.stats["num_rejected_steps"]),
         num_evaluations=count_evaluations(solver, stepsize_controller, dt0, num_steps),
-        result=jnp.asarray(sol.result._value),
+        result=status_from_diffrax(sol.result),
     )
     return ys, stats
 

@@ -14,6 +14,7 @@ receives the whole result (one all-gather of per-sample scalars per block).
 import collections
 import dataclasses
 import functools
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -31,29 +32,42 @@ from tqdm.auto import tqdm
 
 from .gauges.base import AbstractGauge
 from .models import AbstractNeuralODE
-from .solve import SolveStats, result_name
+from .solve import NOT_COUNTED, SolveStats, SolveStatus, result_name, status_code
+from .verdict import FLOAT_FLOOR_ULPS, HOLD_FACTOR, Recheck, judge
 
 
 MODES = ("auto", "finite", "first_order")
+PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
 
 def default_observable(model: Any, inputs: PyTree) -> tuple[PyTree, SolveStats | None]:
     """`(outputs, stats)` of `model` on a batch of inputs (leading axis): `vmap(model.solve)` for a
-    `NeuralODE`, `vmap(model)` with no stats otherwise."""
+    neural ODE, `vmap(model)` with no stats otherwise; a tuple of arrays is passed as positional
+    arguments (e.g. `(query, key, value)` of `eqx.nn.MultiheadAttention`)."""
     if isinstance(model, AbstractNeuralODE):
         return jax.vmap(model.solve)(inputs)
+    if isinstance(inputs, tuple):
+        return jax.vmap(model)(*inputs), None
     return jax.vmap(model)(inputs), None
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepResult:
-    """Per-sample deviations and solver statistics of a gauge sweep (host numpy arrays).
+    """Per-sample deviations and solver statistics of a gauge sweep (host numpy arrays), and the
+    verdict.
 
     `mode="finite"`: deviation `observable(act(g, model)) - observable(model)`.
     `mode="first_order"`: `d/da observable(act(a g, model))` at a = 0 (infinitesimal families).
     `max_rel` is `max |dev| / max |reference|` (norm-wise relative). `num_steps` is the maximum
-    and `num_evaluations` the sum over the inputs of a lane; `result` the worst diffrax code.
-    `noise_floor` is the measured deviation of the identity element through the same path.
+    and `num_evaluations` the sum over the inputs of a lane (-1: not counted for this solver);
+    `result` the lane's `SolveStatus` code (`status_name` names it). Lanes that failed hold NaN
+    deviations.
+
+    Noise and verdict (see `gaugejax.verdict`): `noise_floor` is the identity element's absolute
+    deviation through the same path; `solver_floor` the reference's own solver error (relative;
+    NaN when it could not be measured, 0 for models without a solver); `floor` the relative
+    floor judged against; `control_max_rel` the per-sample deviations of the family's
+    symmetry-breaking control (empty without one); `verdict` and `verdict_reason`.
     """
 
     mode: str
@@ -65,6 +79,11 @@ class SweepResult:
     num_evaluations: np.ndarray
     reference_scale: float
     noise_floor: float
+    solver_floor: float
+    floor: float
+    control_max_rel: np.ndarray
+    verdict: str
+    verdict_reason: str
     dtype: str
     precision: str
     chunk_size: int
@@ -79,17 +98,15 @@ class SweepResult:
     @property
     def ok(self) -> np.ndarray:
         """Lanes whose solves succeeded and whose deviation is finite."""
-        return (self.result == 0) & np.isfinite(self.max_abs)
+        return (self.result == _SUCCESS) & np.isfinite(self.max_abs)
 
     def failures(self) -> dict[str, int]:
-        """Failed lanes by reason (diffrax's result names, or `nonfinite_output`)."""
-        out: dict[str, int] = {}
-        for code in np.unique(self.result[self.result != 0]):
-            out[result_name(int(code))] = int(np.sum(self.result == code))
-        bad = (self.result == 0) & ~np.isfinite(self.max_abs)
-        if bad.any():
-            out["nonfinite_output"] = int(bad.sum())
-        return out
+        """Failed lanes by reason (`SolveStatus` names: diffrax's kinds, `nonfinite_output`,
+        `singular_gauge`)."""
+        return {
+            status_name(int(code)): int(np.sum(self.result == code))
+            for code in np.unique(self.result[self.result != _SUCCESS])
+        }
 
     @property
     def lane_efficiency(self) -> float:
@@ -101,10 +118,14 @@ class SweepResult:
         return float(np.mean(np.where(peak > 0, chunks.mean(axis=1) / np.maximum(peak, 1), 1.0)))
 
     def summary(self) -> dict:
-        """JSON-ready summary (medians, maxima, failures, timings, provenance)."""
+        """JSON-ready summary, verdict first (then medians, maxima, failures, timings)."""
         ok = self.ok
         dev = self.max_abs[ok]
+        counted = self.num_evaluations >= 0
+        control = self.control_max_rel[np.isfinite(self.control_max_rel)]
         return {
+            "verdict": self.verdict,
+            "verdict_reason": self.verdict_reason,
             "mode": self.mode,
             "num_samples": self.num_samples,
             "num_ok": int(ok.sum()),
@@ -112,11 +133,16 @@ class SweepResult:
             "max_abs_max": float(dev.max()) if dev.size else float("nan"),
             "max_abs_median": float(np.median(dev)) if dev.size else float("nan"),
             "max_rel_max": float(self.max_rel[ok].max()) if dev.size else float("nan"),
-            "reference_scale": self.reference_scale,
+            "floor": self.floor,
+            "solver_floor": self.solver_floor,
             "noise_floor": self.noise_floor,
+            "control_max_rel_median": float(np.median(control)) if control.size else None,
+            "reference_scale": self.reference_scale,
             "num_steps_median": float(np.median(self.num_steps)),
             "num_steps_max": int(self.num_steps.max()),
-            "num_evaluations_median": float(np.median(self.num_evaluations)),
+            "num_evaluations_median": (
+                float(np.median(self.num_evaluations)) if counted.all() else "not counted"
+            ),
             "lane_efficiency": self.lane_efficiency,
             "dtype": self.dtype,
             "precision": self.precision,
@@ -128,25 +154,50 @@ class SweepResult:
         }
 
 
+_SUCCESS = int(np.asarray(status_code(SolveStatus.successful)))
+
+
+def status_name(code: int) -> str:
+    """The `SolveStatus` name of a lane's integer `result` code."""
+    return result_name(code)
+
+
 def _flat(tree: PyTree) -> Array:
     return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
 
 
-def _lane_metrics(dev: PyTree, scale: Array, stats: SolveStats | None) -> dict[str, Array]:
+def _finite(tree: PyTree) -> Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _lane_metrics(dev: PyTree, scale: Array, stats: SolveStats | None, g: PyTree):
     a = jnp.abs(_flat(dev))
     if stats is None:
         zero = jnp.zeros((), dtype=jnp.int32)
-        steps, nfe, code = zero, zero, zero
+        steps, nfe, status = zero, zero, SolveStatus.successful
     else:
         steps = jnp.max(stats.num_steps)
-        nfe = jnp.sum(stats.num_evaluations)
-        code = jnp.max(stats.result)
+        # -1 marks "not counted" per input: keep it, do not sum it into a count
+        nfe = jnp.where(
+            jnp.all(stats.num_evaluations >= 0), jnp.sum(stats.num_evaluations), NOT_COUNTED
+        )
+        # the worst input decides (any failure fails the lane)
+        failed = jax.vmap(lambda r: r != SolveStatus.successful)(stats.result)
+        first = jnp.argmax(failed)
+        status = jax.tree.map(lambda c: c[first], stats.result)
+    status = SolveStatus.where(
+        (status == SolveStatus.successful) & ~_finite(a), SolveStatus.nonfinite_output, status
+    )
+    status = SolveStatus.where(_finite(g), status, SolveStatus.singular_gauge)
+    ok = status == SolveStatus.successful
+    nan = jnp.asarray(jnp.nan, dtype=a.dtype)
     return {
-        "max_abs": jnp.max(a),
-        "mean_abs": jnp.mean(a),
+        # a failed lane holds NaN, never a finite number that could pass for a deviation
+        "max_abs": jnp.where(ok, jnp.max(a), nan),
+        "mean_abs": jnp.where(ok, jnp.mean(a), nan),
         # floored: a reference that is exactly zero gives max_rel = max_abs / tiny, not NaN
-        "max_rel": jnp.max(a) / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny),
-        "result": code.astype(jnp.int32),
+        "max_rel": jnp.where(ok, jnp.max(a) / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny), nan),
+        "result": status_code(status),
         "num_steps": steps.astype(jnp.int32),
         "num_evaluations": nfe.astype(jnp.int32),
     }
@@ -190,10 +241,52 @@ def _gather(out: PyTree) -> PyTree:
     return multihost_utils.process_allgather(out, tiled=True)
 
 
+class _Static:
+    """The non-array part of `(model, gauge, ...)`, hashable by its PyTree structure and leaves
+    (a jit cache key): diffrax adjoints such as `BacksolveAdjoint` hold dicts, which Modules
+    cannot hash. Unhashable leaves compare by identity."""
+
+    def __init__(self, tree):
+        self.tree = tree
+        leaves, self._treedef = jax.tree.flatten(tree)
+        self._key = tuple(_hashable(x) for x in leaves)
+
+    def __hash__(self):
+        return hash((self._treedef, self._key))
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, _Static)
+            and self._treedef == other._treedef
+            and self._key == other._key
+        )
+
+
+class _Identity:
+    """Wraps an unhashable leaf: equal only to itself."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __hash__(self):
+        return id(self.x)
+
+    def __eq__(self, other):
+        return isinstance(other, _Identity) and other.x is self.x
+
+
+def _hashable(x):
+    try:
+        hash(x)
+    except TypeError:
+        return _Identity(x)
+    return x
+
+
 class _Plan(NamedTuple):
     """Everything static about a sweep program (hashable: the jit and executable cache key)."""
 
-    static: Any
+    static: _Static
     mode: str
     sensitivity: bool
     observable: Callable
@@ -203,7 +296,7 @@ class _Plan(NamedTuple):
 
 
 def _lane(plan: _Plan, sample_key, params, inputs, reference, scale) -> dict[str, Array]:
-    model, gauge = eqx.combine(params, plan.static)
+    model, gauge = eqx.combine(params, plan.static.tree)
     g = gauge.sample(sample_key)
     if plan.mode == "first_order" and plan.sensitivity:
         # the response solved as a forward sensitivity system, under error control
@@ -216,7 +309,7 @@ def _lane(plan: _Plan, sample_key, params, inputs, reference, scale) -> dict[str
             return dx, stats
 
         dout, stats = jax.vmap(one)(inputs)
-        return _lane_metrics(dout, scale, stats)
+        return _lane_metrics(dout, scale, stats, g)
     if plan.mode == "first_order":
         # the observable returns (outputs, stats): has_aux differentiates the outputs only
         _, dout, stats = jax.jvp(
@@ -225,18 +318,23 @@ def _lane(plan: _Plan, sample_key, params, inputs, reference, scale) -> dict[str
             (g,),
             has_aux=True,
         )
-        return _lane_metrics(dout, scale, stats)
+        return _lane_metrics(dout, scale, stats, g)
     out, stats = plan.observable(gauge.act(g, model), inputs)
-    return _lane_metrics(jax.tree.map(jnp.subtract, out, reference), scale, stats)
+    return _lane_metrics(jax.tree.map(jnp.subtract, out, reference), scale, stats, g)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _observe(plan: _Plan, params, inputs):
-    """The reference outputs, and the deviation of the identity element (the noise floor)."""
-    model, gauge = eqx.combine(params, plan.static)
-    reference = plan.observable(model, inputs)[0]
+    """The reference outputs, the identity element's deviation (absolute), and whether every
+    reference solve succeeded."""
+    model, gauge = eqx.combine(params, plan.static.tree)
+    reference, stats = plan.observable(model, inputs)
     identity = plan.observable(gauge.act(gauge.identity(), model), inputs)[0]
-    return reference, jnp.max(jnp.abs(_flat(identity) - _flat(reference)))
+    noise = jnp.max(jnp.abs(_flat(identity) - _flat(reference)))
+    if stats is None:
+        return reference, noise, jnp.asarray(True)
+    solved = jnp.all(jax.vmap(lambda r: r == SolveStatus.successful)(stats.result))
+    return reference, noise, solved
 
 
 def _block(plan: _Plan, indices, key, params, inputs, reference, scale):
@@ -283,27 +381,148 @@ def _compiled_block(plan: _Plan, *args) -> tuple[Callable, float]:
     return compiled, time.perf_counter() - start
 
 
+def _model_dtype(model: Any):
+    leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    return jnp.result_type(*leaves) if leaves else None
+
+
+def _check_inputs(inputs: PyTree, model: Any) -> None:
+    """Eager checks of `inputs`: arrays (not Python lists or numbers) with one non-empty
+    leading batch axis, of a floating dtype that matches the model's parameters."""
+    if isinstance(inputs, list):
+        raise TypeError(
+            "`inputs` must be an array with a leading batch axis (or a tuple/PyTree of such "
+            "arrays); received a Python list: wrap it with jnp.asarray."
+        )
+    leaves = jax.tree.leaves(inputs)
+    if not leaves:
+        raise ValueError("`inputs` must hold at least one array; received an empty PyTree.")
+    for x in leaves:
+        if not isinstance(x, (jax.Array, np.ndarray)):
+            raise TypeError(
+                f"`inputs` must hold arrays with a leading batch axis; received a leaf of type "
+                f"{type(x).__name__}."
+            )
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise ValueError(
+                f"`inputs` must have a non-empty leading batch axis; received shape {x.shape}."
+            )
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            raise TypeError(
+                f"`inputs` must be floating point; received dtype {x.dtype} (cast with "
+                "jnp.asarray(inputs, dtype=...))."
+            )
+    if len({x.shape[0] for x in leaves}) != 1:
+        raise ValueError(
+            "`inputs` leaves must share one batch size; received leading axes "
+            f"{[x.shape[0] for x in leaves]}."
+        )
+    want = _model_dtype(model)
+    if want is not None:
+        got = {str(x.dtype) for x in leaves}
+        if got != {str(want)}:
+            raise TypeError(
+                f"`inputs` have dtype {sorted(got)} but the model's parameters are {want}: "
+                f"cast the inputs (jnp.asarray(inputs, dtype=jnp.{want})) or the model."
+            )
+
+
+def _check_tolerances(model: AbstractNeuralODE, dtype) -> None:
+    controller = model.stepsize_controller
+    if not isinstance(controller, diffrax.PIDController):
+        return
+    eps = float(jnp.finfo(dtype).eps)
+    for name in ("rtol", "atol"):
+        value = getattr(controller, name)
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"the model's `stepsize_controller.{name}` must be a finite number >= 0; "
+                f"received {value!r}."
+            )
+    rtol = controller.rtol
+    if isinstance(rtol, (int, float)) and 0 < rtol < eps:
+        raise ValueError(
+            f"the model's `stepsize_controller.rtol` = {rtol!r} is below the epsilon of "
+            f"{jnp.dtype(dtype).name} ({eps:.2e}): no controller can meet it."
+        )
+
+
+def _with_array_tolerances(model: AbstractNeuralODE) -> AbstractNeuralODE:
+    """The model with its PID tolerances and `dt0` as arrays (traced, not static), so the
+    tightened model below has the same structure and shares every compiled program."""
+    controller = model.stepsize_controller
+    dtype = _model_dtype(model) or jnp.result_type(float)
+    if isinstance(controller, diffrax.PIDController):
+        tol = tuple(jnp.asarray(getattr(controller, k), dtype=dtype) for k in ("rtol", "atol"))
+        controller = eqx.tree_at(lambda c: (c.rtol, c.atol), controller, tol)
+        model = model.with_options(stepsize_controller=controller)
+    if model.dt0 is not None:
+        model = model.with_options(dt0=jnp.asarray(model.dt0, dtype=dtype))
+    return model
+
+
+def _tightened(model: Any, observable: Callable, dtype) -> tuple[Any, str]:
+    """The model solved much more accurately (same structure), or None; and how."""
+    if not isinstance(model, AbstractNeuralODE) or observable is not default_observable:
+        return None, "no solver" if not isinstance(
+            model, AbstractNeuralODE
+        ) else "custom observable"
+    controller = model.stepsize_controller
+    eps = 4 * float(jnp.finfo(dtype).eps)
+    if isinstance(controller, diffrax.PIDController):
+        rtol = jnp.maximum(controller.rtol / 1000, eps)
+        atol = jnp.maximum(controller.atol / 1000, eps)
+        tight = eqx.tree_at(lambda c: (c.rtol, c.atol), controller, (rtol, atol))
+        how = f"at rtol {float(rtol):.1e}, atol {float(atol):.1e}"
+        return model.with_options(stepsize_controller=tight), how
+    if isinstance(controller, diffrax.ConstantStepSize) and model.dt0 is not None:
+        return model.with_options(dt0=model.dt0 / 8), f"with dt0 / 8 = {float(model.dt0) / 8:.3g}"
+    return None, f"no tighter solve for {type(controller).__name__}"
+
+
 def _prepare(model, gauge, inputs, mode, observable, chunk_size, mesh, precision):
-    """Validate, resolve `mode`, and split `(model, gauge)` into arrays and the static plan."""
+    """Validate (before anything is traced), resolve `mode`, and split `(model, gauge, tight)`
+    into arrays and the static plan."""
     if not isinstance(gauge, AbstractGauge):
         raise TypeError(f"`gauge` must be an AbstractGauge; received {type(gauge).__name__}.")
+    gauge.check_model(model)
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}; received {mode!r}.")
-    if not jax.tree.leaves(inputs):
-        raise ValueError("`inputs` must hold at least one array; received an empty PyTree.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {PRECISIONS}; received {precision!r}.")
+    if not callable(observable):
+        raise TypeError(f"`observable` must be callable; received {type(observable).__name__}.")
+    _check_inputs(inputs, model)
+    dtype = jax.tree.leaves(inputs)[0].dtype
     if mode == "auto":
         mode = "first_order" if gauge.infinitesimal else "finite"
     # A NeuralODE with the default observable gets its first-order response from the forward
     # sensitivity system (error-controlled); anything else by a jvp through the observable.
     sensitivity = isinstance(model, AbstractNeuralODE) and observable is default_observable
     if isinstance(model, AbstractNeuralODE):
+        _check_tolerances(model, dtype)
         model = model.with_options(throw=False)
         if mode == "first_order" and not sensitivity:
             model = model.with_options(adjoint=diffrax.ForwardMode())
+        model = _with_array_tolerances(model)
+    tight, how = _tightened(model, observable, dtype)
     # Arrays travel as jit arguments; everything else is the static, hashable plan.
     params, static = eqx.partition((model, gauge), eqx.is_array)
-    plan = _Plan(static, mode, sensitivity, observable, chunk_size, mesh, precision)
-    return plan, params
+    plan = _Plan(_Static(static), mode, sensitivity, observable, chunk_size, mesh, precision)
+    tight_params = None
+    if tight is not None:
+        tight_params, tight_static = eqx.partition((tight, gauge), eqx.is_array)
+        if _Static(tight_static) != plan.static:  # a structure we could not keep: no recheck
+            tight_params, how = None, "no tighter solve with the same structure"
+    try:  # trace once (no compilation) so shape errors name the inputs
+        jax.eval_shape(functools.partial(_observe, plan), params, inputs)
+    except (TypeError, ValueError) as e:
+        shapes = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), inputs)
+        raise ValueError(
+            f"the model (or the gauge's transformed model) could not be evaluated on `inputs` "
+            f"of shape {shapes}: {type(e).__name__}: {e}"
+        ) from e
+    return plan, params, tight_params, how
 
 
 class SweepLane(eqx.Module):
@@ -337,11 +556,72 @@ def sweep_lane(
     `SweepLane` Module: `lane(key)` gives the metrics of one gauge sample, the same numbers a
     sweep reports for the sample drawn from `key` (a sweep uses `fold_in(key, i)` for sample i).
     The reference outputs are computed once here, at `precision`.
+
+    **Raises:** as `sweep`.
     """
-    plan, params = _prepare(model, gauge, inputs, mode, observable, 1, None, precision)
+    plan, params, _, _ = _prepare(model, gauge, inputs, mode, observable, 1, None, precision)
     with jax.default_matmul_precision(precision):
-        reference, _ = _observe(plan, params, inputs)
+        reference = _observe(plan, params, inputs)[0]
     return SweepLane(plan, params, inputs, reference, jnp.max(jnp.abs(_flat(reference))))
+
+
+class _Runner(NamedTuple):
+    """Runs blocks of one sweep configuration (devices, mesh, block size) for any plan."""
+
+    devices: list
+    mesh: Any
+    block: int
+    progress: bool
+
+    def reference(self, plan: _Plan, params, inputs):
+        """`(reference, identity deviation, all reference solves succeeded)` on the host."""
+        with jax.default_matmul_precision(plan.precision):
+            reference, noise, solved = _observe(plan, params, inputs)
+        return reference, float(noise), bool(solved)
+
+    def run(self, plan: _Plan, params, inputs, reference, key, num_samples, desc, block=None):
+        """Per-sample metrics of `num_samples` samples (host numpy), compile and run time."""
+        block = self.block if block is None else block
+        with jax.default_matmul_precision(plan.precision):
+            scale = jnp.max(jnp.abs(_flat(reference)))
+            if self.mesh is not None:
+                split = NamedSharding(self.mesh, P("samples"))
+                key, params, inputs, reference, scale = _replicate(
+                    (key, params, inputs, reference, scale), NamedSharding(self.mesh, P())
+                )
+            else:
+                split = self.devices[0]
+            args = (key, params, inputs, reference, scale)
+            first = jax.device_put(np.arange(block, dtype=np.uint32), split)
+            compiled, compile_time = _compiled_block(plan, first, *args)
+        pieces, run_time = [], 0.0
+        blocks = range(-(-num_samples // block))
+        for b in tqdm(blocks, desc=desc, unit="block", disable=not self.progress):
+            indices = jax.device_put(np.arange(b * block, (b + 1) * block, dtype=np.uint32), split)
+            start = time.perf_counter()
+            out = jax.block_until_ready(compiled(indices, *args))
+            run_time += time.perf_counter() - start
+            pieces.append(_gather(out))
+        merged = {k: np.concatenate([p[k] for p in pieces])[:num_samples] for k in pieces[0]}
+        return merged, compile_time, run_time
+
+
+def _tolerance(params, scale: float) -> float:
+    """The relative accuracy a PID-controlled solve asks for, `max(rtol, atol / scale)` (0 for
+    other controllers): what the tight re-solve's own error is measured against."""
+    models = [
+        m
+        for m in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, AbstractNeuralODE))
+        if isinstance(m, AbstractNeuralODE)
+    ]
+    controller = models[0].stepsize_controller if models else None
+    if not isinstance(controller, diffrax.PIDController):
+        return 0.0
+    return max(float(controller.rtol), float(controller.atol) / scale)
+
+
+def _good(merged: dict) -> np.ndarray:
+    return (merged["result"] == _SUCCESS) & np.isfinite(merged["max_rel"])
 
 
 def sweep(
@@ -357,14 +637,18 @@ def sweep(
     observable: Callable[[Any, PyTree], tuple[PyTree, SolveStats | None]] = default_observable,
     precision: str = "highest",
     devices: list | None = None,
+    control_samples: int = 8,
     progress: bool = False,
 ) -> SweepResult:
-    """Check a gauge family on many random samples: jit + vmap, chunked, sharded over devices.
+    """Check a gauge family on many random samples: jit + vmap, chunked, sharded over devices,
+    with a verdict ("holds", "broken", "inconclusive") and its reason (`gaugejax.verdict`).
 
     **Arguments:**
 
-    - `model`: the model (e.g. a `NeuralODE`); `gauge`: an `AbstractGauge` acting on it.
-    - `inputs`: a batch of inputs with a leading axis, fixed for all samples.
+    - `model`: the model (e.g. a `NeuralODE`, an `eqx.nn.MLP`); `gauge`: an `AbstractGauge`
+      acting on it (`gauge.check_model(model)` runs first).
+    - `inputs`: a batch of inputs with a leading axis (an array, or a tuple of arrays passed
+      as positional arguments), fixed for all samples, of the model's floating dtype.
     - `key`: base key; sample i uses `fold_in(key, i)`.
     - `num_samples`: number of gauge samples (any size; memory is bounded by `chunk_size`).
     - `chunk_size`: lanes vmapped together; `chunks_per_block`: chunks per compiled call and
@@ -380,58 +664,112 @@ def sweep(
     - `devices`: devices to shard the sample axis over (default: all of `jax.devices()`, which
       spans every process after `jax.distributed.initialize`; then every process must call
       `sweep` with the same arguments, and each gets the whole result).
+    - `control_samples`: samples of the family's symmetry-breaking `control()`, and samples
+      re-solved at a tighter tolerance when the verdict needs them (0: neither).
     - `progress`: show a tqdm bar over blocks.
 
-    **Returns:** a `SweepResult`. Solver failures are reported per lane, never raised.
-    Compiled programs are kept per (static configuration, shapes): a second sweep of the same
-    shapes in this process reports `compile_time_s == 0.0`.
+    **Returns:** a `SweepResult` with the verdict. Solver failures are reported per lane (NaN
+    deviations and a `SolveStatus` code), never raised. Compiled programs are kept per (static
+    configuration, shapes): a second sweep of the same shapes reports `compile_time_s == 0.0`;
+    the control of a field family and the re-solve at a tighter tolerance reuse the program.
 
-    **Raises:** `ValueError` for non-positive sizes, an unknown mode, or a non-gauge `gauge`.
+    **Raises:** before anything is traced: `TypeError` for a model the gauge does not act on
+    (from `check_model`), for `inputs` that are a list, not floating or not of the model's
+    dtype; `ValueError` for non-positive sizes, an empty batch, an unknown mode or precision,
+    an empty `devices`, a solver tolerance out of range, or inputs the model cannot take.
     """
     num_samples = _positive_int("num_samples", num_samples)
     chunk_size = _positive_int("chunk_size", chunk_size)
     chunks_per_block = _positive_int("chunks_per_block", chunks_per_block)
+    if isinstance(control_samples, bool) or not isinstance(control_samples, (int, np.integer)):
+        raise ValueError(f"`control_samples` must be an int >= 0; received {control_samples!r}.")
+    if control_samples < 0:
+        raise ValueError(f"`control_samples` must be an int >= 0; received {control_samples!r}.")
     devices = list(jax.devices()) if devices is None else list(devices)
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ValueError(f"`devices` must be a non-empty list of jax devices; received {devices}.")
     mesh = (
         jax.make_mesh((len(devices),), ("samples",), devices=devices) if len(devices) > 1 else None
     )
-    plan, params = _prepare(model, gauge, inputs, mode, observable, chunk_size, mesh, precision)
-    mode = plan.mode
     key = _as_typed_key(key)
+    plan, params, tight_params, how = _prepare(
+        model, gauge, inputs, mode, observable, chunk_size, mesh, precision
+    )
+    control = gauge.control() if control_samples else None
+    if control is not None:
+        control_plan, control_params, _, _ = _prepare(
+            model, control, inputs, plan.mode, observable, chunk_size, mesh, precision
+        )
     # no more chunks per block than the samples need (padding lanes are wasted work)
     chunks_needed = -(-num_samples // (chunk_size * len(devices)))
     block = chunk_size * min(chunks_per_block, chunks_needed) * len(devices)
+    runner = _Runner(devices, mesh, block, progress)
 
-    with jax.default_matmul_precision(precision):
-        reference, noise_floor = _observe(plan, params, inputs)
-        scale = jnp.max(jnp.abs(_flat(reference)))
-        noise_floor, reference_scale = float(noise_floor), float(scale)
-        if mesh is not None:
-            split = NamedSharding(mesh, P("samples"))
-            key, params, inputs, reference, scale = _replicate(
-                (key, params, inputs, reference, scale), NamedSharding(mesh, P())
-            )
-        else:
-            split = devices[0]
-        args = (key, params, inputs, reference, scale)
-        first = jax.device_put(np.arange(block, dtype=np.uint32), split)
-        compiled, compile_time = _compiled_block(plan, first, *args)
-
-    num_blocks = -(-num_samples // block)
-    pieces = []
-    run_time = 0.0
-    for b in tqdm(range(num_blocks), desc="sweep", unit="block", disable=not progress):
-        indices = jax.device_put(np.arange(b * block, (b + 1) * block, dtype=np.uint32), split)
-        start = time.perf_counter()
-        out = jax.block_until_ready(compiled(indices, *args))
-        run_time += time.perf_counter() - start
-        pieces.append(_gather(out))
-    merged = {k: np.concatenate([p[k] for p in pieces])[:num_samples] for k in pieces[0]}
+    reference, noise, solved = runner.reference(plan, params, inputs)
     dtype = str(jax.tree.leaves(reference)[0].dtype)
-    return SweepResult(
-        mode=mode,
-        reference_scale=reference_scale,
-        noise_floor=noise_floor,
+    tiny, eps = float(jnp.finfo(dtype).tiny), float(jnp.finfo(dtype).eps)
+    scale = max(float(jnp.max(jnp.abs(_flat(reference)))), tiny)
+    float_floor = FLOAT_FLOOR_ULPS * eps
+    solver_floor, tight_reference = 0.0, None
+    if tight_params is not None:
+        tight_reference, _, tight_solved = runner.reference(plan, tight_params, inputs)
+        gap = float(jnp.max(jnp.abs(_flat(tight_reference) - _flat(reference))))
+        if tight_solved:
+            solver_floor = gap / scale
+            how = f"solver floor and re-check {how}"
+        else:  # e.g. max_steps too small for the tighter tolerance: float floor only
+            solver_floor, tight_params = float("nan"), None
+            how = f"the re-solve {how} failed (max_steps?): no solver floor"
+    # NaN when a reference solve failed: the verdict is then inconclusive
+    floor = max(float_floor, 0.0 if math.isnan(solver_floor) else solver_floor, noise / scale)
+    if not solved:
+        floor = float("nan")
+
+    merged, compile_time, run_time = runner.run(
+        plan, params, inputs, reference, key, num_samples, "sweep"
+    )
+    good = _good(merged)
+    deviation = float(merged["max_rel"][good].max()) if good.any() else float("nan")
+    recheck = None
+    needs_recheck = good.any() and math.isfinite(floor) and deviation > HOLD_FACTOR * floor
+    if tight_params is not None and control_samples and needs_recheck:
+        # the first samples again, at the tight tolerance: solver error shrinks, breaking does not
+        n = min(control_samples, num_samples)
+        small = chunk_size * len(devices)
+        again, _, _ = runner.run(
+            plan, tight_params, inputs, tight_reference, key, n, "re-check", block=small
+        )
+        both = good[:n] & _good(again)
+        if both.any():
+            recheck = Recheck(
+                loose=float(merged["max_rel"][:n][both].max()),
+                tight=float(again["max_rel"][both].max()),
+                tight_floor=max(float_floor, noise / scale, _tolerance(tight_params, scale)),
+                how=how.replace("solver floor and re-check ", ""),
+            )
+    control_rel = np.zeros((0,))
+    if control is not None:
+        n = min(control_samples, num_samples)
+        out, _, _ = runner.run(
+            control_plan,
+            control_params,
+            inputs,
+            reference,
+            jax.random.fold_in(key, 2**31 - 1),
+            n,
+            "control",
+        )
+        control_rel = np.where(_good(out), out["max_rel"], np.nan)
+    finite_control = control_rel[np.isfinite(control_rel)]
+    result = SweepResult(
+        mode=plan.mode,
+        reference_scale=scale,
+        noise_floor=noise,
+        solver_floor=solver_floor,
+        floor=floor,
+        control_max_rel=control_rel,
+        verdict="",
+        verdict_reason="",
         dtype=dtype,
         precision=precision,
         chunk_size=chunk_size,
@@ -440,3 +778,14 @@ def sweep(
         run_time_s=run_time,
         **merged,
     )
+    verdict = judge(
+        deviation,
+        floor,
+        num_ok=int(good.sum()),
+        num_samples=num_samples,
+        failures=result.failures(),
+        control=float(np.median(finite_control)) if finite_control.size else None,
+        recheck=recheck,
+        floor_note=how,
+    )
+    return dataclasses.replace(result, verdict=verdict.verdict, verdict_reason=verdict.reason)

@@ -30,14 +30,21 @@ class ScaledField(eqx.Module):
         return self.g * self.field(t, y, args)
 
 
-class FieldScaling(gj.AbstractGauge):
+class FieldScaling(gj.gauges.AbstractParameterGauge):
     """A deliberately broken 'gauge' (it changes the function): `F -> g F`, g ~ U(0.5, 1.5).
 
-    With `nan_every=k`, every sample whose uniform draw falls below 1/k is NaN.
+    Samples whose uniform draw falls below `nan_below` are NaN.
     """
 
     nan_below: float = 0.0
     infinitesimal = False
+
+    def check_model(self, model):
+        if not isinstance(model, gj.AbstractNeuralODE):
+            raise TypeError("FieldScaling acts on neural ODEs")
+
+    def control(self):
+        return None
 
     def sample(self, key):
         u = jax.random.uniform(key)

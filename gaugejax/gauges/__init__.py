@@ -5,7 +5,11 @@ from .attention import (
     AttentionGaugeElement as AttentionGaugeElement,
     attention_gauge as attention_gauge,
 )
-from .base import AbstractGauge as AbstractGauge
+from .base import (
+    AbstractGauge as AbstractGauge,
+    AbstractParameterGauge as AbstractParameterGauge,
+    model_error as model_error,
+)
 from .diffeo import FeatureShift as FeatureShift, SpatialDiffeoGauge as SpatialDiffeoGauge
 from .features import RandomFeatures as RandomFeatures
 from .lie import (
@@ -17,7 +21,6 @@ from .linear import (
     AffineMap as AffineMap,
     DiscreteGaugeElement as DiscreteGaugeElement,
     DiscreteLinearGauge as DiscreteLinearGauge,
-    GaugedLinearField as GaugedLinearField,
     LinearGauge as LinearGauge,
     LinearGaugeElement as LinearGaugeElement,
     RescalingGauge as RescalingGauge,
@@ -25,6 +28,7 @@ from .linear import (
     linear_gauge_transform as linear_gauge_transform,
 )
 from .maps import (
+    AbstractFieldGauge as AbstractFieldGauge,
     AbstractMapGauge as AbstractMapGauge,
     Compose as Compose,
     FieldTangent as FieldTangent,

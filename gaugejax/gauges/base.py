@@ -1,10 +1,32 @@
-"""The abstract gauge family: sample, act, identity, inverse, compose, tangent."""
+"""The gauge-family contract: what a family acts on, and its group operations.
+
+Every family is an `AbstractGauge`. Concrete families are final (never subclassed); the two
+abstract refinements below fix how the infinitesimal generator (`tangent`) is computed:
+
+- `AbstractParameterGauge`: the family moves the model's parameters; `tangent` is the jvp of
+  `act` at the identity, a PyTree shaped like the model's inexact arrays.
+- field families (`gaugejax.gauges.maps.AbstractFieldGauge`): the family acts on the vector
+  field of a neural ODE; `tangent` is the model with its field replaced by the field tangent.
+
+Either way `tangent(model, direction)` returns one kind of object: the model's tangent, a
+PyTree with the structure of the model.
+"""
 
 import abc
 from typing import Any
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray, PyTree
+
+
+def model_error(family: Any, expected: str, model: Any, how: str = "") -> TypeError:
+    """The `TypeError` a family raises for a model it does not act on: it names the family, the
+    kind of model expected, what was received, and (`how`) how to adapt the model."""
+    name = family if isinstance(family, str) else type(family).__name__
+    message = f"{name} acts on {expected}; received {type(model).__name__}."
+    return TypeError(f"{message} {how}".rstrip())
 
 
 class AbstractGauge(eqx.Module):
@@ -13,11 +35,28 @@ class AbstractGauge(eqx.Module):
     Group elements `g` are PyTrees (so they vmap); boundary conditions hold by construction.
     Convention: `act(compose(g1, g2), m) == act(g2, act(g1, m))` (g1 first, then g2).
 
-    Subclasses set `infinitesimal`: True for families defined to first order only (the sweep
+    **Contract** (checked for every family by `tests/test_contract.py`):
+
+    - `check_model(model)` raises before anything is traced or compiled: `TypeError` for a
+      model of the wrong kind (naming the family, the expected kind, what was received and how
+      to adapt it), `ValueError` for the right kind with the wrong sizes or time interval.
+      `act` calls it; `sweep` calls it before evaluating anything.
+    - `sample(key)` works under `jit` and `vmap`; `identity()` acts trivially; `inverse` and
+      `compose` follow the convention above.
+    - `tangent(model, direction)`: the infinitesimal generator along `direction` (an element
+      of the family's Lie algebra, e.g. `sample(key) - identity()`), shaped like the model.
+    - `control()`: a family of the same shape whose elements *break* the symmetry (e.g. a
+      boundary-free version), or None; sweeps use it as the negative control of a verdict.
+
+    Class variable `infinitesimal`: True for families defined to first order only (a sweep
     then checks the first-order response of the observable, not a finite deviation).
     """
 
     infinitesimal: eqx.AbstractClassVar[bool]
+
+    @abc.abstractmethod
+    def check_model(self, model: Any) -> None:
+        """Raise `TypeError`/`ValueError` unless this family acts on `model` (see the class)."""
 
     @abc.abstractmethod
     def sample(self, key: PRNGKeyArray) -> PyTree:
@@ -39,11 +78,41 @@ class AbstractGauge(eqx.Module):
     def compose(self, g1: PyTree, g2: PyTree) -> PyTree:
         """The element acting as `g1` then `g2`."""
 
+    @abc.abstractmethod
     def tangent(self, model: Any, direction: PyTree) -> Any:
-        """The infinitesimal generator: `d/da act(a * direction, model)` at the identity, by jvp.
+        """The model's tangent along `direction` at the identity (shaped like the model)."""
 
-        Returns a tangent with the structure of `act`'s output (a parameter PyTree). Families
-        acting on neural-ODE fields return the field tangent instead (see `AbstractFieldGauge`).
+    @abc.abstractmethod
+    def control(self) -> "AbstractGauge | None":
+        """A symmetry-breaking family of the same shape (the negative control), or None."""
+
+
+class AbstractParameterGauge(AbstractGauge):
+    """A family that moves a model's parameters. `tangent` is `d/da act(identity + a v)` at
+    a = 0 by `eqx.filter_jvp`: the parameter tangent, with zeros where the family does not act.
+    """
+
+    def tangent(self, model: Any, direction: PyTree) -> Any:
+        """The parameter tangent along `direction` (an element of the Lie algebra).
+
+        **Arguments:**
+
+        - `model`: a model the family acts on.
+        - `direction`: a PyTree shaped like `identity()`: the step `identity() + a direction`
+          is differentiated at a = 0.
+
+        **Returns:** a PyTree with the model's structure: the tangent of every inexact array
+        (zeros where the family does not act), None for every other leaf.
+
+        **Raises:** as `check_model`.
         """
-        # filter_jvp: models may hold non-array leaves (e.g. eqx.nn.MLP's activation function)
-        return eqx.filter_jvp(lambda g: self.act(g, model), (self.identity(),), (direction,))[1]
+        self.check_model(model)
+        base = self.identity()
+
+        def moved(a):
+            g = jax.tree.map(lambda e, v: e + a * v, base, direction)
+            return eqx.filter(self.act(g, model), eqx.is_inexact_array)
+
+        zero = jnp.zeros((), dtype=jax.tree.leaves(base)[0].dtype)
+        _, out = jax.jvp(moved, (zero,), (jnp.ones_like(zero),))
+        return out

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..calculus import pullback
+from ..models import AbstractNeuralODE
 from .features import RandomFeatures, check_boundary, check_positive
-from .maps import AbstractMapGauge, lipschitz_normalise
+from .maps import AbstractMapGauge, ComposedMap, InverseMap, lipschitz_normalise
 
 
 def envelope_frequency(t1: float, boundary: str) -> Float[Array, ""]:
@@ -47,6 +48,7 @@ class SpatialDiffeoGauge(AbstractMapGauge):
     t1: float
     rho: float
     omega: Float[Array, ""]
+    acts_on = AbstractNeuralODE
 
     def __init__(
         self,
@@ -71,6 +73,17 @@ class SpatialDiffeoGauge(AbstractMapGauge):
 
     def pull(self, field, map_):
         return pullback(field, map_)
+
+    def compose_maps(self, outer, inner):
+        return ComposedMap(outer, inner)
+
+    def invert_map(self, map_):
+        return InverseMap(map_)
+
+    def control(self) -> "SpatialDiffeoGauge":
+        """The `boundary="free"` family (psi_T != id): it changes the output. Only the envelope
+        frequency (an array) differs, so a sweep of it reuses the compiled program."""
+        return eqx.tree_at(lambda g: g.omega, self, envelope_frequency(self.t1, "free"))
 
     def sample(self, key: PRNGKeyArray) -> Float[Array, "d m"]:
         kw, kr = jax.random.split(key)

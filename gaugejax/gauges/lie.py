@@ -1,5 +1,7 @@
 """Infinitesimal Lie deformations `F -> F + s L_eps F` with random spacetime generators."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -7,8 +9,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..calculus import deform
 from ..models import AbstractNeuralODE
-from .base import AbstractGauge
 from .features import RandomFeatures, check_positive, mode_frequencies, time_modes
+from .maps import AbstractFieldGauge
 
 
 class LieGenerator(eqx.Module):
@@ -35,7 +37,7 @@ class FeatureGenerator(eqx.Module):
         return eps0, eps_y
 
 
-class LieDeformationGauge(AbstractGauge):
+class LieDeformationGauge(AbstractFieldGauge):
     """Infinitesimal spacetime diffeomorphisms of a `NeuralODE` (Eq. 7-9, Thm 2.1).
 
     An element is a `LieGenerator` g; `act(g, model)` replaces the field by
@@ -60,6 +62,7 @@ class LieDeformationGauge(AbstractGauge):
     time_component: bool = eqx.field(static=True)
     amplitude: float
     infinitesimal = True
+    acts_on = AbstractNeuralODE
 
     def __init__(
         self,
@@ -111,9 +114,13 @@ class LieDeformationGauge(AbstractGauge):
     def compose(self, g1: LieGenerator, g2: LieGenerator) -> LieGenerator:
         return jax.tree.map(jnp.add, g1, g2)
 
-    def act(self, g: LieGenerator, model: AbstractNeuralODE) -> AbstractNeuralODE:
-        if not isinstance(model, AbstractNeuralODE):
-            raise TypeError(
-                f"LieDeformationGauge acts on gaugejax.NeuralODE; received {type(model).__name__}."
-            )
+    def act(self, g: LieGenerator, model: Any) -> AbstractNeuralODE:
+        self.check_model(model)
         return model.with_field(deform(model.field, self.generator(g), 1.0))
+
+    def control(self) -> "LieDeformationGauge":
+        """The `boundary="free"` family (`cos(k pi t/T)` modes, not vanishing at 0 and T): its
+        first-order response does not vanish. Only arrays differ, so a sweep of it reuses the
+        compiled program."""
+        omega, phase = mode_frequencies(self.t1, self.num_modes, "free")
+        return eqx.tree_at(lambda g: (g.omega, g.phase), self, (omega, phase))

@@ -7,100 +7,38 @@ rescaling of ReLU / leaky-ReLU networks: gaugejax's `FeedforwardNet` and `eqx.nn
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._types import ScalarLike
 from ..correspondence import check_discrete_gauge
-from ..models import (
-    AbstractLinearField,
-    AbstractNeuralODE,
-    ConvNet,
-    FeedforwardNet,
-    GraphConvNet,
-    LinearNODE,
-)
-from ..models.linear import ACTIVATIONS, POSITIVELY_HOMOGENEOUS
-from .base import AbstractGauge
-from .features import check_positive
+from ..models import ConvNet, FeedforwardNet, GraphConvNet, LinearNODE
+from ..models.linear import ACTIVATIONS, POSITIVELY_HOMOGENEOUS, GaugedLinearField
+from .base import AbstractGauge, AbstractParameterGauge, model_error
+from .features import check_boundary, check_positive
 from .maps import AbstractMapGauge
-
-
-def _time_derivative(f: Callable, t):
-    t = (
-        jnp.asarray(t, dtype=float)
-        if not jnp.issubdtype(jnp.asarray(t).dtype, jnp.floating)
-        else jnp.asarray(t)
-    )
-    return jax.jvp(f, (t,), (jnp.ones_like(t),))
-
-
-class GaugedWeight(eqx.Module):
-    """`w'(t) = G^-1 w G - G^-1 dG/dt` (Eq. 25)."""
-
-    w: Callable
-    G: Callable
-
-    def __call__(self, t: ScalarLike) -> Float[Array, "d d"]:
-        G, dG = _time_derivative(self.G, t)
-        return jnp.linalg.solve(G, self.w(t) @ G - dG)
-
-
-class GaugedBias(eqx.Module):
-    """`b'(t) = G^-1 [b + w c - dc/dt]` (Eq. 25)."""
-
-    w: Callable
-    b: Callable
-    G: Callable
-    c: Callable
-
-    def __call__(self, t: ScalarLike) -> Float[Array, " d"]:
-        c, dc = _time_derivative(self.c, t)
-        return jnp.linalg.solve(self.G(t), self.b(t) + self.w(t) @ c - dc)
-
-
-class GaugedLinearField(AbstractLinearField):
-    """The field of Eq. 25 for `x = G(t) y + c(t)`: `weight`/`bias` are `GaugedWeight` and
-    `GaugedBias`, and an evaluation `F(t, y)` is fused into one linear solve,
-    `G^-1 [(w G - dG/dt) y + b + w c - dc/dt]`, with one evaluation of G and of c. Separate
-    weight and bias solves cost twice, and (two expm loops, each feeding an LU factorisation,
-    in one vmapped solver step) hung jaxlib 0.10.2's CPU runtime at about 100 lanes."""
-
-    w: Callable
-    b: Callable
-    G: Callable
-    c: Callable
-
-    def weight(self, t: ScalarLike) -> Float[Array, "d d"]:
-        return GaugedWeight(self.w, self.G)(t)
-
-    def bias(self, t: ScalarLike) -> Float[Array, " d"]:
-        return GaugedBias(self.w, self.b, self.G, self.c)(t)
-
-    def __call__(self, t: ScalarLike, x: Float[Array, " d"], args=None) -> Float[Array, " d"]:
-        G, dG = _time_derivative(self.G, t)
-        c, dc = _time_derivative(self.c, t)
-        w = self.w(t)
-        return jnp.linalg.solve(G, (w @ G - dG) @ x + self.b(t) + w @ c - dc)
 
 
 def linear_gauge_transform(
     w: Callable, b: Callable, G: Callable, c: Callable
-) -> tuple[GaugedWeight, GaugedBias]:
+) -> tuple[Callable, Callable]:
     """Eq. 25: the parameters of the linear neural ODE for `y` with `x = G(t) y + c(t)`.
 
     **Arguments:** callables `w(t) -> (d, d)`, `b(t) -> (d,)`, `G(t) -> (d, d)` invertible,
     `c(t) -> (d,)`. With `G(0) = G(T) = 1`, `c(0) = c(T) = 0` the map x(0) -> x(T) is unchanged.
 
-    **Returns:** `(w', b')`, callables of t (PyTrees).
+    **Returns:** `(w', b')`, callables of t (bound methods of a `GaugedLinearField`, PyTrees).
+
+    **Raises:** `TypeError` if an argument is not callable.
     """
     for name, f in (("w", w), ("b", b), ("G", G), ("c", c)):
         if not callable(f):
             raise TypeError(f"`{name}` must be a callable of t; received {type(f).__name__}.")
-    return GaugedWeight(w, G), GaugedBias(w, b, G, c)
+    field = GaugedLinearField(w, b, G, c)
+    return field.weight, field.bias
 
 
 def discrete_gauge_transform(
@@ -114,14 +52,20 @@ def discrete_gauge_transform(
     **Arguments:** `weights` (N, d, d), `biases` (N, d); `Gs` (N+1, d, d) invertible with
     `G_0 = G_N = 1`; `cs` (N+1, d) with `c_0 = c_N = 0`.
 
-    **Raises:** `ValueError` for wrong shapes, wrong end values or a singular `G_n`.
+    **Raises:** `ValueError` for wrong shapes, wrong end values or a singular `G_n` (under
+    `jit`, an `eqx.error_if` runtime error for the values).
     """
-    check_discrete_gauge(Gs, cs)
-    if Gs.shape[0] != weights.shape[0] + 1 or Gs.shape[1] != weights.shape[1]:
+    if Gs.shape[0] != weights.shape[0] + 1 or Gs.shape[1:] != (weights.shape[1],) * 2:
         raise ValueError(
             f"`Gs` must have shape ({weights.shape[0] + 1}, {weights.shape[1]}, "
             f"{weights.shape[1]}) for {weights.shape[0]} layers; received {Gs.shape}."
         )
+    Gs, cs = check_discrete_gauge(Gs, cs)
+    return _discrete_transform(weights, biases, Gs, cs)
+
+
+def _discrete_transform(weights, biases, Gs, cs):
+    """Eq. 33, the one home of it (no checks)."""
     new_w = jnp.linalg.solve(Gs[1:], weights @ Gs[:-1])
     rhs = biases + jnp.einsum("nij,nj->ni", weights, cs[:-1]) - cs[1:]
     new_b = jnp.linalg.solve(Gs[1:], rhs[..., None])[..., 0]
@@ -225,14 +169,32 @@ class LinearGaugeElement(eqx.Module):
     c: Float[Array, "K d"]
 
 
+def _mode_frequencies(t1: float, num_modes: int, boundary: str) -> Float[Array, " K"]:
+    """`k pi / T` (`"vanishing"`: G(T) = 1, c(T) = 0) or `(k - 1/2) pi / T` (`"free"`)."""
+    k = jnp.arange(1.0, num_modes + 1.0) - (0.0 if boundary == "vanishing" else 0.5)
+    return k * jnp.pi / t1
+
+
+# Above this, x = G y + c shifts states by far more than their size: the transformed solve
+# loses about log10(bias_scale) digits to cancellation, so a deviation says nothing.
+MAX_BIAS_SCALE = 1e6
+
+
 class LinearGauge(AbstractMapGauge):
     """Finite linear gauge transformations `x = G(t) y + c(t)` of a `LinearNODE` (Eq. 24-25).
 
     Base elements draw `A_k` (scaled so that `sum_k |A_k|_2 = rho * u`, u ~ U(1/4, 1)) and `c_k`;
     `G(t) = expm(S(t))` (`kind="expm"`, always invertible) or the Cayley transform
-    (`kind="cayley"`, invertible because |S(t)|_2 <= rho < 1). `G(0) = G(T) = 1`, `c(0) = c(T)
-    = 0` by construction. Compositions and inverses are exact affine maps. The action keeps the
-    model linear: the new field is a `GaugedLinearField` (Eq. 25, one fused solve per evaluation).
+    (`kind="cayley"`, invertible because |S(t)|_2 <= rho < 1), `S(t) = sum_k sin(omega_k t) A_k`.
+    With `boundary="vanishing"` (`omega_k = k pi / T`) `G(0) = G(T) = 1`, `c(0) = c(T) = 0` by
+    construction; `"free"` (`(k - 1/2) pi / T`, the `control()`) leaves `G(T) != 1`.
+    Compositions and inverses are exact affine maps. The action keeps the model linear: the new
+    field is a `GaugedLinearField` (Eq. 25, one fused solve per evaluation).
+
+    **Arguments:** `dim` d, `t1` T, `num_modes` K, `rho` (> 0; < 1 for Cayley), `bias_scale`
+    (in (0, 1e6]), `kind`, `boundary`.
+
+    **Raises:** `ValueError` for out-of-range arguments.
     """
 
     dim: int = eqx.field(static=True)
@@ -241,6 +203,7 @@ class LinearGauge(AbstractMapGauge):
     rho: float
     bias_scale: float
     kind: str = eqx.field(static=True)
+    acts_on = LinearNODE
 
     def __init__(
         self,
@@ -251,16 +214,21 @@ class LinearGauge(AbstractMapGauge):
         rho: float = 0.5,
         bias_scale: float = 0.3,
         kind: str = "expm",
+        boundary: str = "vanishing",
     ):
+        if not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"`dim` must be a positive int; received {dim!r}.")
         check_positive("t1", t1)
-        check_positive("rho", rho, below=1.0 if kind == "cayley" else None)
         if kind not in ("expm", "cayley"):
             raise ValueError(f"`kind` must be 'expm' or 'cayley'; received {kind!r}.")
+        # expm_fixed covers |S|_1 <= 1024; rho bounds |S|_2 <= rho, so keep rho well inside
+        check_positive("rho", rho, below=1.0 if kind == "cayley" else 100.0)
+        check_positive("bias_scale", bias_scale, below=MAX_BIAS_SCALE * (1 + 1e-12))
         if not isinstance(num_modes, int) or num_modes <= 0:
             raise ValueError(f"`num_modes` must be a positive int; received {num_modes!r}.")
         self.dim = dim
         self.t1 = float(t1)
-        self.omega = jnp.arange(1.0, num_modes + 1.0) * jnp.pi / self.t1
+        self.omega = _mode_frequencies(self.t1, num_modes, check_boundary(boundary))
         self.rho = float(rho)
         self.bias_scale = float(bias_scale)
         self.kind = kind
@@ -290,12 +258,11 @@ class LinearGauge(AbstractMapGauge):
     def pull(self, field, map_: AffineMap):
         return GaugedLinearField(field.weight, field.bias, map_.G, map_.c)
 
-    def act(self, g, model: AbstractNeuralODE) -> AbstractNeuralODE:
-        if not isinstance(model, LinearNODE):
-            raise TypeError(
-                f"LinearGauge acts on gaugejax.LinearNODE; received {type(model).__name__}."
-            )
-        return super().act(g, model)
+    def control(self) -> "LinearGauge":
+        """The `boundary="free"` family (`G(T) != 1`, `c(T) != 0`): the output becomes
+        `G(T)^-1 (x(T) - c(T))`. Only `omega` (an array) differs: the compiled program is shared."""
+        free = _mode_frequencies(self.t1, self.omega.shape[0], "free")
+        return eqx.tree_at(lambda g: g.omega, self, free)
 
 
 # ---------------------------------------------------------------------------- discrete families
@@ -308,35 +275,58 @@ class DiscreteGaugeElement(eqx.Module):
     cs: Float[Array, "N1 d"]
 
 
-class DiscreteLinearGauge(AbstractGauge):
+class DiscreteLinearGauge(AbstractParameterGauge):
     """Discrete linear gauges (Eq. 33) of a `LinearNet` with `num_layers` layers of width `dim`.
 
     Interior `G_n = expm(A_n)` (`|A_n|_2 = scale`, so det G_n > 0 and Thm 3.1 lifts them),
     `c_n ~ N(0, bias_scale^2)`; ends fixed to (1, 0). The family is a group in closed form:
-    `compose` multiplies `G_n` and composes shifts, `inverse` inverts each node.
+    `compose` multiplies `G_n` and composes shifts, `inverse` inverts each node. The
+    `control()` also moves the output end (`G_N != 1`, `c_N != 0`), which changes the output.
+
+    **Arguments:** `dim`, `num_layers` N, `scale` (> 0), `bias_scale` (> 0).
     """
 
     dim: int = eqx.field(static=True)
     num_layers: int = eqx.field(static=True)
     scale: float
     bias_scale: float
+    end_scale: Float[Array, ""]  # 0 for the symmetry; 1 moves the output end (the control)
     infinitesimal = False
 
     def __init__(self, dim: int, num_layers: int, *, scale: float = 0.5, bias_scale: float = 0.3):
-        if not isinstance(num_layers, int) or num_layers <= 0:
-            raise ValueError(f"`num_layers` must be a positive int; received {num_layers!r}.")
+        for name, value in (("dim", dim), ("num_layers", num_layers)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive int; received {value!r}.")
+        check_positive("scale", scale, below=100.0)
+        check_positive("bias_scale", bias_scale, below=MAX_BIAS_SCALE * (1 + 1e-12))
         self.dim, self.num_layers = dim, num_layers
         self.scale, self.bias_scale = float(scale), float(bias_scale)
+        self.end_scale = jnp.zeros(())
+
+    def check_model(self, model) -> None:
+        if not isinstance(model, FeedforwardNet) or model.activation != "identity":
+            raise model_error(
+                self,
+                "a LinearNet (gaugejax.FeedforwardNet with identity activation)",
+                model,
+                "Build it with gj.LinearNet(weights (N, d, d), biases (N, d)).",
+            )
+        if model.num_layers != self.num_layers or model.weights.shape[1] != self.dim:
+            raise ValueError(
+                f"DiscreteLinearGauge has {self.num_layers} layers of width {self.dim}; the model "
+                f"has {model.num_layers} of width {model.weights.shape[1]}."
+            )
 
     def sample(self, key: PRNGKeyArray) -> DiscreteGaugeElement:
         ka, kc = jax.random.split(key)
         N, d = self.num_layers, self.dim
-        A = jax.random.normal(ka, (N - 1, d, d))
+        A = jax.random.normal(ka, (N, d, d))
         A = self.scale * A / jnp.linalg.norm(A, ord=2, axis=(1, 2), keepdims=True)
+        A = A.at[-1].multiply(self.end_scale)  # the output end: identity unless the control
         eye = jnp.eye(d)[None]
-        Gs = jnp.concatenate([eye, jax.vmap(jax.scipy.linalg.expm)(A), eye])
-        zero = jnp.zeros((1, d))
-        cs = jnp.concatenate([zero, self.bias_scale * jax.random.normal(kc, (N - 1, d)), zero])
+        Gs = jnp.concatenate([eye, jax.vmap(jax.scipy.linalg.expm)(A)])
+        c = self.bias_scale * jax.random.normal(kc, (N, d))
+        cs = jnp.concatenate([jnp.zeros((1, d)), c.at[-1].multiply(self.end_scale)])
         return DiscreteGaugeElement(Gs, cs)
 
     def identity(self) -> DiscreteGaugeElement:
@@ -351,14 +341,16 @@ class DiscreteLinearGauge(AbstractGauge):
         # x = G1 (G2 y + c2) + c1
         return DiscreteGaugeElement(g1.Gs @ g2.Gs, jnp.einsum("nij,nj->ni", g1.Gs, g2.cs) + g1.cs)
 
-    def act(self, g, model: FeedforwardNet) -> FeedforwardNet:
-        if not isinstance(model, FeedforwardNet) or model.activation != "identity":
-            raise TypeError(
-                "DiscreteLinearGauge acts on a LinearNet (FeedforwardNet with identity "
-                f"activation); received {type(model).__name__}."
-            )
-        w, b = discrete_gauge_transform(model.weights, model.biases, g.Gs, g.cs)
+    def act(self, g, model: Any) -> FeedforwardNet:
+        self.check_model(model)
+        # the family's elements have the right ends by construction (the control's do not, on
+        # purpose): the unchecked core of Eq. 33, not the public checked function
+        w, b = _discrete_transform(model.weights, model.biases, g.Gs, g.cs)
         return FeedforwardNet(w, b, model.activation)
+
+    def control(self) -> "DiscreteLinearGauge":
+        """The family that also moves the output end (`G_N != 1`): the output changes."""
+        return eqx.tree_at(lambda g: g.end_scale, self, jnp.ones(()))
 
 
 def _activation_name(activation) -> str | None:

@@ -18,7 +18,7 @@ from jaxtyping import PyTree
 
 from .._types import VectorField
 from ..models import AbstractNeuralODE
-from .base import AbstractGauge
+from .base import AbstractGauge, model_error
 
 
 class Compose(eqx.Module):
@@ -64,11 +64,67 @@ class InverseMap(eqx.Module):
         return jax.lax.fori_loop(0, self.num_iterations, step, w)
 
 
-class AbstractMapGauge(AbstractGauge):
-    """A finite gauge family of near-identity maps acting on `NeuralODE` fields.
+class AbstractFieldGauge(AbstractGauge):
+    """A family acting on the vector field of a neural ODE on `[0, t1]`.
 
-    Subclasses define `base_map(params)` (the map of a base element), `pull(field, map)` (the
-    field transformation) and `sample`/`identity` for base elements.
+    `acts_on` (class variable) is the kind of neural ODE the family needs (`AbstractNeuralODE`
+    or `LinearNODE`); `t1` the final time the family's boundary conditions refer to, which must
+    be the model's (a gauge that vanishes at another time is no symmetry of this model, and a
+    boundary-free one may look like one). `tangent` is the model with its field replaced by the
+    field tangent `d/da act(identity + a v).field` at a = 0 (a `FieldTangent`).
+    """
+
+    t1: eqx.AbstractVar[float]
+    acts_on: eqx.AbstractClassVar[type]
+
+    def check_model(self, model: Any) -> None:
+        """Raise `TypeError` unless `model` is a neural ODE of kind `acts_on`, `ValueError` unless
+        it integrates over `[0, t1]` of this family."""
+        if not isinstance(model, self.acts_on):
+            if self.acts_on is AbstractNeuralODE:
+                expected = "a gaugejax neural ODE (gaugejax.NeuralODE or LinearNODE)"
+                how = (
+                    "Wrap your vector field and solve options in one line: "
+                    "gj.NeuralODE(field, t1=..., solver=..., stepsize_controller=..., "
+                    "adjoint=...), where field(t, y, args) -> dy/dt (e.g. the `func` of a "
+                    "diffrax-style model)."
+                )
+            else:
+                expected = f"a gaugejax.{self.acts_on.__name__}"
+                how = (
+                    "Build one with gj.LinearNODE(field, t1=...) from an AbstractLinearField "
+                    "(e.g. gj.BasisLinearField or gj.FunctionLinearField(w, b))."
+                )
+            raise model_error(self, expected, model, how)
+        t0, t1 = float(model.t0), float(model.t1)
+        if t0 != 0.0 or abs(t1 - float(self.t1)) > 1e-12 * max(1.0, abs(t1)):
+            raise ValueError(
+                f"{type(self).__name__} is defined on [0, {float(self.t1)}] (its boundary "
+                f"conditions hold at t = 0 and t = t1 = {float(self.t1)}); the model integrates "
+                f"over [{t0}, {t1}]. Build the gauge with t1={t1} (models must start at t0 = 0)."
+            )
+
+    def tangent(self, model: Any, direction: PyTree) -> AbstractNeuralODE:
+        """The model with its field replaced by the field tangent along `direction`.
+
+        **Arguments:** `model` (a neural ODE the family acts on); `direction` (shaped like
+        `identity()`; e.g. `sample(key)` for a vector-space family).
+
+        **Returns:** a neural ODE whose field is the `FieldTangent`
+        `(t, y, args) -> d/da act(identity + a direction).field(t, y, args)` at a = 0.
+
+        **Raises:** as `check_model`.
+        """
+        self.check_model(model)
+        return model.with_field(FieldTangent(self, model, direction))
+
+
+class AbstractMapGauge(AbstractFieldGauge):
+    """A finite field family of near-identity maps (exact pullbacks of the field).
+
+    Concrete families define `base_map(params)` (the map of a base element), `pull(field, map)`
+    (the field transformation), `compose_maps`/`invert_map` (closed forms where they exist,
+    else `ComposedMap`/`InverseMap`), and `sample`/`identity` for base elements.
     """
 
     infinitesimal = False
@@ -81,13 +137,13 @@ class AbstractMapGauge(AbstractGauge):
     def pull(self, field: VectorField, map_: Callable) -> VectorField:
         """The field transformed by `map_`."""
 
+    @abc.abstractmethod
     def compose_maps(self, outer: Callable, inner: Callable) -> Callable:
-        """The map `outer o inner` (families with closed-form compositions override this)."""
-        return ComposedMap(outer, inner)
+        """The map `outer o inner`."""
 
+    @abc.abstractmethod
     def invert_map(self, map_: Callable) -> Callable:
-        """The inverse of a base element's map (fixed point unless overridden)."""
-        return InverseMap(map_)
+        """The inverse of a base element's map."""
 
     def to_map(self, g: PyTree) -> Callable:
         """The map realised by any element (base, `Compose` or `Inverse`)."""
@@ -98,12 +154,8 @@ class AbstractMapGauge(AbstractGauge):
             return self.invert_map(self.base_map(g.of))
         return self.base_map(g)
 
-    def act(self, g: PyTree, model: AbstractNeuralODE) -> AbstractNeuralODE:
-        if not isinstance(model, AbstractNeuralODE):
-            raise TypeError(
-                f"{type(self).__name__} acts on gaugejax.NeuralODE; "
-                f"received {type(model).__name__}."
-            )
+    def act(self, g: PyTree, model: Any) -> AbstractNeuralODE:
+        self.check_model(model)
         return model.with_field(self.pull(model.field, self.to_map(g)))
 
     def inverse(self, g: PyTree) -> PyTree:
@@ -116,23 +168,24 @@ class AbstractMapGauge(AbstractGauge):
     def compose(self, g1: PyTree, g2: PyTree) -> PyTree:
         return Compose(g1, g2)
 
-    def tangent(self, model: AbstractNeuralODE, direction: PyTree) -> "FieldTangent":
-        """The field tangent `d/da F_{a * direction}(t, y)` at a = 0 (a callable field)."""
-        return FieldTangent(self, model.field, direction)
-
 
 class FieldTangent(eqx.Module):
-    """`(t, y, args) -> d/da [gauge.act(a * direction)].field(t, y, args)` at a = 0, by jvp."""
+    """`(t, y, args) -> d/da [gauge.act(identity + a * direction, model)].field(t, y, args)` at
+    a = 0, by jvp."""
 
     gauge: Any
-    field: VectorField
+    model: Any
     direction: PyTree
 
     def __call__(self, t, y, args=None):
-        def f(g):
-            return self.gauge.pull(self.field, self.gauge.to_map(g))(t, y, args)
+        base = self.gauge.identity()
 
-        return jax.jvp(f, (self.gauge.identity(),), (self.direction,))[1]
+        def f(a):
+            g = jax.tree.map(lambda e, v: e + a * v, base, self.direction)
+            return self.gauge.act(g, self.model).field(t, y, args)
+
+        zero = jnp.zeros((), dtype=jnp.result_type(*jax.tree.leaves(base)))
+        return jax.jvp(f, (zero,), (jnp.ones_like(zero),))[1]
 
 
 def lipschitz_normalise(raw: jax.Array, lipschitz: jax.Array, target: jax.Array) -> jax.Array:

@@ -6,8 +6,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..calculus import reparametrize
+from ..models import AbstractNeuralODE
 from .features import check_boundary, check_positive
-from .maps import AbstractMapGauge, lipschitz_normalise
+from .maps import AbstractMapGauge, ComposedMap, InverseMap, lipschitz_normalise
+
+
+def _frequencies(t1: float, num_modes: int, boundary: str) -> Float[Array, " K"]:
+    """`k pi / T` (vanishing: tau(T) = T) or `(k - 1/2) pi / T` (free), k = 1..K."""
+    k = jnp.arange(1.0, num_modes + 1.0) - (0.0 if boundary == "vanishing" else 0.5)
+    return k * jnp.pi / t1
 
 
 class SineReparam(eqx.Module):
@@ -36,6 +43,7 @@ class TimeReparamGauge(AbstractMapGauge):
     t1: float
     rho: float
     omega: Float[Array, " K"]
+    acts_on = AbstractNeuralODE
 
     def __init__(
         self, t1: float, *, num_modes: int = 3, rho: float = 0.5, boundary: str = "vanishing"
@@ -46,10 +54,7 @@ class TimeReparamGauge(AbstractMapGauge):
             raise ValueError(f"`num_modes` must be a positive int; received {num_modes!r}.")
         self.t1 = float(t1)
         self.rho = float(rho)
-        k = jnp.arange(1.0, num_modes + 1.0) - (
-            0.0 if check_boundary(boundary) == "vanishing" else 0.5
-        )
-        self.omega = k * jnp.pi / self.t1
+        self.omega = _frequencies(self.t1, num_modes, check_boundary(boundary))
 
     @property
     def num_modes(self) -> int:
@@ -60,6 +65,18 @@ class TimeReparamGauge(AbstractMapGauge):
 
     def pull(self, field, map_):
         return reparametrize(field, map_)
+
+    def compose_maps(self, outer, inner):
+        return ComposedMap(outer, inner)
+
+    def invert_map(self, map_):
+        return InverseMap(map_)
+
+    def control(self) -> "TimeReparamGauge":
+        """The `boundary="free"` family (tau(T) != T): it changes the output. Only the
+        frequencies (an array) differ, so a sweep of it reuses the compiled program."""
+        free = _frequencies(self.t1, self.num_modes, "free")
+        return eqx.tree_at(lambda g: g.omega, self, free)
 
     def sample(self, key: PRNGKeyArray) -> Float[Array, " K"]:
         kc, kr = jax.random.split(key)

@@ -20,6 +20,8 @@ from .linear import (
     FeedforwardNet as FeedforwardNet,
     FourierBasis as FourierBasis,
     FunctionLinearField as FunctionLinearField,
+    GaugedLinearField as GaugedLinearField,
+    GaugedWeight as GaugedWeight,
     LinearNet as LinearNet,
     LinearNODE as LinearNODE,
     PiecewiseLinearBasis as PiecewiseLinearBasis,

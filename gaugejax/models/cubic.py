@@ -10,6 +10,7 @@ from jaxtyping import Array, Float
 
 from ..correspondence import wilson_line
 from ..solve import solve
+from .linear import GaugedWeight
 
 
 class CubicField(eqx.Module):
@@ -103,8 +104,6 @@ class AttentionNODE(eqx.Module):
         G(T) = 1` keeps the input-output map): `w -> G^-1 w G - G^-1 dG/dt` (Eq. 25) and, at
         t0, `lambda -> G^-1 lambda G`, `lambda~ -> G^T lambda~ G`. Its Eq. 41 weights are the
         attention gauge of the old ones with `alpha = 1`, `A = G(t0)^-T`, `B = G(t0)`."""
-        from ..gauges.linear import GaugedWeight
-
         Gt0 = G(jnp.asarray(self.t0))
         return AttentionNODE(
             GaugedWeight(self.w, G),

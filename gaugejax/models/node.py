@@ -1,6 +1,8 @@
 """Neural ODEs: a vector field integrated by the one `solve` wrapper."""
 
+import abc
 from collections.abc import Callable
+from typing import Any
 
 import diffrax
 import equinox as eqx
@@ -48,41 +50,36 @@ class MLPField(eqx.Module):
         return self.out_scale * self.mlp(jnp.concatenate([t[None], y]))
 
 
+def _as_field(field):
+    # a diffrax.ODETerm (as in diffrax's documentation) is accepted for its vector field
+    return field.vector_field if isinstance(field, diffrax.ODETerm) else field
+
+
 class AbstractNeuralODE(eqx.Module):
     """A neural ODE `dx/dt = field(t, x, args)` on `[t0, t1]`; the model output is `x(t1)`.
 
-    **Arguments:**
-
-    - `field`: `(t, y, args) -> dy/dt`, an `eqx.Module` or any callable.
-    - `t1`: final time T (> t0); `t0`: initial time, default 0.
-    - `solver`, `stepsize_controller`, `dt0`, `max_steps`, `adjoint`: as in `gaugejax.solve`
-      (defaults Tsit5, PID with rtol = atol = 1e-8, 4096 steps, recursive checkpointing).
-    - `throw`: raise on solver failure (default); sweeps set it to False and read the stats.
+    The abstract base of `NeuralODE` and `LinearNODE`: it declares the fields (as
+    `AbstractVar`s) and implements the solves once; concrete subclasses are final and say how
+    the model changes when its field does (`with_field`).
 
     `__call__(x0)` returns `x(t1)` for one input; `vmap` it for batches. `solve(x0)` returns
-    `(x(t1), SolveStats)`.
+    `(x(t1), SolveStats)`; `solve_tangent` the forward sensitivity system.
     """
 
-    field: VectorField
-    t1: float
-    t0: float = 0.0
-    solver: diffrax.AbstractSolver = eqx.field(default_factory=diffrax.Tsit5)
-    stepsize_controller: diffrax.AbstractStepSizeController = eqx.field(
-        default_factory=lambda: diffrax.PIDController(rtol=1e-8, atol=1e-8)
-    )
-    dt0: float | None = None
-    max_steps: int = 4096
-    adjoint: diffrax.AbstractAdjoint = eqx.field(default_factory=diffrax.RecursiveCheckpointAdjoint)
-    args: Args = None
-    throw: bool = True
+    field: eqx.AbstractVar[VectorField]
+    t1: eqx.AbstractVar[float]
+    t0: eqx.AbstractVar[float]
+    solver: eqx.AbstractVar[diffrax.AbstractSolver]
+    stepsize_controller: eqx.AbstractVar[diffrax.AbstractStepSizeController]
+    dt0: eqx.AbstractVar[float | None]
+    max_steps: eqx.AbstractVar[int]
+    adjoint: eqx.AbstractVar[diffrax.AbstractAdjoint]
+    args: eqx.AbstractVar[Args]
+    throw: eqx.AbstractVar[bool]
 
-    def __check_init__(self):
-        if not callable(self.field):
-            raise TypeError(f"`field` must be callable (t, y, args); received {type(self.field)}.")
-        if float(self.t1) <= float(self.t0):
-            raise ValueError(
-                f"`t1` must be greater than `t0` = {self.t0}; received t1 = {self.t1}."
-            )
+    @abc.abstractmethod
+    def with_field(self, field: VectorField) -> "AbstractNeuralODE":
+        """The same neural ODE (solver, interval, options) with another field."""
 
     def solve(self, x0: State) -> tuple[State, SolveStats]:
         """`(x(t1), SolveStats)` for one input `x0`."""
@@ -118,37 +115,97 @@ class AbstractNeuralODE(eqx.Module):
         change of the output along `(dp, dx0)`. See `gaugejax.solve.SensitivityField`.
         """
         if fn is None:
-            field = self.field
+            fn, p, dp = _FixedParameters(self.field), jnp.zeros(()), jnp.zeros(())
+        return NeuralODE(SensitivityField(fn, p, dp), **options(self)).solve((x0, dx0))
 
-            def fn(_, t, y, args):
-                return field(t, y, args)
+    def with_options(self, **changes) -> "AbstractNeuralODE":
+        """A copy with solver options replaced, e.g. `adjoint=diffrax.ForwardMode()`.
 
-            p = dp = jnp.zeros(())
-        return self.with_field(SensitivityField(fn, p, dp)).solve((x0, dx0))
-
-    def with_field(self, field: VectorField) -> "AbstractNeuralODE":
-        """The same neural ODE (solver, interval) with another field (a `NeuralODE` when the
-        field no longer has the structure this class requires)."""
-        return eqx.tree_at(lambda m: m.field, self, field)
-
-    def with_options(self, **options) -> "AbstractNeuralODE":
-        """A copy with solver options replaced, e.g. `adjoint=diffrax.ForwardMode()`."""
-        names = ("solver", "stepsize_controller", "dt0", "max_steps", "adjoint", "throw", "t1")
-        unknown = sorted(set(options) - set(names))
+        **Raises:** `ValueError` for a name that is not an option (listing the valid ones).
+        """
+        unknown = sorted(set(changes) - set(OPTIONS))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; valid options are {list(names)}.")
+            raise ValueError(f"unknown option(s) {unknown}; valid options are {list(OPTIONS)}.")
         return eqx.tree_at(
-            lambda m: [getattr(m, k) for k in options],
+            lambda m: [getattr(m, k) for k in changes],
             self,
-            list(options.values()),
+            list(changes.values()),
             is_leaf=lambda x: x is None,
         )
 
 
+# every solve option of a neural ODE (all but the field)
+OPTIONS = (
+    "t1",
+    "t0",
+    "solver",
+    "stepsize_controller",
+    "dt0",
+    "max_steps",
+    "adjoint",
+    "args",
+    "throw",
+)
+
+
+def options(model: AbstractNeuralODE) -> dict[str, Any]:
+    """The solve options of `model` (everything but its field), as keyword arguments."""
+    return {k: getattr(model, k) for k in OPTIONS}
+
+
+class _FixedParameters(eqx.Module):
+    """`(p, t, y, args) -> field(t, y, args)`: a field with no parameters to move."""
+
+    field: VectorField
+
+    def __call__(self, p, t, y, args):
+        return self.field(t, y, args)
+
+
+def check_interval(model: AbstractNeuralODE) -> None:
+    """Eager checks shared by the concrete neural ODEs: a callable field and t1 > t0."""
+    if not callable(model.field):
+        raise TypeError(f"`field` must be callable (t, y, args); received {type(model.field)}.")
+    if not float(model.t1) > float(model.t0):
+        raise ValueError(f"`t1` must be greater than `t0` = {model.t0}; received t1 = {model.t1}.")
+
+
 class NeuralODE(AbstractNeuralODE):
-    """A neural ODE with any vector field. See `AbstractNeuralODE` for the arguments."""
+    """A neural ODE with any vector field and any diffrax solve options.
 
+    A model written with diffrax is one line away: its vector field `(t, y, args) -> dy/dt`
+    (an `eqx.Module`, a closure, or a `diffrax.ODETerm`) and its solve options,
+    `gj.NeuralODE(func, t1=1.0, solver=diffrax.Kvaerno5(), stepsize_controller=...,
+    adjoint=diffrax.BacksolveAdjoint())`.
 
-def _options(model: AbstractNeuralODE) -> dict:
-    names = ("t1", "t0", "solver", "stepsize_controller", "dt0", "max_steps", "adjoint")
-    return {k: getattr(model, k) for k in names + ("args", "throw")}
+    **Arguments:**
+
+    - `field`: `(t, y, args) -> dy/dt`, or a `diffrax.ODETerm` (its vector field is taken).
+    - `t1`: final time T (> t0); `t0`: initial time, default 0.
+    - `solver`: any diffrax ODE solver (explicit, implicit, reversible; default Tsit5). Field
+      evaluations are counted for explicit Runge-Kutta solvers and Euler, and reported as "not
+      counted" otherwise.
+    - `stepsize_controller` (default PID, rtol = atol = 1e-8), `dt0`, `max_steps` (4096),
+      `adjoint` (default recursive checkpointing; any diffrax adjoint), `args`: as in
+      `diffrax.diffeqsolve`.
+    - `throw`: raise on solver failure (default); sweeps set it to False and read the stats.
+    """
+
+    field: VectorField = eqx.field(converter=_as_field)
+    t1: float
+    t0: float = 0.0
+    solver: diffrax.AbstractSolver = eqx.field(default_factory=diffrax.Tsit5)
+    stepsize_controller: diffrax.AbstractStepSizeController = eqx.field(
+        default_factory=lambda: diffrax.PIDController(rtol=1e-8, atol=1e-8)
+    )
+    dt0: float | None = None
+    max_steps: int = 4096
+    adjoint: diffrax.AbstractAdjoint = eqx.field(default_factory=diffrax.RecursiveCheckpointAdjoint)
+    args: Args = None
+    throw: bool = True
+
+    def __check_init__(self):
+        check_interval(self)
+
+    def with_field(self, field: VectorField) -> "NeuralODE":
+        return eqx.tree_at(lambda m: m.field, self, field)
