@@ -144,23 +144,16 @@ def _evaluate(cfg: Config, models, test):
     return eqx.filter_vmap(one)(models)
 
 
-def _canonical_distance(cfg: Config, models, M, m) -> np.ndarray:
-    """Per seed: L2 distance over [0, T] between (w, b) and the canonical gauge of its own I/O
-    map (eager: the existence check of `canonical_gauge` is a host computation)."""
-    nodes, weights = np.polynomial.legendre.leggauss(16)
-    ts = jnp.asarray(0.5 * cfg.t1 * (nodes + 1))
-    wq = jnp.asarray(0.5 * cfg.t1 * weights)
-
-    def distance(mod, M_s, m_s):
-        wc, bc = gj.canonical_gauge(M_s, m_s, cfg.t1)
-
-        def gap(t):
-            return jnp.sum((mod.weight(t) - wc(t)) ** 2) + jnp.sum((mod.bias(t) - bc(t)) ** 2)
-
-        return float(jnp.sqrt(jnp.dot(wq, jax.vmap(gap)(ts))))
-
-    out = [distance(_seed(models, s), M[s], m[s]) for s in range(cfg.num_seeds)]
-    return np.asarray(out)
+def _canonical_distances(cfg: Config, models, M, m) -> np.ndarray:
+    """Per seed: `gj.orbits.canonical_distance` (16 Gauss nodes over [0, T]), reusing the
+    fingerprints of `_evaluate` (eager: the existence check of the canonical gauge runs on the
+    host)."""
+    return np.asarray(
+        [
+            float(gj.orbits.canonical_distance(_seed(models, s), fingerprint=(M[s], m[s])))
+            for s in range(cfg.num_seeds)
+        ]
+    )
 
 
 def _seed(models, s):
@@ -171,11 +164,6 @@ def _seed(models, s):
 def _weight_trajectories(models, ts) -> np.ndarray:
     """w(t)[0, :2] of every seed on the grid ts."""
     return np.asarray(eqx.filter_vmap(lambda mod: jax.vmap(mod.weight)(ts))(models))[:, :, 0, :2]
-
-
-def _spread(a) -> float:
-    """Mean over entries of the across-seed standard deviation."""
-    return float(jnp.mean(jnp.std(a, axis=0)))
 
 
 def run(config: Config, run_dir: Path) -> dict:
@@ -206,22 +194,19 @@ def run(config: Config, run_dir: Path) -> dict:
         )
         wall = time.perf_counter() - start
         ev = jax.device_get(_evaluate(config, res.model, test))
-        coeffs = jnp.concatenate(
-            [
-                res.model.field.weights.reshape(config.num_seeds, -1),
-                res.model.field.biases.reshape(config.num_seeds, -1),
-            ],
-            axis=1,
-        )
         rows[lam] = {
             "lambda": lam,
             "final_loss": float(np.mean(ev["loss"])),
-            "function_spread": _spread(
-                jnp.concatenate([ev["M"].reshape(config.num_seeds, -1), ev["m"]], axis=1)
+            # the spread of the I/O maps x -> M x + m: of the fingerprints from `_evaluate`
+            "function_spread": float(gj.orbits.seed_spread((ev["M"], ev["m"]))),
+            # the basis coefficients only (the stacked model's Fourier frequencies are arrays too)
+            "parameter_spread": float(
+                gj.orbits.parameter_spread(
+                    res.model, where=lambda mod: (mod.field.weights, mod.field.biases)
+                )
             ),
-            "parameter_spread": _spread(coeffs),
             "canonical_distance": float(
-                np.mean(_canonical_distance(config, res.model, ev["M"], ev["m"]))
+                np.mean(_canonical_distances(config, res.model, ev["M"], ev["m"]))
             ),
             "penalty": float(np.mean(ev["penalty"])),
             "test_steps": float(np.mean(ev["steps"])),

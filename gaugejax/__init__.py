@@ -73,6 +73,13 @@ from .models import (
     integrated_cubic as integrated_cubic,
     random_linear_node as random_linear_node,
 )
+from .orbits import (
+    canonical_distance as canonical_distance,
+    function_spread as function_spread,
+    linear_node_fingerprint as linear_node_fingerprint,
+    parameter_spread as parameter_spread,
+    seed_spread as seed_spread,
+)
 from .solve import (
     NOT_COUNTED as NOT_COUNTED,
     RK4 as RK4,

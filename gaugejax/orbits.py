@@ -1,7 +1,8 @@
 """Orbit geometry: tangents of gauge orbits in parameter space, gradient orthogonality,
-conserved quantities of gradient flow, and gauge-invariant fingerprints."""
+conserved quantities of gradient flow, gauge-invariant fingerprints, and the metrics of gauge
+fixing (spread across seeds, distance to the canonical gauge)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -9,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Float, Key, PRNGKeyArray, PyTree
+from jaxtyping import Array, ArrayLike, Float, Key, PRNGKeyArray, PyTree, Shaped
 
 from .correspondence import affine_propagator
+from .gauge_fixing import _check_affine, _describe, _linear_field, _not_affine, canonical_gauge
 from .gauges.base import AbstractGauge
 from .models import AbstractNeuralODE, FeedforwardNet
 from .models.linear import (
@@ -66,11 +68,286 @@ def rescaling_conserved_quantity(model: FeedforwardNet) -> Float[Array, "L d"]:
     return incoming - outgoing
 
 
-def linear_node_fingerprint(model: AbstractNeuralODE, **tolerances) -> tuple[Array, Array]:
-    """`(M, m)` with `x(T) = M x(0) + m`: the Wilson line and the integrated bias over [t0, t1],
-    invariant under every gauge of the linear neural ODE (compare trained runs without aligning
-    their parameters)."""
-    return affine_propagator(model.weight, model.bias, model.t1, model.t0, **tolerances)
+def _fingerprint(model, linear, t1, tolerances) -> tuple[Array, Array]:
+    return affine_propagator(linear.weight, linear.bias, t1, model.t0, **tolerances)
+
+
+def linear_node_fingerprint(
+    model: AbstractNeuralODE, *, dim: int | None = None, **tolerances
+) -> tuple[Float[Array, "d d"], Float[Array, " d"]]:
+    """`(M, m)` with `x(t1) = M x(t0) + m`: the Wilson line and the integrated bias over
+    [t0, t1] of a neural ODE whose field is affine in the state, invariant under every gauge of
+    the linear neural ODE (compare trained runs without aligning their parameters).
+
+    For an `AbstractLinearField` (e.g. a `LinearNODE`) its `weight`, `bias` are used. Any other
+    field `F(t, y, args)` (a closure or Module) is read as `w(t) = D_y F(t, 0)` (forward-mode
+    Jacobian) and `b(t) = F(t, 0)`, after a numerical affinity check: at four fixed
+    pseudo-random `(t, y)`, t in [t0, t1] and |y| ~ 0.1 to 10 sqrt(d), the relative residual
+    `|F(t, y) - F(t, 0) - w(t) y| / (|F(t, y)| + |F(t, 0)| + |w(t)|_F |y|)` must be at most
+    `sqrt(eps)` of the field's dtype (1.5e-8 in float64, 3.5e-4 in float32). An affine field
+    shows roundoff, a few eps times the conditioning of its own arithmetic; a nonlinear one
+    (tanh, a cubic term) shows O(1) at states of unit size. `sqrt(eps)` sits between, with
+    room for fields computed through moderately ill-conditioned steps. The check is numerical:
+    a field that is affine near these states only (a ReLU whose kinks lie beyond them) passes.
+    Under `jit` with traced field arrays it runs as an `eqx.error_if`.
+
+    **Arguments:**
+
+    - `model`: an `AbstractNeuralODE` (e.g. `LinearNODE`, or `NeuralODE(field, t1=...)`).
+    - `dim`: the state dimension d; needed only for a field that declares none (an
+      `AbstractLinearField`, an `MLPField` or a field with an int `dim` attribute do).
+    - `tolerances`: `rtol`, `atol`, `max_steps` of `affine_propagator` (default 1e-10).
+
+    **Returns:** `(M, m)`, shapes `(d, d)` and `(d,)`.
+
+    **Raises:** `TypeError` if `model` is not a neural ODE; `ValueError` if the field is not
+    affine in y (the fingerprint of a nonlinear field is not defined), or if d can be neither
+    inferred nor taken from `dim`.
+    """
+    linear, residual = _linear_field(model, dim=dim)
+    checked = _check_affine(linear, residual, _fingerprint_error(model), ValueError)
+    return checked(_fingerprint(model, linear, model.t1, tolerances))
+
+
+def _fingerprint_error(model):
+    def message(measured: str) -> str:
+        return (
+            f"the field {_describe(model.field)} is {_not_affine(measured)}; the fingerprint "
+            "(M, m) of a nonlinear field is not defined. (A field affine by construction whose "
+            "roundoff exceeds this can be wrapped as FunctionLinearField(w, b), which skips the "
+            "check.)"
+        )
+
+    return message
+
+
+# ---------------------------------------------------------------------------- seed metrics
+
+
+def _num_seeds(tree, arg: str, what: str, is_leaf=eqx.is_inexact_array) -> int:
+    """The common leading (seed) axis of the arrays of a stacked pytree."""
+    leaves = [x for x in jax.tree.leaves(eqx.filter(tree, is_leaf)) if x is not None]
+    if not leaves:
+        raise ValueError(f"`{arg}` has no {what} arrays to compare across seeds.")
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        shapes = sorted({tuple(jnp.shape(x)) for x in leaves})
+        raise ValueError(
+            f"`{arg}` must be a list of models or one pytree whose {what} arrays all carry the "
+            f"same leading seed axis; received arrays of shapes {shapes}."
+        )
+    (size,) = sizes
+    if size < 2:
+        raise ValueError(f"a spread needs at least 2 seeds; `{arg}` has {size}.")
+    return size
+
+
+def seed_spread(values: PyTree) -> Float[Array, ""]:
+    """The spread across seeds of any per-seed quantity: the mean over entries of the
+    across-seed standard deviation,
+
+    `spread = mean_j sqrt(mean_s (v_sj - mean_s v_sj)^2)`,
+
+    where `v_s` concatenates the flattened inexact arrays of `values` for seed s (the
+    population standard deviation, ddof 0; leaves in pytree order). It is 0 (to roundoff) when
+    all seeds agree, and scales like the values: `spread(c v) = |c| spread(v)`.
+
+    **Arguments:**
+
+    - `values`: a pytree (an array, a tuple of arrays, a stacked model) whose inexact arrays all
+      carry the same leading seed axis S >= 2; other leaves are ignored.
+
+    **Returns:** a scalar.
+
+    **Raises:** `ValueError` if `values` has no inexact arrays, if they do not share a leading
+    axis, or if that axis has fewer than 2 seeds.
+    """
+    size = _num_seeds(values, "values", "inexact")
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(eqx.filter(values, eqx.is_inexact_array))]
+    if len({x.dtype for x in leaves}) > 1:
+        with jax.numpy_dtype_promotion("standard"):
+            dtype = jnp.result_type(*leaves)
+        leaves = [x.astype(dtype) for x in leaves]
+    flat = jnp.concatenate([x.reshape(size, -1) for x in leaves], axis=1)
+    return jnp.mean(jnp.std(flat, axis=0))
+
+
+def _stack(trees: list, arg: str) -> PyTree:
+    """Stack the inexact arrays of trees of one structure along a new leading axis."""
+    if len(trees) < 2:
+        raise ValueError(f"a spread needs at least 2 models; `{arg}` has {len(trees)}.")
+    params = [eqx.filter(t, eqx.is_inexact_array) for t in trees]
+    first, def0 = jax.tree.flatten(params[0])
+    for i, p in enumerate(params[1:], 1):
+        leaves, treedef = jax.tree.flatten(p)
+        shapes = [jnp.shape(x) for x in leaves]
+        if treedef != def0 or shapes != [jnp.shape(x) for x in first]:
+            raise ValueError(
+                f"`{arg}[{i}]` does not have the structure of `{arg}[0]` (its inexact arrays "
+                f"differ in tree structure or shapes: {shapes} vs "
+                f"{[jnp.shape(x) for x in first]}); a spread compares models of one structure."
+            )
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *params)
+
+
+def parameter_spread(
+    models: Sequence[PyTree] | PyTree, *, where: Callable[[PyTree], PyTree] | None = None
+) -> Float[Array, ""]:
+    """The spread of the parameters of models trained from different seeds: `seed_spread` of
+    their flattened inexact arrays (the mean over parameter entries of the across-seed standard
+    deviation, ddof 0). On a gauge orbit it is large while `function_spread` is small.
+
+    **Arguments:**
+
+    - `models`: a `list` (or `tuple`) of S >= 2 models of one structure, or one model whose
+      inexact arrays all carry a leading seed axis S >= 2 (e.g. from `eqx.filter_vmap`). Arrays
+      captured by closures are not pytree leaves and are not seen.
+    - `where`: optional `model -> subtree` choosing the parameters to compare (e.g.
+      `lambda m: (m.field.weights, m.field.biases)` to leave out a time basis); applied to each
+      model, or to the stacked model.
+
+    **Returns:** a scalar.
+
+    **Raises:** `ValueError` for fewer than 2 models or seeds, models of different structures,
+    a stacked model whose arrays do not share a leading axis, or no inexact arrays.
+    """
+    select = (lambda m: m) if where is None else where
+    if isinstance(models, (list, tuple)):
+        stacked = _stack([select(m) for m in models], "models")
+    else:
+        stacked = select(models)
+    _num_seeds(stacked, "models", "inexact")
+    return seed_spread(stacked)
+
+
+@eqx.filter_jit
+def _stacked_outputs(models, inputs):
+    return eqx.filter_vmap(lambda mod: jax.vmap(mod)(inputs))(models)
+
+
+@eqx.filter_jit
+def _stacked_fingerprints(models, dim):
+    return eqx.filter_vmap(lambda mod: linear_node_fingerprint(mod, dim=dim))(models)
+
+
+def function_spread(
+    models: Sequence[Callable] | Callable,
+    inputs: Shaped[ArrayLike, "n ..."] | None = None,
+    *,
+    dim: int | None = None,
+) -> Float[Array, ""]:
+    """The spread of the functions of models trained from different seeds: `seed_spread` of
+    their outputs on `inputs` (the mean over output entries of the across-seed standard
+    deviation, ddof 0), or, without `inputs`, of their fingerprints `(M, m)`
+    (`linear_node_fingerprint`), which determine the I/O map `x -> M x + m` of a neural ODE
+    with an affine field on all inputs at once.
+
+    **Arguments:**
+
+    - `models`: a `list` (or `tuple`) of S >= 2 models (any callables of one input; their
+      architectures may differ, their outputs must have one shape), or one model whose arrays
+      all carry a leading seed axis S >= 2 (evaluated under `eqx.filter_vmap`).
+    - `inputs`: a batch `(n, ...)` of inputs, each evaluated as `model(x)`; None for the
+      fingerprint spread of affine neural ODEs.
+    - `dim`: the state dimension for `linear_node_fingerprint` (fingerprints only).
+
+    **Returns:** a scalar.
+
+    **Raises:** `ValueError` for fewer than 2 models or seeds, outputs of different shapes, a
+    stacked model whose arrays do not share a leading axis, or `inputs` without a batch axis;
+    the errors of `linear_node_fingerprint` without `inputs`.
+    """
+    if inputs is not None:
+        inputs = jnp.asarray(inputs)
+        if inputs.ndim < 1:
+            raise ValueError(
+                f"`inputs` must carry a leading batch axis (n, ...); received shape {inputs.shape}."
+            )
+    if isinstance(models, (list, tuple)):
+        if len(models) < 2:
+            raise ValueError(f"a spread needs at least 2 models; `models` has {len(models)}.")
+        if inputs is None:
+            outs = [linear_node_fingerprint(m, dim=dim) for m in models]
+        else:
+            outs = [jax.vmap(m)(inputs) for m in models]
+        shapes = [jax.tree.map(jnp.shape, o) for o in outs]
+        for i, shape in enumerate(shapes[1:], 1):
+            if shape != shapes[0]:
+                raise ValueError(
+                    f"the outputs of `models[{i}]` have shapes {shape}, those of `models[0]` "
+                    f"{shapes[0]}: a function spread compares outputs of one shape."
+                )
+        return seed_spread(jax.tree.map(lambda *xs: jnp.stack(xs), *outs))
+    _num_seeds(models, "models", "array", is_leaf=eqx.is_array)
+    if inputs is None:
+        return seed_spread(_stacked_fingerprints(models, dim))
+    return seed_spread(_stacked_outputs(models, inputs))
+
+
+def canonical_distance(
+    model: AbstractNeuralODE,
+    t1: float | None = None,
+    num_nodes: int = 16,
+    *,
+    dim: int | None = None,
+    fingerprint: tuple[Float[ArrayLike, "d d"], Float[ArrayLike, " d"]] | None = None,
+    **tolerances,
+) -> Float[Array, ""]:
+    """The L2 distance over [t0, t1] between the field `(w, b)` of `model` and the canonical
+    (uniform-motion) gauge `(w_c, b_c)` of its own I/O map on [t0, t1] (`canonical_gauge` of
+    its fingerprint, shifted to start at t0):
+
+    `sqrt(int_t0^t1 |w(t) - w_c(t)|_F^2 + |b(t) - b_c(t)|^2 dt)`,
+
+    by `num_nodes`-point Gauss-Legendre quadrature. Zero exactly on the canonical gauge, the
+    unique zero of Eq. 45 on the orbit; gauge fixing drives it towards 0. Eager (the existence
+    check of `canonical_gauge` runs on the host), not for use under `jit`.
+
+    **Arguments:**
+
+    - `model`: a neural ODE whose field is affine in the state (see `linear_node_fingerprint`).
+    - `t1`: the end of the interval, default `model.t1`.
+    - `num_nodes`: quadrature nodes (16: spectrally accurate for smooth fields).
+    - `dim`: the state dimension, for a field that declares none.
+    - `fingerprint`: the `(M, m)` of `model` over [t0, t1] if already computed (saves a solve).
+    - `tolerances`: `rtol`, `atol`, `max_steps` of the fingerprint's solve.
+
+    **Returns:** a scalar.
+
+    **Raises:** `ValueError` if `t1 <= t0`, `num_nodes < 1`, the field is not affine, or the
+    I/O map has no canonical gauge (M with an eigenvalue on (-inf, 0]); `TypeError` if `model`
+    is not a neural ODE.
+    """
+    linear, residual = _linear_field(model, dim=dim)
+    t0 = float(model.t0)
+    t1 = float(model.t1) if t1 is None else t1
+    if not float(t1) > t0:
+        raise ValueError(f"`t1` must be > t0 = {t0}; received {t1!r}.")
+    if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
+        raise ValueError(f"`num_nodes` must be a positive int; received {num_nodes!r}.")
+    checked = _check_affine(linear, residual, _fingerprint_error(model), ValueError)
+    t1 = float(t1)
+    if fingerprint is None:
+        fingerprint = _fingerprint(model, linear, t1, tolerances)
+    M, m = fingerprint
+    d = jax.eval_shape(linear.bias, t0).shape
+    if jnp.shape(M) != d + d or jnp.shape(m) != d:
+        raise ValueError(
+            f"`fingerprint` must be (M, m) of shapes {d + d} and {d} for this model; received "
+            f"{jnp.shape(M)} and {jnp.shape(m)}."
+        )
+    dtype = jnp.asarray(M).dtype
+    span = t1 - t0
+    wc, bc = canonical_gauge(M, m, span)
+    nodes, weights = np.polynomial.legendre.leggauss(num_nodes)
+    ts = jnp.asarray(t0 + 0.5 * span * (nodes + 1), dtype=dtype)
+    wq = jnp.asarray(0.5 * span * weights, dtype=dtype)
+
+    def gap(t):
+        s = t - t0
+        return jnp.sum((linear.weight(t) - wc(s)) ** 2) + jnp.sum((linear.bias(t) - bc(s)) ** 2)
+
+    return checked(jnp.sqrt(jnp.dot(wq, jax.vmap(gap)(ts))))
 
 
 class _PerturbedLinearField(AbstractLinearField):
@@ -84,6 +361,9 @@ class _PerturbedLinearField(AbstractLinearField):
 
     def bias(self, t):
         return self.base.bias(t) + self.delta.bias(t)
+
+    def __call__(self, t, x, args=None):
+        return self.weight(t) @ x + self.bias(t)
 
 
 def _hat_gram(t0: float, t1: float, num_knots: int) -> np.ndarray:

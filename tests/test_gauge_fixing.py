@@ -5,6 +5,7 @@ solved I/O maps use rtol = atol = 1e-11 (1e-8 asserted).
 """
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +139,51 @@ def test_gauge_fixing_penalty_matches_its_parts_and_refuses_mismatches():
         gj.gauge_fixing_penalty("rnode", model, xs)
     with pytest.raises(ValueError, match="needs a `key`"):
         gj.gauge_fixing_penalty("jacobian", model, xs)
+
+
+class _CubicModule(eqx.Module):
+    """`F(t, y) = (1 + t) a y + c + k y^3`: affine in y for k = 0 only (k an array)."""
+
+    a: jax.Array
+    c: jax.Array
+    k: jax.Array
+
+    def __call__(self, t, y, args):
+        return (1 + t) * self.a * y + self.c + self.k * y**3
+
+
+def test_eq45_for_any_affine_field():
+    # w(t) = D_y F(t, 0) = w(t) exactly for F = w(t) y + b(t) and the same quadrature: measured
+    # identical, 1e-12 (the module's roundoff statement) asserted
+    model = gj.random_linear_node(D, T, key=jax.random.key(7))
+    w, b = model.weight, model.bias
+    closure = gj.NeuralODE(lambda t, y, args: w(t) @ y + b(t), t1=T)
+    xs = jax.random.normal(jax.random.key(8), (3, D))
+    eq45 = gj.gauge_fixing_penalty("eq45", model, xs)
+    assert abs(float(gj.gauge_fixing_penalty("eq45", closure, xs) - eq45)) < 1e-12
+    # a Module on [0.5, 2]: w = (1 + t) a, dw/dt = a, b = c, so with u = 1 + t the integrand is
+    # D (a + a^2 u^2)^2 + a^2 u^2 |c|^2; exact polynomial integrals, 32-node quadrature: 1e-12
+    a, c, t0, t1 = 0.7, jnp.array([1.0, -2.0, 0.5]), 0.5, 2.0
+    module = gj.NeuralODE(_CubicModule(jnp.asarray(a), c, jnp.zeros(())), t1=t1, t0=t0)
+    u0, u1 = 1 + t0, 1 + t1
+
+    def integral(n):  # int u^n du over [u0, u1]
+        return (u1 ** (n + 1) - u0 ** (n + 1)) / (n + 1)
+
+    closed = D * (a**2 * integral(0) + 2 * a**3 * integral(2) + a**4 * integral(4))
+    closed += a**2 * float(jnp.sum(c**2)) * integral(2)
+    np.testing.assert_allclose(gj.gauge_fixing_penalty("eq45", module, xs), closed, rtol=1e-12)
+    # under jit (traced arrays) the affinity check is an eqx.error_if: same value, or a raise
+    jitted = eqx.filter_jit(lambda mod: gj.gauge_fixing_penalty("eq45", mod, xs))
+    np.testing.assert_allclose(jitted(module), closed, rtol=1e-12)
+    cubic = eqx.tree_at(lambda mod: mod.field.k, module, jnp.ones(()))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="_CubicModule, which is not affine"):
+        jitted(cubic)
+    # eagerly, a nonlinear field keeps the TypeError pointing to 'uniform_motion'
+    with pytest.raises(
+        TypeError, match="'eq45'.*_CubicModule, which is not affine.*uniform_motion"
+    ):
+        gj.gauge_fixing_penalty("eq45", cubic, xs)
+    tanh = gj.NeuralODE(lambda t, y, args: jnp.tanh(w(t) @ y + b(t)), t1=T)
+    with pytest.raises(TypeError, match=r"<lambda> \(a function\), which is not affine"):
+        gj.gauge_fixing_penalty("eq45", tanh, xs)

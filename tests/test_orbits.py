@@ -111,8 +111,9 @@ def test_linear_node_fingerprint_is_gauge_invariant():
 def test_function_space_cosines_for_linear_node_gauges():
     # LinearGauge moves w(t), b(t) out of any finite basis, so the cosine is taken in L2([0, T]).
     # With rtol 1e-10 the sensitivity-system response is accurate to ~1e-10 relative; measured
-    # cosines are ~4e-12, so 1e-8 leaves margin. A gauge with G(T) != 1 (sin modes of period
-    # 1.5 T) changes the I/O map: measured 0.02-0.08, so > 1e-3 shows the check can fail.
+    # cosines are ~4e-12, so 1e-8 leaves margin. A gauge with G(T) != 1 (boundary="free":
+    # quarter-period sin modes) changes the I/O map: measured 0.03, so > 1e-3 shows the check
+    # can fail.
     tight = diffrax.PIDController(rtol=1e-10, atol=1e-10)
     model = gj.random_linear_node(D, 1.0, key=jax.random.key(8), stepsize_controller=tight)
     x, y = data(jax.random.key(0))
@@ -123,9 +124,77 @@ def test_function_space_cosines_for_linear_node_gauges():
 
     cos = orbits.function_space_cosines(loss, model, gj.LinearGauge(D, 1.0), x, keys, num_knots=16)
     assert jnp.max(jnp.abs(cos)) < 1e-8, cos
-    bad = orbits.function_space_cosines(loss, model, gj.LinearGauge(D, 1.5), x, keys, num_knots=16)
+    free = gj.LinearGauge(D, 1.0, boundary="free")
+    bad = orbits.function_space_cosines(loss, model, free, x, keys, num_knots=16)
     assert jnp.min(jnp.abs(bad)) > 1e-3, bad
     with pytest.raises(TypeError, match="LinearNODE"):
         orbits.function_space_cosines(
             loss, relu_net(jax.random.key(2)), gj.LinearGauge(D, 1.0), x, keys
         )
+
+
+class _CubicModule(eqx.Module):
+    """`F(t, y) = (1 + t) A y + c + k y^3`: a user's Module (no `dim` attribute), affine in y for
+    k = 0 only; k is an array, so both cases share one compiled program."""
+
+    A: jax.Array
+    c: jax.Array
+    k: jax.Array
+
+    def __call__(self, t, y, args):
+        return (1 + t) * self.A @ y + self.c + self.k * y**3
+
+
+def test_fingerprint_of_any_affine_field():
+    # w(t) = D_y F(t, 0) of `w(t) @ y + b(t)` is w(t) up to roundoff, so both fingerprints come
+    # from the same rtol-1e-10 solve of the same (w, b): measured identical; 1e-9 leaves room for
+    # roundoff-level differences flipping an adaptive step decision (~ the solve tolerance).
+    tight = diffrax.PIDController(rtol=1e-11, atol=1e-11)
+    model = gj.random_linear_node(D, 1.0, key=jax.random.key(8), stepsize_controller=tight)
+    w, b = model.weight, model.bias
+    closure = gj.NeuralODE(lambda t, y, args: w(t) @ y + b(t), t1=1.0)
+    M0, m0 = orbits.linear_node_fingerprint(model)
+    M1, m1 = orbits.linear_node_fingerprint(closure, dim=D)
+    np.testing.assert_allclose(M1, M0, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(m1, m0, rtol=0, atol=1e-9)
+    # an affine Module on [t0, t1] = [0.5, 1.5], under jit (its arrays traced, so the affinity
+    # check runs as eqx.error_if): dx/dt = (1 + t) a x + c has M = exp(2 a) I and
+    # m = int_t0^t1 exp(a int_s^t1 (1 + u) du) ds c (64-point Gauss quadrature, exact to 1e-15);
+    # the solve is good to ~1e-10, so 1e-9 relative
+    a, c = 0.3, jnp.array([1.0, -2.0, 0.5])
+    module = gj.NeuralODE(_CubicModule(a * jnp.eye(D), c, jnp.zeros(())), t1=1.5, t0=0.5)
+    jitted = eqx.filter_jit(lambda mod: orbits.linear_node_fingerprint(mod, dim=D))
+    M, m = jitted(module)
+    np.testing.assert_allclose(M, np.exp(2 * a) * np.eye(D), rtol=1e-9, atol=1e-12)
+    nodes, weights = np.polynomial.legendre.leggauss(64)
+    s = 1.0 + 0.5 * nodes
+    growth = np.exp(a * ((1.5 - s) + (1.5**2 - s**2) / 2))
+    np.testing.assert_allclose(m, 0.5 * np.dot(weights, growth) * c, rtol=1e-9)
+    # the same program with k = 1 (a cubic field) raises at run time
+    cubic = eqx.tree_at(lambda mod: mod.field.k, module, jnp.ones(()))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="_CubicModule is not affine"):
+        jitted(cubic)
+
+
+def test_fingerprint_refuses_nonlinear_fields_and_bad_inputs():
+    w = gj.random_linear_node(D, 1.0, key=jax.random.key(8)).weight
+    tanh = gj.NeuralODE(lambda t, y, args: jnp.tanh(w(t) @ y), t1=1.0)
+    # tanh's residual at |y| ~ 0.1..10 is O(0.1-1) relative, vs the 1.5e-8 float64 tolerance;
+    # the check runs before any solve
+    with pytest.raises(ValueError, match=r"<lambda> \(a function\) is not affine in the state y"):
+        orbits.linear_node_fingerprint(tanh, dim=D)
+    cubic = gj.NeuralODE(_CubicModule(jnp.eye(D), jnp.zeros(D), jnp.ones(())), t1=1.0)
+    with pytest.raises(ValueError, match="fingerprint .* of a nonlinear field is not defined"):
+        orbits.linear_node_fingerprint(cubic, dim=D)
+    mlp = gj.NeuralODE(gj.MLPField(D, 8, 1, key=jax.random.key(0)), t1=1.0)
+    with pytest.raises(ValueError, match="MLPField is not affine"):  # its dim is inferred
+        orbits.linear_node_fingerprint(mlp)
+    with pytest.raises(ValueError, match="cannot infer the state dimension.*pass `dim=`"):
+        orbits.linear_node_fingerprint(tanh)
+    with pytest.raises(ValueError, match=r"maps a \(2,\) state to shape \(3,\)"):
+        orbits.linear_node_fingerprint(gj.NeuralODE(lambda t, y, args: jnp.ones(3), t1=1.0), dim=2)
+    with pytest.raises(ValueError, match="`dim` must be a positive int"):
+        orbits.linear_node_fingerprint(tanh, dim=0)
+    # (under the suite's jaxtyping hook the annotation refuses it first, also as a TypeError)
+    with pytest.raises(TypeError, match="FeedforwardNet"):
+        orbits.linear_node_fingerprint(relu_net(jax.random.key(2)))
