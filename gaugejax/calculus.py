@@ -233,15 +233,19 @@ def reparametrize(
     if grid is not None:
         grid = jnp.asarray(grid)
         slopes = jax.vmap(lambda s: jax.jvp(tau, (s,), (jnp.ones_like(s),))[1])(grid)
-        if not isinstance(slopes, jax.core.Tracer):
-            bad = jnp.flatnonzero(~(slopes > 0))
-            if bad.size:
-                i = int(bad[0])
-                raise ValueError(
-                    "`tau` must be strictly increasing: tau'(s) > 0 on `grid`; received "
-                    f"tau'({float(grid[i])}) = {float(slopes[i])} "
-                    f"({bad.size} of {grid.size} points)."
-                )
+        if isinstance(slopes, jax.core.Tracer):  # refused, never skipped
+            raise ValueError(
+                "`grid` checks tau' > 0 eagerly and needs concrete values (tau and grid not "
+                "traced); under jit pass grid=None and check tau outside."
+            )
+        bad = jnp.flatnonzero(~(slopes > 0))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                "`tau` must be strictly increasing: tau'(s) > 0 on `grid`; received "
+                f"tau'({float(grid[i])}) = {float(slopes[i])} "
+                f"({bad.size} of {grid.size} points)."
+            )
     return ReparametrizedField(field, tau)
 
 

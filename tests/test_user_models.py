@@ -176,3 +176,5 @@ def test_absurd_gauge_parameters_are_refused():
         gj.LinearGauge(D, 1.0, rho=float("inf"))
     with pytest.raises(ValueError, match="cs"):
         gj.lift(jnp.tile(jnp.eye(D), (3, 1, 1)), jnp.full((3, D), jnp.nan), 1.0)
+    with pytest.raises(ValueError, match="`m` must be finite"):
+        gj.canonical_gauge(2.0 * jnp.eye(D), jnp.full(D, jnp.nan), 1.0)
