@@ -6,6 +6,7 @@ entry points and tests do that.
 """
 
 from . import gauges as gauges, orbits as orbits
+from .balancing import BalanceResult as BalanceResult, balance as balance
 from .calculus import (
     DeformedField as DeformedField,
     ReparametrizedField as ReparametrizedField,
@@ -46,6 +47,7 @@ from .gauges import (
     attention_gauge as attention_gauge,
     discrete_gauge_transform as discrete_gauge_transform,
     linear_gauge_transform as linear_gauge_transform,
+    rescaling_conserved_quantity as rescaling_conserved_quantity,
 )
 from .models import (
     AbstractLinearField as AbstractLinearField,

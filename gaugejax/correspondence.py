@@ -241,9 +241,13 @@ class LiftedGauge(eqx.Module):
         return (1.0 - s) * self.cs[n] + s * self.cs[n + 1]
 
 
-def check_discrete_gauge(Gs, cs, *, atol: float = 1e-12):
+def check_discrete_gauge(Gs, cs, *, atol: float = 1e-12, free_output_end=False):
     """Validate `Gs` (N+1, d, d) and `cs` (N+1, d): `G_0 = G_N = 1`, `c_0 = c_N = 0`, every
     `G_n` invertible (condition number <= 1e12) and every value finite.
+
+    `free_output_end` (a bool, or a boolean array that may be traced) exempts the output end
+    `(G_N, c_N)` from its boundary condition: the symmetry-breaking control of
+    `DiscreteLinearGauge` moves it on purpose.
 
     **Returns:** `(Gs, cs)` as arrays; use them: under `jit` the value checks are
     `eqx.error_if` runtime errors attached to them.
@@ -260,13 +264,14 @@ def check_discrete_gauge(Gs, cs, *, atol: float = 1e-12):
         raise ValueError(f"`Gs` needs N+1 >= 2 entries; received {Gs.shape[0]}.")
     eye = jnp.eye(Gs.shape[1], dtype=Gs.dtype)
     ends = jnp.stack([Gs[0], Gs[-1]])
-    bad_G = ~jnp.all(jnp.abs(ends - eye) <= atol, axis=(1, 2))
-    bad_c = ~jnp.all(jnp.abs(jnp.stack([cs[0], cs[-1]])) <= atol, axis=1)
+    held = jnp.stack([jnp.asarray(True), ~jnp.asarray(free_output_end, dtype=bool)])
+    bad_G = held & ~jnp.all(jnp.abs(ends - eye) <= atol, axis=(1, 2))
+    bad_c = held & ~jnp.all(jnp.abs(jnp.stack([cs[0], cs[-1]])) <= atol, axis=1)
     finite = jnp.all(jnp.isfinite(Gs), axis=(1, 2)) & jnp.all(jnp.isfinite(cs), axis=1)
     svals = jnp.linalg.svd(jnp.where(finite[:, None, None], Gs, eye), compute_uv=False)
     conds = svals[:, 0] / svals[:, -1]
     singular = ~finite | ~(conds <= 1e12)
-    if isinstance(Gs, jax.core.Tracer) or isinstance(cs, jax.core.Tracer):
+    if any(isinstance(x, jax.core.Tracer) for x in (Gs, cs, free_output_end)):
         # the same checks at run time: never skipped because the values are traced
         Gs = eqx.error_if(Gs, jnp.any(bad_G), "`Gs[0]` and `Gs[-1]` must be the identity.")
         Gs = eqx.error_if(Gs, jnp.any(singular), "every `Gs[n]` must be finite and invertible.")

@@ -15,7 +15,10 @@ from jaxtyping import Array, ArrayLike, Float, Key, PRNGKeyArray, PyTree, Shaped
 from .correspondence import affine_propagator
 from .gauge_fixing import _check_affine, _describe, _linear_field, _not_affine, canonical_gauge
 from .gauges.base import AbstractGauge
-from .models import AbstractNeuralODE, FeedforwardNet
+from .gauges.rescaling import (  # re-exported: its one home is the rescaling module
+    rescaling_conserved_quantity as rescaling_conserved_quantity,
+)
+from .models import AbstractNeuralODE
 from .models.linear import (
     AbstractLinearField,
     BasisLinearField,
@@ -54,18 +57,6 @@ def gradient_orbit_cosines(
     grad = _flat_params(eqx.filter_grad(loss_fn)(model))
     tangents = jax.vmap(lambda k: orbit_tangent(gauge, model, k))(keys)
     return tangents @ grad / (jnp.linalg.norm(tangents, axis=1) * jnp.linalg.norm(grad))
-
-
-def rescaling_conserved_quantity(model: FeedforwardNet) -> Float[Array, "L d"]:
-    """Per hidden unit j of layer l: `|w_l[j, :]|^2 + b_l[j]^2 - |w_{l+1}[:, j]|^2`, conserved by
-    gradient flow of any loss of a ReLU network (the Noether charge of the rescaling symmetry);
-    drifts at O(learning rate) under gradient descent and decays under weight decay."""
-    if not isinstance(model, FeedforwardNet):
-        raise TypeError(f"`model` must be a FeedforwardNet; received {type(model).__name__}.")
-    w, b = model.weights, model.biases
-    incoming = jnp.sum(w[:-1] ** 2, axis=2) + b[:-1] ** 2
-    outgoing = jnp.sum(w[1:] ** 2, axis=1)
-    return incoming - outgoing
 
 
 def _fingerprint(model, linear, t1, tolerances) -> tuple[Array, Array]:

@@ -74,7 +74,7 @@ def test_gradient_is_orthogonal_to_gauge_orbits():
 def test_conserved_quantity_drifts_at_order_learning_rate():
     x, y = data(jax.random.key(0))
     net = relu_net(jax.random.key(2))
-    q0 = orbits.rescaling_conserved_quantity(net)
+    q0 = jnp.stack(orbits.rescaling_conserved_quantity(net))
 
     def drift(lr, decay=0.0):
         steps = int(round(0.2 / lr))  # same total time
@@ -87,7 +87,8 @@ def test_conserved_quantity_drifts_at_order_learning_rate():
             num_steps=steps,
             steps_per_chunk=steps,
         )
-        return float(jnp.max(jnp.abs(orbits.rescaling_conserved_quantity(res.model) - q0)))
+        q = jnp.stack(orbits.rescaling_conserved_quantity(res.model))
+        return float(jnp.max(jnp.abs(q - q0)))
 
     lrs = [0.002, 0.001, 0.0005]  # the asymptotic O(lr) regime for this net and data
     drifts = [drift(lr) for lr in lrs]

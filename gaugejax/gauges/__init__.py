@@ -23,7 +23,6 @@ from .linear import (
     DiscreteLinearGauge as DiscreteLinearGauge,
     LinearGauge as LinearGauge,
     LinearGaugeElement as LinearGaugeElement,
-    RescalingGauge as RescalingGauge,
     discrete_gauge_transform as discrete_gauge_transform,
     linear_gauge_transform as linear_gauge_transform,
 )
@@ -35,3 +34,7 @@ from .maps import (
     Inverse as Inverse,
 )
 from .reparam import SineReparam as SineReparam, TimeReparamGauge as TimeReparamGauge
+from .rescaling import (
+    RescalingGauge as RescalingGauge,
+    rescaling_conserved_quantity as rescaling_conserved_quantity,
+)

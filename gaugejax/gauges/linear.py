@@ -2,8 +2,8 @@
 
 Functional core: `linear_gauge_transform` (Eq. 25, for callables of t; dG/dt, dc/dt by jvp) and
 `discrete_gauge_transform` (Eq. 33). Families on top: `LinearGauge` (continuous, on a
-`LinearNODE`), `DiscreteLinearGauge` (on a `LinearNet`), `RescalingGauge` (positive per-neuron
-rescaling of ReLU / leaky-ReLU networks: gaugejax's `FeedforwardNet` and `eqx.nn.MLP`).
+`LinearNODE`), `DiscreteLinearGauge` (on a `LinearNet`). The positive per-unit rescaling
+(Eq. 29) has its own module, `gaugejax.gauges.rescaling`.
 """
 
 from collections.abc import Callable
@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..correspondence import check_discrete_gauge
-from ..models import ConvNet, FeedforwardNet, GraphConvNet, LinearNODE
-from ..models.linear import ACTIVATIONS, POSITIVELY_HOMOGENEOUS, GaugedLinearField
-from .base import AbstractGauge, AbstractParameterGauge, model_error
+from ..models import FeedforwardNet, LinearNODE
+from ..models.linear import GaugedLinearField
+from .base import AbstractParameterGauge, model_error
 from .features import check_boundary, check_positive
 from .maps import AbstractMapGauge
 
@@ -343,133 +343,12 @@ class DiscreteLinearGauge(AbstractParameterGauge):
 
     def act(self, g, model: Any) -> FeedforwardNet:
         self.check_model(model)
-        # the family's elements have the right ends by construction (the control's do not, on
-        # purpose): the unchecked core of Eq. 33, not the public checked function
-        w, b = _discrete_transform(model.weights, model.biases, g.Gs, g.cs)
+        # sampled elements have the right ends by construction, but a user's may not: checked
+        # (eagerly, or at run time under jit); the control moves the output end on purpose
+        Gs, cs = check_discrete_gauge(g.Gs, g.cs, free_output_end=self.end_scale != 0)
+        w, b = _discrete_transform(model.weights, model.biases, Gs, cs)
         return FeedforwardNet(w, b, model.activation)
 
     def control(self) -> "DiscreteLinearGauge":
         """The family that also moves the output end (`G_N != 1`): the output changes."""
         return eqx.tree_at(lambda g: g.end_scale, self, jnp.ones(()))
-
-
-def _activation_name(activation) -> str | None:
-    if isinstance(activation, str):
-        return activation
-    for name, fn in ACTIVATIONS.items():
-        if activation is fn:
-            return name
-    return getattr(activation, "__name__", None)
-
-
-def _rescale(weights, biases, alphas):
-    """Layer l maps units scaled by `alphas[l]` to units scaled by `alphas[l+1]`:
-    `W_l -> diag(alpha_{l+1}) W_l diag(alpha_l)^-1` (any trailing kernel axes) and
-    `b_l -> alpha_{l+1} b_l`."""
-    new_w, new_b = [], []
-    for w, b, a_in, a_out in zip(weights, biases, alphas[:-1], alphas[1:], strict=True):
-        out_shape = (-1,) + (1,) * (w.ndim - 1)
-        in_shape = (1, -1) + (1,) * (w.ndim - 2)
-        new_w.append(w * a_out.reshape(out_shape) / a_in.reshape(in_shape))
-        new_b.append(None if b is None else b * a_out.reshape((-1,) + (1,) * (b.ndim - 1)))
-    return new_w, new_b
-
-
-class RescalingGauge(AbstractGauge):
-    """Positive per-unit rescaling (Eq. 29, App. C): hidden unit (or channel) j of layer l
-    scales its incoming weights and bias by `alpha_j` and its outgoing weights by `1/alpha_j`.
-
-    Acts on a `FeedforwardNet` (hidden layers n = 1..N-1), an `eqx.nn.MLP` or a `GraphConvNet`
-    (hidden layers), and a `ConvNet` (one factor per channel of every conv layer, shared over
-    space as in Eq. 52; the readout absorbs the last). An element is a tuple of positive
-    vectors `alpha = exp(log_scale * z)`. The function is invariant only when every nonlinearity
-    between layers is positively homogeneous (identity, ReLU, leaky ReLU, L_s pooling) and no
-    normalisation layer intervenes: other models raise unless `require_symmetry=False`, which
-    exists to measure how badly the symmetry breaks (tanh, GELU, instance normalisation).
-
-    **Arguments:** `widths`: hidden widths (channels for a ConvNet), in order; `log_scale`;
-    `require_symmetry`.
-    """
-
-    widths: tuple[int, ...] = eqx.field(static=True)
-    log_scale: float
-    require_symmetry: bool = eqx.field(static=True, default=True)
-    infinitesimal = False
-
-    def sample(self, key: PRNGKeyArray) -> tuple[Float[Array, " h"], ...]:
-        keys = jax.random.split(key, len(self.widths))
-        return tuple(
-            jnp.exp(self.log_scale * jax.random.normal(k, (w,)))
-            for k, w in zip(keys, self.widths, strict=True)
-        )
-
-    def identity(self):
-        return tuple(jnp.ones((w,)) for w in self.widths)
-
-    def inverse(self, g):
-        return tuple(1.0 / a for a in g)
-
-    def compose(self, g1, g2):
-        return tuple(a * b for a, b in zip(g1, g2, strict=True))
-
-    def _check(self, g, hidden: tuple[int, ...], activation=None, reason: str | None = None):
-        name = _activation_name(activation) if activation is not None else "relu"
-        if self.require_symmetry and name not in POSITIVELY_HOMOGENEOUS:
-            raise ValueError(
-                f"activation {name!r} is not positively homogeneous (phi(a x) = a phi(x) for "
-                f"a > 0): the rescaling gauge needs one of {POSITIVELY_HOMOGENEOUS}."
-            )
-        if self.require_symmetry and reason is not None:
-            raise ValueError(reason)
-        if self.widths != hidden:
-            raise ValueError(
-                f"`widths` {self.widths} do not match the model's hidden widths {hidden}."
-            )
-        if len(g) != len(self.widths):
-            raise ValueError(f"`g` must hold {len(self.widths)} scale vectors; received {len(g)}.")
-        for n, a in enumerate(g):
-            if not isinstance(a, jax.core.Tracer) and bool(jnp.any(a <= 0)):
-                raise ValueError(f"rescaling factors must be > 0; `g[{n}]` has a value <= 0.")
-
-    def act(self, g, model):
-        ones = lambda n: jnp.ones((n,))  # noqa: E731
-        if isinstance(model, FeedforwardNet):
-            self._check(g, (model.weights.shape[1],) * (model.num_layers - 1), model.activation)
-            d = model.weights.shape[1]
-            w, b = _rescale(list(model.weights), list(model.biases), (ones(d), *g, ones(d)))
-            return FeedforwardNet(jnp.stack(w), jnp.stack(b), model.activation)
-        if isinstance(model, (eqx.nn.MLP, GraphConvNet)):
-            layers = model.layers
-            self._check(g, tuple(lay.weight.shape[0] for lay in layers[:-1]), model.activation)
-            if any(lay.bias is None for lay in layers):
-                raise ValueError("the rescaling gauge needs layers with biases.")
-            alphas = (ones(layers[0].weight.shape[1]), *g, ones(layers[-1].weight.shape[0]))
-            w, b = _rescale([lay.weight for lay in layers], [lay.bias for lay in layers], alphas)
-            model = eqx.tree_at(lambda m: [lay.weight for lay in m.layers], model, w)
-            return eqx.tree_at(lambda m: [lay.bias for lay in m.layers], model, b)
-        if isinstance(model, ConvNet):
-            reason = None
-            if model.norm is not None:
-                reason = (
-                    f"a ConvNet with norm={model.norm!r} has no rescaling symmetry: the "
-                    "normalisation removes each channel's scale (App. C)."
-                )
-            self._check(g, tuple(c.weight.shape[0] for c in model.convs), reason=reason)
-            convs, readout = model.convs, model.readout
-            spatial = readout.weight.shape[1] // convs[-1].weight.shape[0]
-            alphas = (ones(convs[0].weight.shape[1]), *g)
-            w, b = _rescale([c.weight for c in convs], [c.bias for c in convs], alphas)
-            model = eqx.tree_at(lambda m: [c.weight for c in m.convs], model, w)
-            model = eqx.tree_at(
-                lambda m: [c.bias for c in m.convs], model, b, is_leaf=lambda x: x is None
-            )
-            # the readout sees channel-major flattened features: its input scale repeats alpha_L
-            return eqx.tree_at(
-                lambda m: m.readout.weight,
-                model,
-                readout.weight / jnp.repeat(g[-1], spatial)[None, :],
-            )
-        raise TypeError(
-            "RescalingGauge acts on FeedforwardNet, eqx.nn.MLP, GraphConvNet or ConvNet; "
-            f"received {type(model).__name__}."
-        )

@@ -1,0 +1,159 @@
+"""Balancing: the minimum-norm point of a model's rescaling orbit (ENorm, Stock et al. 2019).
+
+Along the orbit of `RescalingGauge` the squared parameter norm (weights and biases) is, for
+the factors `s_l = alpha_l^2` of hidden layer l with every other layer fixed,
+`sum_j s_lj Q_lj + P_lj / s_lj + const` with `Q_lj = |incoming|^2 + bias^2` (before scaling)
+and `P_lj = |outgoing|^2`: its minimiser `s_lj = sqrt(P_lj / Q_lj)`, i.e.
+`alpha^4 = |outgoing|^2 / (|incoming|^2 + bias^2)`, is the closed-form ENorm update. Sweeping it
+over the layers is block-coordinate descent on a function that is convex in `log alpha`; at
+its fixed point every per-unit Noether charge `|incoming|^2 + bias^2 - |outgoing|^2` vanishes
+(the stationarity condition of the norm along the orbit).
+"""
+
+import functools
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from .gauges.rescaling import (
+    RescalingElement,
+    RescalingGauge,
+    _chain,
+    _kind,
+    _unit_norms,
+)
+
+
+class BalanceResult(eqx.Module):
+    """The outcome of `balance`.
+
+    **Fields:**
+
+    - `model`: the balanced model, `gauge.act(scales, input model)` (the same function).
+    - `scales`: the gauge element (one positive vector per hidden layer) mapping the input
+      model to the balanced one.
+    - `num_iterations`: the sweeps over the layers that ran.
+    - `converged`: whether the last sweep changed every factor by less than `tol` (relative).
+    - `max_charge`: the largest per-unit charge of the balanced model relative to that unit's
+      norm, `max_j |Q_j| / (|incoming_j|^2 + bias_j^2 + |outgoing_j|^2)` (in [0, 1]; 0 at an
+      exact balance), over the units with nonzero incoming and outgoing weights (the others
+      keep factor 1 and cannot balance, see `balance`).
+    """
+
+    model: Any
+    scales: RescalingElement
+    num_iterations: Int[Array, ""]
+    converged: Bool[Array, ""]
+    max_charge: Float[Array, ""]
+
+
+@functools.partial(jax.jit, static_argnames="max_iterations")
+def _solve(squares: list, bias_squares: list, tol, max_iterations: int):
+    """Gauss-Seidel sweeps of the closed-form update on the squared factors `s_l`.
+
+    `squares[l]` is `W_l**2` summed over trailing axes, `(out, in)`; `bias_squares[l]` is
+    `b_l**2` summed likewise, `(out,)` (zeros without a bias). Returns `(s, sweeps, change)`.
+    """
+    num_hidden = len(squares) - 1
+    dtype = squares[0].dtype
+
+    def sweep(state):
+        i, s, _ = state
+        s = list(s)
+        change = jnp.zeros((), dtype)
+        for n in range(num_hidden):
+            s_in = jnp.ones(squares[n].shape[1], dtype) if n == 0 else s[n - 1]
+            s_out = jnp.ones(squares[n + 1].shape[0], dtype) if n == num_hidden - 1 else s[n + 1]
+            q = squares[n] @ (1.0 / s_in) + bias_squares[n]  # incoming at s_n = 1
+            p = s_out @ squares[n + 1]  # outgoing at s_n = 1
+            # units with zero incoming or outgoing weights have no minimum on the orbit (the
+            # norm decreases forever as alpha -> inf or 0): their factor stays at 1
+            live = (q > 0) & (p > 0)
+            new = jnp.where(live, jnp.sqrt(p / jnp.where(live, q, 1.0)), s[n])
+            # relative change of alpha = sqrt(s)
+            change = jnp.maximum(change, jnp.max(jnp.abs(jnp.sqrt(new / s[n]) - 1.0)))
+            s[n] = new
+        return i + 1, tuple(s), change
+
+    def cond(state):
+        i, _, change = state
+        return (i < max_iterations) & ~(change < tol)
+
+    s0 = tuple(jnp.ones(w.shape[0], dtype) for w in squares[:-1])
+    init = (jnp.zeros((), jnp.int32), s0, jnp.full((), jnp.inf, dtype))
+    return jax.lax.while_loop(cond, sweep, init)
+
+
+def balance(
+    model: Any,
+    gauge: RescalingGauge | None = None,
+    *,
+    tol: float = 1e-10,
+    max_iterations: int = 1000,
+) -> BalanceResult:
+    """The minimum-norm point of the rescaling orbit of `model`: the rescaling that minimises
+    the sum of squared weights and biases without changing the function (ENorm, Stock et al.
+    2019). Iterates the closed-form per-unit update `alpha^4 = |outgoing|^2 / (|incoming|^2 +
+    bias^2)` over the hidden layers (in order, each using the latest factors of its
+    neighbours) until the largest relative change of a factor in a sweep is below `tol`, in a
+    `jax.lax.while_loop` (so `balance` runs under `jit` with a static `max_iterations`).
+
+    Units whose incoming weights and bias, or outgoing weights, are all zero keep factor 1:
+    the norm has no minimum along their orbit.
+
+    **Arguments:**
+
+    - `model`: an `eqx.nn.MLP` (with or without biases), `FeedforwardNet`, `ConvNet` or
+      `GraphConvNet`.
+    - `gauge`: the `RescalingGauge` to balance along (default `RescalingGauge.from_model`).
+      With `require_symmetry=False` the result is the minimum-norm point of a family that
+      changes the function.
+    - `tol`: the convergence threshold on the relative change of the factors.
+    - `max_iterations`: the most sweeps over the layers.
+
+    **Returns:** a `BalanceResult`; `gauge.act(result.scales, model)` is `result.model`.
+
+    **Raises:** `TypeError` for a gauge that is not a `RescalingGauge`; `ValueError` for the
+    control family (`compensate=False`, not an orbit of the function) or
+    `max_iterations < 1`; as `RescalingGauge.check_model` otherwise.
+    """
+    if gauge is None:
+        gauge = RescalingGauge.from_model(model)
+    elif not isinstance(gauge, RescalingGauge):
+        raise TypeError(f"`gauge` must be a RescalingGauge; received {type(gauge).__name__}.")
+    if not gauge.compensate:
+        raise ValueError(
+            "balance needs a compensating RescalingGauge: with compensate=False the family "
+            "changes the function and has no orbit to balance along."
+        )
+    if not isinstance(max_iterations, int) or max_iterations < 1:
+        raise ValueError(f"`max_iterations` must be an int >= 1; received {max_iterations!r}.")
+    gauge.check_model(model)
+    weights, biases = _chain(model, _kind(model, "balance"))
+    dtype = weights[0].dtype
+    squares = [jnp.sum(w**2, axis=tuple(range(2, w.ndim))).astype(dtype) for w in weights]
+    bias_squares = [
+        jnp.zeros(w.shape[0], dtype)
+        if b is None
+        else jnp.sum(b**2, axis=tuple(range(1, b.ndim))).astype(dtype)
+        for w, b in zip(weights, biases, strict=True)
+    ]
+    sweeps, s, change = _solve(squares, bias_squares, tol, max_iterations)
+    scales = tuple(jnp.sqrt(x) for x in s)
+    balanced = gauge.act(scales, model)
+    weights, biases = _chain(balanced, _kind(balanced, "balance"))
+    charges = []
+    for incoming, outgoing in _unit_norms(weights, biases):
+        live = (incoming > 0) & (outgoing > 0)
+        total = jnp.where(live, incoming + outgoing, 1.0)
+        charges.append(jnp.max(jnp.where(live, jnp.abs(incoming - outgoing) / total, 0.0)))
+    return BalanceResult(
+        model=balanced,
+        scales=scales,
+        num_iterations=sweeps,
+        converged=change < tol,
+        max_charge=jnp.max(jnp.stack(charges)),
+    )
