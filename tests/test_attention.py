@@ -13,7 +13,7 @@ import pytest
 
 import gaugejax as gj
 
-from .conftest import loglog_slope
+from .conftest import CompileCounter, loglog_slope
 
 
 D, N = 4, 5
@@ -99,6 +99,64 @@ def test_attention_gauge_families_and_errors(att):
     g = gj.AttentionGauge(D).sample(k[4])
     both = gj.AttentionGauge(D).compose(g, gj.AttentionGauge(D).inverse(g))
     np.testing.assert_allclose(both.A[0], jnp.eye(D), atol=1e-12)
+
+
+def test_gauge_contract_on_gaugejax_models(att):
+    x, Wq, Wk, Wv, A, k = att
+    xs = jnp.stack([x, 0.5 * x])
+    relu = gj.SelfAttention(Wq, Wk, Wv, "relu")
+    gauge = gj.AttentionGauge(D)
+    # wrong kind: TypeError naming the family, the expected kinds and the received type
+    merged = gj.MergedAttention.from_attention(relu)
+    with pytest.raises(TypeError, match=r"AttentionGauge acts on SelfAttention.*MergedAttention"):
+        gauge.check_model(merged)
+    with pytest.raises(TypeError, match="MergedAttention"):
+        gauge.act(gauge.identity(), merged)
+    # wrong sizes or parts: ValueError before anything is traced
+    with pytest.raises(ValueError, match=r"query/key dim 3.*query/key dim 4"):
+        gj.AttentionGauge(3).check_model(relu)
+    with pytest.raises(ValueError, match="output projection"):
+        gj.AttentionGauge(D, value_output=True).check_model(relu)
+    with pytest.raises(ValueError, match="value_shift"):
+        gj.AttentionGauge(D, value_shift=True).check_model(relu)
+    # the control (printed condition, A B^T != alpha I) breaks by O(1); the gauge does not
+    control = gauge.control()
+    assert control.condition == "printed" and not control.require_symmetry
+    assert gj.sweep(relu, control, xs, key=k[3], num_samples=8, chunk_size=8).max_rel.min() > 1e-3
+    # from_model reads the sizes (ReLU: alpha rescaling on)
+    g = gj.AttentionGauge.from_model(relu)
+    assert (g.head_dim, g.num_heads, g.rescale, g.value_output) == (D, 1, True, False)
+    # tangent: at the identity, d(Wq A) = Wq dA, d(Wk alpha A^-T) = Wk (dalpha - dA^T),
+    # d(Wv / alpha) = -dalpha Wv (closed form; products only, so 1e-12)
+    v = jax.tree.map(jnp.subtract, gauge.sample(k[4]), gauge.identity())
+    tan = gauge.tangent(relu, v)
+    np.testing.assert_allclose(tan.Wq, Wq @ v.A[0], atol=1e-12)
+    np.testing.assert_allclose(tan.Wk, Wk @ (v.alpha[0] * jnp.eye(D) - v.A[0].T), atol=1e-12)
+    np.testing.assert_allclose(tan.Wv, -v.alpha[0] * Wv, atol=1e-12)
+
+
+def test_fixed_alpha_is_composition_and_shares_the_program(att):
+    x, Wq, Wk, Wv, A, k = att
+    xs = jnp.stack([x, 0.5 * x])
+    fixed = gj.AttentionGauge(D, fixed_alpha=2.0)
+    assert isinstance(fixed.fixed_alpha, jax.Array)
+    np.testing.assert_array_equal(fixed.sample(k[4]).alpha, jnp.full((1,), 2.0))
+    with pytest.raises(ValueError, match="fixed_alpha"):
+        gj.AttentionGauge(D, rescale=False, fixed_alpha=2.0)
+    for bad in (jnp.inf, 0.0, -1.0):
+        with pytest.raises(ValueError, match="fixed_alpha"):
+            gj.AttentionGauge(D, fixed_alpha=bad)
+    soft = gj.SelfAttention(Wq, Wk, Wv, "softmax")
+
+    def run(alpha):
+        gauge = gj.AttentionGauge(D, require_symmetry=False, fixed_alpha=jnp.asarray(alpha))
+        return gj.sweep(soft, gauge, xs, key=k[3], num_samples=8, chunk_size=8).max_rel
+
+    assert run(1.0).max() < 1e-12  # softmax keeps alpha = 1
+    with CompileCounter() as counter:
+        broken = run(1.7)
+    assert broken.min() > 1e-3
+    assert counter.count == 0  # the alpha is an argument of the compiled sweep, not a constant
 
 
 def test_multi_head_residual_and_layer_norm(att):
