@@ -163,8 +163,15 @@ def measure(cfg: Config, name: str, key) -> dict:
     )
     sweep_times = [first.run_time_s]
     for _ in range(cfg.repeats - 1):
+        # timing repeats: no control or re-check (the first sweep gave the verdict)
         again = gj.sweep(
-            model, gauge, inputs, key=ks, num_samples=cfg.num_samples, chunk_size=cfg.chunk_size
+            model,
+            gauge,
+            inputs,
+            key=ks,
+            num_samples=cfg.num_samples,
+            chunk_size=cfg.chunk_size,
+            control_samples=0,
         )
         sweep_times.append(again.run_time_s)
     sweep_time = statistics.median(sweep_times)

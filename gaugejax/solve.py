@@ -228,9 +228,8 @@ def solve(
     if stepsize_controller is None:
         stepsize_controller = diffrax.PIDController(rtol=1e-8, atol=1e-8)
     adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
-    if isinstance(t0, jax.core.Tracer) or isinstance(t1, jax.core.Tracer):
-        t1 = eqx.error_if(t1, t1 == t0, "`t1` must differ from `t0`.")
-    elif float(t1) == float(t0):
+    traced_times = isinstance(t0, jax.core.Tracer) or isinstance(t1, jax.core.Tracer)
+    if not traced_times and float(t1) == float(t0):
         raise ValueError(
             f"`t1` must differ from `t0` = {float(t0)} (t1 < t0 integrates backwards); "
             f"received t1 = {float(t1)}."
@@ -248,6 +247,8 @@ def solve(
     # Python/NumPy times as arrays: diffeqsolve is jitted and would compile anew for every
     # distinct float value of a static time (weak types keep the promotion of Python floats).
     t0, t1 = _as_time(t0), _as_time(t1)
+    if traced_times:  # both are arrays now (error_if needs one to thread the error on)
+        t1 = eqx.error_if(t1, t1 == t0, "`t1` must differ from `t0`.")
     dt0 = None if dt0 is None else _as_time(dt0)
     only_t1 = saveat is None
     saveat = diffrax.SaveAt(t1=True) if only_t1 else saveat

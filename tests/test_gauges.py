@@ -125,7 +125,9 @@ def test_finite_family_tangents_are_lie_deformations(setup):
         return jnp.zeros(()), sp.base_map(W)(t, y) - y
 
     deformed = gj.deform(F, eps_sp, 1.0)
-    field_close(sp.tangent(model, W).field, lambda t, y, a: deformed(t, y, a) - F(t, y, a), getkey, 1e-12)
+    field_close(
+        sp.tangent(model, W).field, lambda t, y, a: deformed(t, y, a) - F(t, y, a), getkey, 1e-12
+    )
 
     tr = gj.TimeReparamGauge(1.0)
     c = tr.sample(getkey())

@@ -1,0 +1,250 @@
+"""The gauge-family contract, checked for every family (in the manner of optax's transform
+tests): identity acts trivially, `compose` order, `inverse`, `tangent` equals a jvp of `act`,
+`sample` under `jit` and `vmap`, sweep invariance ("holds") with the control clearly above the
+floor, and a wrong model refused before anything compiles."""
+
+import dataclasses
+from collections.abc import Callable
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gaugejax as gj
+
+from .conftest import CompileCounter, small_node
+
+
+D = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    gauge: Callable  # key -> gauge
+    model: Callable  # key -> model
+    inputs: Callable  # key -> inputs (leading batch axis)
+    wrong: Callable  # key -> a model the family does not act on
+    tol: float  # relative tolerance of output identities (why: see each case)
+    finite: bool = True
+
+
+def _mlp(key):
+    return eqx.nn.MLP(D, 2, 6, 2, activation=jax.nn.relu, key=key)
+
+
+def _node(key):
+    return small_node(key, D, rtol=1e-10)
+
+
+def _x(key):
+    return jax.random.normal(key, (2, D))
+
+
+def _linear_node(key):
+    controller = diffrax.PIDController(rtol=1e-10, atol=1e-10)
+    return gj.random_linear_node(D, 1.0, key=key, stepsize_controller=controller)
+
+
+def _ffn(key):
+    k1, k2 = jax.random.split(key)
+    return gj.FeedforwardNet(
+        jax.random.normal(k1, (3, D, D)), jax.random.normal(k2, (3, D)), "relu"
+    )
+
+
+def _linear_net(key):
+    k1, k2 = jax.random.split(key)
+    return gj.LinearNet(
+        jax.random.normal(k1, (4, D, D)) / np.sqrt(D), jax.random.normal(k2, (4, D))
+    )
+
+
+def _cnn(key):
+    return gj.ConvNet(2, (3, 2), 4, 2, key=key, pool=2.0)
+
+
+def _gcn(key):
+    adjacency = jnp.asarray(np.triu(np.ones((4, 4)), 1) + np.triu(np.ones((4, 4)), 1).T)
+    return gj.GraphConvNet(adjacency, (D, 4, 2), key=key)
+
+
+def _eqx_mha(key):
+    return eqx.nn.MultiheadAttention(
+        2, 5, key_size=4, value_size=3, output_size=6, qk_size=3, vo_size=2,
+        use_query_bias=True, use_key_bias=True, use_value_bias=True, use_output_bias=True,
+        key=key,
+    )  # fmt: skip
+
+
+def _mha_inputs(key):
+    kq, kk, kv = jax.random.split(key, 3)
+    return (
+        jax.random.normal(kq, (2, 4, 5)),
+        jax.random.normal(kk, (2, 3, 4)),
+        jax.random.normal(kv, (2, 3, 3)),
+    )
+
+
+# Tolerances: 1e-7 relative for neural ODEs at rtol 1e-10 (two different solves of one flow,
+# each accurate to ~1e-9 relative, plus inverse maps by fixed point to 1e-16); 1e-12 for the
+# parameter families (float64 rounding through a few matmuls and inverses of matrices with
+# condition number <= 10).
+CASES = {
+    "lie": Case(lambda k: gj.LieDeformationGauge(D, 1.0, key=k), _node, _x, _mlp, 1e-7, False),
+    "diffeo": Case(lambda k: gj.SpatialDiffeoGauge(D, 1.0, key=k), _node, _x, _mlp, 1e-7),
+    "reparam": Case(lambda k: gj.TimeReparamGauge(1.0), _node, _x, _mlp, 1e-7),
+    "linear_expm": Case(lambda k: gj.LinearGauge(D, 1.0), _linear_node, _x, _node, 1e-7),
+    "linear_cayley": Case(
+        lambda k: gj.LinearGauge(D, 1.0, kind="cayley"), _linear_node, _x, _node, 1e-7
+    ),
+    "discrete": Case(lambda k: gj.DiscreteLinearGauge(D, 4), _linear_net, _x, _mlp, 1e-12),
+    "rescaling_mlp": Case(lambda k: gj.RescalingGauge.from_model(_mlp(k)), _mlp, _x, _node, 1e-12),
+    "rescaling_ffn": Case(
+        lambda k: gj.RescalingGauge.from_model(_ffn(k)), _ffn, _x, _linear_node, 1e-12
+    ),
+    "rescaling_cnn": Case(
+        lambda k: gj.RescalingGauge.from_model(_cnn(k)),
+        _cnn,
+        lambda k: jax.random.normal(k, (2, 2, 4, 4)),
+        lambda k: eqx.nn.Linear(3, 2, key=k),
+        1e-12,
+    ),
+    "rescaling_gcn": Case(
+        lambda k: gj.RescalingGauge.from_model(_gcn(k)),
+        _gcn,
+        lambda k: jax.random.normal(k, (2, 4, D)),
+        _node,
+        1e-12,
+    ),
+    "attention_relu": Case(
+        lambda k: gj.AttentionGauge(D),
+        lambda k: gj.SelfAttention(*jax.random.normal(k, (3, D, D)), "relu"),
+        lambda k: jax.random.normal(k, (2, 4, D)),
+        _mlp,
+        1e-12,
+    ),
+    "attention_multihead": Case(
+        lambda k: gj.AttentionGauge(2, num_heads=2, rescale=False, value_output=True),
+        lambda k: gj.MultiHeadAttention(D, 2, 2, key=k, residual=True, layer_norm=True),
+        lambda k: jax.random.normal(k, (2, 4, D)),
+        _mlp,
+        1e-12,
+    ),
+    "attention_eqx": Case(
+        lambda k: gj.AttentionGauge.from_model(_eqx_mha(k)), _eqx_mha, _mha_inputs, _mlp, 1e-12
+    ),
+}
+
+
+@eqx.filter_jit  # one program per model structure (eager dispatch would compile op by op)
+def _out(model, inputs):
+    return gj.default_observable(model, inputs)[0]
+
+
+def _close(a, b, tol):
+    a, b = np.asarray(a), np.asarray(b)
+    scale = max(float(np.max(np.abs(b))), 1e-300)
+    return float(np.max(np.abs(a - b))) / scale <= tol, float(np.max(np.abs(a - b))) / scale
+
+
+@pytest.fixture(params=sorted(CASES), scope="module")
+def case(request):
+    c = CASES[request.param]
+    k = jax.random.split(jax.random.key(sorted(CASES).index(request.param)), 5)
+    model = c.model(k[0])
+    return c, c.gauge(k[0]), model, c.inputs(k[1]), k
+
+
+def test_identity_compose_inverse(case):
+    c, gauge, model, x, k = case
+    ref = _out(model, x)
+    ok, err = _close(_out(gauge.act(gauge.identity(), model), x), ref, c.tol)
+    assert ok, f"identity moves the outputs by {err:.2e}"
+    g1, g2 = gauge.sample(k[2]), gauge.sample(k[3])
+    if c.finite:  # an infinitesimal family composes to first order only (its Lie algebra)
+        both = _out(gauge.act(gauge.compose(g1, g2), model), x)
+        ok, err = _close(both, _out(gauge.act(g2, gauge.act(g1, model)), x), c.tol)
+        assert ok, f"compose(g1, g2) is not g1 then g2: {err:.2e}"
+        back = gauge.act(gauge.inverse(g1), gauge.act(g1, model))
+        ok, err = _close(_out(back, x), ref, c.tol)
+        assert ok, f"inverse(g) does not undo g: {err:.2e}"
+        # not vacuous: g1 alone moves the parameters (the outputs stay, by the symmetry)
+        moved = eqx.filter(gauge.act(g1, model), eqx.is_inexact_array)
+        base = eqx.filter(model, eqx.is_inexact_array)
+        if not isinstance(gauge, gj.AbstractFieldGauge):
+            assert any(
+                not np.allclose(a, b)
+                for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(base), strict=True)
+            )
+    else:
+        summed = gauge.compose(g1, g2)
+        for a, b, s in zip(
+            jax.tree.leaves(g1), jax.tree.leaves(g2), jax.tree.leaves(summed), strict=True
+        ):
+            np.testing.assert_array_equal(np.asarray(a) + np.asarray(b), np.asarray(s))
+
+
+def test_tangent_is_the_jvp_of_act(case):
+    c, gauge, model, x, k = case
+    v = jax.tree.map(jnp.subtract, gauge.sample(k[2]), gauge.identity())
+    tangent = gauge.tangent(model, v)
+
+    def moved(a):
+        g = jax.tree.map(lambda e, d: e + a * d, gauge.identity(), v)
+        return gauge.act(g, model)
+
+    if isinstance(gauge, gj.AbstractFieldGauge):
+        t, y = jnp.asarray(0.37), x[0]
+        expected = jax.jvp(lambda a: moved(a).field(t, y, None), (0.0,), (1.0,))[1]
+        got = tangent.field(t, y, None)
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)  # same jvp, reordered
+        assert float(jnp.max(jnp.abs(got))) > 1e-6  # not vacuous
+    else:
+        expected = eqx.filter_jvp(moved, (0.0,), (1.0,))[1]
+        # filter_jvp gives None for an output that does not depend on the element (e.g. a
+        # layer norm's gain); the contract's tangent holds zeros there
+        is_none = lambda x: x is None  # noqa: E731
+        got_leaves = jax.tree.leaves(eqx.filter(tangent, eqx.is_inexact_array), is_leaf=is_none)
+        want_leaves = jax.tree.leaves(eqx.filter(expected, eqx.is_inexact_array), is_leaf=is_none)
+        assert len(got_leaves) == len(want_leaves)
+        for got, want in zip(got_leaves, want_leaves, strict=True):
+            if want is None:
+                assert got is None or not np.any(np.asarray(got)), "tangent where act is constant"
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+        arrays = [t for t in got_leaves if t is not None]
+        assert max(float(jnp.max(jnp.abs(t))) for t in arrays) > 1e-6
+
+
+def test_sample_under_jit_and_vmap(case):
+    _, gauge, _, _, k = case
+    keys = jax.random.split(k[4], 3)
+    batched = jax.vmap(gauge.sample)(keys)
+    jitted = eqx.filter_jit(gauge.sample)(keys[1])
+    for i in range(3):
+        for a, b in zip(
+            jax.tree.leaves(gauge.sample(keys[i])), jax.tree.leaves(batched), strict=True
+        ):
+            np.testing.assert_allclose(a, b[i], rtol=1e-14, atol=1e-15)
+    for a, b in zip(jax.tree.leaves(gauge.sample(keys[1])), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-15)
+
+
+def test_sweep_holds_and_the_control_breaks(case):
+    c, gauge, model, x, k = case
+    res = gj.sweep(model, gauge, x, key=k[4], num_samples=4, chunk_size=4, control_samples=4)
+    assert res.verdict == "holds", res.verdict_reason
+    assert np.nanmin(res.control_max_rel) > 1e-3, res.control_max_rel
+
+
+def test_wrong_model_is_refused_before_compiling(case):
+    c, gauge, _, x, k = case
+    wrong = c.wrong(k[0])
+    with CompileCounter() as counter, pytest.raises(TypeError, match=type(gauge).__name__):
+        gj.sweep(wrong, gauge, x, key=k[4], num_samples=2)
+    assert counter.count == 0
+    with pytest.raises(TypeError, match=type(wrong).__name__):
+        gauge.check_model(wrong)
