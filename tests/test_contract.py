@@ -223,14 +223,14 @@ def test_sample_under_jit_and_vmap(case):
     _, gauge, _, _, k = case
     keys = jax.random.split(k[4], 3)
     batched = jax.vmap(gauge.sample)(keys)
-    jitted = eqx.filter_jit(gauge.sample)(keys[1])
+    # one jitted program for every key (eager sampling would compile op by op: 24 s of suite)
+    jitted = eqx.filter_jit(gauge.sample)
     for i in range(3):
-        for a, b in zip(
-            jax.tree.leaves(gauge.sample(keys[i])), jax.tree.leaves(batched), strict=True
-        ):
+        for a, b in zip(jax.tree.leaves(jitted(keys[i])), jax.tree.leaves(batched), strict=True):
             np.testing.assert_allclose(a, b[i], rtol=1e-14, atol=1e-15)
-    for a, b in zip(jax.tree.leaves(gauge.sample(keys[1])), jax.tree.leaves(jitted), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-15)
+    # samples differ between keys (a constant 'sample' would pass the comparison above)
+    leaves = jax.tree.leaves(batched)
+    assert any(not np.allclose(x[0], x[1]) for x in leaves if np.size(x[0]) > 0)
 
 
 def test_sweep_holds_and_the_control_breaks(case):
