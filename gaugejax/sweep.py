@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
-from .gauges.base import AbstractGauge
+from .gauges.base import AbstractGauge, AbstractParameterGauge
 from .models import AbstractNeuralODE
 from .solve import NOT_COUNTED, SolveStats, SolveStatus, result_name, status_code
 from .verdict import FLOAT_FLOOR_ULPS, HOLD_FACTOR, Recheck, judge
@@ -68,6 +68,9 @@ class SweepResult:
     NaN when it could not be measured, 0 for models without a solver); `floor` the relative
     floor judged against; `control_max_rel` the per-sample deviations of the family's
     symmetry-breaking control (empty without one); `verdict` and `verdict_reason`.
+    `parameter_growth` is, per lane, the largest |parameter| of the transformed model over the
+    model's (1 for first-order sweeps and field families): outputs of such parameters carry
+    that much more rounding, which the verdict's floor includes (`gaugejax.verdict`).
     """
 
     mode: str
@@ -77,6 +80,7 @@ class SweepResult:
     result: np.ndarray
     num_steps: np.ndarray
     num_evaluations: np.ndarray
+    parameter_growth: np.ndarray
     reference_scale: float
     noise_floor: float
     solver_floor: float
@@ -133,6 +137,9 @@ class SweepResult:
             "max_abs_max": float(dev.max()) if dev.size else float("nan"),
             "max_abs_median": float(np.median(dev)) if dev.size else float("nan"),
             "max_rel_max": float(self.max_rel[ok].max()) if dev.size else float("nan"),
+            "parameter_growth_max": (
+                float(self.parameter_growth[ok].max()) if dev.size else float("nan")
+            ),
             "floor": self.floor,
             "solver_floor": self.solver_floor,
             "noise_floor": self.noise_floor,
@@ -170,7 +177,17 @@ def _finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _lane_metrics(dev: PyTree, scale: Array, stats: SolveStats | None, g: PyTree):
+def _param_size(tree: PyTree) -> Array:
+    """The largest |entry| of the inexact arrays of `tree` (1 when it has none)."""
+    leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    if not leaves:
+        return jnp.ones(())
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves if x.size]))
+
+
+def _lane_metrics(
+    dev: PyTree, scale: Array, stats: SolveStats | None, g: PyTree, growth: Array | None = None
+):
     a = jnp.abs(_flat(dev))
     if stats is None:
         zero = jnp.zeros((), dtype=jnp.int32)
@@ -200,6 +217,11 @@ def _lane_metrics(dev: PyTree, scale: Array, stats: SolveStats | None, g: PyTree
         "result": status_code(status),
         "num_steps": steps.astype(jnp.int32),
         "num_evaluations": nfe.astype(jnp.int32),
+        # how much larger the transformed model's parameters are than the model's: outputs
+        # computed from parameters `growth` times larger carry `growth` times the rounding
+        "parameter_growth": jnp.where(
+            ok, jnp.ones((), a.dtype) if growth is None else growth.astype(a.dtype), nan
+        ),
     }
 
 
@@ -319,8 +341,14 @@ def _lane(plan: _Plan, sample_key, params, inputs, reference, scale) -> dict[str
             has_aux=True,
         )
         return _lane_metrics(dout, scale, stats, g)
-    out, stats = plan.observable(gauge.act(g, model), inputs)
-    return _lane_metrics(jax.tree.map(jnp.subtract, out, reference), scale, stats, g)
+    moved = gauge.act(g, model)
+    out, stats = plan.observable(moved, inputs)
+    growth = None
+    if isinstance(gauge, AbstractParameterGauge):
+        # field families wrap the field with their own arrays: no parameter is rescaled
+        tiny = jnp.finfo(scale.dtype).tiny
+        growth = _param_size(moved) / jnp.maximum(_param_size(model), tiny)
+    return _lane_metrics(jax.tree.map(jnp.subtract, out, reference), scale, stats, g, growth)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -528,8 +556,9 @@ def _prepare(model, gauge, inputs, mode, observable, chunk_size, mesh, precision
 class SweepLane(eqx.Module):
     """The per-sample function that `sweep` vmaps: `lane(key)` draws the gauge sample of `key`
     and returns its metrics (`max_abs`, `mean_abs`, `max_rel`, `result`, `num_steps`,
-    `num_evaluations`). Arrays are fields, so `eqx.filter_jit(lane)` traces them as arguments.
-    Build it with `sweep_lane`; benchmarks loop, vmap or jit exactly this function."""
+    `num_evaluations`, `parameter_growth`). Arrays are fields, so `eqx.filter_jit(lane)`
+    traces them as arguments. Build it with `sweep_lane`; benchmarks loop, vmap or jit exactly
+    this function."""
 
     plan: _Plan = eqx.field(static=True)
     params: PyTree
@@ -787,5 +816,7 @@ def sweep(
         control=float(np.median(finite_control)) if finite_control.size else None,
         recheck=recheck,
         floor_note=how,
+        growth=float(merged["parameter_growth"][good].max()) if good.any() else 1.0,
+        eps=eps,
     )
     return dataclasses.replace(result, verdict=verdict.verdict, verdict_reason=verdict.reason)

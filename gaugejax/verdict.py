@@ -19,7 +19,13 @@ Rule: `D <= HOLD_FACTOR * floor`, or `D` shrinking by at least `SHRINK` under th
 tolerance to within `HOLD_FACTOR` of the tight floor, holds, provided the family's
 symmetry-breaking control (where it has one) stands clearly above: median `C >= CONTROL_FACTOR
 * max(D, HOLD_FACTOR * floor)`. `D > BROKEN_FACTOR * floor` that does not shrink (or with no
-tighter solve possible) is broken. Anything else is inconclusive, with the reason. Failed lanes
+tighter solve possible) is broken. Anything else is inconclusive, with the reason.
+
+Large elements (catastrophic cancellation): outputs computed from parameters `growth` times the
+model's (e.g. a huge shift added in one layer and removed in the next) carry that much more
+rounding, so the floor includes `FLOAT_FLOOR_ULPS * eps * growth`. Where that term exceeds
+`sqrt(eps)` (fewer than half the digits left), a deviation above `HOLD_FACTOR` times the other
+floors cannot be told from lost digits: inconclusive, never "holds" or "broken". Failed lanes
 are never counted as passing: a sweep with failures says so, and one where every lane failed is
 inconclusive.
 """
@@ -70,11 +76,15 @@ def judge(
     control: float | None,
     recheck: Recheck | None = None,
     floor_note: str = "",
+    growth: float = 1.0,
+    eps: float = 2.0**-52,
 ) -> Verdict:
     """The verdict for a sweep's maximum relative deviation `deviation` over its `num_ok` good
     lanes against `floor` (relative), given the control's median relative deviation `control`
     (None: the family has no control, or none was run) and the `recheck` of a few samples at a
-    tighter tolerance (None: not needed or not possible).
+    tighter tolerance (None: not needed or not possible). `growth` is the largest ratio of
+    a transformed model's largest parameter to the model's over the good lanes (1 where it
+    does not apply), `eps` the machine epsilon of the outputs' dtype.
 
     **Returns:** a `Verdict`.
     """
@@ -85,10 +95,23 @@ def judge(
         return Verdict("inconclusive", f"every lane failed: {failures}")
     if not math.isfinite(floor):
         return Verdict("inconclusive", f"the noise floor could not be measured{note}{lost}")
+    base_floor, cancellation = floor, FLOAT_FLOOR_ULPS * eps * max(growth, 1.0)
+    digits_lost = cancellation > math.sqrt(eps)
+    if cancellation > floor:
+        floor = cancellation
+        note = f"{note} (rounding of parameters up to {growth:.2e}x the model's)"
     ratio = (
         f"max relative deviation {deviation:.2e} ({deviation / floor:.3g}x the floor "
         f"{floor:.2e}{note})"
     )
+    if digits_lost and deviation > HOLD_FACTOR * base_floor:
+        return Verdict(
+            "inconclusive",
+            f"{ratio}: the sampled elements make the parameters up to {growth:.2e}x the "
+            f"model's, so fewer than half the digits are left (rounding {cancellation:.2e} > "
+            f"sqrt(eps) = {math.sqrt(eps):.2e}) and the deviation may be cancellation error; "
+            f"sample smaller elements{lost}",
+        )
     if deviation <= HOLD_FACTOR * floor:
         within = f"{ratio} is within {HOLD_FACTOR:g}x the floor"
     elif (

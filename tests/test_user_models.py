@@ -103,6 +103,68 @@ def test_judge_rules():
     assert gj.judge(1e-3, 1e-3, control=1.0, num_ok=0, num_samples=8, failures={"x": 8}).verdict
     failed = gj.judge(1e-10, 1e-10, control=1.0, num_ok=0, num_samples=8, failures={"x": 8})
     assert failed.verdict == "inconclusive" and "every lane failed" in failed.reason
+    # parameters growth x larger: the floor includes 256 eps growth (5.7e-10 at 1e4), and past
+    # sqrt(eps) (growth > 2.6e5 in float64) a deviation above 30x the other floors is
+    # inconclusive, never broken
+    assert gj.judge(1e-8, 1e-10, control=1.0, growth=1e4, **kw).verdict == "holds"
+    huge = gj.judge(1e-6, 1e-10, control=1.0, growth=1e8, eps=2.0**-52, **kw)
+    assert huge.verdict == "inconclusive" and "cancellation" in huge.reason
+    assert gj.judge(1e-10, 1e-10, control=1e-2, growth=1e8, **kw).verdict == "holds"
+    assert gj.judge(1e-6, 1e-10, control=1.0, growth=1e3, **kw).verdict == "broken"
+
+
+class HiddenShift(gj.AbstractParameterGauge):
+    """A user's exact symmetry of a two-layer linear net: `b1 -> b1 + c`, `b2 -> b2 - W2 c`.
+    With `|c| ~ scale` the outputs are computed from parameters `scale` times larger, and the
+    rounding of `W2 (h + c) - W2 c` grows with it (catastrophic cancellation)."""
+
+    scale: float
+    infinitesimal = False
+
+    def check_model(self, model):
+        if not isinstance(model, eqx.nn.MLP) or model.depth != 1:
+            raise gj.gauges.model_error(self, "a depth-1 eqx.nn.MLP", model)
+
+    def sample(self, key):
+        return self.scale * jax.random.normal(key, (4,))
+
+    def act(self, g, model):
+        self.check_model(model)
+        first, second = model.layers
+        return eqx.tree_at(
+            lambda m: (m.layers[0].bias, m.layers[1].bias),
+            model,
+            (first.bias + g, second.bias - second.weight @ g),
+        )
+
+    def identity(self):
+        return jnp.zeros((4,))
+
+    def inverse(self, g):
+        return -g
+
+    def compose(self, g1, g2):
+        return g1 + g2
+
+    def control(self):
+        return None
+
+
+def test_catastrophic_cancellation_is_inconclusive_not_broken():
+    k = jax.random.split(jax.random.key(5), 3)
+    # identity activation: the shift is an exact symmetry at every scale
+    mlp = eqx.nn.MLP(3, 2, 4, 1, activation=lambda z: z, key=k[0])
+    x = jax.random.normal(k[1], (8, 3))
+    small = gj.sweep(mlp, HiddenShift(1.0), x, key=k[2], num_samples=8, chunk_size=8)
+    assert small.verdict == "holds", small.verdict_reason
+    assert np.nanmax(small.parameter_growth) < 10
+    # growth ~4e6: deviations 7e-10, 1e4x the float floor, as broken as they look without
+    # the growth; 1e12: deviations 5e-4
+    for scale in (1e6, 1e12):
+        huge = gj.sweep(mlp, HiddenShift(scale), x, key=k[2], num_samples=8, chunk_size=8)
+        assert huge.verdict == "inconclusive" and "cancellation" in huge.verdict_reason
+    assert np.nanmax(huge.max_rel) > 1e-8 and np.nanmin(huge.parameter_growth) > 1e11
+    assert np.nanmax(huge.max_rel) > 1e-8 and np.nanmin(huge.parameter_growth) > 1e11
 
 
 def test_wrong_model_is_refused_before_anything_runs(user):
