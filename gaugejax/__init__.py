@@ -38,6 +38,7 @@ from .gauges import (
     AbstractGauge as AbstractGauge,
     AbstractParameterGauge as AbstractParameterGauge,
     AttentionGauge as AttentionGauge,
+    AttentionNODEGauge as AttentionNODEGauge,
     DiscreteLinearGauge as DiscreteLinearGauge,
     LieDeformationGauge as LieDeformationGauge,
     LinearGauge as LinearGauge,
@@ -52,6 +53,7 @@ from .gauges import (
 from .models import (
     AbstractLinearField as AbstractLinearField,
     AbstractNeuralODE as AbstractNeuralODE,
+    AbstractSolvedModel as AbstractSolvedModel,
     AbstractTimeBasis as AbstractTimeBasis,
     AttentionNODE as AttentionNODE,
     BasisLinearField as BasisLinearField,

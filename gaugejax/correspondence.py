@@ -89,8 +89,8 @@ def wilson_line(
     t_end: ScalarLike,
     t_start: ScalarLike,
     *,
-    rtol: float = 1e-10,
-    atol: float = 1e-10,
+    rtol: ScalarLike = 1e-10,
+    atol: ScalarLike = 1e-10,
     max_steps: int = 4096,
 ) -> Float[Array, "d d"]:
     """The Wilson line `W(w)_{t_end:t_start}`: the propagator of `dx/dt = w(t) x` (diffrax).

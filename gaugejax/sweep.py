@@ -31,7 +31,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
 from .gauges.base import AbstractGauge, AbstractParameterGauge
-from .models import AbstractNeuralODE
+from .models import AbstractNeuralODE, AbstractSolvedModel
 from .solve import NOT_COUNTED, SolveStats, SolveStatus, result_name, status_code
 from .verdict import FLOAT_FLOOR_ULPS, HOLD_FACTOR, Recheck, judge
 
@@ -491,6 +491,10 @@ def _with_array_tolerances(model: AbstractNeuralODE) -> AbstractNeuralODE:
 
 def _tightened(model: Any, observable: Callable, dtype) -> tuple[Any, str]:
     """The model solved much more accurately (same structure), or None; and how."""
+    if isinstance(model, AbstractSolvedModel) and observable is default_observable:
+        tol = jnp.maximum(model.tolerance / 1000, 4 * float(jnp.finfo(dtype).eps))
+        tight = eqx.tree_at(lambda m: m.tolerance, model, tol)
+        return tight, f"at tolerance {float(tol):.1e}"
     if not isinstance(model, AbstractNeuralODE) or observable is not default_observable:
         return None, "no solver" if not isinstance(
             model, AbstractNeuralODE
@@ -533,6 +537,8 @@ def _prepare(model, gauge, inputs, mode, observable, chunk_size, mesh, precision
         if mode == "first_order" and not sensitivity:
             model = model.with_options(adjoint=diffrax.ForwardMode())
         model = _with_array_tolerances(model)
+    if isinstance(model, AbstractSolvedModel):  # traced, so the tight model shares programs
+        model = eqx.tree_at(lambda m: m.tolerance, model, jnp.asarray(model.tolerance, dtype))
     tight, how = _tightened(model, observable, dtype)
     # Arrays travel as jit arguments; everything else is the static, hashable plan.
     params, static = eqx.partition((model, gauge), eqx.is_array)
@@ -638,6 +644,13 @@ class _Runner(NamedTuple):
 def _tolerance(params, scale: float) -> float:
     """The relative accuracy a PID-controlled solve asks for, `max(rtol, atol / scale)` (0 for
     other controllers): what the tight re-solve's own error is measured against."""
+    solved = [
+        m
+        for m in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, AbstractSolvedModel))
+        if isinstance(m, AbstractSolvedModel)
+    ]
+    if solved:
+        return float(solved[0].tolerance)
     models = [
         m
         for m in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, AbstractNeuralODE))

@@ -99,7 +99,8 @@ def judge(
     digits_lost = cancellation > math.sqrt(eps)
     if cancellation > floor:
         floor = cancellation
-        note = f"{note} (rounding of parameters up to {growth:.2e}x the model's)"
+        if growth > 10:  # noted only where it matters
+            note = f"{note} (rounding of parameters up to {growth:.2e}x the model's)"
     ratio = (
         f"max relative deviation {deviation:.2e} ({deviation / floor:.3g}x the floor "
         f"{floor:.2e}{note})"

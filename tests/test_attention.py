@@ -266,3 +266,10 @@ def test_diffeomorphism_induces_the_attention_gauge(att):
     q0, k0, v0 = node.weights()
     np.testing.assert_allclose(kk, 2.0 * k0, atol=1e-12)
     np.testing.assert_allclose(v, v0 / 2.0, atol=1e-12)
+    # both as one family: an element (G, alpha) induces the attention gauge (G(t0)^-T, alpha)
+    family = gj.AttentionNODEGauge(D, 1.0)
+    g = family.sample(k[4])
+    Gt0 = family.linear.to_map(g.G).G(jnp.asarray(node.t0))
+    expected = gj.attention_gauge(*node.weights(), jnp.linalg.inv(Gt0).T, g.alpha)
+    for got, want in zip(family.act(g, node).weights(), expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-8)  # Wilson lines at tolerance 1e-11

@@ -5,6 +5,10 @@ from .attention import (
     AttentionGaugeElement as AttentionGaugeElement,
     attention_gauge as attention_gauge,
 )
+from .attention_node import (
+    AttentionNODEGauge as AttentionNODEGauge,
+    AttentionNODEGaugeElement as AttentionNODEGaugeElement,
+)
 from .base import (
     AbstractGauge as AbstractGauge,
     AbstractParameterGauge as AbstractParameterGauge,

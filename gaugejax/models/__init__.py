@@ -29,6 +29,7 @@ from .linear import (
 )
 from .node import (
     AbstractNeuralODE as AbstractNeuralODE,
+    AbstractSolvedModel as AbstractSolvedModel,
     MLPField as MLPField,
     NeuralODE as NeuralODE,
 )

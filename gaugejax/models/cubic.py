@@ -11,6 +11,7 @@ from jaxtyping import Array, Float
 from ..correspondence import wilson_line
 from ..solve import solve
 from .linear import GaugedWeight
+from .node import AbstractSolvedModel
 
 
 class CubicField(eqx.Module):
@@ -65,7 +66,7 @@ def integrated_cubic(
     return W, Lam
 
 
-class AttentionNODE(eqx.Module):
+class AttentionNODE(AbstractSolvedModel):
     """A neural ODE over n tokens with a linear part `w(t)` and an instantaneous cubic
     nonlinearity at `t0` (Eq. 40, 42): `lambda^{iI}_{jJ kK lL}(t) = delta(t - t0) lambda^i_j
     lambda~_{kl} delta^I_K delta_{JL}`, scaled by `scale`.
@@ -74,6 +75,7 @@ class AttentionNODE(eqx.Module):
     along `dX_I/dtau = scale * sum_J (x_I^T lambda~ x_J) lambda x_J` (a diffrax solve); the
     linear parts are Wilson lines. With `W_{T:0} = 1`, the output is
     `x + attention(x, Wq, Wk, Wv, identity) + O(scale^2)` for the weights of Eq. 41 (`weights`).
+    Every solve (the Wilson lines and the jump) runs at rtol = atol = `tolerance`.
     """
 
     w: Callable
@@ -82,21 +84,26 @@ class AttentionNODE(eqx.Module):
     t0: float
     t1: float
     scale: float | Array = 1.0
+    tolerance: float | Array = 1e-11
+
+    def _wilson(self, t_end, t_start):
+        return wilson_line(self.w, t_end, t_start, rtol=self.tolerance, atol=self.tolerance)
 
     def _jump(self, X):
         field = _JumpField(self.lam, self.lam_tilde, jnp.asarray(self.scale, X.dtype))
-        return solve(field, X, t0=0.0, t1=1.0, stepsize_controller=_tight())[0]
+        controller = diffrax.PIDController(rtol=self.tolerance, atol=self.tolerance)
+        return solve(field, X, t0=0.0, t1=1.0, stepsize_controller=controller)[0]
 
     def __call__(self, x: Float[Array, "n d"]) -> Float[Array, "n d"]:
-        before = wilson_line(self.w, self.t0, 0.0)
-        after = wilson_line(self.w, self.t1, self.t0)
+        before = self._wilson(self.t0, 0.0)
+        after = self._wilson(self.t1, self.t0)
         return self._jump(x @ before.T) @ after.T
 
     def weights(self) -> tuple[Float[Array, "d d"], Float[Array, "d d"], Float[Array, "d d"]]:
         """Eq. 41: `Wq = W_{t0:0}^T`, `Wk = (lambda~ W_{t0:0})^T`,
         `Wv = (W_{0:t0} lambda W_{t0:0})^T`."""
-        P = wilson_line(self.w, self.t0, 0.0)
-        P_back = wilson_line(self.w, 0.0, self.t0)
+        P = self._wilson(self.t0, 0.0)
+        P_back = self._wilson(0.0, self.t0)
         return P.T, (self.lam_tilde @ P).T, (P_back @ self.lam @ P).T
 
     def diffeomorphism(self, G: Callable) -> "AttentionNODE":
@@ -112,6 +119,7 @@ class AttentionNODE(eqx.Module):
             self.t0,
             self.t1,
             self.scale,
+            self.tolerance,
         )
 
     def rescale(self, alpha) -> "AttentionNODE":
@@ -120,10 +128,6 @@ class AttentionNODE(eqx.Module):
         return eqx.tree_at(
             lambda m: (m.lam, m.lam_tilde), self, (self.lam / alpha, alpha * self.lam_tilde)
         )
-
-
-def _tight():
-    return diffrax.PIDController(rtol=1e-11, atol=1e-11)
 
 
 class _Zero(eqx.Module):

@@ -55,6 +55,18 @@ def _as_field(field):
     return field.vector_field if isinstance(field, diffrax.ODETerm) else field
 
 
+class AbstractSolvedModel(eqx.Module):
+    """A model that runs ODE solves of its own (not through a field and diffrax options a
+    sweep can see), all at one relative and absolute tolerance `tolerance`.
+
+    `sweep` measures its solver floor by re-solving the reference at `tolerance / 1000` (the
+    model with that field replaced: same structure, same compiled program), as it tightens a
+    `NeuralODE`'s step-size controller.
+    """
+
+    tolerance: eqx.AbstractVar[Float[Array, ""] | float]
+
+
 class AbstractNeuralODE(eqx.Module):
     """A neural ODE `dx/dt = field(t, x, args)` on `[t0, t1]`; the model output is `x(t1)`.
 
