@@ -245,7 +245,11 @@ def test_sweep_holds_and_the_control_breaks(case):
     c, gauge, model, x, k = case
     res = gj.sweep(model, gauge, x, key=k[4], num_samples=4, chunk_size=4, control_samples=4)
     assert res.verdict == "holds", res.verdict_reason
-    assert np.nanmin(res.control_max_rel) > 1e-3, res.control_max_rel
+    # every control sample breaks, by orders of magnitude above the symmetric deviations (the
+    # verdict needs only the median 10x above); measured minimum over the families 3e-4
+    # (a time reparametrisation with a small random tau(T) - T), symmetric deviations <= 1e-9
+    control = res.control_max_rel
+    assert np.nanmin(control) > max(1e-4, 1e3 * np.nanmax(res.max_rel)), control
 
 
 def test_wrong_model_is_refused_before_compiling(case):
