@@ -103,7 +103,12 @@ from .sweep import (
     sweep as sweep,
     sweep_lane as sweep_lane,
 )
-from .train import TrainResult as TrainResult, read_checkpoint as read_checkpoint, train as train
+from .train import (
+    TrainingDiverged as TrainingDiverged,
+    TrainResult as TrainResult,
+    read_checkpoint as read_checkpoint,
+    train as train,
+)
 from .verdict import VERDICTS as VERDICTS, Verdict as Verdict, judge as judge
 
 

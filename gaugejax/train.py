@@ -9,15 +9,24 @@ JSONL metrics, atomic checkpoints and exact resume.
   only in regulariser weights, data key, step count or initial values reuse it (pass the same
   function and optimiser objects).
 - Checkpoints `checkpoints/step_XXXXXXXX.eqx` hold a one-line JSON header (format, step,
-  config, sha256 of the payload) and `eqx.tree_serialise_leaves` of (model, optimiser state);
-  each is written atomically and `checkpoints/LATEST` names the newest. A restart with the same
-  `run_dir` resumes from it; a different config or a corrupt file is refused, never ignored.
+  config, run settings, payload size, and a sha256 over the header and the payload) and
+  `eqx.tree_serialise_leaves` of (model, optimiser state); each is written atomically and
+  `checkpoints/LATEST` names the newest. A restart with the same `run_dir` resumes from it; a
+  different config or run (key, step count, optimiser state structure, regulariser weights),
+  any damage to a checkpoint or to `LATEST`, or checkpoints without `LATEST` are refused with a
+  `ValueError` naming the file and the problem, never ignored.
+- Divergence stops the run: a step whose loss (with regularisers) or updated parameters are
+  not finite is not applied; the run stops there, keeps `LATEST` on the last checkpoint (all
+  finite), logs a `diverged` record and raises `TrainingDiverged` (naming the step and the
+  cause; its `result` holds the last good state).
 """
 
 import dataclasses
 import hashlib
 import io as _io
 import json
+import math
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,7 +43,9 @@ from tqdm.auto import tqdm
 from . import io
 
 
-FORMAT = "gaugejax-checkpoint-v1"
+FORMAT = "gaugejax-checkpoint-v2"
+_HEADER_TYPES = {"step": int, "config": dict, "run": dict, "payload_bytes": int, "sha256": str}
+_NAME = re.compile(r"step_\d{8}\.eqx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +68,30 @@ def _check_regularizers(regularizers):
             raise ValueError(f"regulariser {name!r} must have a weight >= 0; received {weight!r}.")
 
 
-def _checkpoint_bytes(step: int, config: Mapping, state) -> bytes:
+class TrainingDiverged(RuntimeError):
+    """Raised by `train` at the first step whose loss or updated parameters are not finite.
+
+    **Attributes:** `step` (the step that was not applied), `cause` (in words), `result` (a
+    `TrainResult` with the last good state, at `step`, and the history before it).
+    """
+
+    def __init__(self, step: int, cause: str, result: "TrainResult", latest: str | None):
+        self.step, self.cause, self.result = step, cause, result
+        kept = f"; LATEST still names {latest}" if latest else ""
+        super().__init__(
+            f"training diverged at step {step}: {cause}. The step was not applied; the last "
+            f"good state (before step {step}) is in `.result`{kept}. Lower the learning rate "
+            "or clip the gradients."
+        )
+
+
+def _digest(header: dict, data: bytes) -> str:
+    """sha256 over the canonical header (without its own checksum) and the payload."""
+    head = json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True)
+    return hashlib.sha256(head.encode() + b"\n" + data).hexdigest()
+
+
+def _checkpoint_bytes(step: int, config: Mapping, run: Mapping, state) -> bytes:
     payload = _io.BytesIO()
     eqx.tree_serialise_leaves(payload, state)
     data = payload.getvalue()
@@ -65,41 +99,105 @@ def _checkpoint_bytes(step: int, config: Mapping, state) -> bytes:
         "format": FORMAT,
         "step": step,
         "config": dict(config),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "run": dict(run),
         "payload_bytes": len(data),
     }
+    header["sha256"] = _digest(header, data)
     return json.dumps(header, sort_keys=True).encode() + b"\n" + data
 
 
-def read_checkpoint(path: str | Path, like, config: Mapping | None = None) -> tuple[int, Any]:
+def _differences(saved: Mapping, now: Mapping) -> str:
+    now = json.loads(json.dumps(dict(now)))
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+
+
+def read_checkpoint(
+    path: str | Path, like, config: Mapping | None = None, run: Mapping | None = None
+) -> tuple[int, Any]:
     """`(step, state)` from a checkpoint file, with `like` giving the state's structure.
 
-    **Raises:** `ValueError` if the file is not a gaugejax checkpoint, is truncated or corrupt
-    (size or sha256 mismatch), or was written with a config that differs from `config` (the
-    differing keys are named).
+    **Arguments:**
+
+    - `path`: the checkpoint; `like`: a PyTree with the structure of the saved state.
+    - `config`, `run`: when given, must equal the config and run settings it was written with.
+
+    **Raises:** `ValueError` naming the file if it cannot be read, is not a gaugejax checkpoint
+    of this format, has a malformed header (the field is named), is truncated or damaged
+    anywhere (the sha256 covers header and payload, and the header must be byte-for-byte
+    canonical), or was written with another config or run (the differing keys are named).
     """
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from e
     head, sep, data = raw.partition(b"\n")
     try:
-        header = json.loads(head)
-        assert sep and header.get("format") == FORMAT
-    except (json.JSONDecodeError, AssertionError) as e:
+        header = json.loads(head.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not a gaugejax checkpoint (no valid header).") from e
-    if len(data) != header["payload_bytes"] or hashlib.sha256(data).hexdigest() != header["sha256"]:
+    if not sep or not isinstance(header, dict) or header.get("format") != FORMAT:
+        got = header.get("format") if isinstance(header, dict) else None
+        raise ValueError(
+            f"{path} is not a gaugejax checkpoint of format {FORMAT} (header format {got!r})."
+        )
+    for name, kind in _HEADER_TYPES.items():
+        value = header.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(
+                f"{path} has a malformed header: `{name}` must be a {kind.__name__}; received "
+                f"{value!r}."
+            )
+    canonical = json.dumps(header, sort_keys=True).encode()
+    if (
+        head != canonical
+        or len(data) != header["payload_bytes"]
+        or _digest(header, data) != (header["sha256"])
+    ):
         raise ValueError(
             f"{path} is corrupt or truncated ({len(data)} of {header['payload_bytes']} payload "
-            "bytes, or a checksum mismatch): refusing to resume from it."
+            "bytes, or a checksum mismatch over header and payload): refusing to resume from it."
         )
-    if config is not None:
-        saved, now = header["config"], json.loads(json.dumps(dict(config)))
-        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if differ:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+    differ = [
+        f"a different {what} ({detail})"
+        for what, saved, now in (("config", header["config"], config), ("run", header["run"], run))
+        if now is not None and (detail := _differences(saved, now))
+    ]
+    if differ:
+        raise ValueError(
+            f"refusing to resume from {path}: it was written with {'; '.join(differ)}."
+        )
+    try:
+        state = eqx.tree_deserialise_leaves(_io.BytesIO(data), like)
+    except Exception as e:  # a payload of another structure (checksum intact)
+        raise ValueError(f"{path} holds a state of another structure: {e}") from e
+    return header["step"], state
+
+
+def _latest(ckpt_dir: Path) -> Path | None:
+    """The checkpoint `LATEST` names, None for a fresh run; refuses any damage."""
+    pointer = ckpt_dir / "LATEST"
+    if not pointer.exists():
+        if ckpt_dir.is_dir() and any(ckpt_dir.glob("step_*.eqx")):
             raise ValueError(
-                f"refusing to resume from {path}: it was written with a different config "
-                f"({detail})."
+                f"{ckpt_dir} holds checkpoints but no LATEST: refusing to restart from step 0 "
+                "over them. Write the newest checkpoint's name (step_XXXXXXXX.eqx) into LATEST "
+                "to resume, or use another run_dir."
             )
-    return header["step"], eqx.tree_deserialise_leaves(_io.BytesIO(data), like)
+        return None
+    try:
+        name = pointer.read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{pointer} cannot be read as a checkpoint name: {e}") from e
+    if not _NAME.fullmatch(name):
+        raise ValueError(
+            f"{pointer} must hold the name of a checkpoint in {ckpt_dir} (step_XXXXXXXX.eqx); "
+            f"it holds {name[:80]!r}."
+        )
+    path = ckpt_dir / name
+    if not path.is_file():
+        raise ValueError(f"{pointer} names {name}, which is not a file in {ckpt_dir}.")
+    return path
 
 
 class _Spec(NamedTuple):
@@ -131,19 +229,25 @@ def _run_chunk(spec: _Spec, p, state, first_step, key, num_steps, weights):
         return total, terms
 
     def step(carry, i):
-        p, state = carry
+        p, state, bad = carry
         s = first_step + i
         batch = spec.batch_fn(jax.random.fold_in(key, s))
         (total, terms), grads = jax.value_and_grad(objective, has_aux=True)(p, batch)
         updates, new_state = spec.optimizer.update(grads, state, p)
         new_p = eqx.apply_updates(p, updates)
-        active = s < num_steps  # padded steps of the last chunk change nothing
+        finite = jnp.isfinite(total) & jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_p)])
+        )
+        live = (s < num_steps) & (bad < 0)  # padded steps, and steps after a divergence
+        bad = jnp.where(live & ~finite, s, bad)  # the first non-finite step, not applied
+        active = live & finite
         keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
         p = jax.tree.map(keep, new_p, p)
         state = jax.tree.map(keep, new_state, state)
-        return (p, state), {"total": total, **terms}
+        return (p, state, bad), {"total": total, **terms}
 
-    return jax.lax.scan(step, (p, state), jnp.arange(spec.steps_per_chunk))
+    init = (p, state, jnp.asarray(-1, dtype=first_step.dtype))
+    return jax.lax.scan(step, init, jnp.arange(spec.steps_per_chunk))
 
 
 def train(
@@ -182,7 +286,11 @@ def train(
     **Returns:** a `TrainResult`.
 
     **Raises:** `ValueError` for non-positive sizes, negative regulariser weights, a
-    checkpoint interval that is not a multiple of the chunk, or a refused resume.
+    checkpoint interval that is not a multiple of the chunk, or a refused resume (another
+    config, key, step count, regulariser weights or optimiser state structure; a damaged
+    checkpoint or `LATEST`; checkpoints without `LATEST`). `TrainingDiverged` at the first step
+    whose loss or updated parameters are not finite (that step is not applied, no checkpoint
+    is written after it, and its `result` holds the last good state).
     """
     for name, value in (("num_steps", num_steps), ("steps_per_chunk", steps_per_chunk)):
         if not isinstance(value, int) or value <= 0:
@@ -207,11 +315,20 @@ def train(
     params, static = eqx.partition(model, eqx.is_inexact_array)
     spec = _Spec(loss_fn, fns, optimizer, batch_fn, static, steps_per_chunk)
     opt_state = optimizer.init(params)
+    # what else fixes the result: a resume must match it (the optimiser only through the
+    # structure of its state: another learning rate of the same optimiser is not seen)
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    run = {
+        "num_steps": num_steps,
+        "key": jax.device_get(jax.random.key_data(key) if typed else key).tolist(),
+        "weights": {name: float(w) for name, w in weights.items()},
+        "optimizer_state": str(jax.tree.structure(opt_state)),
+    }
     start_step, resumed_from = 0, None
     ckpt_dir = Path(run_dir) / "checkpoints" if run_dir is not None else None
-    if ckpt_dir is not None and (ckpt_dir / "LATEST").exists():
-        latest = ckpt_dir / (ckpt_dir / "LATEST").read_text().strip()
-        start_step, (params, opt_state) = read_checkpoint(latest, (params, opt_state), config)
+    latest = _latest(ckpt_dir) if ckpt_dir is not None else None
+    if latest is not None:
+        start_step, (params, opt_state) = read_checkpoint(latest, (params, opt_state), config, run)
         resumed_from = start_step
         metrics_path = Path(run_dir) / "metrics.jsonl"
         if metrics_path.exists():  # drop records past the checkpoint (they will be redone)
@@ -231,13 +348,15 @@ def train(
         # under standard promotion even where a caller (e.g. a test suite) set "strict"
         with jax.numpy_dtype_promotion("standard"):
             traces = getattr(_TRACES, "count", 0)
-            (params, opt_state), metrics = _run_chunk(
+            (params, opt_state, bad), metrics = _run_chunk(
                 spec, params, opt_state, jnp.asarray(step), key, jnp.asarray(num_steps), weights
             )
             compilations += getattr(_TRACES, "count", 0) - traces
-        metrics = jax.device_get(metrics)
+        metrics, bad = jax.device_get((metrics, bad))
         seconds = (time.perf_counter() - t0) / steps_per_chunk
         n = min(steps_per_chunk, num_steps - step)
+        if bad >= 0:
+            n = int(bad) - step  # the steps before the divergence
         records = [
             {"step": step + i, **{k: float(v[i]) for k, v in metrics.items()}, "seconds": seconds}
             for i in range(n)
@@ -247,12 +366,36 @@ def train(
             for r in records:
                 io.append_jsonl(Path(run_dir) / "metrics.jsonl", r)
         step += n
+        if bad >= 0:
+            bar.close()
+            total = float(metrics["total"][n])
+            cause = (
+                f"the objective is {total}"
+                if not math.isfinite(total)
+                else f"the objective is finite ({total:.3e}) but the updated parameters are not"
+            )
+            if run_dir is not None:  # numbers only: a flag, the step, what was finite
+                io.append_jsonl(
+                    Path(run_dir) / "metrics.jsonl",
+                    {"step": step, "diverged": 1, "objective_finite": int(math.isfinite(total))},
+                )
+            result = TrainResult(
+                model=eqx.combine(params, static),
+                opt_state=opt_state,
+                history=history,
+                resumed_from=resumed_from,
+                num_compilations=compilations,
+                seconds=time.perf_counter() - start,
+            )
+            pointer = ckpt_dir / "LATEST" if ckpt_dir is not None else None
+            kept = pointer.read_text().strip() if pointer is not None and pointer.exists() else None
+            raise TrainingDiverged(step, cause, result, kept)
         if ckpt_dir is not None and (
             step == num_steps or (checkpoint_every and step % checkpoint_every == 0)
         ):
             name = f"step_{step:08d}.eqx"
             io.atomic_write_bytes(
-                ckpt_dir / name, _checkpoint_bytes(step, config, (params, opt_state))
+                ckpt_dir / name, _checkpoint_bytes(step, config, run, (params, opt_state))
             )
             io.atomic_write_bytes(ckpt_dir / "LATEST", name.encode())
         bar.update(n)

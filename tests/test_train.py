@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,6 +158,112 @@ def test_refuses_other_config_and_corrupt_checkpoints(tmp_path):
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a gaugejax checkpoint"):
         gj.train(loss_fn, model, optax.sgd(1e-2), batch_fn, num_steps=40, config={"lr": 0.01}, **kw)
+
+
+def _run(tmp_path, optimizer=None, num_steps=20, key=2, loss=None, **kw):
+    model, batch_fn, loss_fn = problem()
+    return gj.train(
+        loss or loss_fn,
+        model,
+        optimizer or optax.sgd(1e-2),
+        batch_fn,
+        key=jax.random.key(key),
+        num_steps=num_steps,
+        steps_per_chunk=10,
+        checkpoint_every=10,
+        run_dir=tmp_path,
+        **kw,
+    )
+
+
+def test_divergence_stops_at_the_last_good_state(tmp_path):
+    # lr 1e-2 for 20 steps (two finite checkpoints), then 1e6: the parameters overflow
+    lr = optax.piecewise_constant_schedule(1e-2, {20: 1e8})
+    with pytest.raises(gj.TrainingDiverged, match=r"diverged at step (\d+)") as info:
+        _run(tmp_path, optax.sgd(lr), num_steps=100)
+    err = info.value
+    # measured: the objective overflows at step 46; the checkpoint of step 40 is the last one
+    assert 20 < err.step < 100
+    last = f"step_{10 * (err.step // 10):08d}.eqx"
+    assert f"LATEST still names {last}" in str(err) and "objective is inf" in str(err)
+    assert (tmp_path / "checkpoints" / "LATEST").read_text() == last
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.eqx"))[-1] == last
+    model, _, _ = problem()
+    like = (eqx.filter(model, eqx.is_inexact_array), optax.sgd(lr).init(model))
+    step, (p, _) = gj.read_checkpoint(tmp_path / "checkpoints" / last, like)
+    assert step == 10 * (err.step // 10) and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(p))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(err.result.model))
+    rows = gj.io.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(err.step)) + [err.step]
+    assert rows[-1]["diverged"] == 1
+    # metrics are numbers, never strings ("nan")
+    assert all(isinstance(v, int | float) for r in rows for v in r.values())
+    assert all(np.isfinite(r["loss"]) for r in rows[:-1])
+
+
+def test_nan_loss_with_finite_gradients_stops_at_once(tmp_path):
+    model, batch_fn, loss_fn = problem()
+    nan_loss = lambda m, b: loss_fn(m, b) + jax.lax.stop_gradient(jnp.nan)  # noqa: E731
+    with pytest.raises(gj.TrainingDiverged, match="step 0: the objective is nan") as info:
+        _run(tmp_path, loss=nan_loss)
+    assert info.value.result.history == []
+    assert not (tmp_path / "checkpoints" / "LATEST").exists()
+
+
+def test_any_damage_to_a_checkpoint_is_refused(tmp_path):
+    _run(tmp_path)
+    ckpt = tmp_path / "checkpoints" / "step_00000020.eqx"
+    good = ckpt.read_bytes()
+    model, _, _ = problem()
+    like = (eqx.filter(model, eqx.is_inexact_array), optax.sgd(1e-2).init(model))
+    assert gj.read_checkpoint(ckpt, like)[0] == 20
+    # the header's step edited: the checksum covers the header
+    ckpt.write_bytes(good.replace(b'"step": 20', b'"step": 30', 1))
+    with pytest.raises(ValueError, match="corrupt"):
+        _run(tmp_path, num_steps=40)
+    # one flipped bit anywhere (every byte, one bit each) is refused by read_checkpoint
+    for i in range(len(good)):
+        bad = bytearray(good)
+        bad[i] ^= 1 << (i % 8)
+        ckpt.write_bytes(bytes(bad))
+        with pytest.raises(ValueError, match=str(ckpt.name)):
+            gj.read_checkpoint(ckpt, like)
+    ckpt.write_bytes(good)
+
+
+@pytest.mark.parametrize(
+    "latest, message",
+    [
+        (b"", "must hold the name"),
+        (b"\xff\xfe\x00", "cannot be read"),
+        (b"../../etc/passwd", "must hold the name"),
+        (b"step_00000099.eqx", "not a file"),
+        (None, "no LATEST"),
+    ],
+    ids=["empty", "binary", "outside", "missing", "deleted"],
+)
+def test_damaged_or_missing_latest_is_refused(tmp_path, latest, message):
+    _run(tmp_path)
+    pointer = tmp_path / "checkpoints" / "LATEST"
+    if latest is None:
+        pointer.unlink()
+    else:
+        pointer.write_bytes(latest)
+    with pytest.raises(ValueError, match=message):
+        _run(tmp_path)
+    rows = gj.io.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(20))  # nothing appended
+
+
+def test_resume_with_other_run_settings_is_refused(tmp_path):
+    _run(tmp_path)
+    with pytest.raises(ValueError, match=r"different run \(key: "):
+        _run(tmp_path, key=3)
+    with pytest.raises(ValueError, match=r"different run \(num_steps: 20 -> 40\)"):
+        _run(tmp_path, num_steps=40)
+    with pytest.raises(ValueError, match="optimizer_state"):
+        _run(tmp_path, optimizer=optax.adam(1e-2))
+    assert _run(tmp_path).resumed_from == 20  # the same run resumes
 
 
 def test_train_validation():
