@@ -19,6 +19,16 @@ import jax
 import numpy as np
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# read once at import (os.umask can only be read by setting it, which races between threads)
+_UMASK = _read_umask()
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -37,7 +47,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically (temporary file in the same folder + `os.replace`)."""
+    """Write `data` to `path` atomically (temporary file in the same folder + `os.replace`),
+    readable by others (mode 0644 less the umask; `mkstemp` alone gives 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -46,6 +57,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -100,11 +112,15 @@ def make_run_dir(root: str | os.PathLike, experiment: str) -> Path:
     """A new, empty `root/<experiment>/<UTC timestamp>/` (suffixed if it already exists)."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     base = Path(root) / experiment / stamp
-    path, n = base, 1
-    while path.exists():
-        path, n = base.with_name(f"{stamp}-{n}"), n + 1
-    path.mkdir(parents=True)
-    return path
+    base.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:  # mkdir is the atomic test: concurrent callers never share a directory
+        path = base if n == 0 else base.with_name(f"{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
 
 
 def _version(package: str) -> str | None:
@@ -114,11 +130,39 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _git() -> dict:
+    """The commit of the gaugejax checkout this process imports, and whether it has uncommitted
+    changes (None for both outside a git checkout, e.g. an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode or status.returncode:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
 def env_info() -> dict:
-    """Versions, devices and numerical settings of this process (for `env.json`)."""
+    """Versions, devices, numerical settings and the git commit of this process (for
+    `env.json`)."""
     packages = ["gaugejax", "jax", "jaxlib", "equinox", "diffrax", "optax", "lineax", "numpy"]
     return {
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git": _git(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),

@@ -60,6 +60,24 @@ def test_atomic_writes_and_jsonl(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
     a, b = io.make_run_dir(tmp_path, "exp"), io.make_run_dir(tmp_path, "exp")
     assert a != b and a.is_dir() and b.is_dir()
+    # results are readable by others (mkstemp alone writes 0600)
+    mode = (tmp_path / "a.json").stat().st_mode & 0o777
+    assert mode == 0o666 & ~io._UMASK and mode & 0o044 == 0o044 & ~io._UMASK
+
+
+def test_concurrent_run_dirs_are_distinct(tmp_path):
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        dirs = list(pool.map(lambda _: io.make_run_dir(tmp_path, "exp"), range(200)))
+    assert len(set(dirs)) == 200 and all(d.is_dir() for d in dirs)
+
+
+def test_env_records_the_git_commit():
+    info = io.env_info()
+    assert set(info["git"]) == {"commit", "dirty"}
+    if (ROOT / ".git").exists():  # a checkout (CI's fresh clone is one)
+        assert len(info["git"]["commit"]) == 40 and isinstance(info["git"]["dirty"], bool)
 
 
 def test_reproduce_smoke_writes_report_with_its_claims(tmp_path):
