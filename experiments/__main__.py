@@ -34,9 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     try:
         config = load_config(module.Config, args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         parser.error(str(e))
-    run_dir = io.make_run_dir(args.out, args.name)
+    try:
+        run_dir = io.make_run_dir(args.out, args.name)
+    except OSError as e:
+        parser.error(f"--out {args.out}: cannot create a run directory there ({e})")
     io.write_json(run_dir / "config.json", to_dict(config))
     io.write_json(run_dir / "env.json", io.env_info())
     summary = module.run(config, run_dir)

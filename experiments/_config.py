@@ -1,6 +1,7 @@
 """Experiment configs: frozen dataclasses, TOML presets and `key=value` overrides, validated."""
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -50,8 +51,42 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+# the one relative tolerance no float64 solve can go below
+_EPS64 = 2.0**-52
+
+
+def _check_range(name: str, value: Any, annotation: Any, nonnegative: bool) -> None:
+    """Numbers of a config are sizes, counts, tolerances or scales: ints >= 1 (`seed` >= 0),
+    floats finite and > 0 (>= 0 for the keys a config lists in `NONNEGATIVE`), and solver
+    tolerances (keys ending in `rtol`) in [eps, 1)."""
+    if isinstance(value, tuple):
+        (item, *_) = typing.get_args(annotation) or (Any,)
+        for v in value:
+            _check_range(name, v, item, nonnegative)
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and annotation is int:
+        low = 0 if name == "seed" else 1
+        if value < low:
+            raise ValueError(f"config key `{name}` must be an int >= {low}; received {value!r}.")
+        return
+    if name.endswith("rtol") and not _EPS64 <= value < 1:
+        raise ValueError(
+            f"config key `{name}` is a solver tolerance: it must be in [{_EPS64:.1e}, 1); "
+            f"received {value!r}."
+        )
+    ok = value >= 0 if nonnegative else value > 0
+    if not (math.isfinite(value) and ok):
+        bound = ">= 0" if nonnegative else "> 0"
+        raise ValueError(
+            f"config key `{name}` must be a finite number {bound}; received {value!r}."
+        )
+
+
 def make_config(cls: type, values: dict[str, Any]) -> Any:
-    """Instance of the dataclass `cls` from `values`, rejecting unknown keys and wrong types."""
+    """Instance of the dataclass `cls` from `values`, rejecting unknown keys, wrong types and
+    values out of range (see `_check_range`) before anything runs."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -60,7 +95,11 @@ def make_config(cls: type, values: dict[str, Any]) -> Any:
             f"valid keys are {sorted(fields)}."
         )
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    config = cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    nonnegative = getattr(cls, "NONNEGATIVE", ())
+    for f in dataclasses.fields(cls):
+        _check_range(f.name, getattr(config, f.name), hints[f.name], f.name in nonnegative)
+    return config
 
 
 def load_config(
@@ -68,13 +107,18 @@ def load_config(
 ) -> Any:
     """The config `cls` from its embedded defaults, then the TOML file `path`, then overrides.
 
-    **Raises:** `ValueError` for an unknown key (listing the valid ones), a wrong type, or an
-    override that is not `key=value`; `FileNotFoundError` for a missing file.
+    **Raises:** `ValueError` for an unknown key (listing the valid ones), a wrong type, a value
+    out of range, an override that is not `key=value`, or a config file that cannot be read
+    (missing, a directory, unreadable, not UTF-8 or not TOML), naming the file.
     """
     values: dict[str, Any] = {}
     if path is not None:
-        with open(path, "rb") as f:
-            values.update(tomllib.load(f))
+        try:
+            with open(path, "rb") as f:
+                values.update(tomllib.load(f))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            detail = f"{type(e).__name__}: {e}"
+            raise ValueError(f"--config {path}: cannot be read as TOML ({detail})") from None
     for text in overrides:
         key, value = _parse_override(text)
         values[key] = value

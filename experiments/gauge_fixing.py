@@ -10,6 +10,7 @@ one stacked model: Adam is elementwise, so the summed loss trains them independe
 import dataclasses
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import diffrax
 import equinox as eqx
@@ -49,6 +50,9 @@ class Config:
     # orbit are also straight lines at constant speed)
     regularizer: str = "eq45"
     regularizer_inputs: int = 8
+
+    # lambda = 0 is the unregularised arm
+    NONNEGATIVE: ClassVar[tuple[str, ...]] = ("lambdas",)
 
     def __post_init__(self):
         valid = ("eq45", "uniform_motion", "kinetic")

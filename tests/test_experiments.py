@@ -48,6 +48,50 @@ def test_config_validation_names_the_problem():
     assert cfg.dim == 5 and cfg.scales == (0.1, 0.05) and cfg.rtol == 1e-9
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.dim = 3  # type: ignore[misc]
+    # out of range, refused when the config is built (before any directory or compilation)
+    for override, message in [
+        ("num_samples=-3", "`num_samples` must be an int >= 1; received -3"),
+        ("dim=0", "`dim` must be an int >= 1"),
+        ("workers=0", "`workers` must be an int >= 1"),
+        ("rtol=-1", r"`rtol` is a solver tolerance: it must be in \[2.2e-16, 1\)"),
+        ("scales=[0.1, -0.05]", "`scales` must be a finite number > 0; received -0.05"),
+        ("amplitude=inf", "`amplitude` must be a finite number > 0; received inf"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_config(node_symmetry.Config, overrides=[override])
+    assert load_config(node_symmetry.Config, overrides=["seed=0"]).seed == 0
+    with pytest.raises(ValueError, match="`num_seeds` must be an int >= 1"):
+        load_config(gauge_fixing.Config, overrides=["num_seeds=0"])
+    assert load_config(gauge_fixing.Config, overrides=["lambdas=[0.0, 1.0]"]).lambdas[0] == 0.0
+
+
+@pytest.mark.parametrize("problem", ["directory", "not_utf8", "missing", "unwritable_out"])
+def test_cli_refuses_bad_paths_in_one_line_before_any_directory(
+    tmp_path, capsys, monkeypatch, problem
+):
+    from experiments.__main__ import main
+
+    monkeypatch.setenv("GAUGEJAX_JAX_CACHE", "")  # in-process: leave the compilation cache off
+
+    out = tmp_path / "runs"
+    config = {
+        "directory": tmp_path,
+        "not_utf8": tmp_path / "bad.toml",
+        "missing": tmp_path / "nope.toml",
+        "unwritable_out": None,
+    }[problem]
+    (tmp_path / "bad.toml").write_bytes(b"dim = \xff\xfe\n")
+    if problem == "unwritable_out":
+        out.write_text("a file where the run root should be")
+    args = ["node_symmetry", "--out", str(out)] + (
+        [] if config is None else ["--config", str(config)]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ("--out" if problem == "unwritable_out" else "--config") in err
+    assert not (out / "node_symmetry").exists()
 
 
 def test_atomic_writes_and_jsonl(tmp_path):
