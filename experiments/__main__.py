@@ -1,10 +1,37 @@
 """`python -m experiments <name> [--config FILE] [--out DIR] [key=value ...]`."""
 
 import argparse
+import dataclasses
 import os
 import sys
 
 from ._config import load_config, to_dict
+
+
+def _listing(experiments: dict) -> str:
+    lines = ["python -m experiments NAME [--config FILE] [--out DIR] [key=value ...]", ""]
+    lines += ["experiments (NAME --help lists its config keys and checks):"]
+    for name, module in experiments.items():
+        doc = (module.__doc__ or "").strip().splitlines()
+        lines.append(f"  {name:<20} {doc[0] if doc else ''}")
+    return "\n".join(lines)
+
+
+def _experiment_help(name: str, module) -> str:
+    lines = [f"python -m experiments {name} [--config FILE] [--out DIR] [key=value ...]", ""]
+    doc = (module.__doc__ or "").strip().splitlines()
+    if doc:
+        lines += [doc[0], ""]
+    lines.append("config keys (embedded defaults):")
+    for f in dataclasses.fields(module.Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name} = {default!r}")
+    checks = [c for c, _ in getattr(module, "CHECKS", [])]
+    if checks:
+        lines += ["", f"checks (select with 'checks=[...]'): {', '.join(checks)}"]
+    presets = sorted(getattr(module, "PRESETS", {}))
+    lines += ["", f"presets: {', '.join(presets)} (configs/{name}/<preset>.toml)"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import EXPERIMENTS
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        print(_listing(EXPERIMENTS))
+        return 0
+    if argv[0] in EXPERIMENTS and ("-h" in argv or "--help" in argv):
+        print(_experiment_help(argv[0], EXPERIMENTS[argv[0]]))
+        return 0
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
     parser.add_argument("name", choices=sorted(EXPERIMENTS), help="experiment to run")
     parser.add_argument("--config", help="TOML preset (default: the embedded default config)")

@@ -197,6 +197,17 @@ def test_cli_rejects_unknown_key_with_exit_code(tmp_path):
     assert "unknown config key(s) ['nonsense']" in out.stderr and "valid keys" in out.stderr
 
 
+def test_cli_lists_experiments_and_their_keys(capsys):
+    from experiments.__main__ import main
+
+    assert main([]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("node_symmetry", "reproduce", "benchmark_sweep"))
+    assert main(["node_symmetry", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "num_samples = 128" in text and "checks (select" in text and "thm21" in text
+
+
 def test_linear_symmetry_config_cross_checks():
     with pytest.raises(ValueError, match="theorem_layers"):
         make_config(linear_symmetry.Config, {"theorem_layers": 3, "layer_counts": [1, 4, 8]})
