@@ -163,7 +163,11 @@ def test_reproduce_smoke_writes_report_with_its_claims(tmp_path):
     left = summary["checks_left_out"]
     assert "node_symmetry.thm21" in left and "linear_symmetry.rescaling" in left
     assert "checks left out" in report and "`node_symmetry.thm21`" in report
-    assert "Eq. 20" in report
+    # every disagreement with the printed paper is listed, with its evidence row where it ran
+    for row_id, _ in reproduce.DISAGREEMENTS:
+        assert f"`{row_id}` row:" in report
+    assert "`eq20_verdict` row: measured" in report and "`eq23_verdict` row: measured" in report
+    assert "`eq36_verdict` row: not run at this preset" in report
     for exp, fig in [
         ("attention_symmetry", "integrated.png"),
         ("gauge_fixing", "gauge_fixing.png"),
