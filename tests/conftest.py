@@ -68,3 +68,39 @@ class CompileCounter:
 
     def __exit__(self, *exc):
         CompileCounter._active.remove(self)
+
+
+def run_until_idle(cmd, *, idle_s: float = 60.0, poll_s: float = 0.5, **kwargs):
+    """Run `cmd` (subprocess), failing it as hung once its CPU time (all threads, from
+    /proc/<pid>/stat) has not grown for `idle_s` seconds: a hang guard that measures progress,
+    not wall time, so a loaded machine (slow but progressing) never trips it, while a deadlock
+    (threads idle in futex waits, CPU time flat) does. Returns `(returncode, stdout, stderr,
+    hung)`."""
+    import subprocess
+    import time
+
+    tick = os.sysconf("SC_CLK_TCK")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
+
+    def cpu() -> float:
+        try:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        except (OSError, IndexError, ValueError):
+            return -1.0
+
+    last, since, hung = cpu(), time.monotonic(), False
+    while proc.poll() is None:
+        time.sleep(poll_s)
+        now = cpu()
+        if now > last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > idle_s:
+            hung = True
+            proc.kill()
+            break
+    out, err = proc.communicate()
+    return proc.returncode, out, err, hung
