@@ -1,11 +1,13 @@
-"""`python -m experiments <name> [--config FILE] [--out DIR] [key=value ...]`."""
+"""`python -m experiments <name> [--config FILE] [--out DIR] [key=value ...]`, or
+`python -m experiments <name> --resume RUN_DIR` to continue a killed run."""
 
 import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
-from ._config import load_config, to_dict
+from ._config import load_config, make_config, to_dict
 
 
 def _listing(experiments: dict) -> str:
@@ -54,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=sorted(EXPERIMENTS), help="experiment to run")
     parser.add_argument("--config", help="TOML preset (default: the embedded default config)")
     parser.add_argument("--out", default="runs", help="root of run directories (default: runs)")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR with its own config.json (finished checks are kept)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (TOML values)")
     args = parser.parse_intermixed_args(argv)  # overrides may follow --config
 
@@ -66,22 +73,51 @@ def main(argv: list[str] | None = None) -> int:
     if cache and getattr(module, "PERSISTENT_COMPILE_CACHE", True):
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    try:
-        config = load_config(module.Config, args.config, args.overrides)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        run_dir = io.make_run_dir(args.out, args.name)
-    except OSError as e:
-        parser.error(f"--out {args.out}: cannot create a run directory there ({e})")
-    io.write_json(run_dir / "config.json", to_dict(config))
+    if args.resume is not None:
+        if args.config is not None or args.overrides:
+            parser.error(
+                f"--resume {args.resume} runs with the run's own config.json; drop --config and "
+                "the key=value overrides"
+            )
+        run_dir = Path(args.resume)
+        try:
+            config = make_config(module.Config, io.read_json(run_dir / "config.json"))
+        except (OSError, ValueError) as e:
+            parser.error(f"--resume {run_dir}: no readable config.json of {args.name} ({e})")
+    else:
+        try:
+            config = load_config(module.Config, args.config, args.overrides)
+        except ValueError as e:
+            parser.error(str(e))
+        try:
+            run_dir = io.make_run_dir(args.out, args.name)
+        except OSError as e:
+            parser.error(f"--out {args.out}: cannot create a run directory there ({e})")
+        io.write_json(run_dir / "config.json", to_dict(config))
     io.write_json(run_dir / "env.json", io.env_info())
-    summary = module.run(config, run_dir)
+    status = run_dir / "status.json"
+    io.write_json(status, {"experiment": args.name, "status": "running"})
+    try:
+        summary = module.run(config, run_dir)
+    except KeyboardInterrupt:
+        io.write_json(status, {"experiment": args.name, "status": "interrupted"})
+        print(
+            f"interrupted; finished work is kept in {run_dir}. Resume with: python -m experiments "
+            f"{args.name} --resume {run_dir}",
+            file=sys.stderr,
+        )
+        return 130
+    except BaseException:
+        io.write_json(status, {"experiment": args.name, "status": "failed"})
+        raise
     io.write_json(run_dir / "summary.json", summary)
+    io.write_json(status, {"experiment": args.name, "status": "complete"})
 
     claims = summary.get("claims", [])
     for c in claims:
-        print(f"[{c['verdict']:>4}] {c['id']:<28} measured {c['measured']:.3g}  ({c['tolerance']})")
+        measured = c["measured"]  # a number, or "nan"/"inf" as JSON keeps them
+        shown = f"{measured:.3g}" if isinstance(measured, int | float) else str(measured)
+        print(f"[{c['verdict']:>4}] {c['id']:<28} measured {shown}  ({c['tolerance']})")
     if claims:
         print(f"{summary.get('num_pass', 0)}/{len(claims)} claims pass; results in {run_dir}")
     else:  # a benchmark: numbers, no claims
@@ -92,4 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 130:  # interrupted: exit now, not after the checks still running in worker
+        # threads (the interpreter would join them); what finished is on disk, atomically
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

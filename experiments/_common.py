@@ -1,6 +1,7 @@
 """What every experiment shares: claim rows, slopes, and the threaded check runner."""
 
 import concurrent.futures
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +65,11 @@ def run_checks(
     fixed key (split from `config.seed`), so results do not depend on the schedule; rows are
     reported in `checks` order. Writes `metrics.jsonl` (one record per check), `results.json`
     and the figures drawn from `results.json` by `plot(results, fig_dir, config)`.
+
+    Resumable: each finished check is saved at once to `checks/<name>.json` (rows, data,
+    seconds; atomically); a check whose file exists in `run_dir` is loaded instead of run, so
+    a killed run continued in the same directory (`python -m experiments NAME --resume DIR`)
+    runs only what was left and writes the same files (timings aside).
     """
     run_dir = Path(run_dir)
     start = time.perf_counter()
@@ -74,27 +80,42 @@ def run_checks(
         name = item[0][0]
         return order.index(name) if name in order else len(order)
 
+    cache = run_dir / "checks"
+
     def one(item):
         (name, check), key = item
+        saved = cache / f"{name}.json"
+        if saved.exists():  # finished by an earlier, interrupted run in this directory
+            done = io.read_json(saved)
+            return name, done["rows"], done["data"], done["seconds"]
         t0 = time.perf_counter()
         rows, data = check(config, key, setup)
-        return name, rows, data, time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        io.write_json(saved, {"rows": rows, "data": data, "seconds": elapsed})
+        return name, rows, data, elapsed
 
-    claims, results = [], {}
+    claims, results, records = [], {}, []
     items = list(zip(checks, keys, strict=True))
     if config.checks:
         items = [item for item in items if item[0][0] in config.checks]
         checks = [c for c in checks if c[0] in config.checks]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=config.workers) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers)
+    try:
         futures = {item[0][0]: pool.submit(one, item) for item in sorted(items, key=priority)}
         ordered = (futures[name].result() for name, _ in checks)
         for name, rows, data, elapsed in tqdm(ordered, total=len(items), desc=experiment):
             claims += rows
             results[name] = data
-            io.append_jsonl(
-                run_dir / "metrics.jsonl",
-                {"check": name, "seconds": elapsed, **{r["id"]: r["measured"] for r in rows}},
+            records.append(
+                {"check": name, "seconds": elapsed, **{r["id"]: r["measured"] for r in rows}}
             )
+    except BaseException:  # Ctrl-C or a failed check: drop the checks not started yet
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    # written once, in `checks` order (the per-check files are the progress record)
+    text = "".join(json.dumps(io.jsonable(r)) + "\n" for r in records)
+    io.atomic_write_bytes(run_dir / "metrics.jsonl", text.encode())
     io.write_json(run_dir / "results.json", results)
     with PLOT_LOCK:
         figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config)

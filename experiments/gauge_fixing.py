@@ -8,6 +8,7 @@ one stacked model: Adam is elementwise, so the summed loss trains them independe
 """
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -217,8 +218,10 @@ def run(config: Config, run_dir: Path) -> dict:
             "test_evaluations": float(np.mean(ev["evaluations"])),
             "wall_time_s": wall,
         }
-        io.append_jsonl(run_dir / "metrics.jsonl", rows[lam])
-        curves[lam] = [r["loss"] / config.num_seeds for r in res.history]
+        # the whole curve from the lambda's own log: a resumed (or finished) run's history
+        # holds only the steps it ran itself
+        logged = io.read_jsonl(run_dir / f"lambda_{lam:g}" / "metrics.jsonl")
+        curves[lam] = [r["loss"] / config.num_seeds for r in logged if "loss" in r]
         rows[lam]["w_trajectories"] = _weight_trajectories(
             res.model, jnp.linspace(0.0, config.t1, 50)
         )
@@ -279,6 +282,13 @@ def run(config: Config, run_dir: Path) -> dict:
     io.write_json(run_dir / "results.json", results)
     with PLOT_LOCK:
         figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config)
+    # one record per lambda, written once (a resumed run must not append them again)
+    records = "".join(
+        json.dumps(io.jsonable({k: v for k, v in rows[lam].items() if k != "w_trajectories"}))
+        + "\n"
+        for lam in config.lambdas
+    )
+    io.atomic_write_bytes(run_dir / "metrics.jsonl", records.encode())
     return {
         "experiment": "gauge_fixing",
         "claims": claims,

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -217,6 +218,17 @@ def run(config: Config, run_dir: Path) -> dict:
     def one(name):
         sub_dir = run_dir / name
         sub_dir.mkdir(parents=True, exist_ok=True)
+        wanted = json.loads(json.dumps(io.jsonable(to_dict(configs[name]))))
+        if (sub_dir / "config.json").exists():  # a resumed run: the same config or nothing
+            saved = io.read_json(sub_dir / "config.json")
+            if saved != wanted:
+                raise ValueError(
+                    f"{sub_dir} holds a run of another config; resume it with its own config "
+                    "or start a new run."
+                )
+            if (sub_dir / "summary.json").exists():  # finished before the interruption
+                summary = io.read_json(sub_dir / "summary.json")
+                return summary, float(summary.get("wall_time_s", 0.0))
         io.write_json(sub_dir / "config.json", to_dict(configs[name]))
         start = time.perf_counter()
         summary = EXPERIMENTS[name].run(configs[name], sub_dir)
@@ -225,9 +237,14 @@ def run(config: Config, run_dir: Path) -> dict:
 
     # with several workers the long ones start first; the report keeps `experiments` order
     order = sorted(config.experiments, key=lambda n: n not in EXPENSIVE_FIRST)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=config.workers) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers)
+    try:
         futures = {name: pool.submit(one, name) for name in order}
         done = {name: f.result() for name, f in futures.items()}
+    except BaseException:  # Ctrl-C or a failure: do not start the experiments still queued
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     results = {name: done[name][0] for name in config.experiments}
     wall = {name: done[name][1] for name in config.experiments}
     report = write_report(run_dir / "report.md", results, env, config, wall)

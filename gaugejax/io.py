@@ -29,13 +29,15 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """`obj` with arrays as lists, numpy scalars as Python numbers, non-finite floats as
+    strings (JSON has no NaN)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.ndarray, jax.Array)):
-        return _jsonable(np.asarray(obj).tolist())
+        return jsonable(np.asarray(obj).tolist())
     if isinstance(obj, (np.floating, float)):
         value = float(obj)
         return value if math.isfinite(value) else str(value)
@@ -67,7 +69,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically write `obj` as indented JSON (numpy/jax arrays become lists; NaN a string)."""
-    text = json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n"
+    text = json.dumps(jsonable(obj), indent=2, sort_keys=False) + "\n"
     return atomic_write_bytes(path, text.encode())
 
 
@@ -82,7 +84,7 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(_jsonable(record)) + "\n")
+        f.write(json.dumps(jsonable(record)) + "\n")
         f.flush()
         os.fsync(f.fileno())
 

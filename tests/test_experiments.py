@@ -3,8 +3,10 @@
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -314,3 +316,77 @@ def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
         make_config(benchmark_sweep.Config, {"workloads": ["w2"]})
     with pytest.raises(ValueError, match="loop_samples"):
         make_config(benchmark_sweep.Config, {"num_samples": 4, "loop_samples": 8})
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _without_timings(name: str, data: bytes):
+    """A file's content with its timing fields removed (they differ between any two runs)."""
+    if name.endswith(".jsonl"):
+        return [
+            {k: v for k, v in r.items() if k != "seconds"}
+            for r in map(json.loads, data.splitlines())
+        ]
+    if name.startswith("checks/"):
+        return {k: v for k, v in json.loads(data).items() if k != "seconds"}
+    if name == "summary.json":
+        return {k: v for k, v in json.loads(data).items() if k != "wall_time_s"}
+    return data
+
+
+def test_an_interrupted_experiment_resumes_to_the_same_files(tmp_path):
+    """What an interrupted run left (finished checks in checks/) is kept; the rest runs; every
+    file but timings equals an uninterrupted run's (figures byte for byte)."""
+    cfg = make_config(
+        node_symmetry.Config,
+        {**node_symmetry.PRESETS["smoke"], "checks": ["lie_bracket", "eq16"], "workers": 1},
+    )
+    full, part = tmp_path / "full", tmp_path / "part"
+    for d in (full, part):
+        io.write_json(d / "summary.json", node_symmetry.run(cfg, d))
+    # as a kill after lie_bracket finished leaves it: eq16 and the final files missing
+    for name in ("checks/eq16.json", "results.json", "metrics.jsonl", "summary.json"):
+        (part / name).unlink()
+    for fig in (part / "figures").glob("*"):
+        fig.unlink()
+    kept = (part / "checks" / "lie_bracket.json").read_bytes()
+    io.write_json(part / "summary.json", node_symmetry.run(cfg, part))
+    assert (part / "checks" / "lie_bracket.json").read_bytes() == kept  # not run again
+    a, b = _files(full), _files(part)
+    assert sorted(a) == sorted(b) and "checks/eq16.json" in a
+    for name in a:
+        assert _without_timings(name, a[name]) == _without_timings(name, b[name]), name
+
+
+def test_cli_interrupt_marks_the_run_and_resume_completes_it(tmp_path):
+    """SIGINT while a check runs: the CLI exits within 10 s, status "interrupted", and says how
+    to resume; --resume continues it to "complete" with every claim passing."""
+    cmd = [sys.executable, "-m", "experiments", "node_symmetry", "--config",
+           "configs/node_symmetry/smoke.toml", 'checks=["thm21", "lie_bracket"]', "workers=1",
+           "--out", str(tmp_path)]  # fmt: skip
+    env = dict(os.environ, GAUGEJAX_JAX_CACHE="")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("node_symmetry/*/status.json")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside thm21 (about 10 s at smoke size)
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10 and proc.returncode == 130, err[-2000:]
+    (run_dir,) = tmp_path.glob("node_symmetry/*")
+    assert io.read_json(run_dir / "status.json")["status"] == "interrupted"
+    assert f"--resume {run_dir}" in err and not (run_dir / "summary.json").exists()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "experiments", "node_symmetry", "--resume", str(run_dir)],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert io.read_json(run_dir / "status.json")["status"] == "complete"
+    summary = io.read_json(run_dir / "summary.json")
+    assert summary["num_pass"] == summary["num_claims"] > 0
