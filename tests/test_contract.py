@@ -260,3 +260,16 @@ def test_wrong_model_is_refused_before_compiling(case):
     assert counter.count == 0
     with pytest.raises(TypeError, match=type(wrong).__name__):
         gauge.check_model(wrong)
+
+
+@pytest.mark.parametrize("name", ["linear_expm", "discrete"])
+def test_from_model_reads_the_sizes(name):
+    c = CASES[name]
+    k = jax.random.key(0)
+    model, gauge = c.model(k), c.gauge(k)
+    read = type(gauge).from_model(model)
+    assert jax.tree.structure(read) == jax.tree.structure(gauge)
+    for a, b in zip(jax.tree.leaves(read), jax.tree.leaves(gauge), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match=type(gauge).__name__):
+        type(gauge).from_model(c.wrong(k))

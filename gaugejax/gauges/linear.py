@@ -233,6 +233,20 @@ class LinearGauge(AbstractMapGauge):
         self.bias_scale = float(bias_scale)
         self.kind = kind
 
+    @classmethod
+    def from_model(cls, model: Any, **kwargs: Any) -> "LinearGauge":
+        """The family with the state dimension and end time of `model` (a `LinearNODE`);
+        `**kwargs` are the other arguments (`num_modes`, `rho`, `bias_scale`, `kind`, ...).
+
+        **Raises:** as `check_model`.
+        """
+        if not isinstance(model, LinearNODE):
+            raise model_error(cls.__name__, "a gaugejax.LinearNODE", model)
+        dim = int(jax.eval_shape(model.weight, float(model.t0)).shape[0])
+        gauge = cls(dim, float(model.t1), **kwargs)
+        gauge.check_model(model)
+        return gauge
+
     def sample(self, key: PRNGKeyArray) -> LinearGaugeElement:
         ka, kc, kr = jax.random.split(key, 3)
         K, d = self.omega.shape[0], self.dim
@@ -302,6 +316,19 @@ class DiscreteLinearGauge(AbstractParameterGauge):
         self.dim, self.num_layers = dim, num_layers
         self.scale, self.bias_scale = float(scale), float(bias_scale)
         self.end_scale = jnp.zeros(())
+
+    @classmethod
+    def from_model(cls, model: Any, **kwargs: Any) -> "DiscreteLinearGauge":
+        """The family with the width and layer count of `model` (a `LinearNet`); `**kwargs`
+        are `scale` and `bias_scale`.
+
+        **Raises:** as `check_model`.
+        """
+        if not isinstance(model, FeedforwardNet):
+            raise model_error(cls.__name__, "a LinearNet", model)
+        gauge = cls(int(model.weights.shape[1]), int(model.num_layers), **kwargs)
+        gauge.check_model(model)
+        return gauge
 
     def check_model(self, model) -> None:
         if not isinstance(model, FeedforwardNet) or model.activation != "identity":
