@@ -143,16 +143,24 @@ def pyplot():
     return plt
 
 
-def log_histogram(ax, series, *, xlabel: str, title: str, tolerance: float | None = None):
+def log_histogram(
+    ax, series, *, xlabel: str, title: str, tolerance: float | None = None, bins=None
+):
     """Histograms of log10 of several per-sample deviation series on common bins."""
     logs = [np.log10(np.maximum(np.asarray(v, dtype=float), 1e-17)) for _, v in series]
-    bins = np.linspace(min(v.min() for v in logs) - 0.5, max(v.max() for v in logs) + 0.5, 60)
+    if bins is None:
+        lo = min(float(np.nanmin(v)) for v in logs) - 0.5
+        hi = max(float(np.nanmax(v)) for v in logs) + 0.5
+        bins = np.linspace(lo, hi, 60)
     for (label, _), v in zip(series, logs, strict=True):
         ax.hist(v, bins=bins, alpha=0.6, label=label)
     if tolerance is not None:
         ax.axvline(np.log10(tolerance), color="k", ls=":", label=f"tolerance {tolerance:g}")
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlabel(xlabel)
     ax.set_ylabel("samples")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts, never 2.5 samples
     ax.set_title(title)
     ax.legend(fontsize=7)
 
@@ -165,3 +173,37 @@ def histogram_figure(path: Path, series, *, xlabel: str, title: str, tolerance=N
     path = io.save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def small_multiples(axes, panels, *, xlabel: str) -> None:
+    """One `log_histogram` per axis, `panels` = [(title, series), ...], on a shared x range
+    (one quantity per axis, instead of many series overlaid on one)."""
+    logs = [
+        np.log10(np.maximum(np.asarray(v, dtype=float), 1e-17))
+        for _, series in panels
+        for _, v in series
+    ]
+    lo = min(float(np.nanmin(v)) for v in logs) - 0.5
+    hi = max(float(np.nanmax(v)) for v in logs) + 0.5
+    for ax, (title, series) in zip(axes, panels, strict=True):
+        log_histogram(ax, series, xlabel=xlabel, title=title, bins=np.linspace(lo, hi, 50))
+
+
+def small_multiples_figure(path: Path, panels, *, xlabel: str, title: str) -> Path:
+    """`small_multiples` in one row, written to `path` (call with `PLOT_LOCK` held)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), sharex=True)
+    small_multiples(np.atleast_1d(axes), panels, xlabel=xlabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = io.save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plain_log_ticks(ax) -> None:
+    """Log axes without minor tick labels (they collide, e.g. '3x10^1 4x10^1')."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())

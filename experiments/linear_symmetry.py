@@ -15,7 +15,16 @@ import numpy as np
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import claim, histogram_figure, in_band, pyplot, run_checks, slope, validate_checks
+from ._common import (
+    claim,
+    in_band,
+    plain_log_ticks,
+    pyplot,
+    run_checks,
+    slope,
+    small_multiples_figure,
+    validate_checks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,26 +469,42 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     out = []
     if {"discrete", "wilson"} <= results.keys():
         out.append(_discretisation_figure(plt, results, fig_dir))
-    series = [
-        (label, results[check][entry])
-        for label, check, entry in [
-            ("LinearGauge expm (abs)", "linear_gauge", "deviation_expm"),
-            ("LinearGauge Cayley (abs)", "linear_gauge", "deviation_cayley"),
-            ("discrete gauge, Eq. 33 (rel)", "discrete", "eq33"),
-            ("ReLU rescaling (rel)", "rescaling", "relu"),
-            ("eqx.nn.MLP rescaling (rel)", "rescaling", "eqx_mlp"),
-            ("tanh rescaling (rel, broken)", "rescaling", "tanh"),
-            ("CNN, L_inf pooling (rel)", "cnn_gnn", "Linf"),
-            ("CNN + instance norm (rel, broken)", "cnn_gnn", "instance_norm"),
-        ]
-        if check in results
+    groups = [
+        (
+            "Eq. 25 linear gauges (abs)",
+            [
+                ("expm", "linear_gauge", "deviation_expm"),
+                ("Cayley", "linear_gauge", "deviation_cayley"),
+            ],
+        ),
+        ("Eq. 33 discrete gauges (rel)", [("Eq. 33", "discrete", "eq33")]),
+        (
+            "Eq. 29 rescaling (rel)",
+            [
+                ("ReLU net", "rescaling", "relu"),
+                ("eqx.nn.MLP", "rescaling", "eqx_mlp"),
+                ("tanh: broken", "rescaling", "tanh"),
+            ],
+        ),
+        (
+            "App. C CNN rescaling (rel)",
+            [
+                ("L_inf pooling", "cnn_gnn", "Linf"),
+                ("instance norm: broken", "cnn_gnn", "instance_norm"),
+            ],
+        ),
     ]
-    if series:
+    panels = [
+        (title, [(label, results[check][entry]) for label, check, entry in entries])
+        for title, entries in groups
+        if all(check in results for _, check, _ in entries)
+    ]
+    if panels:
         out.append(
-            histogram_figure(
+            small_multiples_figure(
                 fig_dir / "sweeps.png",
-                series,
-                xlabel="log10 max deviation per gauge sample",
+                panels,
+                xlabel="log10 max deviation per sample",
                 title="Linear and rescaling gauge sweeps (float64)",
             )
         )
@@ -500,9 +525,11 @@ def _discretisation_figure(plt, results, fig_dir) -> Path:
     axes[1].set_xlabel("steps")
     axes[1].set_ylabel("max |W - W_ref|")
     axes[1].set_title("Wilson line: Magnus vs adaptive diffrax")
-    for ax in axes:
+    for ax, ticks in zip(axes, (d["layers"], w["magnus_steps"]), strict=True):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+        plain_log_ticks(ax)
+        ax.set_xticks(ticks, [str(n) for n in ticks])  # the values run, not powers of ten
     path = io.save_figure(fig, fig_dir / "discretisation.png")
     plt.close(fig)
     return path

@@ -18,7 +18,16 @@ import optax
 import gaugejax as gj
 from gaugejax import io, orbits
 
-from ._common import claim, in_band, log_histogram, pyplot, run_checks, slope, validate_checks
+from ._common import (
+    claim,
+    in_band,
+    plain_log_ticks,
+    pyplot,
+    run_checks,
+    slope,
+    small_multiples,
+    validate_checks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,32 +282,35 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     """Cosine histograms (invariant vs control) and charge drift vs learning rate."""
     plt = pyplot()
     fig_dir = Path(fig_dir)
-    series = []
-    for name in ("mlp", "attention", "linear_net", "linear_node"):
-        if name in results:
-            series += [
-                (f"{name}", results[name]["invariant"]),
-                (f"{name} control", results[name]["control"]),
-            ]
-    if not series or "drift" not in results:  # both panels, or no figure
+    titles = {
+        "mlp": "ReLU MLP (Eq. 30)",
+        "attention": "ReLU attention (Eq. 36)",
+        "linear_net": "linear network (Eq. 33)",
+        "linear_node": "linear NODE (Eq. 25, L2)",
+    }
+    panels = [
+        (title, [("invariant loss", results[n]["invariant"]), ("control", results[n]["control"])])
+        for n, title in titles.items()
+        if n in results
+    ]
+    if not panels or "drift" not in results:  # both parts, or no figure
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    log_histogram(
-        axes[0],
-        series,
-        xlabel="log10 |cos(grad L, orbit tangent)|",
-        title="Gradient vs gauge orbit (float64)",
+    fig, axes = plt.subplots(
+        1, len(panels) + 1, figsize=(3.4 * (len(panels) + 1), 3.6), layout="constrained"
     )
+    small_multiples(axes[:-1], panels, xlabel="log10 |cos(grad L, tangent)|")
     d = results["drift"]
-    axes[1].loglog(d["lrs"], d["drifts"], "o-", label=f"SGD (slope {d['slope']:.2f})")
-    axes[1].loglog(
-        [d["lr_decay"]], [d["decayed"]], "rs", label=f"SGD + weight decay {config.decay:g}"
-    )
-    axes[1].set_xlabel("learning rate")
-    axes[1].set_ylabel("max |Q(T) - Q(0)|")
-    axes[1].set_title(f"Rescaling charge drift over flow time {config.flow_time:g}")
-    axes[1].grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=8)
+    ax = axes[-1]
+    ax.loglog(d["lrs"], d["drifts"], "o-", label=f"SGD (slope {d['slope']:.2f})")
+    ax.loglog([d["lr_decay"]], [d["decayed"]], "rs", label=f"+ weight decay {config.decay:g}")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("max |Q(T) - Q(0)|")
+    ax.set_title(f"charge drift, flow time {config.flow_time:g}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    plain_log_ticks(ax)
+    ax.set_xticks(d["lrs"], [f"{lr:g}" for lr in d["lrs"]], rotation=30)
+    fig.suptitle("Gradient against gauge orbit tangents (float64), and the rescaling charge")
     path = io.save_figure(fig, fig_dir / "orbit_geometry.png")
     plt.close(fig)
     return [path]
