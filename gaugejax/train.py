@@ -340,6 +340,17 @@ def train(
     history = []
     compilations = 0
     start = time.perf_counter()
+
+    def result() -> TrainResult:  # the state reached so far
+        return TrainResult(
+            model=eqx.combine(params, static),
+            opt_state=opt_state,
+            history=history,
+            resumed_from=resumed_from,
+            num_compilations=compilations,
+            seconds=time.perf_counter() - start,
+        )
+
     bar = tqdm(total=num_steps, initial=start_step, disable=not progress, desc="train")
     step = start_step
     while step < num_steps:
@@ -379,17 +390,9 @@ def train(
                     Path(run_dir) / "metrics.jsonl",
                     {"step": step, "diverged": 1, "objective_finite": int(math.isfinite(total))},
                 )
-            result = TrainResult(
-                model=eqx.combine(params, static),
-                opt_state=opt_state,
-                history=history,
-                resumed_from=resumed_from,
-                num_compilations=compilations,
-                seconds=time.perf_counter() - start,
-            )
             pointer = ckpt_dir / "LATEST" if ckpt_dir is not None else None
             kept = pointer.read_text().strip() if pointer is not None and pointer.exists() else None
-            raise TrainingDiverged(step, cause, result, kept)
+            raise TrainingDiverged(step, cause, result(), kept)
         if ckpt_dir is not None and (
             step == num_steps or (checkpoint_every and step % checkpoint_every == 0)
         ):
@@ -403,11 +406,4 @@ def train(
         if on_chunk is not None:
             on_chunk(step, records[-1])
     bar.close()
-    return TrainResult(
-        model=eqx.combine(params, static),
-        opt_state=opt_state,
-        history=history,
-        resumed_from=resumed_from,
-        num_compilations=compilations,
-        seconds=time.perf_counter() - start,
-    )
+    return result()
