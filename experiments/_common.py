@@ -1,6 +1,7 @@
 """What every experiment shares: claim rows, slopes, and the threaded check runner."""
 
 import concurrent.futures
+import contextvars
 import json
 import threading
 import time
@@ -100,10 +101,18 @@ def run_checks(
         items = [item for item in items if item[0][0] in config.checks]
         checks = [c for c in checks if c[0] in config.checks]
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers)
+    done = {}
     try:
-        futures = {item[0][0]: pool.submit(one, item) for item in sorted(items, key=priority)}
-        ordered = (futures[name].result() for name, _ in checks)
-        for name, rows, data, elapsed in tqdm(ordered, total=len(items), desc=experiment):
+        futures = {pool.submit(one, item): item[0][0] for item in sorted(items, key=priority)}
+        # the bar advances as checks finish (completion order: its ETA is from finished work)
+        bar = tqdm(total=len(items), desc=experiment, position=BAR_POSITION.get(), leave=True)
+        for future in concurrent.futures.as_completed(futures):
+            done[futures[future]] = future.result()
+            bar.set_postfix_str(futures[future], refresh=False)
+            bar.update(1)
+        bar.close()
+        for name, _ in checks:  # rows reported in `checks` order
+            _, rows, data, elapsed = done[name]
             claims += rows
             results[name] = data
             records.append(
@@ -129,6 +138,8 @@ def run_checks(
     }
 
 
+# the line of an experiment's progress bar: reproduce gives each concurrent experiment its own
+BAR_POSITION: contextvars.ContextVar[int] = contextvars.ContextVar("bar_position", default=0)
 PLOT_LOCK = threading.Lock()  # pyplot's figure registry is global: one plot at a time
 
 

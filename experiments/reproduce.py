@@ -3,12 +3,15 @@
 import concurrent.futures
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from gaugejax import io
 
-from ._common import validate_checks
+from ._common import BAR_POSITION, validate_checks
 from ._config import make_config, to_dict
 
 
@@ -215,7 +218,15 @@ def run(config: Config, run_dir: Path) -> dict:
             values["checks"] = list(selection[name])
         configs[name] = make_config(module.Config, values)
 
+    total = len(config.experiments)
+    number = {name: i + 1 for i, name in enumerate(config.experiments)}
+
+    def say(text: str) -> None:
+        tqdm.write(text, file=sys.stderr)
+
     def one(name):
+        # this thread's experiment draws its bar on its own line (workers run side by side)
+        BAR_POSITION.set(order.index(name) % config.workers)
         sub_dir = run_dir / name
         sub_dir.mkdir(parents=True, exist_ok=True)
         wanted = json.loads(json.dumps(io.jsonable(to_dict(configs[name]))))
@@ -228,12 +239,23 @@ def run(config: Config, run_dir: Path) -> dict:
                 )
             if (sub_dir / "summary.json").exists():  # finished before the interruption
                 summary = io.read_json(sub_dir / "summary.json")
+                say(f"[{number[name]}/{total}] {name}: kept from the interrupted run")
                 return summary, float(summary.get("wall_time_s", 0.0))
         io.write_json(sub_dir / "config.json", to_dict(configs[name]))
+        checks = getattr(configs[name], "checks", ()) or [
+            c for c, _ in getattr(EXPERIMENTS[name], "CHECKS", [])
+        ]
+        what = f"{len(checks)} checks" if checks else "training runs"
+        say(f"[{number[name]}/{total}] {name}: {what}")
         start = time.perf_counter()
         summary = EXPERIMENTS[name].run(configs[name], sub_dir)
         io.write_json(sub_dir / "summary.json", summary)
-        return summary, time.perf_counter() - start
+        wall = time.perf_counter() - start
+        say(
+            f"[{number[name]}/{total}] {name}: {summary['num_pass']}/{summary['num_claims']} "
+            f"claims pass ({wall:.0f} s)"
+        )
+        return summary, wall
 
     # with several workers the long ones start first; the report keeps `experiments` order
     order = sorted(config.experiments, key=lambda n: n not in EXPENSIVE_FIRST)
