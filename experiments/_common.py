@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import contextvars
+import dataclasses
 import json
 import threading
 import time
@@ -82,6 +83,16 @@ def run_checks(
         return order.index(name) if name in order else len(order)
 
     cache = run_dir / "checks"
+    # saved checks belong to one config: resuming with another would mix their numbers
+    wanted = json.loads(json.dumps(io.jsonable(dataclasses.asdict(config))))
+    if (cache / "config.json").exists():
+        if io.read_json(cache / "config.json") != wanted:
+            raise ValueError(
+                f"{run_dir} holds checks of another {experiment} config: resume it with its "
+                "own config.json, or use a new run directory."
+            )
+    else:
+        io.write_json(cache / "config.json", wanted)
 
     def one(item):
         (name, check), key = item

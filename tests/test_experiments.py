@@ -360,6 +360,10 @@ def test_an_interrupted_experiment_resumes_to_the_same_files(tmp_path):
     assert sorted(a) == sorted(b) and "checks/eq16.json" in a
     for name in a:
         assert _without_timings(name, a[name]) == _without_timings(name, b[name]), name
+    # the saved checks belong to their config: another one is refused, never mixed in
+    other = dataclasses.replace(cfg, seed=1)
+    with pytest.raises(ValueError, match="another node_symmetry config"):
+        node_symmetry.run(other, part)
 
 
 def test_cli_interrupt_marks_the_run_and_resume_completes_it(tmp_path):
