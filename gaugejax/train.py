@@ -279,7 +279,9 @@ def train(
       `run_dir`); the final state is always checkpointed when `run_dir` is given.
     - `regularizers`: `{name: (weight, fn(model, batch))}`, each logged separately.
     - `run_dir`: where `metrics.jsonl` and `checkpoints/` go; an existing `LATEST` there is
-      resumed. `config`: JSON-able dict recorded in checkpoints and compared on resume.
+      resumed (rows of `metrics.jsonl` from the resumed step on, or all of them when there is
+      no checkpoint, are dropped: each step is logged once). `config`: JSON-able dict recorded
+      in checkpoints and compared on resume.
     - `on_chunk`: host callback `(step, metrics_of_last_step)` after each chunk.
     - `progress`: tqdm bar with loss and step time.
 
@@ -330,12 +332,12 @@ def train(
     if latest is not None:
         start_step, (params, opt_state) = read_checkpoint(latest, (params, opt_state), config, run)
         resumed_from = start_step
-        metrics_path = Path(run_dir) / "metrics.jsonl"
-        if metrics_path.exists():  # drop records past the checkpoint (they will be redone)
-            kept = [r for r in io.read_jsonl(metrics_path) if r["step"] < start_step]
-            io.atomic_write_bytes(
-                metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode()
-            )
+    metrics_path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+    if metrics_path is not None and metrics_path.exists():
+        # drop the records past the state we start from: they are redone (a run killed before
+        # its first checkpoint restarts at step 0 and must not log its steps twice)
+        kept = [r for r in io.read_jsonl(metrics_path) if r["step"] < start_step]
+        io.atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     history = []
     compilations = 0

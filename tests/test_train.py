@@ -123,6 +123,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
+    # the uninterrupted reference (another process: its chunks are the same XLA program)
     assert run(tmp_path / "a")["resumed_from"] is None
     b = tmp_path / "b"
     proc = subprocess.Popen(
@@ -264,6 +265,16 @@ def test_resume_with_other_run_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match="optimizer_state"):
         _run(tmp_path, optimizer=optax.adam(1e-2))
     assert _run(tmp_path).resumed_from == 20  # the same run resumes
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+    """No checkpoint (killed in its first chunk): training restarts at step 0 and the rows the
+    killed run had logged are dropped, not appended to (the log is each step once)."""
+    for step in range(7):  # as the killed run left them
+        gj.io.append_jsonl(tmp_path / "metrics.jsonl", {"step": step, "loss": 1.0})
+    res = _run(tmp_path)
+    assert res.resumed_from is None
+    assert [r["step"] for r in gj.io.read_jsonl(tmp_path / "metrics.jsonl")] == list(range(20))
 
 
 def test_train_validation():
