@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import PLOT_LOCK, claim, pyplot
+from ._common import BAR_POSITION, PLOT_LOCK, claim, pyplot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +184,24 @@ def run(config: Config, run_dir: Path) -> dict:
     curves = {}
     # one optimiser and penalty for every lambda: the runs then share one compiled chunk
     optimizer, penalty = optax.adam(config.learning_rate), _penalty(config)
-    for lam in config.lambdas:
+    # one bar over every lambda's steps, advanced after each compiled chunk (a resumed run
+    # starts it at the steps already done); its line is the one `reproduce` gives this thread
+    bar = tqdm(
+        total=len(config.lambdas) * config.num_steps,
+        desc="gauge_fixing",
+        unit="step",
+        position=BAR_POSITION.get(),
+        leave=True,
+    )
+
+    def advance(i, lam):
+        def on_chunk(step, metrics):
+            bar.set_postfix_str(f"lambda {lam:g}, loss {metrics['loss']:.2e}", refresh=False)
+            bar.update(i * config.num_steps + step - bar.n)
+
+        return on_chunk
+
+    for i, lam in enumerate(config.lambdas):
         start = time.perf_counter()
         res = gj.train(
             _data_loss,
@@ -193,10 +211,14 @@ def run(config: Config, run_dir: Path) -> dict:
             key=k_train,
             num_steps=config.num_steps,
             steps_per_chunk=config.steps_per_chunk,
+            # a checkpoint per chunk: a killed run resumes inside the lambda it was training
+            checkpoint_every=config.steps_per_chunk,
             regularizers={"gauge": (lam, penalty)},
             run_dir=run_dir / f"lambda_{lam:g}",
             config={**dataclasses.asdict(config), "lambda": lam},
+            on_chunk=advance(i, lam),
         )
+        bar.update((i + 1) * config.num_steps - bar.n)  # a lambda finished before a resume
         wall = time.perf_counter() - start
         ev = jax.device_get(_evaluate(config, res.model, test))
         rows[lam] = {
@@ -226,6 +248,7 @@ def run(config: Config, run_dir: Path) -> dict:
             res.model, jnp.linspace(0.0, config.t1, 50)
         )
 
+    bar.close()
     base = rows[0.0]
     fixed = [rows[lam] for lam in config.lambdas if lam > 0]
     good = [
