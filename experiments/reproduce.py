@@ -64,7 +64,7 @@ class Config:
 
 # The smoke preset is the one-minute end-to-end run: every experiment, the cheaper checks (all
 # experiments at smoke sizes and every check take about two minutes on 2 CPU cores, almost all
-# of it XLA compilation; `checks=[]` runs them all, and the test suite does).
+# of it XLA compilation; `checks=[]` runs them all).
 SMOKE_CHECKS = (
     "node_symmetry.lie_bracket",
     "node_symmetry.eq16",

@@ -249,7 +249,9 @@ def test_sweep_holds_and_the_control_breaks(case):
     # verdict needs only the median 10x above); measured minimum over the families 3e-4
     # (a time reparametrisation with a small random tau(T) - T), symmetric deviations <= 1e-9
     control = res.control_max_rel
-    assert np.nanmin(control) > max(1e-4, 1e3 * np.nanmax(res.max_rel)), control
+    # solved lanes only (a failed lane is NaN): then plain min/max over all of them
+    assert res.failures() == {} and np.isfinite(control).all(), (res.failures(), control)
+    assert control.min() > max(1e-4, 1e3 * res.max_rel.max()), control
 
 
 def test_wrong_model_is_refused_before_compiling(case):

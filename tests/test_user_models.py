@@ -63,9 +63,10 @@ def test_user_field_with_any_solver_or_adjoint(user, options):
     res = gj.sweep(model, gauge, x, key=key, num_samples=4, chunk_size=4)
     assert res.failures() == {} and res.max_abs.max() < 1e-7, res.summary()
     assert res.verdict == "holds", res.verdict_reason
-    assert np.nanmin(res.control_max_rel) > 1e-3
+    assert np.isfinite(res.control_max_rel).all() and res.control_max_rel.min() > 1e-3
     broken = gj.sweep(model, gauge.control(), x, key=key, num_samples=4, chunk_size=4)
-    assert broken.max_abs.min() > 1e-3 and broken.verdict == "broken", broken.verdict_reason
+    assert broken.failures() == {} and broken.max_abs.min() > 1e-3
+    assert broken.verdict == "broken", broken.verdict_reason
     if isinstance(model.solver, diffrax.Kvaerno5):
         assert res.summary()["num_evaluations_median"] == "not counted"
 
@@ -157,14 +158,14 @@ def test_catastrophic_cancellation_is_inconclusive_not_broken():
     x = jax.random.normal(k[1], (8, 3))
     small = gj.sweep(mlp, HiddenShift(1.0), x, key=k[2], num_samples=8, chunk_size=8)
     assert small.verdict == "holds", small.verdict_reason
-    assert np.nanmax(small.parameter_growth) < 10
+    assert small.failures() == {} and small.parameter_growth.max() < 10
     # growth ~4e6: deviations 7e-10, 1e4x the float floor, as broken as they look without
     # the growth; 1e12: deviations 5e-4
     for scale in (1e6, 1e12):
         huge = gj.sweep(mlp, HiddenShift(scale), x, key=k[2], num_samples=8, chunk_size=8)
         assert huge.verdict == "inconclusive" and "cancellation" in huge.verdict_reason
-    assert np.nanmax(huge.max_rel) > 1e-8 and np.nanmin(huge.parameter_growth) > 1e11
-    assert np.nanmax(huge.max_rel) > 1e-8 and np.nanmin(huge.parameter_growth) > 1e11
+        assert huge.failures() == {}  # solved lanes: their numbers are deviations
+    assert huge.max_rel.max() > 1e-8 and huge.parameter_growth.min() > 1e11
 
 
 def test_wrong_model_is_refused_before_anything_runs(user):
