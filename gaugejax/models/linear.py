@@ -212,7 +212,7 @@ class LinearNODE(AbstractNeuralODE):
     stepsize_controller: diffrax.AbstractStepSizeController = eqx.field(
         default_factory=lambda: diffrax.PIDController(rtol=1e-8, atol=1e-8)
     )
-    dt0: float | None = None
+    dt0: ScalarLike | None = None
     max_steps: int = 4096
     adjoint: diffrax.AbstractAdjoint = eqx.field(default_factory=diffrax.RecursiveCheckpointAdjoint)
     args: Args = None

@@ -83,7 +83,7 @@ class AbstractNeuralODE(eqx.Module):
     t0: eqx.AbstractVar[float]
     solver: eqx.AbstractVar[diffrax.AbstractSolver]
     stepsize_controller: eqx.AbstractVar[diffrax.AbstractStepSizeController]
-    dt0: eqx.AbstractVar[float | None]
+    dt0: eqx.AbstractVar[ScalarLike | None]  # an array inside a sweep (traced, not static)
     max_steps: eqx.AbstractVar[int]
     adjoint: eqx.AbstractVar[diffrax.AbstractAdjoint]
     args: eqx.AbstractVar[Args]
@@ -210,7 +210,7 @@ class NeuralODE(AbstractNeuralODE):
     stepsize_controller: diffrax.AbstractStepSizeController = eqx.field(
         default_factory=lambda: diffrax.PIDController(rtol=1e-8, atol=1e-8)
     )
-    dt0: float | None = None
+    dt0: ScalarLike | None = None
     max_steps: int = 4096
     adjoint: diffrax.AbstractAdjoint = eqx.field(default_factory=diffrax.RecursiveCheckpointAdjoint)
     args: Args = None
