@@ -57,7 +57,8 @@ _EPS64 = 2.0**-52
 
 def _check_range(name: str, value: Any, annotation: Any, nonnegative: bool) -> None:
     """Numbers of a config are sizes, counts, tolerances or scales: ints >= 1 (`seed` >= 0),
-    floats finite and > 0 (>= 0 for the keys a config lists in `NONNEGATIVE`), and solver
+    floats finite and > 0 (ints and floats >= 0 for the keys a config lists in `NONNEGATIVE`),
+    and solver
     tolerances (keys ending in `rtol`) in [eps, 1)."""
     if isinstance(value, tuple):
         (item, *_) = typing.get_args(annotation) or (Any,)
@@ -67,7 +68,7 @@ def _check_range(name: str, value: Any, annotation: Any, nonnegative: bool) -> N
     if isinstance(value, bool) or not isinstance(value, int | float):
         return
     if isinstance(value, int) and not isinstance(value, bool) and annotation is int:
-        low = 0 if name == "seed" else 1
+        low = 0 if name == "seed" or nonnegative else 1
         if value < low:
             raise ValueError(f"config key `{name}` must be an int >= {low}; received {value!r}.")
         return

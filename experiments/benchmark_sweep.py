@@ -1,35 +1,53 @@
-"""Benchmark of the sweep engine: gauge samples per second for one jitted per-sample function,
-called in a Python loop, vmapped over one chunk in one call, and run by `gaugejax.sweep` over
-all samples (fixed-size vmapped chunks), measured
-side by side in one run (DESIGN.md's protocol: compile once and report compile time apart,
-`block_until_ready`, median of repeats, same solver and precision on every side).
+"""Benchmark of the sweep engine against the paths a user would write, side by side in one
+process (DESIGN.md Sec. 3's protocol: compile once and report compile time apart,
+`block_until_ready`, median of repeats, same solver, step count and precision on every side).
 
-Workloads:
+Workloads (DESIGN.md Sec. 3):
 
-- `lie`: a tanh-MLP neural ODE (Tsit5, PID rtol = atol = `rtol`) and `LieDeformationGauge`
-  with boundary-vanishing generators; the lane is the first-order response, solved as the
-  forward sensitivity system (what `sweep` uses for infinitesimal families).
-- `w1`: DESIGN.md's reference workload W1: a linear neural ODE, d = 16,
-  `w(t) = W0 + sin(pi t) W1`, `b(t) = b0 + cos(pi t) b1`, and finite gauges `LinearGauge`
-  (one mode, `G = expm(sin(pi t/T) A)`, `c = sin(pi t/T) c0`), integrated by classic RK4 with
-  100 fixed steps; the deformed ODE is really integrated. `LinearGauge` normalises `A` by its
-  spectral norm (`|A|_2 = rho u`, u ~ U(1/4, 1)) instead of W1's `0.3 N(0, 1)/sqrt(d)`.
+- `w1`: a linear neural ODE, d = 16, `w(t) = W0 + sin(pi t) W1`, `b(t) = b0 + cos(pi t) b1`,
+  and finite gauges `LinearGauge` (one mode, `G = expm(sin(pi t/T) A)`, `c = sin(pi t/T) c0`),
+  classic RK4 with 100 fixed steps; the deformed ODE is really integrated. `LinearGauge`
+  normalises `A` by its spectral norm (`|A|_2 = rho u`, u ~ U(1/4, 1)) instead of W1's
+  `0.3 N(0, 1)/sqrt(d)`.
+- `w2`: a tanh-MLP neural ODE (d = 16, width 64) under infinitesimal Lie deformations with
+  boundary-vanishing generators: the first-order output response per sample (zero for a
+  symmetry), Tsit5 with 100 fixed steps.
+- `w3`: `w2` with a PID controller at rtol = atol = `w3_rtol`; lane efficiency (mean / max
+  steps per lane) and the per-lane step counts are recorded.
+
+Sides (a row per workload, batch size and side):
+
+- `gaugejax`: `gj.sweep` (fixed chunks of `chunk_size`; first-order responses from the forward
+  sensitivity system, under error control).
+- `naive_diffrax`: what a user writes without gaugejax's sweep: `jit(vmap(...))` over all B
+  samples of `diffrax.diffeqsolve` of the transformed model's field (w1), or of `jax.jvp`
+  through that solve (w2, w3: the tangent is then not under error control, and on w3 its error
+  is the solver's, not the symmetry's: compare `max_deviation`).
+- `torchdiffeq` (with the `bench` extra): w1 as batched tensors (`torch.linalg.matrix_exp`,
+  `torch.func.jvp` for dG/dt, `torchdiffeq.odeint` with `method="rk4"`, which is the 3/8 rule,
+  not the classic tableau: per-sample deviations agree to the O(dt^4) truncation, not to
+  rounding). w2/w3 are not ported to torch yet (the row says so).
+- `gradsolve`: not installed in this project's environments (the row says so).
 
 Known problem (jaxlib 0.10.2, CPU): a vmapped loop body with two independent "inner loop ->
 LU solve" chains never returns at a batch of about 100 or more (README: a pure-JAX reproducer).
 The w1 lane had that shape until `LinearGauge` fused its weight and bias into one solve
-(`GaugedLinearField`); chunks of 128 to 1024 now return. The vmap side is timed on one chunk.
+(`GaugedLinearField`).
 
-This is a benchmark, not a check: it has no claims; numbers go to `results.json`,
-`summary.json` (the `table`) and `figures/throughput.png`.
+This is a benchmark, not a check: it has no claims; rows go to `results.json`, `summary.json`
+(`env`, `rows`, the Markdown `table`) and `figures/throughput.png`.
 """
 
 import dataclasses
+import importlib.util
+import resource
 import statistics
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,10 +56,11 @@ from tqdm.auto import tqdm
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import pyplot
+from ._common import plain_log_ticks, pyplot
 
 
-WORKLOADS = ("lie", "w1")
+WORKLOADS = ("w1", "w2", "w3")
+SIDES = ("gaugejax", "naive_diffrax", "torchdiffeq", "gradsolve")
 # compile times are measured: the CLI leaves the persistent compilation cache off for this module
 PERSISTENT_COMPILE_CACHE = False
 
@@ -52,57 +71,78 @@ class Config:
 
     seed: int = 0
     workloads: tuple[str, ...] = WORKLOADS
-    num_samples: int = 512
-    loop_samples: int = 32
-    chunk_size: int = 32
+    sides: tuple[str, ...] = SIDES
+    batch_sizes: tuple[int, ...] = (1024,)
+    chunk_size: int = 256
     repeats: int = 5
     precision: str = "highest"
-    # lie workload
-    dim: int = 4
-    width: int = 32
-    num_inputs: int = 8
-    rtol: float = 1e-8
-    # w1 workload
+    dtype: str = "float64"
+    # w1
     w1_dim: int = 16
     w1_inputs: int = 8
     w1_steps: int = 100
     w1_rho: float = 0.6
+    # w2 / w3
+    w2_dim: int = 16
+    w2_width: int = 64
+    w2_inputs: int = 8
+    w2_steps: int = 100
+    w3_rtol: float = 1e-6
+    # torch threads for the torchdiffeq side (0: torch's default)
+    torch_threads: int = 0
+
+    NONNEGATIVE: ClassVar[tuple[str, ...]] = ("torch_threads",)
 
     def __post_init__(self):
-        unknown = [w for w in self.workloads if w not in WORKLOADS]
-        if unknown or not self.workloads:
+        for name, valid in (("workloads", WORKLOADS), ("sides", SIDES)):
+            chosen = getattr(self, name)
+            if not chosen or any(v not in valid for v in chosen):
+                raise ValueError(
+                    f"`{name}` must be a non-empty list from {list(valid)}; received "
+                    f"{list(chosen)}."
+                )
+        if not self.batch_sizes or any(
+            isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in self.batch_sizes
+        ):
             raise ValueError(
-                f"`workloads` must be a non-empty list from {list(WORKLOADS)}; "
-                f"received {list(self.workloads)}."
+                f"`batch_sizes` must be a non-empty list of ints > 0; received "
+                f"{list(self.batch_sizes)}."
             )
-        for name in ("num_samples", "loop_samples", "chunk_size", "repeats"):
+        for name in ("chunk_size", "repeats", "w1_dim", "w1_inputs", "w1_steps", "w2_dim",
+                     "w2_width", "w2_inputs", "w2_steps"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be > 0; received {getattr(self, name)}.")
-        for name in ("loop_samples", "chunk_size"):
-            if getattr(self, name) > self.num_samples:
-                raise ValueError(
-                    f"`{name}` must be <= num_samples={self.num_samples}; "
-                    f"received {getattr(self, name)}."
-                )
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"`dtype` must be 'float32' or 'float64'; received {self.dtype!r}.")
+        if not 0 < self.w3_rtol < 1:
+            raise ValueError(f"`w3_rtol` must be in (0, 1); received {self.w3_rtol}.")
+        if self.torch_threads < 0:
+            raise ValueError(f"`torch_threads` must be >= 0; received {self.torch_threads}.")
 
 
 PRESETS = {
     "default": {},
-    "smoke": {"num_samples": 32, "loop_samples": 8, "chunk_size": 16, "repeats": 2},
+    "smoke": {"batch_sizes": [16], "chunk_size": 8, "repeats": 2},
+    # on a GPU: python -m experiments benchmark_sweep --config configs/benchmark_sweep/gpu.toml
+    "gpu": {
+        "batch_sizes": [1000, 10000, 100000, 1000000],
+        "chunk_size": 100000,
+        "dtype": "float32",
+    },
 }
 
 
-def _lie_workload(cfg: Config, key):
-    km, kg, kx = jax.random.split(key, 3)
-    field = gj.MLPField(cfg.dim, cfg.width, 2, key=km, out_scale=0.7)
-    model = gj.NeuralODE(
-        field, t1=1.0, stepsize_controller=diffrax.PIDController(rtol=cfg.rtol, atol=cfg.rtol)
-    )
-    gauge = gj.LieDeformationGauge(cfg.dim, 1.0, key=kg)
-    return model, gauge, jax.random.normal(kx, (cfg.num_inputs, cfg.dim))
+class Workload(eqx.Module):
+    """One workload: the model, the gauge family, the inputs, and its raw arrays (for the
+    torch side)."""
+
+    model: eqx.Module
+    gauge: gj.AbstractGauge
+    inputs: jax.Array
+    arrays: dict
 
 
-def _w1_workload(cfg: Config, key):
+def _w1_workload(cfg: Config, key) -> Workload:
     kw, kb, kx = jax.random.split(key, 3)
     d = cfg.w1_dim
     W0, W1 = jax.random.normal(kw, (2, d, d)) / np.sqrt(d)
@@ -121,7 +161,21 @@ def _w1_workload(cfg: Config, key):
         dt0=1.0 / cfg.w1_steps,
     )
     gauge = gj.LinearGauge(d, 1.0, num_modes=1, rho=cfg.w1_rho, bias_scale=0.3)
-    return model, gauge, jax.random.normal(kx, (cfg.w1_inputs, d))
+    arrays = {"W0": W0, "W1": W1, "b0": b0, "b1": b1}
+    return Workload(model, gauge, jax.random.normal(kx, (cfg.w1_inputs, d)), arrays)
+
+
+def _w2_workload(cfg: Config, key, adaptive: bool) -> Workload:
+    km, kg, kx = jax.random.split(key, 3)
+    field = gj.MLPField(cfg.w2_dim, cfg.w2_width, 2, key=km, out_scale=0.7)
+    if adaptive:
+        controller = diffrax.PIDController(rtol=cfg.w3_rtol, atol=cfg.w3_rtol)
+        options = dict(stepsize_controller=controller)
+    else:
+        options = dict(stepsize_controller=diffrax.ConstantStepSize(), dt0=1.0 / cfg.w2_steps)
+    model = gj.NeuralODE(field, t1=1.0, solver=diffrax.Tsit5(), **options)
+    gauge = gj.LieDeformationGauge(cfg.w2_dim, 1.0, key=kg)
+    return Workload(model, gauge, jax.random.normal(kx, (cfg.w2_inputs, cfg.w2_dim)), {})
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -133,106 +187,283 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(cfg: Config, name: str, key) -> dict:
-    """Samples/s of one workload by loop, vmap and sweep, with compile times and deviations."""
-    kw, ks = jax.random.split(key)
-    model, gauge, inputs = {"lie": _lie_workload, "w1": _w1_workload}[name](cfg, kw)
-    lane = gj.sweep_lane(model, gauge, inputs, precision=cfg.precision)
-    indices = jnp.arange(cfg.num_samples, dtype=jnp.uint32)
-    keys = jax.vmap(lambda i: jax.random.fold_in(ks, i))(indices)
-    loop_keys = list(keys[: cfg.loop_samples])
+def _workload(cfg: Config, name: str, key) -> Workload:
+    w = _w1_workload(cfg, key) if name == "w1" else _w2_workload(cfg, key, name == "w3")
+    dtype = jnp.dtype(cfg.dtype)
 
-    # the same traced per-sample function on every side; the lane Module is a jit argument
-    start = time.perf_counter()
-    one = jax.jit(lambda lane, k: lane(k)).lower(lane, keys[0]).compile()
-    loop_compile = time.perf_counter() - start
-    start = time.perf_counter()
-    chunk = keys[: cfg.chunk_size]
-    many = jax.jit(lambda lane, ks: jax.vmap(lane)(ks)).lower(lane, chunk).compile()
-    vmap_compile = time.perf_counter() - start
+    def cast(tree):
+        return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
 
-    def loop():
-        # block on every sample, as a loop that reads each result does (queueing 64 async
-        # calls of the unfused w1 program deadlocked jaxlib 0.10.2's CPU runtime)
-        return [jax.block_until_ready(one(lane, k)) for k in loop_keys]
+    return Workload(cast(w.model), cast(w.gauge), cast(w.inputs), cast(w.arrays))
 
-    loop_time = _median_time(loop, cfg.repeats)
-    vmap_time = _median_time(lambda: many(lane, chunk), cfg.repeats)
-    first = gj.sweep(
-        model, gauge, inputs, key=ks, num_samples=cfg.num_samples, chunk_size=cfg.chunk_size
-    )
-    sweep_times = [first.run_time_s]
-    for _ in range(cfg.repeats - 1):
-        # timing repeats: no control or re-check (the first sweep gave the verdict)
-        again = gj.sweep(
-            model,
-            gauge,
-            inputs,
-            key=ks,
-            num_samples=cfg.num_samples,
-            chunk_size=cfg.chunk_size,
-            control_samples=0,
-        )
-        sweep_times.append(again.run_time_s)
-    sweep_time = statistics.median(sweep_times)
 
-    looped = np.array([float(one(lane, k)["max_abs"]) for k in loop_keys])
-    vmapped = np.asarray(many(lane, chunk)["max_abs"])
-    rows = [
-        ("loop", cfg.loop_samples, loop_compile, loop_time),
-        ("vmap", cfg.chunk_size, vmap_compile, vmap_time),
-        ("sweep", cfg.num_samples, first.compile_time_s, sweep_time),
-    ]
-    loop_rate = cfg.loop_samples / loop_time
+def _sample_keys(key, num_samples: int):
+    """Sample i's key, as `gj.sweep` draws it (`fold_in(key, i)`): every side sees the same
+    gauge elements."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_samples, dtype=jnp.uint32))
+
+
+def _memory() -> dict:
+    stats = jax.devices()[0].memory_stats() or {}
     return {
-        "workload": name,
-        "methods": {
-            m: {
-                "samples": n,
-                "compile_s": c,
-                "run_s_median": t,
-                "samples_per_s": n / t,
-                "speedup_vs_loop": (n / t) / loop_rate,
-            }
-            for m, n, c, t in rows
-        },
-        # the three sides compute the same numbers (a benchmark of a wrong program is void)
-        "loop_vs_vmap_max_diff": float(np.max(np.abs(looped - vmapped[: cfg.loop_samples]))),
-        "sweep_vs_vmap_max_diff": float(np.max(np.abs(first.max_abs[: cfg.chunk_size] - vmapped))),
-        "deviation_max": float(first.max_abs.max()),
-        "deviation_median": float(np.median(first.max_abs)),
-        "mode": first.mode,
-        "num_steps_median": float(np.median(first.num_steps)),
-        "num_evaluations_median": float(np.median(first.num_evaluations)),
-        "failures": first.failures(),
-        "dtype": first.dtype,
-        "precision": cfg.precision,
-        "device": str(jax.devices()[0]),
+        # the device's peak since the process started (None where the backend keeps none, CPU)
+        "peak_memory_bytes": stats.get("peak_bytes_in_use"),
+        # the process's peak resident set (cumulative over the run's rows)
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
+def _deviations(values, steps=None) -> dict:
+    values = np.asarray(values, dtype=float)
+    out = {
+        "max_deviation": float(np.max(values)),
+        "median_deviation": float(np.median(values)),
+    }
+    if steps is not None:
+        steps = np.asarray(steps)
+        out["steps_mean"] = float(np.mean(steps))
+        out["steps_max"] = int(np.max(steps))
+        # the vmapped lanes step together: the batch runs max steps, each lane needs its own
+        out["lane_efficiency"] = float(np.mean(steps) / max(np.max(steps), 1))
+    return out
+
+
+def _gaugejax(cfg: Config, w: Workload, key, num_samples: int) -> tuple[dict, np.ndarray]:
+    chunk = min(cfg.chunk_size, num_samples)
+    kwargs = dict(key=key, num_samples=num_samples, chunk_size=chunk, precision=cfg.precision)
+    first = gj.sweep(w.model, w.gauge, w.inputs, **kwargs)
+    # timing repeats: no control or re-check (the first sweep gave the verdict)
+    times = [first.run_time_s] + [
+        gj.sweep(w.model, w.gauge, w.inputs, control_samples=0, **kwargs).run_time_s
+        for _ in range(cfg.repeats - 1)
+    ]
+    if first.failures():
+        raise RuntimeError(f"lanes failed: {first.failures()}")
+    row = {
+        "samples_per_s": num_samples / statistics.median(times),
+        "compile_s": first.compile_time_s,
+        "noise_floor": first.noise_floor,
+        "verdict": first.verdict,
+        "chunk_size": chunk,
+        **_deviations(first.max_abs, first.num_steps),
+    }
+    steps, counts = np.unique(np.asarray(first.num_steps), return_counts=True)
+    row["steps_histogram"] = {int(a): int(b) for a, b in zip(steps, counts, strict=True)}
+    return row, np.asarray(first.max_abs)
+
+
+def _user_solve(model, inputs, forward_mode: bool):
+    """`diffrax.diffeqsolve` of every input as a user writes it (the model's solver, controller
+    and step; `throw=False` so a failed lane shows in the numbers, not as an exception)."""
+
+    def one(x0):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(model.field),
+            model.solver,
+            model.t0,
+            model.t1,
+            model.dt0,
+            x0,
+            stepsize_controller=model.stepsize_controller,
+            max_steps=model.max_steps,
+            # a jvp through diffeqsolve needs forward mode (diffrax's documented way)
+            adjoint=diffrax.ForwardMode() if forward_mode else diffrax.RecursiveCheckpointAdjoint(),
+            throw=False,
+        )
+        return sol.ys[-1], sol.stats["num_steps"]
+
+    return jax.vmap(one)(inputs)
+
+
+def _naive_diffrax(cfg: Config, w: Workload, key, num_samples: int, first_order: bool) -> tuple:
+    model, gauge, inputs = w.model, w.gauge, w.inputs
+    keys = _sample_keys(key, num_samples)
+    reference = eqx.filter_jit(lambda m: _user_solve(m, inputs, False)[0])(model)
+
+    def lane(k):
+        g = gauge.sample(k)
+        if first_order:
+            # the response along g at the identity: a jvp through the solve
+            (_, steps), (dout, _) = jax.jvp(
+                lambda a: _user_solve(gauge.act(a, model), inputs, True), (gauge.identity(),), (g,)
+            )
+            return jnp.max(jnp.abs(dout)), jnp.max(steps)
+        out, steps = _user_solve(gauge.act(g, model), inputs, False)
+        return jnp.max(jnp.abs(out - reference)), jnp.max(steps)
+
+    with jax.default_matmul_precision(cfg.precision):
+        start = time.perf_counter()
+        program = jax.jit(jax.vmap(lane)).lower(keys).compile()
+        compile_s = time.perf_counter() - start
+        rate = num_samples / _median_time(lambda: program(keys), cfg.repeats)
+        dev, steps = jax.device_get(program(keys))
+    row = {"samples_per_s": rate, "compile_s": compile_s, **_deviations(dev, steps)}
+    return row, np.asarray(dev)
+
+
+def _torch_w1(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
+    """W1 in torch as batched tensors, the same gauge elements as the other sides."""
+    import torch
+    import torchdiffeq
+    from torch.func import jvp
+
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+    samples = jax.device_get(jax.vmap(w.gauge.sample)(_sample_keys(key, num_samples)))
+
+    def tensor(a):
+        return torch.from_numpy(np.array(a)).to(tdtype)  # a writable copy
+
+    A, c0 = tensor(samples.A[:, 0]), tensor(samples.c[:, 0])  # the one mode, (B, d, d), (B, d)
+    W0, W1, b0, b1 = (tensor(w.arrays[k]) for k in ("W0", "W1", "b0", "b1"))
+    omega = float(w.gauge.omega[0])
+    x0 = tensor(w.inputs)
+
+    def field_of(A, c0):
+        def field(t, y):  # y: (B, n, d) in the gauge's coordinates, x = G y + c
+            s, ds = torch.sin(omega * t), omega * torch.cos(omega * t)
+            G, dG = jvp(torch.linalg.matrix_exp, (s * A,), (ds * A,))
+            c, dc = s * c0, ds * c0
+            Wt = W0 + torch.sin(torch.pi * t) * W1
+            bt = b0 + torch.cos(torch.pi * t) * b1
+            x = y @ G.transpose(1, 2) + c[:, None, :]
+            rhs = x @ Wt.T + bt - y @ dG.transpose(1, 2) - dc[:, None, :]
+            return torch.linalg.solve(G, rhs.transpose(1, 2)).transpose(1, 2)
+
+        return field
+
+    ts = torch.tensor([0.0, 1.0], dtype=tdtype)
+    options = {"step_size": 1.0 / cfg.w1_steps}
+
+    def solve(A, c0):
+        y0 = x0.expand(A.shape[0], *x0.shape).contiguous()
+        return torchdiffeq.odeint(field_of(A, c0), y0, ts, method="rk4", options=options)[-1]
+
+    with torch.no_grad():
+        reference = solve(torch.zeros_like(A[:1]), torch.zeros_like(c0[:1]))[0]
+        solve(A[:2], c0[:2])  # warm-up (no compilation to report: torch runs eagerly)
+        times = []
+        for _ in range(cfg.repeats):
+            start = time.perf_counter()
+            out = solve(A, c0)
+            times.append(time.perf_counter() - start)
+        dev = (out - reference).abs().amax(dim=(1, 2)).numpy()
+    row = {
+        "samples_per_s": num_samples / statistics.median(times),
+        "compile_s": None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        **_deviations(dev),
+    }
+    return row, dev
+
+
+def _skip(cfg: Config, name: str, side: str) -> str | None:
+    """Why a side does not run (None: it runs)."""
+    if side == "torchdiffeq":
+        missing = [m for m in ("torch", "torchdiffeq") if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"skipped: {', '.join(missing)} not installed (pip install -e '.[bench]')"
+        if name != "w1":
+            return "skipped: the Lie-deformation response is not ported to torch yet"
+    if side == "gradsolve" and importlib.util.find_spec("gradsolve") is None:
+        return "skipped: gradsolve is not installed in this environment"
+    if side == "gradsolve":
+        return "skipped: no gradsolve adapter yet"
+    return None
+
+
+def measure(cfg: Config, name: str, key, num_samples: int) -> list[dict]:
+    """One row per side for workload `name` at `num_samples` samples."""
+    kw, ks = jax.random.split(key)
+    w = _workload(cfg, name, kw)
+    rows, base = [], None
+    for side in cfg.sides:
+        row = {"workload": name, "num_samples": num_samples, "side": side, "dtype": cfg.dtype}
+        row["precision"] = cfg.precision
+        reason = _skip(cfg, name, side)
+        if reason is not None:
+            rows.append({**row, "status": reason})
+            continue
+        try:
+            if side == "gaugejax":
+                data, per_sample = _gaugejax(cfg, w, ks, num_samples)
+            elif side == "naive_diffrax":
+                data, per_sample = _naive_diffrax(cfg, w, ks, num_samples, name != "w1")
+            else:
+                data, per_sample = _torch_w1(cfg, w, ks, num_samples)
+        except Exception as e:  # a side that fails (e.g. out of memory) is a row, not a crash
+            rows.append({**row, "status": f"failed: {type(e).__name__}: {str(e)[:300]}"})
+            continue
+        row.update(status="ok", **data, **_memory())
+        if base is None and side == "gaugejax":
+            base = per_sample
+        elif base is not None:
+            # the same gauge elements on every side: per-sample deviations must agree
+            row["max_diff_vs_gaugejax"] = float(np.max(np.abs(per_sample - base)))
+        rows.append(row)
+    rate = {r["side"]: r.get("samples_per_s") for r in rows}
+    for r in rows:
+        if r.get("samples_per_s") and rate.get("gaugejax"):
+            r["gaugejax_speedup"] = rate["gaugejax"] / r["samples_per_s"]
+    return rows
+
+
+def _table(rows: list[dict]) -> list[str]:
+    def fmt(v, spec):
+        return format(v, spec) if isinstance(v, int | float) else "-"
+
+    lines = [
+        "| workload | B | side | samples/s | gaugejax x | compile s | max deviation | "
+        "vs gaugejax | lane eff. | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [
+            r["workload"],
+            str(r["num_samples"]),
+            r["side"],
+            fmt(r.get("samples_per_s"), ".1f"),
+            fmt(r.get("gaugejax_speedup"), ".2f"),
+            fmt(r.get("compile_s"), ".2f"),
+            fmt(r.get("max_deviation"), ".2e"),
+            fmt(r.get("max_diff_vs_gaugejax"), ".1e"),
+            fmt(r.get("lane_efficiency"), ".2f"),
+            r["status"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def run(config: Config, run_dir: Path) -> dict:
-    """Measure every workload; write `results.json`, `metrics.jsonl` and the figure."""
+    """Measure every workload, batch size and side; write `results.json`, `metrics.jsonl`, the
+    Markdown table and the figure."""
     run_dir = Path(run_dir)
     start = time.perf_counter()
+    env = io.env_info()
     keys = jax.random.split(jax.random.key(config.seed), len(config.workloads))
-    results = {}
-    for name, key in tqdm(list(zip(config.workloads, keys, strict=True)), desc="benchmark_sweep"):
-        results[name] = measure(config, name, key)
-        io.append_jsonl(run_dir / "metrics.jsonl", results[name])
-    io.write_json(run_dir / "results.json", results)
-    table = [
-        f"{name:<4} {m:<5} {r['samples_per_s']:>10.1f} samples/s  x{r['speedup_vs_loop']:<6.1f} "
-        f"compile {r['compile_s']:.2f} s  run {r['run_s_median']:.3f} s ({r['samples']} samples)"
-        for name, res in results.items()
-        for m, r in res["methods"].items()
+    cases = [
+        (name, key, b)
+        for name, key in zip(config.workloads, keys, strict=True)
+        for b in config.batch_sizes
     ]
+    rows = []
+    for name, key, b in tqdm(cases, desc="benchmark_sweep"):
+        for row in measure(config, name, key, b):
+            rows.append(row)
+            io.append_jsonl(run_dir / "metrics.jsonl", row)
+    table = _table(rows)
+    io.write_json(run_dir / "results.json", {"env": env, "rows": rows})
+    io.atomic_write_bytes(run_dir / "table.md", ("\n".join(table) + "\n").encode())
     for line in table:
         tqdm.write(line)
     figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config)
     return {
         "experiment": "benchmark_sweep",
         "claims": [],
+        "env": env,
+        "rows": rows,
         "table": table,
         "figures": [str(Path(f).relative_to(run_dir)) for f in figures],
         "wall_time_s": time.perf_counter() - start,
@@ -240,19 +471,49 @@ def run(config: Config, run_dir: Path) -> dict:
 
 
 def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
-    """Bar chart of samples/s per workload and method (log scale), from `results.json`."""
+    """Samples/s per side, one panel per workload (log scale): bars labelled with the max
+    deviation at one batch size (a fast side with a large deviation computes something else),
+    lines against the batch size at several."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    methods = ("loop", "vmap", "sweep")
-    width = 0.25
-    for i, m in enumerate(methods):
-        rates = [results[w]["methods"][m]["samples_per_s"] for w in results]
-        ax.bar(np.arange(len(results)) + (i - 1) * width, rates, width, label=m)
-    ax.set_xticks(np.arange(len(results)), list(results))
-    ax.set_yscale("log")
-    ax.set_ylabel("gauge samples / s")
-    ax.set_title(f"sweep throughput on {next(iter(results.values()))['device']}")
-    ax.legend()
+    rows = [r for r in results["rows"] if r["status"] == "ok"]
+    workloads = [w for w in config.workloads if any(r["workload"] == w for r in rows)]
+    n = max(len(workloads), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.8))
+    axes = np.atleast_1d(axes)
+    for ax, name in zip(axes, workloads, strict=False):
+        mine = [r for r in rows if r["workload"] == name]
+        if len(config.batch_sizes) == 1:
+            sides = [r["side"] for r in mine]
+            rates = [r["samples_per_s"] for r in mine]
+            ax.bar(range(len(mine)), rates, color=[f"C{SIDES.index(s)}" for s in sides])
+            for i, r in enumerate(mine):
+                ax.annotate(
+                    f"{r['samples_per_s']:.0f}/s\ndev {r['max_deviation']:.1e}",
+                    (i, r["samples_per_s"]),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
+            ax.set_xticks(range(len(mine)), sides, fontsize=8)
+            ax.set_ylim(min(rates) / 3, max(rates) * 4)
+            ax.set_title(f"{name} (B = {config.batch_sizes[0]})")
+        else:
+            for side, marker in zip(SIDES, "osd^", strict=True):
+                line = sorted(
+                    (r["num_samples"], r["samples_per_s"]) for r in mine if r["side"] == side
+                )
+                if line:
+                    ax.plot(*zip(*line, strict=True), marker=marker, label=side)
+            ax.set_xscale("log")
+            ax.set_xlabel("samples per sweep (B)")
+            ax.legend(fontsize=8)
+            ax.set_title(name)
+        ax.set_yscale("log")
+        ax.set_ylabel("samples / s")
+        plain_log_ticks(ax)
+        ax.grid(True, which="major", axis="y", alpha=0.3)
+    device = results["env"]["devices"][0] if results["env"]["devices"] else "?"
+    fig.suptitle(f"Gauge-sweep throughput on {device} ({config.dtype})", fontsize=10)
     fig.tight_layout()
     path = io.save_figure(fig, fig_dir / "throughput.png")
     plt.close(fig)
