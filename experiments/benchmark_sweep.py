@@ -209,8 +209,18 @@ def _memory() -> dict:
         # the device's peak since the process started (None where the backend keeps none, CPU)
         "peak_memory_bytes": stats.get("peak_bytes_in_use"),
         # the process's peak resident set (cumulative over the run's rows)
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": _peak_rss(),
     }
+
+
+def _peak_rss() -> int:
+    """This address space's peak RSS: VmHWM where Linux reports it (`ru_maxrss` also counts the
+    parent's RSS at fork, which Linux carries across exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _deviations(values, steps=None) -> dict:
