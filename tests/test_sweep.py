@@ -264,3 +264,25 @@ def test_sweep_memory_does_not_grow_with_the_number_of_samples():
     mib = 2**20
     assert large - small < 256 * mib, (small / mib, large / mib)
     assert kept - large > 512 * mib, (large / mib, kept / mib)
+
+
+def test_reduced_matmul_precision_warns_for_float32_sweeps():
+    """TF32 / bfloat16 / the GPU default with float32 inputs: one warning naming the precision
+    and the error it adds (the verdict's float floor does not include it); "highest" and
+    float64 sweeps do not warn."""
+    import warnings
+
+    k = jax.random.split(jax.random.key(0), 3)
+    mlp = eqx.nn.MLP(3, 2, 4, 1, activation=jax.nn.relu, key=k[0], dtype=jnp.float32)
+    gauge = gj.RescalingGauge.from_model(mlp)
+    x = jax.random.normal(k[1], (5, 3), dtype=jnp.float32)
+    for precision in ("tensorfloat32", "bfloat16", "default"):
+        with pytest.warns(UserWarning, match=f"precision='{precision}'.*float floor") as record:
+            res = gj.sweep(mlp, gauge, x, key=k[2], num_samples=4, precision=precision)
+        assert len(record) == 1  # once, not again for the control or the re-check
+        assert res.failures() == {} and res.dtype == "float32"  # CPU: full precision anyway
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gj.sweep(mlp, gauge, x, key=k[2], num_samples=4)  # "highest": no warning
+        mlp64 = eqx.nn.MLP(3, 2, 4, 1, activation=jax.nn.relu, key=k[0])
+        gj.sweep(mlp64, gauge, x.astype(jnp.float64), key=k[2], num_samples=4, precision="default")
