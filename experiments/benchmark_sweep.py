@@ -90,8 +90,11 @@ class Config:
     w3_rtol: float = 1e-6
     # torch threads for the torchdiffeq side (0: torch's default)
     torch_threads: int = 0
+    # the other sides run only up to this many samples (0: at every batch size); the naive
+    # side vmaps all of them at once, and the GPU preset's largest B would dominate its time
+    baseline_max_samples: int = 0
 
-    NONNEGATIVE: ClassVar[tuple[str, ...]] = ("torch_threads",)
+    NONNEGATIVE: ClassVar[tuple[str, ...]] = ("torch_threads", "baseline_max_samples")
 
     def __post_init__(self):
         for name, valid in (("workloads", WORKLOADS), ("sides", SIDES)):
@@ -128,6 +131,8 @@ PRESETS = {
         "batch_sizes": [1000, 10000, 100000, 1000000],
         "chunk_size": 100000,
         "dtype": "float32",
+        "repeats": 3,
+        "baseline_max_samples": 100000,
     },
 }
 
@@ -369,8 +374,10 @@ def _torch_w1(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
     return row, dev
 
 
-def _skip(cfg: Config, name: str, side: str) -> str | None:
+def _skip(cfg: Config, name: str, side: str, num_samples: int) -> str | None:
     """Why a side does not run (None: it runs)."""
+    if side != "gaugejax" and cfg.baseline_max_samples and num_samples > cfg.baseline_max_samples:
+        return f"skipped: B > baseline_max_samples = {cfg.baseline_max_samples}"
     if side == "torchdiffeq":
         missing = [m for m in ("torch", "torchdiffeq") if importlib.util.find_spec(m) is None]
         if missing:
@@ -392,7 +399,7 @@ def measure(cfg: Config, name: str, key, num_samples: int) -> list[dict]:
     for side in cfg.sides:
         row = {"workload": name, "num_samples": num_samples, "side": side, "dtype": cfg.dtype}
         row["precision"] = cfg.precision
-        reason = _skip(cfg, name, side)
+        reason = _skip(cfg, name, side, num_samples)
         if reason is not None:
             rows.append({**row, "status": reason})
             continue

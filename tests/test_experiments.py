@@ -318,6 +318,7 @@ def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
             "w2_steps": 10,
             "w3_rtol": 1e-4,
             "sides": ["gaugejax", "naive_diffrax", "gradsolve"],
+            "baseline_max_samples": 4,
         },
     )
     summary = benchmark_sweep.run(cfg, tmp_path)
@@ -345,6 +346,12 @@ def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert table.count("\n") == 2 + 9 and "| w3 | 4 | naive_diffrax |" in table
     assert (tmp_path / summary["figures"][0]).is_file()
+    # past baseline_max_samples only gaugejax runs; the gpu preset's TOML is its embedded one
+    capped = dataclasses.replace(cfg, baseline_max_samples=2)
+    assert benchmark_sweep._skip(capped, "w1", "naive_diffrax", 4).startswith("skipped: B >")
+    assert benchmark_sweep._skip(capped, "w1", "gaugejax", 4) is None
+    gpu = load_config(benchmark_sweep.Config, ROOT / "configs" / "benchmark_sweep" / "gpu.toml")
+    assert gpu == make_config(benchmark_sweep.Config, benchmark_sweep.PRESETS["gpu"])
     with pytest.raises(ValueError, match="`workloads` must be"):
         make_config(benchmark_sweep.Config, {"workloads": ["w4"]})
     with pytest.raises(ValueError, match="batch_sizes"):
