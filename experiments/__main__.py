@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    from gaugejax import io
+    from gaugejax import configure_cpu_devices, io
 
     from . import EXPERIMENTS
 
@@ -61,8 +61,25 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR with its own config.json (finished checks are kept)",
     )
+    parser.add_argument(
+        "--cpu-devices",
+        metavar="N",
+        help="expose N CPU devices (or 'auto': one per core) that sweeps shard over; default 1. "
+        "reproduce already runs its experiments in parallel threads, which share the cores",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (TOML values)")
     args = parser.parse_intermixed_args(argv)  # overrides may follow --config
+    n = "1" if args.cpu_devices is None else args.cpu_devices
+    if n != "auto" and not (n.isdigit() and int(n) > 0):
+        parser.error(f"--cpu-devices: expected a positive int or 'auto'; received {n!r}")
+    # before any JAX operation (the CPU client starts at the first): also with one device, it
+    # sizes XLA:CPU's thread pool so batched LAPACK kernels cannot deadlock (gaugejax.devices);
+    # main() called again in one process (tests) keeps the devices it has
+    try:
+        configure_cpu_devices(None if n == "auto" else int(n))
+    except RuntimeError as e:
+        if args.cpu_devices is not None:
+            parser.error(f"--cpu-devices {n}: {e}")
 
     module = EXPERIMENTS[args.name]
     # Repeat runs reuse compiled XLA programs (most of a smoke run's time is compilation);

@@ -19,6 +19,10 @@ Sides (a row per workload, batch size and side):
 
 - `gaugejax`: `gj.sweep` (fixed chunks of `chunk_size`; first-order responses from the forward
   sensitivity system, under error control).
+- `gaugejax_sharded`: the same sweep under `jax.shard_map` over every device (over a mesh of
+  one on a single GPU: the sharded path's overhead; over N CPU devices with
+  `python -m experiments benchmark_sweep --cpu-devices N`). Its "gaugejax x" column is the
+  unsharded rate over the sharded one.
 - `naive_diffrax`: what a user writes without gaugejax's sweep: `jit(vmap(...))` over all B
   samples of `diffrax.diffeqsolve` of the transformed model's field (w1), or of `jax.jvp`
   through that solve (w2, w3: the tangent is then not under error control, and on w3 its error
@@ -29,9 +33,11 @@ Sides (a row per workload, batch size and side):
   rounding). w2/w3 are not ported to torch yet (the row says so).
 - `gradsolve`: not installed in this project's environments (the row says so).
 
-Known problem (jaxlib 0.10.2, CPU): a vmapped loop body with two independent "inner loop ->
-LU solve" chains never returns at a batch of about 100 or more (README: a pure-JAX reproducer).
-The w1 lane had that shape until `LinearGauge` fused its weight and bias into one solve
+Known problem (jaxlib 0.10.2, CPU): batched LAPACK kernels wait on XLA:CPU's intra-op pool
+and deadlock when they occupy all of its threads (`gaugejax.devices`): a vmapped loop body with
+two independent "inner loop -> LU solve" chains on a 2-thread pool (README: a pure-JAX
+reproducer), or one kernel per device on as many CPU devices as threads. The CLI sizes the pool
+(`NPROC`) for two kernels per device; the w1 lane also fuses its weight and bias into one solve
 (`GaugedLinearField`).
 
 This is a benchmark, not a check: it has no claims; rows go to `results.json`, `summary.json`
@@ -60,7 +66,7 @@ from ._common import plain_log_ticks, pyplot
 
 
 WORKLOADS = ("w1", "w2", "w3")
-SIDES = ("gaugejax", "naive_diffrax", "torchdiffeq", "gradsolve")
+SIDES = ("gaugejax", "gaugejax_sharded", "naive_diffrax", "torchdiffeq", "gradsolve")
 # compile times are measured: the CLI leaves the persistent compilation cache off for this module
 PERSISTENT_COMPILE_CACHE = False
 
@@ -243,9 +249,15 @@ def _deviations(values, steps=None) -> dict:
     return out
 
 
-def _gaugejax(cfg: Config, w: Workload, key, num_samples: int) -> tuple[dict, np.ndarray]:
-    chunk = min(cfg.chunk_size, num_samples)
+def _gaugejax(
+    cfg: Config, w: Workload, key, num_samples: int, sharded: bool
+) -> tuple[dict, np.ndarray]:
+    # unsharded: the first device; sharded: `jax.shard_map` over every device (also over one,
+    # so the sharded path's overhead is measured on a single GPU)
+    devices = jax.devices() if sharded else jax.devices()[:1]
+    chunk = min(cfg.chunk_size, -(-num_samples // len(devices)))
     kwargs = dict(key=key, num_samples=num_samples, chunk_size=chunk, precision=cfg.precision)
+    kwargs.update(devices=devices, shard=sharded)
     first = gj.sweep(w.model, w.gauge, w.inputs, **kwargs)
     # timing repeats: no control or re-check (the first sweep gave the verdict)
     times = [first.run_time_s] + [
@@ -260,6 +272,7 @@ def _gaugejax(cfg: Config, w: Workload, key, num_samples: int) -> tuple[dict, np
         "noise_floor": first.noise_floor,
         "verdict": first.verdict,
         "chunk_size": chunk,
+        "num_devices": len(devices),
         **_deviations(first.max_abs, first.num_steps),
     }
     steps, counts = np.unique(np.asarray(first.num_steps), return_counts=True)
@@ -376,7 +389,8 @@ def _torch_w1(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
 
 def _skip(cfg: Config, name: str, side: str, num_samples: int) -> str | None:
     """Why a side does not run (None: it runs)."""
-    if side != "gaugejax" and cfg.baseline_max_samples and num_samples > cfg.baseline_max_samples:
+    baseline = not side.startswith("gaugejax")
+    if baseline and cfg.baseline_max_samples and num_samples > cfg.baseline_max_samples:
         return f"skipped: B > baseline_max_samples = {cfg.baseline_max_samples}"
     if side == "torchdiffeq":
         missing = [m for m in ("torch", "torchdiffeq") if importlib.util.find_spec(m) is None]
@@ -404,8 +418,8 @@ def measure(cfg: Config, name: str, key, num_samples: int) -> list[dict]:
             rows.append({**row, "status": reason})
             continue
         try:
-            if side == "gaugejax":
-                data, per_sample = _gaugejax(cfg, w, ks, num_samples)
+            if side.startswith("gaugejax"):
+                data, per_sample = _gaugejax(cfg, w, ks, num_samples, side != "gaugejax")
             elif side == "naive_diffrax":
                 data, per_sample = _naive_diffrax(cfg, w, ks, num_samples, name != "w1")
             else:
@@ -515,7 +529,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
             ax.set_ylim(min(rates) / 3, max(rates) * 4)
             ax.set_title(f"{name} (B = {config.batch_sizes[0]})")
         else:
-            for side, marker in zip(SIDES, "osd^", strict=True):
+            for side, marker in zip(SIDES, "oxsd^", strict=True):
                 line = sorted(
                     (r["num_samples"], r["samples_per_s"]) for r in mine if r["side"] == side
                 )

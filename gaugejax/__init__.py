@@ -27,6 +27,10 @@ from .correspondence import (
     wilson_line as wilson_line,
     wilson_line_magnus as wilson_line_magnus,
 )
+from .devices import (
+    configure_cpu_devices as configure_cpu_devices,
+    intra_op_threads as intra_op_threads,
+)
 from .gauge_fixing import (
     canonical_gauge as canonical_gauge,
     gauge_fixing_penalty as gauge_fixing_penalty,

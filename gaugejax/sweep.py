@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
+from .devices import check_cpu_pool
 from .gauges.base import AbstractGauge, AbstractParameterGauge
 from .models import AbstractNeuralODE, AbstractSolvedModel
 from .solve import NOT_COUNTED, SolveStats, SolveStatus, result_name, status_code
@@ -166,7 +167,9 @@ class SweepResult:
         }
 
 
-_SUCCESS = int(np.asarray(status_code(SolveStatus.successful)))
+# host numpy, not a JAX operation: importing gaugejax must not start JAX's backends
+# (`configure_cpu_devices` runs after the import)
+_SUCCESS = int(np.asarray(jax.tree.leaves(SolveStatus.successful)[0]))
 
 
 def status_name(code: int) -> str:
@@ -406,7 +409,10 @@ def _compiled_block(plan: _Plan, *args) -> tuple[Callable, float]:
             _EXECUTABLES.move_to_end(signature)
             return _EXECUTABLES[signature], 0.0
     start = time.perf_counter()
-    compiled = _block_jit.lower(plan, *args).compile()
+    lowered = _block_jit.lower(plan, *args)
+    if plan.mesh is not None:
+        check_cpu_pool(list(plan.mesh.devices.flat), lowered.as_text())
+    compiled = lowered.compile()
     with _EXECUTABLES_LOCK:
         _EXECUTABLES[signature] = compiled
         while len(_EXECUTABLES) > _MAX_EXECUTABLES:
@@ -684,6 +690,7 @@ def sweep(
     observable: Callable[[Any, PyTree], tuple[PyTree, SolveStats | None]] = default_observable,
     precision: str = "highest",
     devices: list | None = None,
+    shard: bool | None = None,
     control_samples: int = 8,
     progress: bool = False,
 ) -> SweepResult:
@@ -712,6 +719,9 @@ def sweep(
     - `devices`: devices to shard the sample axis over (default: all of `jax.devices()`, which
       spans every process after `jax.distributed.initialize`; then every process must call
       `sweep` with the same arguments, and each gets the whole result).
+    - `shard`: run the block under `jax.shard_map` over a mesh of `devices` (default None:
+      when there is more than one device; True also over one device, to measure the sharded
+      path's overhead; False needs a single device).
     - `control_samples`: samples of the family's symmetry-breaking `control()`, and samples
       re-solved at a tighter tolerance when the verdict needs them (0: neither).
     - `progress`: show a tqdm bar over blocks.
@@ -724,7 +734,10 @@ def sweep(
     **Raises:** before anything is traced: `TypeError` for a model the gauge does not act on
     (from `check_model`), for `inputs` that are a list, not floating or not of the model's
     dtype; `ValueError` for non-positive sizes, an empty batch, an unknown mode or precision,
-    an empty `devices`, a solver tolerance out of range, or inputs the model cannot take.
+    an empty `devices`, a `shard` that is not a bool or None (or False with several devices),
+    a solver tolerance out of range, or inputs the model cannot take; once traced, a program
+    with batched LAPACK kernels sharded over as many CPU devices as XLA:CPU's intra-op pool has
+    threads (it could hang: `gaugejax.devices`).
     """
     num_samples = _positive_int("num_samples", num_samples)
     chunk_size = _positive_int("chunk_size", chunk_size)
@@ -736,9 +749,14 @@ def sweep(
     devices = list(jax.devices()) if devices is None else list(devices)
     if not devices or not all(isinstance(d, jax.Device) for d in devices):
         raise ValueError(f"`devices` must be a non-empty list of jax devices; received {devices}.")
-    mesh = (
-        jax.make_mesh((len(devices),), ("samples",), devices=devices) if len(devices) > 1 else None
-    )
+    if shard is not None and not isinstance(shard, bool):
+        raise ValueError(f"`shard` must be None, True or False; received {shard!r}.")
+    if shard is False and len(devices) > 1:
+        raise ValueError(
+            f"`shard=False` runs on one device; received {len(devices)} `devices` (pass one)."
+        )
+    sharded = len(devices) > 1 if shard is None else shard
+    mesh = jax.make_mesh((len(devices),), ("samples",), devices=devices) if sharded else None
     key = _as_typed_key(key)
     plan, params, tight_params, how = _prepare(
         model, gauge, inputs, mode, observable, chunk_size, mesh, precision

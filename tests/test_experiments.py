@@ -317,15 +317,15 @@ def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
             "w2_width": 4,
             "w2_steps": 10,
             "w3_rtol": 1e-4,
-            "sides": ["gaugejax", "naive_diffrax", "gradsolve"],
+            "sides": ["gaugejax", "gaugejax_sharded", "naive_diffrax", "gradsolve"],
             "baseline_max_samples": 4,
         },
     )
     summary = benchmark_sweep.run(cfg, tmp_path)
     rows = {(r["workload"], r["side"]): r for r in io.read_json(tmp_path / "results.json")["rows"]}
-    assert len(rows) == len(summary["rows"]) == 9
+    assert len(rows) == len(summary["rows"]) == 12
     for w in ("w1", "w2", "w3"):
-        for side in ("gaugejax", "naive_diffrax"):
+        for side in ("gaugejax", "gaugejax_sharded", "naive_diffrax"):
             r = rows[w, side]
             assert r["status"] == "ok" and r["num_samples"] == 4 and r["dtype"] == "float64"
             assert r["compile_s"] > 0 and r["samples_per_s"] > 0
@@ -334,6 +334,9 @@ def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
     # naive diffeqsolve of the same transformed field gives the same numbers
     assert 1e-12 < rows["w1", "gaugejax"]["max_deviation"] < 1e-3
     assert rows["w1", "naive_diffrax"]["max_diff_vs_gaugejax"] < 1e-14
+    # shard_map over a mesh of the one device: the same program, the same numbers
+    assert rows["w1", "gaugejax_sharded"]["num_devices"] == 1
+    assert rows["w1", "gaugejax_sharded"]["max_diff_vs_gaugejax"] == 0.0
     # W2 (10 fixed Tsit5 steps): the response is the truncation error (measured 6e-9), and the
     # sensitivity system and the jvp through the fixed-step solve agree to rounding
     assert rows["w2", "gaugejax"]["max_deviation"] < 1e-6
@@ -344,7 +347,7 @@ def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
     assert 0 < rows["w3", "gaugejax"]["lane_efficiency"] <= 1
     assert sum(rows["w3", "gaugejax"]["steps_histogram"].values()) == 4
     table = (tmp_path / "table.md").read_text()
-    assert table.count("\n") == 2 + 9 and "| w3 | 4 | naive_diffrax |" in table
+    assert table.count("\n") == 2 + 12 and "| w3 | 4 | naive_diffrax |" in table
     assert (tmp_path / summary["figures"][0]).is_file()
     # past baseline_max_samples only gaugejax runs; the gpu preset's TOML is its embedded one
     capped = dataclasses.replace(cfg, baseline_max_samples=2)

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import equinox as eqx
 import jax
@@ -176,9 +177,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fake_devices(n: int) -> dict:
-    return dict(
-        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
-    )
+    # a thread pool for two LAPACK kernels per device (gaugejax.devices: 4 devices on 2 threads
+    # can deadlock, and sweep refuses that configuration)
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    return dict(env, JAX_PLATFORMS="cpu", NPROC=str(2 * n + 1))
 
 
 def test_sharded_and_multihost_sweeps_match_single_device():
@@ -286,3 +288,79 @@ def test_reduced_matmul_precision_warns_for_float32_sweeps():
         gj.sweep(mlp, gauge, x, key=k[2], num_samples=4)  # "highest": no warning
         mlp64 = eqx.nn.MLP(3, 2, 4, 1, activation=jax.nn.relu, key=k[0])
         gj.sweep(mlp64, gauge, x.astype(jnp.float64), key=k[2], num_samples=4, precision="default")
+
+
+W1_SHARDED_SCRIPT = """
+import sys
+import diffrax, jax
+import gaugejax as gj
+if sys.argv[1] == "configured":
+    gj.configure_cpu_devices(2)  # 2 devices and a pool of 5 threads
+jax.config.update("jax_enable_x64", True)
+k = jax.random.split(jax.random.key(0), 3)
+# W1 (DESIGN.md Sec. 3): d = 16, one-mode LinearGauge, classic RK4 with 100 fixed steps
+model = gj.random_linear_node(16, 1.0, key=k[0], solver=gj.RK4(),
+                              stepsize_controller=diffrax.ConstantStepSize(), dt0=0.01)
+gauge = gj.LinearGauge(16, 1.0, num_modes=1)
+x = jax.random.normal(k[1], (8, 16))
+print("threads", gj.intra_op_threads(), flush=True)
+out = []
+for devices in (jax.devices()[:1], jax.devices()[:2]):
+    res = gj.sweep(model, gauge, x, key=k[2], num_samples=96, chunk_size=16, chunks_per_block=1,
+                   devices=devices, control_samples=0, progress=True)
+    assert res.failures() == {}, res.failures()
+    out.append(res.max_abs)
+print("devices", len(jax.devices()), "max_abs", float(out[0].max()),
+      "diff", float(abs(out[0] - out[1]).max()), flush=True)
+"""
+
+
+def _run_guarded(args, env, stall_s: float = 120.0):
+    """Run the W1 script; fail as hung when its output (tqdm's per-block updates, on stderr)
+    stops advancing for `stall_s` seconds. A progress guard: a slow machine that keeps
+    finishing blocks passes however long it takes."""
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", W1_SHARDED_SCRIPT, *args], env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    )  # fmt: skip
+    lines, last = [], [time.monotonic()]
+
+    def read():
+        for chunk in iter(lambda: proc.stdout.read(64), ""):
+            lines.append(chunk)
+            last[0] = time.monotonic()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        if time.monotonic() - last[0] > stall_s:
+            proc.kill()
+            raise AssertionError(f"no progress for {stall_s} s (hung): {''.join(lines)[-2000:]}")
+        time.sleep(0.5)
+    reader.join(10)
+    return proc.returncode, "".join(lines)
+
+
+def test_sharded_w1_on_two_cpu_devices_makes_progress_or_refuses():
+    """The W1 sweep sharded over 2 CPU devices. Configured by `configure_cpu_devices(2)` (a
+    pool of 5 threads) it runs every block and reproduces the single-device samples exactly.
+    The same two devices on a pool of 2 threads (XLA_FLAGS alone, NPROC=2) used to hang in
+    jaxlib's batched LAPACK kernels: `sweep` now refuses, naming `devices` and the remedy."""
+    import re
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("NPROC", None)
+    code, out = _run_guarded(["configured"], env)
+    assert code == 0, out[-3000:]
+    assert "threads 5" in out
+    found = re.search(r"devices 2 max_abs (\S+) diff (\S+)", out)
+    assert found, out[-2000:]
+    # RK4 with 100 steps on the transformed field: truncation-level deviations, not rounding
+    assert 1e-12 < float(found.group(1)) < 1e-6
+    assert float(found.group(2)) == 0.0  # each sample's numbers do not depend on its device
+    code, out = _run_guarded(["flags"], dict(_fake_devices(2), NPROC="2"))
+    assert code != 0
+    assert "`devices`: 2 CPU devices" in out and "pool of 2 threads" in out, out[-2000:]
+    assert "lapack_" in out and "configure_cpu_devices(2)" in out

@@ -1,0 +1,100 @@
+"""CPU devices for sharded sweeps: one per core, and the one hazard of several in a process.
+
+XLA:CPU runs every CPU device of a process on one intra-op thread pool, sized when the CPU
+client starts: `NPROC` when that variable is set, else the schedulable cores (measured: with
+`NPROC=4` the pool has 4 threads, without it 2 on this project's 2-core machines). jaxlib's
+batched LAPACK kernels (LU, SVD, eigendecompositions: the `lapack_*_ffi` custom calls that
+`jnp.linalg` lowers to, e.g. a vmapped `jnp.linalg.norm(A, ord=2)` or `jnp.linalg.solve`) split
+their batch into tasks on that pool and wait for them on the pool thread that runs the kernel.
+When every pool thread holds such a kernel, the tasks never run: the process hangs with all
+threads idle (a native stack shows each thread in `jax::ParallelBatchMap`'s wait). Kernels
+that can run at once: one per device and independent chain. D devices on a pool of P <= D
+threads hang once each kernel's batch is large (8 lanes per device hung W1 on 2 devices and 2
+threads; 2 lanes did not); one device hangs when its program has P independent chains (the
+README's single-device reproducer: two chains, 2 threads; it returns with `NPROC=4`).
+`configure_cpu_devices` sizes the pool for two kernels per device at once; `sweep` refuses a
+sharded program with LAPACK kernels on a pool no larger than its device count, instead of
+hanging.
+"""
+
+import os
+import re
+
+import jax
+
+
+def intra_op_threads() -> int:
+    """The threads of XLA:CPU's intra-op pool, as XLA sizes it when the CPU client starts:
+    `NPROC` if set to a positive int, else the cores this process may run on.
+
+    **Returns:** the thread count (an estimate when `NPROC` changed after JAX started).
+    """
+    value = os.environ.get("NPROC", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return _cores()
+
+
+def configure_cpu_devices(num_devices: int | None = None) -> int:
+    """Expose `num_devices` CPU devices (default: one per core) for `sweep` to shard over, with
+    an intra-op pool of at least `2 * num_devices + 1` threads (`NPROC`; never fewer than it
+    has), so two batched LAPACK kernels per device can wait at once without a deadlock (module
+    docstring). Call it right after `import jax`, before any JAX operation, as
+    `jax.config.update("jax_num_cpu_devices", ...)` requires.
+
+    **Arguments:**
+
+    - `num_devices`: positive int, or None for the number of cores this process may use.
+
+    **Returns:** the number of CPU devices configured.
+
+    **Raises:** `ValueError` for a `num_devices` that is not a positive int; `RuntimeError`
+    when JAX's backends have already started (then neither setting is changed).
+    """
+    n = _cores() if num_devices is None else num_devices
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"`num_devices` must be a positive int or None; received {n!r}.")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"configure_cpu_devices({num_devices!r}) must run before any JAX operation (JAX's "
+            f"backends have started: {e}). Call it right after `import jax`."
+        ) from None
+    # the pool is sized when the CPU client starts, i.e. at the first JAX operation after this
+    os.environ["NPROC"] = str(max(intra_op_threads(), 2 * n + 1))
+    return n
+
+
+def _cores() -> int:
+    """The cores this process may run on (what XLA counts when `NPROC` is unset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_cpu_pool(devices: list, program: str) -> None:
+    """Refuse to run `program` (StableHLO or HLO text) sharded over `devices` when it holds
+    batched LAPACK kernels and this process's CPU devices among them are at least as many as
+    the intra-op pool's threads: it could hang (module docstring).
+
+    **Arguments:**
+
+    - `devices`: the devices the program is sharded over; `program`: its text.
+
+    **Raises:** `ValueError` naming `devices`, the pool size and the remedies.
+    """
+    local = [d for d in devices if d.platform == "cpu" and d.process_index == jax.process_index()]
+    threads = intra_op_threads()
+    if len(local) < 2 or len(local) < threads or "lapack_" not in program:
+        return
+    kernels = sorted(set(re.findall(r"lapack_\w+", program)))
+    raise ValueError(
+        f"`devices`: {len(local)} CPU devices of this process share XLA:CPU's intra-op pool "
+        f"of {threads} threads, and this program holds batched LAPACK kernels "
+        f"({', '.join(kernels[:4])}) that wait on that pool: with as many devices as threads "
+        "the sweep can hang. Expected fewer devices than pool threads; set NPROC to at least "
+        f"{len(local) + 1} before JAX starts (gaugejax.configure_cpu_devices({len(local)}) "
+        "right after `import jax` does both), or pass fewer devices."
+    )
