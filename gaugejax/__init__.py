@@ -31,6 +31,13 @@ from .devices import (
     configure_cpu_devices as configure_cpu_devices,
     intra_op_threads as intra_op_threads,
 )
+from .discovery import (
+    SymmetryComparison as SymmetryComparison,
+    SymmetryDimension as SymmetryDimension,
+    compare_symmetries as compare_symmetries,
+    gauge_generators as gauge_generators,
+    symmetry_dimension as symmetry_dimension,
+)
 from .gauge_fixing import (
     canonical_gauge as canonical_gauge,
     gauge_fixing_penalty as gauge_fixing_penalty,
