@@ -31,7 +31,9 @@ Sides (a row per workload, batch size and side):
   `torch.func.jvp` for dG/dt, `torchdiffeq.odeint` with `method="rk4"`, which is the 3/8 rule,
   not the classic tableau: per-sample deviations agree to the O(dt^4) truncation, not to
   rounding). w2/w3 are not ported to torch yet (the row says so).
-- `gradsolve`: not installed in this project's environments (the row says so).
+- `gradsolve` (with the `bench` extra): its fixed-step engines through its problem protocol
+  (w1: classic RK4, per-sample agreement to rounding; w2: fixed-step Tsit5 and a jvp through
+  its scan; w3 is not expressible: the row says why).
 
 Known problem (jaxlib 0.10.2, CPU): batched LAPACK kernels wait on XLA:CPU's intra-op pool
 and deadlock when they occupy all of its threads (`gaugejax.devices`): a vmapped loop body with
@@ -45,6 +47,7 @@ This is a benchmark, not a check: it has no claims; rows go to `results.json`, `
 """
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import resource
 import statistics
@@ -387,6 +390,69 @@ def _torch_w1(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
     return row, dev
 
 
+def _gradsolve(cfg: Config, w: Workload, key, num_samples: int, first_order: bool) -> tuple:
+    """gradsolve's fixed-step engines on the same transformed fields: its problem protocol (an
+    object with `name`, `dim`, `t0`, `t1`, `is_stiff`, `f_jax(t, y, p)`), the M inputs of a
+    sample stacked into one state of M * d, the flattened gauge element as the trajectory's
+    parameters. W1: `fixed_step_explicit.solve_jax` (classic RK4, the tableau of `gj.RK4`);
+    W2: `fixed_step_tsit5.solve_jax` with `jax.jvp` along the element at the identity. Both
+    are called under one `jax.jit` (gradsolve's own `solve` jits a fresh lambda per call, so
+    every call would recompile), sampling in the program as on the naive side."""
+    from gradsolve.solvers import fixed_step_explicit, fixed_step_tsit5
+    from jax.flatten_util import ravel_pytree
+
+    model, gauge, inputs = w.model, w.gauge, w.inputs
+    m, d = inputs.shape
+    _, unravel = ravel_pytree(gauge.identity())
+    engine = fixed_step_tsit5 if first_order else fixed_step_explicit
+    steps = cfg.w2_steps if first_order else cfg.w1_steps
+
+    class Problem:  # gradsolve's protocol has no base class
+        name = "gaugejax_benchmark"
+        dim = m * d
+        # arrays of the workload's dtype: gradsolve's scan starts from `jnp.asarray(t0)`, and
+        # a float64 time would promote a float32 workload
+        t0, t1 = np.asarray(model.t0, inputs.dtype), np.asarray(model.t1, inputs.dtype)
+        is_stiff = False
+
+        def f_jax(self, t, y, p):
+            moved = gauge.act(unravel(p), model)
+            return jax.vmap(lambda x: moved.field(t, x, None))(y.reshape(m, d)).reshape(-1)
+
+    problem = Problem()
+    keys = _sample_keys(key, num_samples)
+    y0 = jnp.broadcast_to(inputs.reshape(-1), (num_samples, m * d))
+    reference = eqx.filter_jit(lambda mm: _user_solve(mm, inputs, False)[0])(model).reshape(-1)
+
+    def program(keys):
+        flat = jax.vmap(lambda k: ravel_pytree(gauge.sample(k))[0])(keys)
+
+        def solve(ps):
+            return engine.solve_jax(problem, y0, ps, n_steps=steps)
+
+        if first_order:
+            ident = jnp.broadcast_to(ravel_pytree(gauge.identity())[0], flat.shape)
+            dout = jax.jvp(solve, (ident,), (flat,))[1]
+        else:
+            dout = solve(flat) - reference
+        return jnp.max(jnp.abs(dout), axis=1)
+
+    with jax.default_matmul_precision(cfg.precision):
+        start = time.perf_counter()
+        compiled = jax.jit(program).lower(keys).compile()
+        compile_s = time.perf_counter() - start
+        rate = num_samples / _median_time(lambda: compiled(keys), cfg.repeats)
+        dev = np.asarray(jax.device_get(compiled(keys)))
+    row = {
+        "samples_per_s": rate,
+        "compile_s": compile_s,
+        "engine": f"{engine.name} ({steps} steps)",
+        "gradsolve_version": importlib.metadata.version("gradsolve"),
+        **_deviations(dev),
+    }
+    return row, dev
+
+
 def _skip(cfg: Config, name: str, side: str, num_samples: int) -> str | None:
     """Why a side does not run (None: it runs)."""
     baseline = not side.startswith("gaugejax")
@@ -399,9 +465,11 @@ def _skip(cfg: Config, name: str, side: str, num_samples: int) -> str | None:
         if name != "w1":
             return "skipped: the Lie-deformation response is not ported to torch yet"
     if side == "gradsolve" and importlib.util.find_spec("gradsolve") is None:
-        return "skipped: gradsolve is not installed in this environment"
-    if side == "gradsolve":
-        return "skipped: no gradsolve adapter yet"
+        return "skipped: gradsolve is not installed (pip install -e '.[bench]')"
+    if side == "gradsolve" and name == "w3":
+        # its adaptive engines record accepted steps for a reverse-mode replay; a forward
+        # sensitivity under error control is not in its interface
+        return "skipped: gradsolve has no error-controlled forward sensitivity (w3)"
     return None
 
 
@@ -422,8 +490,10 @@ def measure(cfg: Config, name: str, key, num_samples: int) -> list[dict]:
                 data, per_sample = _gaugejax(cfg, w, ks, num_samples, side != "gaugejax")
             elif side == "naive_diffrax":
                 data, per_sample = _naive_diffrax(cfg, w, ks, num_samples, name != "w1")
-            else:
+            elif side == "torchdiffeq":
                 data, per_sample = _torch_w1(cfg, w, ks, num_samples)
+            else:
+                data, per_sample = _gradsolve(cfg, w, ks, num_samples, name != "w1")
         except Exception as e:  # a side that fails (e.g. out of memory) is a row, not a crash
             rows.append({**row, "status": f"failed: {type(e).__name__}: {str(e)[:300]}"})
             continue
