@@ -88,6 +88,22 @@ def _mha_inputs(key):
     )
 
 
+def _block(key):
+    return gj.BlockAttention(
+        5, 4, 2, num_kv_heads=2, value_dim=3, biases=("q", "k", "v", "o"), key=key
+    )
+
+
+def _block_rope(key):
+    return gj.BlockAttention(
+        5, 2, 4, value_dim=2, rope="half", activation="linear", causal=True, key=key
+    )
+
+
+def _block_x(key):
+    return jax.random.normal(key, (2, 4, 5))
+
+
 # Tolerances: 1e-7 relative for neural ODEs at rtol 1e-10 (two different solves of one flow,
 # each accurate to ~1e-9 relative, plus inverse maps by fixed point to 1e-16); 1e-12 for the
 # parameter families (float64 rounding through a few matmuls and inverses of matrices with
@@ -140,6 +156,19 @@ CASES = {
         lambda k: jax.random.normal(k, (2, 4, D)),
         _mlp,
         1e-8,
+    ),
+    # BlockAttention (float64 through a few matmuls, inverses and softmax): as the other
+    # parameter families. GQA with every bias and softmax; RoPE (both pairings) with
+    # activation-free causal scores
+    "block_gqa_biases": Case(
+        lambda k: gj.BlockAttentionGauge.from_model(_block(k)), _block, _block_x, _mlp, 1e-12
+    ),
+    "block_rope_linear": Case(
+        lambda k: gj.BlockAttentionGauge.from_model(_block_rope(k)),
+        _block_rope,
+        _block_x,
+        _mlp,
+        1e-12,
     ),
     "attention_eqx": Case(
         lambda k: gj.AttentionGauge.from_model(_eqx_mha(k)), _eqx_mha, _mha_inputs, _mlp, 1e-12

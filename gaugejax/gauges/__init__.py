@@ -14,6 +14,10 @@ from .base import (
     AbstractParameterGauge as AbstractParameterGauge,
     model_error as model_error,
 )
+from .block_attention import (
+    BlockAttentionElement as BlockAttentionElement,
+    BlockAttentionGauge as BlockAttentionGauge,
+)
 from .diffeo import FeatureShift as FeatureShift, SpatialDiffeoGauge as SpatialDiffeoGauge
 from .features import RandomFeatures as RandomFeatures
 from .lie import (

@@ -33,3 +33,8 @@ from .node import (
     MLPField as MLPField,
     NeuralODE as NeuralODE,
 )
+from .transformer import (
+    BlockAttention as BlockAttention,
+    apply_rope as apply_rope,
+    rope_pairs as rope_pairs,
+)

@@ -1,0 +1,283 @@
+"""The continuous gauge group of `BlockAttention`: biases, RoPE, grouped-query heads.
+
+Per key-value group g (shared by its query heads `i` with `g(i) = g`), in the row-vector
+convention of the module (`q = x Wq + bq`):
+
+- query-key `M_g`: `Wq_i -> alpha_i Wq_i M_g^T`, `bq_i -> alpha_i bq_i M_g^T`, `Wk_g -> Wk_g
+  M_g^-1`, `bk_g -> bk_g M_g^-1 + s_g`. Scores `<M q, M^-T k>` are unchanged. Without RoPE
+  `M_g` is any invertible k x k matrix (GL(k), k^2 dimensions). With RoPE the scores are
+  `<R_p q, R_r k>` with rotations R of each frequency pair, and only maps commuting with every
+  rotation survive: per pair a rotation-scaling, i.e. multiplication by a complex number z
+  (GL(1, C)^(k/2), k dimensions). The element then holds `(Re z, Im z)` per pair.
+- key-bias shift `s_g` (softmax, no RoPE, a key bias): adds `q . s` to every score of a query,
+  a constant over the keys, which softmax removes (causal masks included). Under RoPE the
+  shift is rotated by the key's position and no longer constant: not a symmetry there.
+- value-output `C_g` (GL(v)): `Wv_g -> Wv_g C_g`, `bv_g -> bv_g C_g + delta_g`, `Wo_i -> C_g^-1
+  Wo_i / alpha_i`, and with the value-bias shift `delta_g` (softmax, value and output biases)
+  `bo -> bo - sum_i delta_g(i) Wo_i'`: softmax rows sum to 1, so constant values pass through.
+- score scale `alpha_i > 0` per query head (activation-free scores only): `Wq_i, bq_i` times
+  `alpha_i`, `Wo_i` divided by it.
+
+Group law (g1 then g2): `M = M2 M1`, `s = s1 M2^-1 + s2`, `C = C1 C2`, `delta = delta1 C2 +
+delta2`, `alpha = alpha1 alpha2`. Exact for every element this family samples: alpha (linear
+scores) and delta (softmax) never meet.
+
+Symmetry-breaking controls (`control()`): with RoPE a generic GL(k) query-key element (a
+symmetry without RoPE); with softmax an alpha != 1; with linear scores a one-sided query map
+(`Wq M^T`, keys unchanged).
+"""
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..models.transformer import BlockAttention, rope_pairs
+from .attention import _well_conditioned
+from .base import AbstractParameterGauge, model_error
+
+
+BREAKINGS = (None, "generic_qk", "alpha", "one_sided")
+
+
+class BlockAttentionElement(eqx.Module):
+    """`qk`: (G, k, k) matrices, or with RoPE (G, k/2, 2) complex factors `(Re, Im)`;
+    `key_shift` (G, k) or (G, 0); `vo` (G, v, v); `value_shift` (G, v) or (G, 0); `alpha`
+    (H,) or (0,). Empty arrays: parts this family does not move."""
+
+    qk: Float[Array, "..."]
+    key_shift: Float[Array, "G ks"]
+    vo: Float[Array, "G v v"]
+    value_shift: Float[Array, "G vs"]
+    alpha: Float[Array, " a"]
+
+
+def _pair_matrix(z: Float[Array, "G p 2"], pairing: str) -> Float[Array, "G k k"]:
+    """The k x k matrices of per-pair complex multiplications (`rope_pairs` layout)."""
+    G, p, _ = z.shape
+    first, second = rope_pairs(2 * p, pairing)
+    M = jnp.zeros((G, 2 * p, 2 * p), z.dtype)
+    re, im = z[..., 0], z[..., 1]
+    M = M.at[:, first, first].set(re).at[:, second, second].set(re)
+    return M.at[:, first, second].set(-im).at[:, second, first].set(im)
+
+
+def _complex_mul(a, b):
+    return jnp.stack(
+        [
+            a[..., 0] * b[..., 0] - a[..., 1] * b[..., 1],
+            a[..., 0] * b[..., 1] + a[..., 1] * b[..., 0],
+        ],
+        axis=-1,
+    )
+
+
+class BlockAttentionGauge(AbstractParameterGauge):
+    """The continuous gauges of a `BlockAttention` (module docstring). Build it with
+    `BlockAttentionGauge.from_model(model)`.
+
+    **Fields:** `num_heads` H, `num_kv_heads` G, `head_dim` k, `value_dim` v; `rope` (None or
+    the model's pairing); `rescale` (alpha, activation-free scores), `key_shift`, `value_shift`;
+    `log_condition` of sampled matrices; `breaking`: None (the symmetry) or the control kind.
+    """
+
+    num_heads: int = eqx.field(static=True)
+    num_kv_heads: int = eqx.field(static=True)
+    head_dim: int = eqx.field(static=True)
+    value_dim: int = eqx.field(static=True)
+    rope: str | None = eqx.field(static=True, default=None)
+    rescale: bool = eqx.field(static=True, default=False)
+    key_shift: bool = eqx.field(static=True, default=False)
+    value_shift: bool = eqx.field(static=True, default=False)
+    log_condition: float = float(np.log(10.0))
+    breaking: str | None = eqx.field(static=True, default=None)
+    infinitesimal = False
+
+    def __check_init__(self):
+        if self.breaking not in BREAKINGS:
+            raise ValueError(f"`breaking` must be one of {BREAKINGS}; received {self.breaking!r}.")
+        if self.rescale and self.value_shift:
+            raise ValueError(
+                "`rescale` (activation-free scores) and `value_shift` (softmax) exclude each "
+                "other: no attention has both symmetries."
+            )
+        if self.rope is not None and self.key_shift:
+            raise ValueError(
+                "`key_shift` with RoPE: the rotated key bias is not constant over keys, so it "
+                "is no symmetry; pass key_shift=False."
+            )
+
+    @classmethod
+    def from_model(cls, model: BlockAttention, **kwargs: Any) -> "BlockAttentionGauge":
+        """The family with `model`'s sizes and every symmetry it has (overridable by
+        `kwargs`).
+
+        **Raises:** as `check_model`.
+        """
+        if not isinstance(model, BlockAttention):
+            raise model_error(cls.__name__, "a BlockAttention", model)
+        softmax = model.activation == "softmax"
+        fields = dict(
+            num_heads=model.num_heads,
+            num_kv_heads=model.num_kv_heads,
+            head_dim=model.Wq.shape[2],
+            value_dim=model.Wv.shape[2],
+            rope=model.rope,
+            rescale=not softmax,
+            key_shift=softmax and model.rope is None and model.bk is not None,
+            value_shift=softmax and model.bv is not None and model.bo is not None,
+        )
+        gauge = cls(**{**fields, **kwargs})
+        gauge.check_model(model)
+        return gauge
+
+    def check_model(self, model: Any) -> None:
+        """Raise unless this family acts on `model`; nothing is traced.
+
+        **Raises:** `TypeError` for anything but a `BlockAttention`; `ValueError` for other
+        sizes or RoPE pairing, `rescale` on softmax scores, a shift without the biases it
+        needs or on scores that are not softmax.
+        """
+        if not isinstance(model, BlockAttention):
+            raise model_error(
+                self, "a BlockAttention", model, how="(build one with gj.BlockAttention)"
+            )
+        sizes = (model.num_heads, model.num_kv_heads, model.Wq.shape[2], model.Wv.shape[2])
+        mine = (self.num_heads, self.num_kv_heads, self.head_dim, self.value_dim)
+        if sizes != mine:
+            raise ValueError(
+                f"{type(self).__name__} has (heads, kv heads, head_dim, value_dim) = {mine}; the "
+                f"model has {sizes}."
+            )
+        if model.rope != self.rope:
+            raise ValueError(
+                f"{type(self).__name__}(rope={self.rope!r}) on a model with rope={model.rope!r}."
+            )
+        softmax = model.activation == "softmax"
+        symmetric = self.breaking is None
+        if symmetric and self.rescale and softmax:
+            raise ValueError("`rescale=True` on softmax scores: alpha != 1 is no symmetry there.")
+        if self.key_shift and (model.bk is None or not softmax):
+            raise ValueError("`key_shift` needs a key bias (`biases` with 'k') and softmax.")
+        if self.value_shift and (model.bv is None or model.bo is None or not softmax):
+            raise ValueError(
+                "`value_shift` needs value and output biases (`biases` with 'v' and 'o') and "
+                "softmax scores (rows summing to 1)."
+            )
+
+    def _pairs(self) -> bool:
+        return self.rope is not None and self.breaking != "generic_qk"
+
+    def identity(self) -> BlockAttentionElement:
+        G, H, k, v = self.num_kv_heads, self.num_heads, self.head_dim, self.value_dim
+        if self._pairs():
+            qk = jnp.zeros((G, k // 2, 2)).at[..., 0].set(1.0)
+        else:
+            qk = jnp.broadcast_to(jnp.eye(k), (G, k, k))
+        return BlockAttentionElement(
+            qk,
+            jnp.zeros((G, k if self.key_shift else 0)),
+            jnp.broadcast_to(jnp.eye(v), (G, v, v)),
+            jnp.zeros((G, v if self.value_shift else 0)),
+            jnp.ones((H if self.rescale or self.breaking == "alpha" else 0,)),
+        )
+
+    def sample(self, key: PRNGKeyArray) -> BlockAttentionElement:
+        kq, kv, ks, kd, ka, kp = jax.random.split(key, 6)
+        base = self.identity()
+        G, k, v = self.num_kv_heads, self.head_dim, self.value_dim
+        if self._pairs():
+            r = jnp.exp(jax.random.uniform(kq, (G, k // 2), minval=-0.5, maxval=0.5))
+            phi = jax.random.uniform(kp, (G, k // 2), minval=-np.pi, maxval=np.pi)
+            qk = jnp.stack([r * jnp.cos(phi), r * jnp.sin(phi)], axis=-1)
+        else:
+            qk = _well_conditioned(kq, (G, k, k), self.log_condition)
+        alpha = jnp.exp(0.5 * jax.random.normal(ka, base.alpha.shape))
+        return BlockAttentionElement(
+            qk,
+            jax.random.normal(ks, base.key_shift.shape),
+            _well_conditioned(kv, (G, v, v), self.log_condition),
+            jax.random.normal(kd, base.value_shift.shape),
+            alpha,
+        )
+
+    def _qk_matrix(self, g: BlockAttentionElement) -> Array:
+        return _pair_matrix(g.qk, self.rope) if self._pairs() else g.qk
+
+    def inverse(self, g: BlockAttentionElement) -> BlockAttentionElement:
+        if self._pairs():
+            norm = jnp.sum(g.qk**2, axis=-1, keepdims=True)
+            qk = jnp.stack([g.qk[..., 0], -g.qk[..., 1]], axis=-1) / norm
+        else:
+            qk = jnp.linalg.inv(g.qk)
+        M = self._qk_matrix(g)
+        key_shift = -jnp.einsum("gk,gkl->gl", g.key_shift, M) if g.key_shift.size else g.key_shift
+        Cinv = jnp.linalg.inv(g.vo)
+        value_shift = (
+            -jnp.einsum("gv,gvw->gw", g.value_shift, Cinv) if g.value_shift.size else g.value_shift
+        )
+        return BlockAttentionElement(qk, key_shift, Cinv, value_shift, 1.0 / g.alpha)
+
+    def compose(self, g1: BlockAttentionElement, g2: BlockAttentionElement):
+        qk = _complex_mul(g2.qk, g1.qk) if self._pairs() else g2.qk @ g1.qk
+        M2inv = jnp.linalg.inv(self._qk_matrix(g2))
+        key_shift = g2.key_shift
+        if g1.key_shift.size:
+            key_shift = jnp.einsum("gk,gkl->gl", g1.key_shift, M2inv) + g2.key_shift
+        value_shift = g2.value_shift
+        if g1.value_shift.size:
+            value_shift = jnp.einsum("gv,gvw->gw", g1.value_shift, g2.vo) + g2.value_shift
+        return BlockAttentionElement(qk, key_shift, g1.vo @ g2.vo, value_shift, g1.alpha * g2.alpha)
+
+    def control(self) -> "BlockAttentionGauge":
+        """The symmetry-breaking family: a generic GL(k) query-key map under RoPE, alpha != 1
+        under softmax, a one-sided query map for activation-free scores."""
+        if self.rope is not None:
+            kind = "generic_qk"
+        elif self.rescale:
+            kind = "one_sided"
+        else:
+            kind = "alpha"
+        return dataclasses.replace(self, breaking=kind, key_shift=False, value_shift=False)
+
+    def act(self, g: BlockAttentionElement, model: BlockAttention) -> BlockAttention:
+        self.check_model(model)
+        group = model.group
+        M = self._qk_matrix(g)  # (G, k, k)
+        Mq = M[group]  # per query head
+        alpha = g.alpha if g.alpha.size else jnp.ones((self.num_heads,), M.dtype)
+        Wq = alpha[:, None, None] * jnp.einsum("hdk,hlk->hdl", model.Wq, Mq)
+        bq = model.bq
+        if bq is not None:
+            bq = alpha[:, None] * jnp.einsum("hk,hlk->hl", bq, Mq)
+        Wk, bk = model.Wk, model.bk
+        if self.breaking != "one_sided":
+            Minv = jnp.linalg.inv(M)
+            Wk = jnp.einsum("gdk,gkl->gdl", Wk, Minv)
+            if bk is not None:
+                bk = jnp.einsum("gk,gkl->gl", bk, Minv)
+        if bk is not None and g.key_shift.size:
+            bk = bk + g.key_shift
+        C = g.vo
+        Wv = jnp.einsum("gdv,gvw->gdw", model.Wv, C)
+        bv = model.bv
+        if bv is not None:
+            bv = jnp.einsum("gv,gvw->gw", bv, C)
+            if g.value_shift.size:
+                bv = bv + g.value_shift
+        Cinv = jnp.linalg.inv(C)[group]
+        # under softmax (the "alpha" control) dividing the output cannot undo the scaled scores
+        Wo = jnp.einsum("hvw,hwd->hvd", Cinv, model.Wo) / alpha[:, None, None]
+        bo = model.bo
+        if bo is not None and g.value_shift.size:
+            bo = bo - jnp.einsum("hv,hvd->d", g.value_shift[group], Wo)
+        return eqx.tree_at(
+            lambda m: (m.Wq, m.bq, m.Wk, m.bk, m.Wv, m.bv, m.Wo, m.bo),
+            model,
+            (Wq, bq, Wk, bk, Wv, bv, Wo, bo),
+            is_leaf=lambda x: x is None,
+        )
