@@ -104,6 +104,19 @@ def _block_x(key):
     return jax.random.normal(key, (2, 4, 5))
 
 
+def _decoder(key):
+    k1, k2 = jax.random.split(key)
+    dec = gj.Decoder(4, 3, 4, 2, 2, 2, 3, norm_gain=True, key=k1, biases=("v", "o"))
+    # random gains (not all ones), so the conjugated reads D^-1 Q^T D are tested
+    gains = 1.0 + 0.5 * jax.random.uniform(k2, (5, 4))
+    norms = lambda m: [m.norm] + [n for b in m.blocks for n in (b.norm1, b.norm2)]  # noqa: E731
+    return eqx.tree_at(lambda m: [n.weight for n in norms(m)], dec, list(gains))
+
+
+def _decoder_x(key):
+    return jax.random.normal(key, (2, 3, 4))
+
+
 # Tolerances: 1e-7 relative for neural ODEs at rtol 1e-10 (two different solves of one flow,
 # each accurate to ~1e-9 relative, plus inverse maps by fixed point to 1e-16); 1e-12 for the
 # parameter families (float64 rounding through a few matmuls and inverses of matrices with
@@ -169,6 +182,11 @@ CASES = {
         _block_x,
         _mlp,
         1e-12,
+    ),
+    # a 2-block RMSNorm decoder (SwiGLU, gains on, value and output biases): rotations,
+    # attention, scales
+    "decoder": Case(
+        lambda k: gj.DecoderGauge.from_model(_decoder(k)), _decoder, _decoder_x, _mlp, 1e-12
     ),
     "attention_eqx": Case(
         lambda k: gj.AttentionGauge.from_model(_eqx_mha(k)), _eqx_mha, _mha_inputs, _mlp, 1e-12

@@ -18,6 +18,7 @@ from .block_attention import (
     BlockAttentionElement as BlockAttentionElement,
     BlockAttentionGauge as BlockAttentionGauge,
 )
+from .decoder import DecoderElement as DecoderElement, DecoderGauge as DecoderGauge
 from .diffeo import FeatureShift as FeatureShift, SpatialDiffeoGauge as SpatialDiffeoGauge
 from .features import RandomFeatures as RandomFeatures
 from .lie import (

@@ -35,6 +35,9 @@ from .node import (
 )
 from .transformer import (
     BlockAttention as BlockAttention,
+    BlockMLP as BlockMLP,
+    Decoder as Decoder,
+    TransformerBlock as TransformerBlock,
     apply_rope as apply_rope,
     rope_pairs as rope_pairs,
 )

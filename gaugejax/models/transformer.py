@@ -19,6 +19,7 @@ keys after the query.
 """
 
 import math
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -174,3 +175,132 @@ class BlockAttention(eqx.Module):
         heads = jnp.einsum("hnm,hmv->hnv", weights, vv[g])
         y = jnp.einsum("hnv,hvd->nd", heads, self.Wo)
         return y if self.bo is None else y + self.bo
+
+
+MLP_KINDS = ("swiglu", "gelu")
+NORMS = ("rms", "layer")
+
+
+class BlockMLP(eqx.Module):
+    """The MLP of a block. `kind="swiglu"`: `(silu(x W1) * (x W3)) W2` (LLaMA; no biases);
+    `kind="gelu"`: `gelu(x W1 + b1) W2 + b2` (GPT-2). `W1`, `W3` (d, f), `W2` (f, d)."""
+
+    W1: Float[Array, "d f"]
+    W2: Float[Array, "f d"]
+    W3: Float[Array, "d f"] | None
+    b1: Float[Array, " f"] | None
+    b2: Float[Array, " d"] | None
+    kind: str = eqx.field(static=True)
+
+    def __init__(
+        self, dim: int, hidden: int, kind: str = "swiglu", *, key: PRNGKeyArray, dtype=None
+    ):
+        if kind not in MLP_KINDS:
+            raise ValueError(f"`kind` must be one of {MLP_KINDS}; received {kind!r}.")
+        dtype = jnp.zeros(()).dtype if dtype is None else dtype
+        k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+        self.W1 = jax.random.normal(k1, (dim, hidden), dtype) / math.sqrt(dim)
+        self.W2 = jax.random.normal(k2, (hidden, dim), dtype) / math.sqrt(hidden)
+        gated = kind == "swiglu"
+        self.W3 = jax.random.normal(k3, (dim, hidden), dtype) / math.sqrt(dim) if gated else None
+        self.b1 = None if gated else 0.5 * jax.random.normal(k4, (hidden,), dtype)
+        self.b2 = None if gated else 0.5 * jax.random.normal(k5, (dim,), dtype)
+        self.kind = kind
+
+    def __call__(self, x: Float[Array, "n d"]) -> Float[Array, "n d"]:
+        if self.kind == "swiglu":
+            return (jax.nn.silu(x @ self.W1) * (x @ self.W3)) @ self.W2
+        return jax.nn.gelu(x @ self.W1 + self.b1, approximate=False) @ self.W2 + self.b2
+
+
+class TransformerBlock(eqx.Module):
+    """A pre-norm block: `x + attn(norm1(x))`, then `+ mlp(norm2(x))`.
+
+    **Arguments:** `dim`, `num_heads`, `head_dim`, `hidden` (MLP width); `norm`: `"rms"`
+    (`eqx.nn.RMSNorm`) or `"layer"` (`eqx.nn.LayerNorm`); `norm_gain`: whether the norms
+    have a gain (False: folded into the next weights, as rotation-based methods do); `mlp`:
+    `"swiglu"` or `"gelu"`; the other keywords go to `BlockAttention`.
+    """
+
+    norm1: eqx.nn.RMSNorm | eqx.nn.LayerNorm
+    attn: BlockAttention
+    norm2: eqx.nn.RMSNorm | eqx.nn.LayerNorm
+    mlp: BlockMLP
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        hidden: int,
+        *,
+        key: PRNGKeyArray,
+        norm: str = "rms",
+        norm_gain: bool = False,
+        mlp: str = "swiglu",
+        dtype=None,
+        **attention: Any,
+    ):
+        if norm not in NORMS:
+            raise ValueError(f"`norm` must be one of {NORMS}; received {norm!r}.")
+        ka, km = jax.random.split(key)
+        make = eqx.nn.RMSNorm if norm == "rms" else eqx.nn.LayerNorm
+        dtype = jnp.zeros(()).dtype if dtype is None else dtype
+        self.norm1 = make(dim, use_weight=norm_gain, use_bias=False, dtype=dtype)
+        self.norm2 = make(dim, use_weight=norm_gain, use_bias=False, dtype=dtype)
+        self.attn = BlockAttention(dim, num_heads, head_dim, key=ka, dtype=dtype, **attention)
+        self.mlp = BlockMLP(dim, hidden, mlp, key=km, dtype=dtype)
+
+    def __call__(self, x: Float[Array, "n d"]) -> Float[Array, "n d"]:
+        x = x + self.attn(jax.vmap(self.norm1)(x))
+        return x + self.mlp(jax.vmap(self.norm2)(x))
+
+
+class Decoder(eqx.Module):
+    """A small decoder: `W_in` (in, d) into the residual stream, `TransformerBlock`s (causal
+    attention by default), a final norm and `W_out` (d, out).
+
+    **Arguments:** `in_dim`, `out_dim`, `dim`, `num_blocks`, and `TransformerBlock`'s
+    arguments (`num_heads`, `head_dim`, `hidden`, `norm`, `norm_gain`, `mlp`, attention
+    keywords; `causal` defaults to True here).
+    """
+
+    W_in: Float[Array, "i d"]
+    blocks: tuple[TransformerBlock, ...]
+    norm: eqx.nn.RMSNorm | eqx.nn.LayerNorm
+    W_out: Float[Array, "d o"]
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        dim: int,
+        num_blocks: int,
+        num_heads: int,
+        head_dim: int,
+        hidden: int,
+        *,
+        key: PRNGKeyArray,
+        norm: str = "rms",
+        norm_gain: bool = False,
+        dtype=None,
+        **block: Any,
+    ):
+        block.setdefault("causal", True)
+        dtype = jnp.zeros(()).dtype if dtype is None else dtype
+        keys = jax.random.split(key, num_blocks + 2)
+        self.W_in = jax.random.normal(keys[0], (in_dim, dim), dtype) / math.sqrt(in_dim)
+        self.blocks = tuple(
+            TransformerBlock(dim, num_heads, head_dim, hidden, key=k, norm=norm,
+                             norm_gain=norm_gain, dtype=dtype, **block)
+            for k in keys[2:]
+        )  # fmt: skip
+        make = eqx.nn.RMSNorm if norm == "rms" else eqx.nn.LayerNorm
+        self.norm = make(dim, use_weight=norm_gain, use_bias=False, dtype=dtype)
+        self.W_out = jax.random.normal(keys[1], (dim, out_dim), dtype) / math.sqrt(dim)
+
+    def __call__(self, x: Float[Array, "n i"]) -> Float[Array, "n o"]:
+        h = x @ self.W_in
+        for b in self.blocks:
+            h = b(h)
+        return jax.vmap(self.norm)(h) @ self.W_out

@@ -1,0 +1,204 @@
+"""The continuous gauge group of an RMSNorm `Decoder`: rotations of the residual stream, every
+block's attention gauges, and SwiGLU's per-unit rescaling.
+
+- Residual rotation `Q` in O(d): `W_in -> W_in Q`; every write into the stream (`Wo`, `bo`,
+  `W2`, `b2`) `-> (.) Q`; every read after a norm with gain `g` (`Wq`, `Wk`, `Wv`, `W1`, `W3`,
+  `W_out`) `-> D^-1 Q^T D (.)` with `D = diag(g)` (`D = 1` without a gain). Exact because
+  `RMSNorm(x Q) = RMSNorm(x) Q` (an orthogonal map keeps `mean(x^2)`) and `D` is invertible:
+  the exact condition is an RMSNorm (no mean subtraction) whose gain has no zero entry.
+  LayerNorm subtracts the mean, so only rotations fixing the all-ones vector would survive
+  (and the mean direction of every read and write becomes free): not this family; refused.
+- Per block, `BlockAttentionGauge` on its attention (acting on the head side, so it commutes
+  with `Q`), and for a SwiGLU MLP per hidden unit `c_j > 0`: `W3[:, j] -> c_j W3[:, j]`,
+  `W2[j] -> W2[j] / c_j` (the gate `silu(x W1)` is untouched).
+
+Group law: `Q = Q1 Q2`, the attention elements by their law, `c = c1 c2`. `act` uses the
+orthogonal polar factor of `Q` (Newton-Schulz iterations; a sampled `Q` is its own), so
+`tangent` along any d x d direction is the rotation along its skew part.
+
+Control: a generic invertible residual map (not orthogonal, applied as is), which RMSNorm does
+not commute with.
+"""
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..models.transformer import Decoder
+from .attention import _well_conditioned
+from .base import AbstractParameterGauge, model_error
+from .block_attention import BlockAttentionElement, BlockAttentionGauge
+
+
+class DecoderElement(eqx.Module):
+    """`rotation` (d, d); `attention`: one `BlockAttentionElement` per block; `scales`: per
+    block (f,) SwiGLU unit scales, or (0,) for a GELU MLP."""
+
+    rotation: Float[Array, "d d"]
+    attention: tuple[BlockAttentionElement, ...]
+    scales: tuple[Float[Array, " f"], ...]
+
+
+def _polar(X: Float[Array, "d d"], iterations: int = 6) -> Float[Array, "d d"]:
+    """The orthogonal polar factor by Newton-Schulz (`X <- 1.5 X - 0.5 X X^T X`): a fixed point
+    for orthogonal X, and at X = 1 + a E its derivative is the skew part of E."""
+    for _ in range(iterations):
+        X = 1.5 * X - 0.5 * X @ X.T @ X
+    return X
+
+
+def _gain(norm, d, dtype):
+    if norm.weight is None:
+        return jnp.ones((d,), dtype)
+    # the reads need diag(g) invertible (a data condition: checked in the graph)
+    return eqx.error_if(
+        norm.weight,
+        jnp.any(norm.weight == 0),
+        "DecoderGauge: an RMSNorm gain with a zero entry (fold the gain into the next weights)",
+    )
+
+
+class DecoderGauge(AbstractParameterGauge):
+    """Residual rotations, attention gauges and SwiGLU scalings of an RMSNorm `Decoder`
+    (module docstring). Build it with `DecoderGauge.from_model(model)`.
+
+    **Fields:** `dim` d; `attention`: one `BlockAttentionGauge` per block; `hidden`: per block
+    the SwiGLU width (0 for GELU); `log_condition` of the control's residual maps; `breaking`.
+    """
+
+    dim: int = eqx.field(static=True)
+    attention: tuple[BlockAttentionGauge, ...]
+    hidden: tuple[int, ...] = eqx.field(static=True)
+    log_condition: float = float(np.log(10.0))
+    breaking: bool = eqx.field(static=True, default=False)
+    infinitesimal = False
+
+    @classmethod
+    def from_model(cls, model: Decoder, **kwargs: Any) -> "DecoderGauge":
+        """The family with `model`'s sizes and its attention families.
+
+        **Raises:** as `check_model`.
+        """
+        if not isinstance(model, Decoder):
+            raise model_error(cls.__name__, "a Decoder", model)
+        attention = tuple(BlockAttentionGauge.from_model(b.attn) for b in model.blocks)
+        hidden = tuple(b.mlp.W1.shape[1] if b.mlp.kind == "swiglu" else 0 for b in model.blocks)
+        gauge = cls(model.W_in.shape[1], attention, hidden, **kwargs)
+        gauge.check_model(model)
+        return gauge
+
+    def check_model(self, model: Any) -> None:
+        """**Raises:** `TypeError` for anything but a `Decoder`; `ValueError` for other sizes or
+        LayerNorm norms. (An RMSNorm gain with a zero entry fails in `act`, by
+        `eqx.error_if`: a data condition.)"""
+        if not isinstance(model, Decoder):
+            raise model_error(self, "a Decoder", model, how="(build one with gj.Decoder)")
+        if model.W_in.shape[1] != self.dim or len(model.blocks) != len(self.attention):
+            raise ValueError(
+                f"{type(self).__name__} is for d = {self.dim} with {len(self.attention)} blocks; "
+                f"the model has d = {model.W_in.shape[1]} with {len(model.blocks)}."
+            )
+        norms = [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
+        if any(isinstance(n, eqx.nn.LayerNorm) for n in norms):
+            raise ValueError(
+                "an orthogonal residual map on a LayerNorm decoder: LayerNorm subtracts the "
+                "mean, so it commutes only with rotations fixing the all-ones vector; this "
+                "family needs RMSNorm (`norm='rms'`)."
+            )
+        for gauge, block in zip(self.attention, model.blocks, strict=True):
+            gauge.check_model(block.attn)
+
+    def identity(self) -> DecoderElement:
+        return DecoderElement(
+            jnp.eye(self.dim),
+            tuple(g.identity() for g in self.attention),
+            tuple(jnp.ones((f,)) for f in self.hidden),
+        )
+
+    def sample(self, key: PRNGKeyArray) -> DecoderElement:
+        kq, ka, ks = jax.random.split(key, 3)
+        if self.breaking:
+            rotation = _well_conditioned(kq, (self.dim, self.dim), self.log_condition)
+        else:
+            S = 0.5 * jax.random.normal(kq, (self.dim, self.dim))
+            rotation = jax.scipy.linalg.expm(S - S.T)
+        keys = jax.random.split(ka, len(self.attention))
+        skeys = jax.random.split(ks, len(self.hidden))
+        return DecoderElement(
+            rotation,
+            tuple(g.sample(k) for g, k in zip(self.attention, keys, strict=True)),
+            tuple(
+                jnp.exp(0.5 * jax.random.normal(k, (f,)))
+                for f, k in zip(self.hidden, skeys, strict=True)
+            ),
+        )
+
+    def inverse(self, g: DecoderElement) -> DecoderElement:
+        rotation = jnp.linalg.inv(g.rotation) if self.breaking else g.rotation.T
+        return DecoderElement(
+            rotation,
+            tuple(a.inverse(e) for a, e in zip(self.attention, g.attention, strict=True)),
+            tuple(1.0 / c for c in g.scales),
+        )
+
+    def compose(self, g1: DecoderElement, g2: DecoderElement) -> DecoderElement:
+        return DecoderElement(
+            g1.rotation @ g2.rotation,
+            tuple(
+                a.compose(e1, e2)
+                for a, e1, e2 in zip(self.attention, g1.attention, g2.attention, strict=True)
+            ),
+            tuple(c1 * c2 for c1, c2 in zip(g1.scales, g2.scales, strict=True)),
+        )
+
+    def control(self) -> "DecoderGauge":
+        """A generic invertible (not orthogonal) residual map: RMSNorm breaks it."""
+        return dataclasses.replace(self, breaking=True)
+
+    def act(self, g: DecoderElement, model: Decoder) -> Decoder:
+        self.check_model(model)
+        Q = g.rotation if self.breaking else _polar(g.rotation)
+        Qinv = jnp.linalg.inv(Q) if self.breaking else Q.T
+        dtype = model.W_in.dtype
+
+        def read(norm, W):  # W (..., d, n) read after `norm`: D^-1 Q^-1 D W
+            D = _gain(norm, self.dim, dtype)
+            return jnp.einsum("i,ij,j,...jn->...in", 1.0 / D, Qinv, D, W)
+
+        blocks = []
+        for block, gauge, elem, c in zip(
+            model.blocks, self.attention, g.attention, g.scales, strict=True
+        ):
+            attn = gauge.act(elem, block.attn)
+            attn = eqx.tree_at(
+                lambda a: (a.Wq, a.Wk, a.Wv, a.Wo, a.bo),
+                attn,
+                (
+                    read(block.norm1, attn.Wq),
+                    read(block.norm1, attn.Wk),
+                    read(block.norm1, attn.Wv),
+                    attn.Wo @ Q,
+                    None if attn.bo is None else attn.bo @ Q,
+                ),
+                is_leaf=lambda x: x is None,
+            )
+            mlp = block.mlp
+            W3 = None if mlp.W3 is None else read(block.norm2, mlp.W3) * c
+            W2 = (mlp.W2 / c[:, None]) if c.size else mlp.W2
+            mlp = eqx.tree_at(
+                lambda m: (m.W1, m.W3, m.W2, m.b2),
+                mlp,
+                (read(block.norm2, mlp.W1), W3, W2 @ Q, None if mlp.b2 is None else mlp.b2 @ Q),
+                is_leaf=lambda x: x is None,
+            )
+            blocks.append(eqx.tree_at(lambda b: (b.attn, b.mlp), block, (attn, mlp)))
+        return eqx.tree_at(
+            lambda m: (m.W_in, m.blocks, m.W_out),
+            model,
+            (model.W_in @ Q, tuple(blocks), read(model.norm, model.W_out)),
+        )
