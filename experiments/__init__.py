@@ -9,6 +9,7 @@ from . import (
     node_symmetry,
     orbit_geometry,
     reproduce,
+    symmetry_census,
 )
 
 
@@ -18,6 +19,7 @@ EXPERIMENTS = {
     "attention_symmetry": attention_symmetry,
     "gauge_fixing": gauge_fixing,
     "orbit_geometry": orbit_geometry,
+    "symmetry_census": symmetry_census,
     "reproduce": reproduce,
     "benchmark_sweep": benchmark_sweep,
 }

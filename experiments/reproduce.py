@@ -28,6 +28,7 @@ class Config:
         "attention_symmetry",
         "gauge_fixing",
         "orbit_geometry",
+        "symmetry_census",
     )
     checks: tuple[str, ...] = ()
     # experiments run concurrently on this many threads (1: one after another, so each
@@ -76,6 +77,8 @@ SMOKE_CHECKS = (
     "attention_symmetry.attention_node",
     "orbit_geometry.mlp",
     "orbit_geometry.drift",
+    "symmetry_census.linear_net",
+    "symmetry_census.relu_mlp",
 )
 EXPENSIVE_FIRST = ("node_symmetry", "gauge_fixing")
 PRESETS = {
@@ -183,6 +186,9 @@ def write_report(path: Path, claims_by_exp: dict, env: dict, config: Config, wal
         for fig in summary["figures"]:
             lines.append(f"![{Path(fig).stem}]({name}/{fig})")
         lines.append("")
+        table = path.parent / name / "census.md"  # symmetry_census's table, as it wrote it
+        if table.exists():
+            lines += [table.read_text().rstrip(), ""]
     by_id = {r["id"]: r for r in rows}
     lines += ["## Where our numerics disagree with the paper as printed", ""]
     for row_id, text in DISAGREEMENTS:

@@ -111,6 +111,15 @@ def _read_spectrum(s: np.ndarray, n: int, eps: float, null_tol: float, min_gap: 
     )
 
 
+def _check_finite(a: np.ndarray, what: str) -> None:
+    if not np.isfinite(a).all():
+        raise ValueError(
+            f"{what} has {int(np.sum(~np.isfinite(a)))} non-finite entries: `fn` is not "
+            "differentiable at `params` for these `inputs` (e.g. a norm or pooling of an "
+            "all-zero window); move the point or the inputs."
+        )
+
+
 def _orthonormal_columns(a: np.ndarray, rtol: float) -> np.ndarray:
     """An orthonormal basis of the span of `a`'s columns (numerical rank at `rtol`)."""
     if a.size == 0:
@@ -152,8 +161,8 @@ def symmetry_dimension(
     **Returns:** a `SymmetryDimension`.
 
     **Raises:** `ValueError` for an unknown `method`, params without inexact arrays, bad
-    thresholds, or (`method="dense"`) a Jacobian above `max_dense_bytes` (its estimated size,
-    and the `method="randomized"` suggestion).
+    thresholds, a Jacobian with non-finite entries, or (`method="dense"`) a Jacobian above
+    `max_dense_bytes` (its estimated size, and the `method="randomized"` suggestion).
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}; received {method!r}.")
@@ -191,6 +200,7 @@ def symmetry_dimension(
         forward = n <= m
         jac = jax.jit(jax.jacfwd(f) if forward else jax.jacrev(f))(flat)
         jac = np.asarray(jac).reshape(m, n)
+        _check_finite(jac, "the Jacobian")
         _, s, vt = np.linalg.svd(jac, full_matrices=True)
         s = np.concatenate([s, np.zeros(n - s.size)])  # a wide Jacobian's structural zeros
         dim, gap, reason = _read_spectrum(s, n, eps, null_tol, min_gap)
@@ -211,6 +221,7 @@ def symmetry_dimension(
         omega = jax.random.normal(jax.random.fold_in(key, k), (n, k), dtype)
         q, _ = np.linalg.qr(np.asarray(jvps(omega)))  # (m, k): the range of J
         b = np.asarray(vjps(jnp.asarray(q.T)))  # (k, n) = Q^T J
+        _check_finite(b, "Q^T J (the range finder's projection)")
         matvecs += 2 * k
         _, s, vt = np.linalg.svd(b, full_matrices=False)
         if (s.size and s[-1] <= null_tol * s[0]) or k >= full:
@@ -224,26 +235,42 @@ def symmetry_dimension(
     )  # fmt: skip
 
 
-def gauge_generators(gauge: AbstractGauge, model: Any) -> Float[Array, "n k"]:
+def gauge_generators(
+    gauge: AbstractGauge, model: Any, free: PyTree | None = None
+) -> Float[Array, "n k"]:
     """The generators of a parameter gauge family at `model`: the tangents along every
     coordinate direction of its Lie algebra (`identity()`'s entries), as columns in the
     flattened coordinates `symmetry_dimension` uses for `eqx.filter(model,
     eqx.is_inexact_array)`.
 
-    **Arguments:** `gauge`: an `AbstractGauge` acting on the parameters of `model`.
+    **Arguments:**
 
-    **Returns:** an `(num_params, k)` array (`k` = entries of `identity()`; columns may be
-    dependent or zero: `compare_symmetries` takes their span).
+    - `gauge`: an `AbstractGauge` acting on the parameters of `model`.
+    - `free`: optional boolean PyTree shaped like `identity()`: only its True entries are
+      directions of the group (e.g. `DiscreteLinearGauge` holds its fixed ends `G_0 = G_N =
+      1` in the element; moving them is no symmetry).
 
-    **Raises:** as `gauge.check_model`.
+    **Returns:** an `(num_params, k)` array (`k` = entries of `identity()`, or the True ones of
+    `free`; columns may be dependent or zero: `compare_symmetries` takes their span).
+
+    **Raises:** as `gauge.check_model`; `ValueError` for a `free` of another shape.
     """
     gauge.check_model(model)
     base, unravel = ravel_pytree(gauge.identity())
+    directions = np.eye(base.size)
+    if free is not None:
+        mask = np.asarray(ravel_pytree(jax.tree.map(jnp.asarray, free))[0], dtype=bool)
+        if mask.shape != base.shape:
+            raise ValueError(
+                f"`free` must have the shape of `identity()` ({base.size} entries); received "
+                f"{mask.size} entries."
+            )
+        directions = directions[mask]
 
     def column(e):
         return ravel_pytree(gauge.tangent(model, unravel(e)))[0]
 
-    return jax.jit(jax.vmap(column, out_axes=1))(jnp.eye(base.size, dtype=base.dtype))
+    return jax.jit(jax.vmap(column, out_axes=1))(jnp.asarray(directions, dtype=base.dtype))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,5 +131,7 @@ def test_no_gap_is_inconclusive_and_bad_input_is_refused():
         gj.symmetry_dimension(fn, {"w": jnp.ones(n)}, 0.0, method="dense", max_dense_bytes=100)
     with pytest.raises(ValueError, match="`method`"):
         gj.symmetry_dimension(fn, {"w": jnp.ones(n)}, 0.0, method="svd")
+    with pytest.raises(ValueError, match="non-finite"):  # d sqrt(x) at 0
+        gj.symmetry_dimension(lambda p, x: jnp.sqrt(p["w"]), {"w": jnp.zeros(3)}, 0.0)
     with pytest.raises(ValueError, match="floating-point"):
         gj.symmetry_dimension(fn, {"w": jnp.arange(3)}, 0.0)

@@ -20,6 +20,7 @@ from experiments import (
     node_symmetry,
     orbit_geometry,
     reproduce,
+    symmetry_census,
 )
 from experiments._config import load_config, make_config
 from gaugejax import io
@@ -551,3 +552,24 @@ def test_benchmark_gradsolve_side_integrates_the_same_fields():
     _, ours_per_sample = benchmark_sweep._gaugejax(cfg, w, ks, 4, False)
     _, other = benchmark_sweep._gradsolve(cfg, w, jax.random.fold_in(ks, 7), 4, False)
     assert abs(other - ours_per_sample).max() > ours_per_sample.max() / 10
+
+
+def test_symmetry_census_smoke_writes_the_table_and_its_claims(tmp_path):
+    """The census at its smoke preset (the cheap checks): the linear net's count (Eq. 33,
+    (L-1)(d^2 + d) = 40) explained by the family once its fixed ends are excluded, ReLU MLP
+    depth 1 without excess; the table and both figures are written."""
+    cfg = make_config(
+        symmetry_census.Config,
+        {**symmetry_census.PRESETS["smoke"], "checks": ["linear_net", "relu_mlp"]},
+    )
+    summary = symmetry_census.run(cfg, tmp_path)
+    claims = {c["id"]: c for c in summary["claims"]}
+    assert all(c["verdict"] == "pass" for c in claims.values()), claims
+    assert claims["census_linear:linear net, 3 layers (Eq. 33)"]["measured"] == 40
+    assert claims["census_relu_depth1"]["measured"] == 0
+    table = (tmp_path / "census.md").read_text()
+    assert "| linear net, 3 layers (Eq. 33) | 40 | 40 |" in table
+    assert "ReLU MLP depth 2 width 4, 50 inputs" in table
+    assert {Path(f).name for f in summary["figures"]} == {"spectra.png", "relu_excess.png"}
+    with pytest.raises(ValueError, match="head_dim"):
+        make_config(symmetry_census.Config, {"head_dim": 3})
