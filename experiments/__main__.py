@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    from gaugejax import configure_cpu_devices, io
+    from gaugejax import configure_cpu_devices, intra_op_threads, io
 
     from . import EXPERIMENTS
 
@@ -64,21 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cpu-devices",
         metavar="N",
-        help="expose N CPU devices (or 'auto': one per core) that sweeps shard over; default 1. "
-        "reproduce already runs its experiments in parallel threads, which share the cores",
+        help="expose N CPU devices (or 'auto': one per core) that sweeps shard over (default: "
+        "those XLA_FLAGS gives, one unless set); reproduce already runs its experiments in "
+        "parallel threads, which share the cores",
     )
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (TOML values)")
     args = parser.parse_intermixed_args(argv)  # overrides may follow --config
-    n = "1" if args.cpu_devices is None else args.cpu_devices
-    if n != "auto" and not (n.isdigit() and int(n) > 0):
+    n = args.cpu_devices
+    if n is None:
+        # the devices XLA_FLAGS gives (one by default), on a thread pool where two batched
+        # LAPACK kernels can wait at once without a deadlock (gaugejax.devices); read when the
+        # CPU client starts, at the first JAX operation (none has run yet in a fresh process)
+        os.environ.setdefault("NPROC", str(max(intra_op_threads(), 3)))
+    elif n != "auto" and not (n.isdigit() and int(n) > 0):
         parser.error(f"--cpu-devices: expected a positive int or 'auto'; received {n!r}")
-    # before any JAX operation (the CPU client starts at the first): also with one device, it
-    # sizes XLA:CPU's thread pool so batched LAPACK kernels cannot deadlock (gaugejax.devices);
-    # main() called again in one process (tests) keeps the devices it has
-    try:
-        configure_cpu_devices(None if n == "auto" else int(n))
-    except RuntimeError as e:
-        if args.cpu_devices is not None:
+    else:
+        try:  # before any JAX operation
+            configure_cpu_devices(None if n == "auto" else int(n))
+        except RuntimeError as e:
             parser.error(f"--cpu-devices {n}: {e}")
 
     module = EXPERIMENTS[args.name]
