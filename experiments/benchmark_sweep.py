@@ -595,7 +595,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
                     va="bottom",
                     fontsize=8,
                 )
-            ax.set_xticks(range(len(mine)), sides, fontsize=8)
+            ax.set_xticks(range(len(mine)), sides, fontsize=8, rotation=20, ha="right")
             ax.set_ylim(min(rates) / 3, max(rates) * 4)
             ax.set_title(f"{name} (B = {config.batch_sizes[0]})")
         else:

@@ -306,7 +306,7 @@ x = jax.random.normal(k[1], (8, 16))
 print("threads", gj.intra_op_threads(), flush=True)
 out = []
 for devices in (jax.devices()[:1], jax.devices()[:2]):
-    res = gj.sweep(model, gauge, x, key=k[2], num_samples=96, chunk_size=16, chunks_per_block=1,
+    res = gj.sweep(model, gauge, x, key=k[2], num_samples=32, chunk_size=8, chunks_per_block=1,
                    devices=devices, control_samples=0, progress=True)
     assert res.failures() == {}, res.failures()
     out.append(res.max_abs)

@@ -127,8 +127,7 @@ def test_bad_input_is_refused():
 
 
 @pytest.mark.parametrize(
-    "blocks, mlp, gain", [(1, "swiglu", False), (2, "swiglu", False), (2, "gelu", False),
-                          (1, "swiglu", True)],
+    "blocks, mlp, gain", [(1, "swiglu", False), (2, "gelu", False), (1, "swiglu", True)],
 )  # fmt: skip
 def test_decoder_null_space_is_rotations_attention_and_swiglu(blocks, mlp, gain):
     """RMSNorm decoders (d = 6, 2 heads, k = v = 2, SwiGLU width 5; causal): the null space is
