@@ -117,7 +117,7 @@ def run_checks(
         futures = {pool.submit(one, item): item[0][0] for item in sorted(items, key=priority)}
         # the bar advances as checks finish (completion order: its ETA is from finished work)
         bar = tqdm(total=len(items), desc=experiment, position=BAR_POSITION.get(), leave=True)
-        for future in finished(futures):
+        for future in concurrent.futures.as_completed(futures):
             done[futures[future]] = future.result()
             bar.set_postfix_str(futures[future], refresh=False)
             bar.update(1)
@@ -147,19 +147,6 @@ def run_checks(
         "figures": [str(Path(f).relative_to(run_dir)) for f in figures],
         "wall_time_s": time.perf_counter() - start,
     }
-
-
-def finished(futures, poll_s: float = 0.25):
-    """The futures as they complete, waiting in short slices: a Ctrl-C that the kernel delivers
-    to one of XLA's threads only flags the main thread, which sees it when its wait returns; an
-    unbounded wait would hold it until a check finishes (measured: a SIGINT ignored for 16 s
-    under load)."""
-    pending = set(futures)
-    while pending:
-        done, pending = concurrent.futures.wait(
-            pending, timeout=poll_s, return_when=concurrent.futures.FIRST_COMPLETED
-        )
-        yield from done
 
 
 # the line of an experiment's progress bar: reproduce gives each concurrent experiment its own

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from gaugejax import io
 
-from ._common import BAR_POSITION, finished, validate_checks
+from ._common import BAR_POSITION, validate_checks
 from ._config import make_config, to_dict
 
 
@@ -268,9 +268,7 @@ def run(config: Config, run_dir: Path) -> dict:
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers)
     try:
         futures = {name: pool.submit(one, name) for name in order}
-        done = {}
-        for future in finished(futures.values()):  # Ctrl-C seen within a poll (see finished)
-            done[next(n for n, f in futures.items() if f is future)] = future.result()
+        done = {name: f.result() for name, f in futures.items()}
     except BaseException:  # Ctrl-C or a failure: do not start the experiments still queued
         pool.shutdown(wait=False, cancel_futures=True)
         raise
