@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import equinox as eqx
 import jax
@@ -15,7 +14,7 @@ import pytest
 
 import gaugejax as gj
 
-from .conftest import small_node
+from .conftest import run_until_idle, small_node
 
 
 D = 3
@@ -307,40 +306,12 @@ print("threads", gj.intra_op_threads(), flush=True)
 out = []
 for devices in (jax.devices()[:1], jax.devices()[:2]):
     res = gj.sweep(model, gauge, x, key=k[2], num_samples=32, chunk_size=8, chunks_per_block=1,
-                   devices=devices, control_samples=0, progress=True)
+                   devices=devices, control_samples=0)
     assert res.failures() == {}, res.failures()
     out.append(res.max_abs)
 print("devices", len(jax.devices()), "max_abs", float(out[0].max()),
       "diff", float(abs(out[0] - out[1]).max()), flush=True)
 """
-
-
-def _run_guarded(args, env, stall_s: float = 120.0):
-    """Run the W1 script; fail as hung when its output (tqdm's per-block updates, on stderr)
-    stops advancing for `stall_s` seconds. A progress guard: a slow machine that keeps
-    finishing blocks passes however long it takes."""
-    import threading
-
-    proc = subprocess.Popen(
-        [sys.executable, "-c", W1_SHARDED_SCRIPT, *args], env=env, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-    )  # fmt: skip
-    lines, last = [], [time.monotonic()]
-
-    def read():
-        for chunk in iter(lambda: proc.stdout.read(64), ""):
-            lines.append(chunk)
-            last[0] = time.monotonic()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    while proc.poll() is None:
-        if time.monotonic() - last[0] > stall_s:
-            proc.kill()
-            raise AssertionError(f"no progress for {stall_s} s (hung): {''.join(lines)[-2000:]}")
-        time.sleep(0.5)
-    reader.join(10)
-    return proc.returncode, "".join(lines)
 
 
 def test_sharded_w1_on_two_cpu_devices_makes_progress_or_refuses():
@@ -352,7 +323,11 @@ def test_sharded_w1_on_two_cpu_devices_makes_progress_or_refuses():
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("NPROC", None)
-    code, out = _run_guarded(["configured"], env)
+    # hang guard on progress: the child's CPU time stops growing in a deadlock
+    code, out, err, hung = run_until_idle([sys.executable, "-c", W1_SHARDED_SCRIPT, "configured"],
+                                          env=env, cwd=ROOT)  # fmt: skip
+    out += err
+    assert not hung, out[-2000:]
     assert code == 0, out[-3000:]
     assert "threads 5" in out
     found = re.search(r"devices 2 max_abs (\S+) diff (\S+)", out)
@@ -360,7 +335,11 @@ def test_sharded_w1_on_two_cpu_devices_makes_progress_or_refuses():
     # RK4 with 100 steps on the transformed field: truncation-level deviations, not rounding
     assert 1e-12 < float(found.group(1)) < 1e-6
     assert float(found.group(2)) == 0.0  # each sample's numbers do not depend on its device
-    code, out = _run_guarded(["flags"], dict(_fake_devices(2), NPROC="2"))
+    small_pool = dict(_fake_devices(2), NPROC="2")
+    code, out, err, hung = run_until_idle([sys.executable, "-c", W1_SHARDED_SCRIPT, "flags"],
+                                          env=small_pool, cwd=ROOT)  # fmt: skip
+    out += err
+    assert not hung, out[-2000:]
     assert code != 0
     assert "`devices`: 2 CPU devices" in out and "pool of 2 threads" in out, out[-2000:]
     assert "lapack_" in out and "configure_cpu_devices(2)" in out
