@@ -306,21 +306,11 @@ def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
     sides compute the same per-sample numbers from the same gauge elements (W1 and W2 to
     rounding; W3's naive jvp through an adaptive solve is not under error control, and its
     error shows); a side that is not installed is a row that says so."""
-    cfg = make_config(
+    # the smoke preset as its TOML gives it, on the sides every install has
+    cfg = load_config(
         benchmark_sweep.Config,
-        {
-            "batch_sizes": [4],
-            "chunk_size": 2,
-            "repeats": 1,
-            "w1_dim": 3,
-            "w1_steps": 10,
-            "w2_dim": 2,
-            "w2_width": 4,
-            "w2_steps": 10,
-            "w3_rtol": 1e-4,
-            "sides": ["gaugejax", "gaugejax_sharded", "naive_diffrax"],
-            "baseline_max_samples": 4,
-        },
+        ROOT / "configs" / "benchmark_sweep" / "smoke.toml",
+        ['sides=["gaugejax", "gaugejax_sharded", "naive_diffrax"]'],
     )
     summary = benchmark_sweep.run(cfg, tmp_path)
     rows = {(r["workload"], r["side"]): r for r in io.read_json(tmp_path / "results.json")["rows"]}
