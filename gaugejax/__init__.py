@@ -29,7 +29,9 @@ from .correspondence import (
 )
 from .devices import (
     configure_cpu_devices as configure_cpu_devices,
+    free_memory_bytes as free_memory_bytes,
     intra_op_threads as intra_op_threads,
+    supports_float64 as supports_float64,
 )
 from .discovery import (
     SymmetryComparison as SymmetryComparison,

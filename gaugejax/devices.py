@@ -17,6 +17,7 @@ sharded program with LAPACK kernels on a pool no larger than its device count, i
 hanging.
 """
 
+import functools
 import os
 import re
 
@@ -98,3 +99,65 @@ def check_cpu_pool(devices: list, program: str) -> None:
         f"{len(local) + 1} before JAX starts (gaugejax.configure_cpu_devices({len(local)}) "
         "right after `import jax` does both), or pass fewer devices."
     )
+
+
+def free_memory_bytes(devices: list) -> int | None:
+    """The bytes each of `devices` can still allocate: the smallest `bytes_limit -
+    bytes_in_use` of their memory statistics (GPUs, TPUs); for CPU devices, which share the
+    host's memory, the host's available memory (`MemAvailable`, Linux) over the number of this
+    process's CPU devices among them.
+
+    **Arguments:**
+
+    - `devices`: a non-empty list of jax devices.
+
+    **Returns:** the bytes, or None where the backend keeps no statistics and the host does not
+    report its available memory.
+    """
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    free = []
+    for d in local:
+        stats = d.memory_stats() or {}
+        if "bytes_limit" in stats:
+            free.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    cpus = [d for d in local if d.platform == "cpu"]
+    if cpus:
+        available = _host_available_bytes()
+        if available is not None:
+            free.append(available // len(cpus))
+    return min(free) if free else None
+
+
+def _host_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def supports_float64(device) -> bool:
+    """Whether `device` computes in float64: x64 is on (`jax_enable_x64`; without it JAX makes
+    every float64 array float32) and a float64 program compiles for the device's backend.
+
+    **Arguments:**
+
+    - `device`: a jax device.
+
+    **Returns:** True or False (the compile probe runs once per backend and process).
+    """
+    return bool(jax.config.jax_enable_x64) and _compiles_float64(device.platform)
+
+
+@functools.cache
+def _compiles_float64(platform: str) -> bool:
+    device = jax.devices(platform)[0]
+    spec = jax.ShapeDtypeStruct((2,), "float64", sharding=jax.sharding.SingleDeviceSharding(device))
+    try:
+        jax.jit(lambda x: x * x + 1.0).lower(spec).compile()
+    except Exception:  # the backend refuses F64 (its message varies by backend and version)
+        return False
+    return True

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
-from .devices import check_cpu_pool
+from .devices import check_cpu_pool, free_memory_bytes, supports_float64
 from .gauges.base import AbstractGauge, AbstractParameterGauge
 from .models import AbstractNeuralODE, AbstractSolvedModel
 from .solve import NOT_COUNTED, SolveStats, SolveStatus, result_name, status_code
@@ -322,6 +322,7 @@ class _Plan(NamedTuple):
     observable: Callable
     chunk_size: int
     mesh: Any
+    axis: str  # the mesh axis the samples are split over
     precision: str
 
 
@@ -387,8 +388,8 @@ def _block(plan: _Plan, indices, key, params, inputs, reference, scale):
     return jax.shard_map(
         body,
         mesh=plan.mesh,
-        in_specs=(P("samples"), P(), P(), P(), P(), P()),
-        out_specs=P("samples"),
+        in_specs=(P(plan.axis), P(), P(), P(), P(), P()),
+        out_specs=P(plan.axis),
         check_vma=False,
     )(indices, key, params, inputs, reference, scale)
 
@@ -418,6 +419,15 @@ def _compiled_block(plan: _Plan, *args) -> tuple[Callable, float]:
         while len(_EXECUTABLES) > _MAX_EXECUTABLES:
             _EXECUTABLES.popitem(last=False)
     return compiled, time.perf_counter() - start
+
+
+def _program_bytes(compiled) -> int:
+    """The device bytes a compiled program holds while it runs (per device when sharded)."""
+    m = compiled.memory_analysis()
+    if m is None:  # a backend without the analysis: nothing to compare
+        return 0
+    size = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    return int(size - m.alias_size_in_bytes)
 
 
 def _model_dtype(model: Any):
@@ -523,7 +533,7 @@ def _tightened(model: Any, observable: Callable, dtype) -> tuple[Any, str]:
     return None, f"no tighter solve for {type(controller).__name__}"
 
 
-def _prepare(model, gauge, inputs, mode, observable, chunk_size, mesh, precision):
+def _prepare(model, gauge, inputs, mode, observable, chunk_size, mesh, precision, axis="samples"):
     """Validate (before anything is traced), resolve `mode`, and split `(model, gauge, tight)`
     into arrays and the static plan."""
     if not isinstance(gauge, AbstractGauge):
@@ -553,7 +563,7 @@ def _prepare(model, gauge, inputs, mode, observable, chunk_size, mesh, precision
     tight, how = _tightened(model, observable, dtype)
     # Arrays travel as jit arguments; everything else is the static, hashable plan.
     params, static = eqx.partition((model, gauge), eqx.is_array)
-    plan = _Plan(_Static(static), mode, sensitivity, observable, chunk_size, mesh, precision)
+    plan = _Plan(_Static(static), mode, sensitivity, observable, chunk_size, mesh, axis, precision)
     tight_params = None
     if tight is not None:
         tight_params, tight_static = eqx.partition((tight, gauge), eqx.is_array)
@@ -619,6 +629,36 @@ class _Runner(NamedTuple):
     block: int
     progress: bool
 
+    def _check_memory(self, plan: _Plan, compiled, block: int, args, split) -> None:
+        """Refuse a block program whose bytes (XLA's memory analysis: arguments, outputs and
+        temporaries per device) exceed what each device can still allocate, naming the largest
+        `chunk_size` that fits: the bytes are affine in the chunk (the lanes of one chunk run
+        at once, the block's outputs scale with it), fitted from a second compile at half the
+        chunk."""
+        need = _program_bytes(compiled)
+        free = free_memory_bytes(self.devices)
+        if free is None or need <= free:
+            return
+        chunk = plan.chunk_size
+        per_chunk = block // chunk  # chunks per block (times the devices along the axis)
+        fit = "not even chunk_size = 1 fits"
+        if chunk >= 2:
+            half = plan._replace(chunk_size=chunk // 2)
+            first = jax.ShapeDtypeStruct((per_chunk * (chunk // 2),), jnp.uint32, sharding=split)
+            with jax.default_matmul_precision(plan.precision):
+                smaller = _program_bytes(_compiled_block(half, first, *args)[0])
+            slope = max((need - smaller) / (chunk - chunk // 2), 1.0)
+            largest = int((free - (need - slope * chunk)) // slope)
+            if largest >= 1:
+                fit = f"the largest chunk_size that fits is about {min(largest, chunk - 1)}"
+        raise ValueError(
+            f"`chunk_size` = {chunk} needs about {need / 2**20:.1f} MiB per device (XLA's "
+            f"memory analysis of the block program: arguments, outputs, temporaries), more "
+            f"than the {free / 2**20:.1f} MiB each device can still allocate; {fit} (fitted "
+            f"from the program at chunk_size = {chunk} and {chunk // 2}). Expected a smaller "
+            "`chunk_size` or `chunks_per_block`."
+        )
+
     def reference(self, plan: _Plan, params, inputs):
         """`(reference, identity deviation, all reference solves succeeded)` on the host."""
         with jax.default_matmul_precision(plan.precision):
@@ -631,15 +671,16 @@ class _Runner(NamedTuple):
         with jax.default_matmul_precision(plan.precision):
             scale = jnp.max(jnp.abs(_flat(reference)))
             if self.mesh is not None:
-                split = NamedSharding(self.mesh, P("samples"))
+                split = NamedSharding(self.mesh, P(plan.axis))
                 key, params, inputs, reference, scale = _replicate(
                     (key, params, inputs, reference, scale), NamedSharding(self.mesh, P())
                 )
             else:
-                split = self.devices[0]
+                split = jax.sharding.SingleDeviceSharding(self.devices[0])
             args = (key, params, inputs, reference, scale)
-            first = jax.device_put(np.arange(block, dtype=np.uint32), split)
+            first = jax.ShapeDtypeStruct((block,), jnp.uint32, sharding=split)
             compiled, compile_time = _compiled_block(plan, first, *args)
+            self._check_memory(plan, compiled, block, args, split)
         pieces, run_time = [], 0.0
         blocks = range(-(-num_samples // block))
         for b in tqdm(blocks, desc=desc, unit="block", disable=not self.progress):
@@ -677,6 +718,37 @@ def _good(merged: dict) -> np.ndarray:
     return (merged["result"] == _SUCCESS) & np.isfinite(merged["max_rel"])
 
 
+def _layout(devices, shard, mesh, axis) -> tuple[list, Any, int]:
+    """`(devices, mesh or None, shards along the sample axis)` of a sweep's arguments."""
+    if mesh is not None:
+        if not isinstance(mesh, jax.sharding.Mesh):
+            raise ValueError(f"`mesh` must be a jax.sharding.Mesh; received {type(mesh).__name__}.")
+        if devices is not None:
+            raise ValueError("pass `devices` or `mesh`, not both (the mesh holds its devices).")
+        if shard is False:
+            raise ValueError("`shard=False` runs on one device without a mesh; received a `mesh`.")
+        if axis not in mesh.axis_names:
+            raise ValueError(
+                f"`mesh_axis` must name an axis of `mesh`, one of {list(mesh.axis_names)}; "
+                f"received {axis!r}."
+            )
+        return list(mesh.devices.flat), mesh, int(mesh.shape[axis])
+    if axis != "samples":
+        raise ValueError(
+            f"`mesh_axis` names an axis of `mesh`; received mesh_axis={axis!r} without a mesh."
+        )
+    devices = list(jax.devices()) if devices is None else list(devices)
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ValueError(f"`devices` must be a non-empty list of jax devices; received {devices}.")
+    if shard is False and len(devices) > 1:
+        raise ValueError(
+            f"`shard=False` runs on one device; received {len(devices)} `devices` (pass one)."
+        )
+    if not (len(devices) > 1 if shard is None else shard):
+        return devices, None, 1
+    return devices, jax.make_mesh((len(devices),), ("samples",), devices=devices), len(devices)
+
+
 def sweep(
     model: Any,
     gauge: AbstractGauge,
@@ -691,6 +763,8 @@ def sweep(
     precision: str = "highest",
     devices: list | None = None,
     shard: bool | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    mesh_axis: str = "samples",
     control_samples: int = 8,
     progress: bool = False,
 ) -> SweepResult:
@@ -722,6 +796,10 @@ def sweep(
     - `shard`: run the block under `jax.shard_map` over a mesh of `devices` (default None:
       when there is more than one device; True also over one device, to measure the sharded
       path's overhead; False needs a single device).
+    - `mesh`, `mesh_axis`: instead of `devices`, a `jax.sharding.Mesh` of the caller's (e.g. one
+      spanning the processes of `jax.distributed`) and the axis of it that the samples are split
+      over; the other axes hold replicas. Without `mesh` the sweep builds a one-axis mesh of
+      `devices` named `"samples"`.
     - `control_samples`: samples of the family's symmetry-breaking `control()`, and samples
       re-solved at a tighter tolerance when the verdict needs them (0: neither).
     - `progress`: show a tqdm bar over blocks.
@@ -735,7 +813,10 @@ def sweep(
     (from `check_model`), for `inputs` that are a list, not floating or not of the model's
     dtype; `ValueError` for non-positive sizes, an empty batch, an unknown mode or precision,
     an empty `devices`, a `shard` that is not a bool or None (or False with several devices),
-    a solver tolerance out of range, or inputs the model cannot take; once traced, a program
+    `devices` and `mesh` together, a `mesh_axis` that is not an axis of `mesh`, float64 inputs
+    on devices without float64 (`gaugejax.supports_float64`), a solver tolerance out of range,
+    or inputs the model cannot take; once compiled (before it runs), a block program whose
+    bytes exceed the devices' free memory (with the largest `chunk_size` that fits), or one
     with batched LAPACK kernels sharded over as many CPU devices as XLA:CPU's intra-op pool has
     threads (it could hang: `gaugejax.devices`).
     """
@@ -746,22 +827,20 @@ def sweep(
         raise ValueError(f"`control_samples` must be an int >= 0; received {control_samples!r}.")
     if control_samples < 0:
         raise ValueError(f"`control_samples` must be an int >= 0; received {control_samples!r}.")
-    devices = list(jax.devices()) if devices is None else list(devices)
-    if not devices or not all(isinstance(d, jax.Device) for d in devices):
-        raise ValueError(f"`devices` must be a non-empty list of jax devices; received {devices}.")
     if shard is not None and not isinstance(shard, bool):
         raise ValueError(f"`shard` must be None, True or False; received {shard!r}.")
-    if shard is False and len(devices) > 1:
-        raise ValueError(
-            f"`shard=False` runs on one device; received {len(devices)} `devices` (pass one)."
-        )
-    sharded = len(devices) > 1 if shard is None else shard
-    mesh = jax.make_mesh((len(devices),), ("samples",), devices=devices) if sharded else None
+    devices, mesh, shards = _layout(devices, shard, mesh, mesh_axis)
     key = _as_typed_key(key)
     plan, params, tight_params, how = _prepare(
-        model, gauge, inputs, mode, observable, chunk_size, mesh, precision
+        model, gauge, inputs, mode, observable, chunk_size, mesh, precision, mesh_axis
     )
     input_dtype = jax.tree.leaves(inputs)[0].dtype
+    if input_dtype == jnp.float64 and not all(supports_float64(d) for d in devices):
+        lacking = sorted({d.platform for d in devices if not supports_float64(d)})
+        raise ValueError(
+            f"`inputs` are float64, but the {', '.join(lacking)} devices in `devices` do not "
+            "compute in float64; expected float32 inputs and model, or devices with float64."
+        )
     if precision in REDUCED_PRECISIONS and input_dtype == jnp.float32:
         warnings.warn(
             f"sweep(precision={precision!r}) with float32 inputs: on GPUs and TPUs such matmuls "
@@ -773,11 +852,11 @@ def sweep(
     control = gauge.control() if control_samples else None
     if control is not None:
         control_plan, control_params, _, _ = _prepare(
-            model, control, inputs, plan.mode, observable, chunk_size, mesh, precision
+            model, control, inputs, plan.mode, observable, chunk_size, mesh, precision, mesh_axis
         )
     # no more chunks per block than the samples need (padding lanes are wasted work)
-    chunks_needed = -(-num_samples // (chunk_size * len(devices)))
-    block = chunk_size * min(chunks_per_block, chunks_needed) * len(devices)
+    chunks_needed = -(-num_samples // (chunk_size * shards))
+    block = chunk_size * min(chunks_per_block, chunks_needed) * shards
     runner = _Runner(devices, mesh, block, progress)
 
     reference, noise, solved = runner.reference(plan, params, inputs)
@@ -810,7 +889,7 @@ def sweep(
     if tight_params is not None and control_samples and needs_recheck:
         # the first samples again, at the tight tolerance: solver error shrinks, breaking does not
         n = min(control_samples, num_samples)
-        small = chunk_size * len(devices)
+        small = chunk_size * shards
         again, _, _ = runner.run(
             plan, tight_params, inputs, tight_reference, key, n, "re-check", block=small
         )

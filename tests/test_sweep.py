@@ -1,7 +1,9 @@
 """The sweep engine: chunking, failures, validation, sharding over (fake) devices."""
 
+import importlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -156,9 +158,11 @@ jax.config.update("jax_enable_x64", True)
 if sys.argv[1] == "hosts":  # one of two processes, each with 2 fake CPU devices
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(sys.argv[2], num_processes=2, process_id=int(sys.argv[3]))
-    devices = None  # all 4 devices of both processes
+    # all 4 devices of both processes, as a mesh of the caller's: samples split over one axis
+    # (across the processes), replicated over the other
+    layout = dict(mesh=jax.make_mesh((2, 2), ("data", "replica")), mesh_axis="data")
 else:
-    devices = jax.devices()[: int(sys.argv[1])]
+    layout = dict(devices=jax.devices()[: int(sys.argv[1])])
 import gaugejax as gj
 from tests.conftest import small_node
 key = jax.random.key(3)
@@ -167,7 +171,7 @@ model = small_node(k1, 3)
 x = jax.random.normal(k2, (3, 3))
 gauge = gj.SpatialDiffeoGauge(3, 1.0, key=k3)
 res = gj.sweep(model, gauge, x, key=k4, num_samples=20, chunk_size=2, chunks_per_block=2,
-               devices=devices)
+               **layout)
 assert res.failures() == {}, res.failures()  # every lane solved: its max_abs is a deviation
 print(json.dumps({"n": len(jax.devices()), "dev": res.num_devices, "max_abs": res.max_abs.tolist(),
                   "steps": res.num_steps.tolist(), "processes": jax.process_count()}))
@@ -182,10 +186,54 @@ def _fake_devices(n: int) -> dict:
     return dict(env, JAX_PLATFORMS="cpu", NPROC=str(2 * n + 1))
 
 
+def test_mesh_memory_and_float64_are_checked_before_a_block_runs(getkey):
+    """A caller's mesh (samples over one named axis), refused with the axis names when the axis
+    does not exist; a block program whose memory analysis exceeds the free device memory is
+    refused before it runs, naming the largest chunk that fits, and that chunk runs; float64
+    inputs on devices without float64 are refused (probe: x64 off)."""
+    sweep_module = importlib.import_module("gaugejax.sweep")
+    k = jax.random.split(getkey(), 3)
+    mlp = eqx.nn.MLP(8, 8, 16, 2, activation=jax.nn.relu, key=k[0])
+    gauge = gj.RescalingGauge.from_model(mlp)
+    x = jax.random.normal(k[1], (64, 8))
+    kw = dict(key=k[2], num_samples=64, chunk_size=32)
+    plain = gj.sweep(mlp, gauge, x, **kw)
+    mesh = jax.make_mesh((1, 1), ("replica", "data"), devices=jax.devices()[:1])
+    meshed = gj.sweep(mlp, gauge, x, mesh=mesh, mesh_axis="data", **kw)
+    np.testing.assert_array_equal(meshed.max_abs, plain.max_abs)  # the same lanes
+    assert plain.verdict == meshed.verdict == "holds"
+    with pytest.raises(ValueError, match=r"`mesh_axis` must name an axis of `mesh`.*'data'"):
+        gj.sweep(mlp, gauge, x, mesh=mesh, mesh_axis="samples", **kw)
+    with pytest.raises(ValueError, match="not both"):
+        gj.sweep(mlp, gauge, x, mesh=mesh, devices=jax.devices(), **kw)
+    with pytest.raises(ValueError, match="without a mesh"):
+        gj.sweep(mlp, gauge, x, mesh_axis="data", **kw)
+    # 64 lanes of 64 x 8 float64 outputs: about 0.6 MiB at chunk 32 (measured), so 200 KiB of
+    # "free memory" refuses it; the suggested chunk then fits and runs, a larger one does not
+    assert gj.free_memory_bytes(jax.devices()) > 2**20  # this host's MemAvailable
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep_module, "free_memory_bytes", lambda devices: 200 * 2**10)
+        with pytest.raises(ValueError, match="`chunk_size` = 32 needs about") as refused:
+            gj.sweep(mlp, gauge, x, **kw)
+        fits = int(re.search(r"fits is about (\d+)", str(refused.value)).group(1))
+        assert 1 <= fits < 32
+        small = gj.sweep(mlp, gauge, x, **{**kw, "chunk_size": fits})
+        np.testing.assert_array_equal(small.max_abs, plain.max_abs)
+        with pytest.raises(ValueError, match="needs about"):
+            gj.sweep(mlp, gauge, x, **{**kw, "chunk_size": 2 * fits})
+        mp.setattr(sweep_module, "supports_float64", lambda device: False)
+        with pytest.raises(ValueError, match="`inputs` are float64.*do not compute in float64"):
+            gj.sweep(mlp, gauge, x, **kw)
+    assert gj.supports_float64(jax.devices()[0])
+    with jax.enable_x64(False):
+        assert not gj.supports_float64(jax.devices()[0])
+
+
 def test_sharded_and_multihost_sweeps_match_single_device():
     """The per-sample results of one device, reproduced by shard_map over 4 fake CPU devices
     of one process, and by two processes joined by `jax.distributed` (2 fake CPU devices each,
-    gloo collectives): each host runs the samples of its devices and receives all of them.
+    gloo collectives) through a caller's 2 x 2 mesh whose "data" axis spans the processes
+    (`mesh=`, `mesh_axis=`): each host runs the samples of its devices and receives all of them.
     The four processes run at once (one reference serves both comparisons)."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
