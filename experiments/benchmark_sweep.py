@@ -30,7 +30,9 @@ Sides (a row per workload, batch size and side):
 - `torchdiffeq` (with the `bench` extra): w1 as batched tensors (`torch.linalg.matrix_exp`,
   `torch.func.jvp` for dG/dt, `torchdiffeq.odeint` with `method="rk4"`, which is the 3/8 rule,
   not the classic tableau: per-sample deviations agree to the O(dt^4) truncation, not to
-  rounding). w2/w3 are not ported to torch yet (the row says so).
+  rounding); w2/w3 as the hand-written forward sensitivity system on batched tensors (w2:
+  torchdiffeq has no Tsit5, so its fixed-step `rk4` with the same steps; w3: its adaptive
+  `dopri5` at the same tolerances, one step size for the whole batch).
 - `gradsolve` (with the `bench` extra): its fixed-step engines through its problem protocol
   (w1: classic RK4, per-sample agreement to rounding; w2: fixed-step Tsit5 and a jvp through
   its scan; w3 is not expressible: the row says why).
@@ -42,6 +44,13 @@ reproducer), or one kernel per device on as many CPU devices as threads. The CLI
 (`NPROC`) for two kernels per device; the w1 lane also fuses its weight and bias into one solve
 (`GaugedLinearField`).
 
+Op count (the same for every side of a workload, so FLOP/s compare like samples/s do): the
+FLOPs of one evaluation of the workload's vector field on one sample's M inputs, from XLA's
+cost analysis (`field_flops`), over M, times the gaugejax side's mean field evaluations per
+sample, summed over its M inputs (`gj.count_evaluations`: 4 per RK4 step, 6 per Tsit5 step
+plus one at the start, rejected steps included on w3). The ceiling is a measured square matmul on the same device, dtype and
+precision (`matmul_ceiling`, in `env["ceiling"]`); `ceiling_fraction` is the ratio.
+
 This is a benchmark, not a check: it has no claims; rows go to `results.json`, `summary.json`
 (`env`, `rows`, the Markdown `table`) and `figures/throughput.png`.
 """
@@ -52,6 +61,7 @@ import importlib.util
 import resource
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -64,6 +74,7 @@ from tqdm.auto import tqdm
 
 import gaugejax as gj
 from gaugejax import io
+from gaugejax.sweep import PRECISIONS, REDUCED_PRECISIONS
 
 from ._common import plain_log_ticks, pyplot
 
@@ -126,6 +137,25 @@ class Config:
                 raise ValueError(f"`{name}` must be > 0; received {getattr(self, name)}.")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"`dtype` must be 'float32' or 'float64'; received {self.dtype!r}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"`precision` must be one of {list(PRECISIONS)}; received {self.precision!r}."
+            )
+        if self.dtype == "float64":  # before a run directory exists or anything is measured
+            lacking = sorted({d.platform for d in jax.devices() if not gj.supports_float64(d)})
+            if lacking:
+                raise ValueError(
+                    f"`dtype` = 'float64', but the {', '.join(lacking)} devices do not compute "
+                    "in float64 (x64 off, or the backend lacks it); expected dtype = 'float32'."
+                )
+        elif self.precision in REDUCED_PRECISIONS:
+            warnings.warn(
+                f"`precision` = {self.precision!r} with float32: matmuls on GPUs and TPUs then "
+                f"round to about {REDUCED_PRECISIONS[self.precision]:.0e} relative, so the "
+                "max_deviation column measures the rounding, not the solve (its floor rises to "
+                "~1e-3); 'highest' keeps float32's own floor.",
+                stacklevel=2,
+            )
         if not 0 < self.w3_rtol < 1:
             raise ValueError(f"`w3_rtol` must be in (0, 1); received {self.w3_rtol}.")
         if self.torch_threads < 0:
@@ -289,6 +319,8 @@ def _gaugejax(
         "chunk_size": chunk,
         "num_devices": len(devices),
         **_deviations(first.max_abs, first.num_steps),
+        # field evaluations per sample (`gj.count_evaluations`: the solver's tableau)
+        "evaluations_mean": float(np.mean(np.asarray(first.num_evaluations))),
     }
     steps, counts = np.unique(np.asarray(first.num_steps), return_counts=True)
     row["steps_histogram"] = {int(a): int(b) for a, b in zip(steps, counts, strict=True)}
@@ -402,6 +434,95 @@ def _torch_w1(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
     return row, dev
 
 
+def _torch_w2(cfg: Config, w: Workload, key, num_samples: int, adaptive: bool) -> tuple:
+    """W2/W3 in torch as batched tensors, the same generators as the other sides: the forward
+    sensitivity system written by hand, `y' = F(t, y)`, `dy' = DF(t, y) dy + L_g(t, y)` with
+    `L_g = (L_eps F_hat)^y - F (L_eps F_hat)^t` (`gj.deform`'s first-order term, from two
+    `torch.func.jvp`s), integrated by `torchdiffeq.odeint` on the (B, M, d) state. torchdiffeq
+    has no Tsit5: W2 uses its fixed-step `rk4` (the 3/8 rule) with the same steps, so per-sample
+    values agree to the truncation error, not to rounding; W3 its adaptive `dopri5` at the same
+    rtol = atol, whose controller takes one step size for the whole batch (an RMS norm over
+    every sample), not one per lane; its field evaluations (`nfe`) are counted."""
+    import torch
+    import torchdiffeq
+    from torch.func import jvp
+
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+    samples = jax.device_get(jax.vmap(w.gauge.sample)(_sample_keys(key, num_samples)))
+
+    def tensor(a):
+        return torch.from_numpy(np.array(a)).to(tdtype)  # a writable copy
+
+    mlp = w.model.field.mlp
+    layers = [(tensor(lin.weight), tensor(lin.bias)) for lin in mlp.layers]
+    out_scale = float(w.model.field.out_scale)
+    U, v = tensor(w.gauge.features.U), tensor(w.gauge.features.v)
+    omega, phase = tensor(w.gauge.omega), tensor(w.gauge.phase)
+    Wy, a0 = tensor(samples.Wy), tensor(samples.a0)  # (B, K, d, m), (B, K, m)
+    x0 = tensor(w.inputs)
+
+    def F(t, y):  # t: (B, M), y: (B, M, d); eqx.nn.MLP on [t, y], tanh, then out_scale
+        h = torch.cat([t[..., None], y], dim=-1)
+        for i, (W, b) in enumerate(layers):
+            h = h @ W.T + b
+            h = torch.tanh(h) if i < len(layers) - 1 else h
+        return out_scale * h
+
+    def eps(t, y):  # the generator (eps0, eps_y) of each sample
+        modes = torch.sin(omega * t[..., None] + phase)  # (B, M, K)
+        phi = torch.tanh(y @ U.T + v)  # (B, M, m)
+        eps_y = torch.einsum("bnk,bkdm,bnm->bnd", modes, Wy, phi)
+        eps0 = torch.einsum("bnk,bkm,bnm->bn", modes, a0, phi)
+        return eps0, eps_y
+
+    nfe = [0]
+
+    def field(t, state):
+        y, dy = state
+        nfe[0] += 1
+        tt = t.expand(y.shape[:-1]).clone()  # jvp writes into its primal: no aliasing
+        f = F(tt, y)
+        (e0, ey), (de0, dey) = jvp(eps, (tt, y), (torch.ones_like(tt), f))
+        _, dF_eps = jvp(F, (tt, y), (e0, ey))
+        _, dF_dy = jvp(lambda y_: F(tt, y_), (y,), (dy,))
+        # lie_t = -de0, lie_y = dF_eps - dey: the deformation's first-order term
+        return f, dF_dy + (dF_eps - dey) + f * de0[..., None]
+
+    ts = torch.tensor([0.0, 1.0], dtype=tdtype)
+    if adaptive:
+        options = dict(method="dopri5", rtol=cfg.w3_rtol, atol=cfg.w3_rtol)
+    else:
+        options = dict(method="rk4", options={"step_size": 1.0 / cfg.w2_steps})
+
+    def solve(n):
+        y0 = x0.expand(n, *x0.shape).contiguous()
+        _, dy = torchdiffeq.odeint(field, (y0, torch.zeros_like(y0)), ts, **options)
+        return dy[-1]
+
+    with torch.no_grad():
+        solve(num_samples)  # warm-up (every sample's generator; torch runs eagerly)
+        times, counts = [], []
+        for _ in range(cfg.repeats):
+            nfe[0] = 0
+            start = time.perf_counter()
+            out = solve(num_samples)
+            times.append(time.perf_counter() - start)
+            counts.append(nfe[0])
+        dev = out.abs().amax(dim=(1, 2)).numpy()
+    row = {
+        "samples_per_s": num_samples / statistics.median(times),
+        "compile_s": None,
+        "method": options["method"],
+        "batch_evaluations": int(counts[-1]),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        **_deviations(dev),
+    }
+    return row, dev
+
+
 def _gradsolve(cfg: Config, w: Workload, key, num_samples: int, first_order: bool) -> tuple:
     """gradsolve's fixed-step engines on the same transformed fields: its problem protocol (an
     object with `name`, `dim`, `t0`, `t1`, `is_stiff`, `f_jax(t, y, p)`), the M inputs of a
@@ -474,8 +595,6 @@ def _skip(cfg: Config, name: str, side: str, num_samples: int) -> str | None:
         missing = [m for m in ("torch", "torchdiffeq") if importlib.util.find_spec(m) is None]
         if missing:
             return f"skipped: {', '.join(missing)} not installed (pip install -e '.[bench]')"
-        if name != "w1":
-            return "skipped: the Lie-deformation response is not ported to torch yet"
     if side == "gradsolve" and importlib.util.find_spec("gradsolve") is None:
         return "skipped: gradsolve is not installed (pip install -e '.[bench]')"
     if side == "gradsolve" and name == "w3":
@@ -485,8 +604,56 @@ def _skip(cfg: Config, name: str, side: str, num_samples: int) -> str | None:
     return None
 
 
-def measure(cfg: Config, name: str, key, num_samples: int) -> list[dict]:
-    """One row per side for workload `name` at `num_samples` samples."""
+def field_flops(cfg: Config, name: str, w: Workload, key) -> float:
+    """FLOPs of one evaluation of the workload's vector field on one sample's M inputs, from
+    XLA's cost analysis of that straight-line program (no loops, so nothing is counted once for
+    many iterations): w1 the gauge-transformed linear field (G(t), dG/dt and the solve are
+    shared by the M inputs, as in every side's program); w2/w3 the forward sensitivity field
+    (`gj.SensitivityField`: the deformed field and its jvp). Matmuls, adds and multiplies
+    count; transcendentals (tanh, sin) are not FLOPs in XLA's count."""
+    g = w.gauge.sample(key)
+    t = jnp.asarray(0.5, w.inputs.dtype)
+    if name == "w1":
+        moved = w.gauge.act(g, w.model)
+
+        def evaluate(xs):
+            return jax.vmap(lambda x: moved.field(t, x, None))(xs)
+
+    else:
+        gauge, model = w.gauge, w.model
+        sensitivity = gj.SensitivityField(
+            lambda a, t, y, args: gauge.act(a, model).field(t, y, args), gauge.identity(), g
+        )
+
+        def evaluate(xs):
+            return jax.vmap(lambda x: sensitivity(t, (x, x), None))(xs)
+
+    with jax.default_matmul_precision(cfg.precision):
+        cost = jax.jit(evaluate).lower(w.inputs).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost  # older jax: one per module
+    return float(cost["flops"])
+
+
+def matmul_ceiling(cfg: Config) -> dict:
+    """The measured FLOP/s ceiling of the first device: an n x n matmul in the workloads' dtype
+    and precision (n = 1024 on a CPU, 8192 on an accelerator), 2 n^3 FLOPs, median of
+    `repeats` (at least 5) after a compiled warm-up."""
+    device = jax.devices()[0]
+    n = 1024 if device.platform == "cpu" else 8192
+    a = jax.device_put(jnp.ones((n, n), cfg.dtype), device)
+    with jax.default_matmul_precision(cfg.precision):
+        program = jax.jit(lambda x: x @ x).lower(a).compile()
+    jax.block_until_ready(program(a))
+    seconds = _median_time(lambda: program(a), max(cfg.repeats, 5))
+    return {"flop_per_s": 2.0 * n**3 / seconds, "n": n, "dtype": cfg.dtype,
+            "precision": cfg.precision}  # fmt: skip
+
+
+def measure(
+    cfg: Config, name: str, key, num_samples: int, ceiling: float | None = None
+) -> list[dict]:
+    """One row per side for workload `name` at `num_samples` samples; with `ceiling` (FLOP/s)
+    every row also gets `flop_per_s` and `ceiling_fraction` (module docstring: the op count)."""
     kw, ks = jax.random.split(key)
     w = _workload(cfg, name, kw)
     rows, base = [], None
@@ -502,8 +669,10 @@ def measure(cfg: Config, name: str, key, num_samples: int) -> list[dict]:
                 data, per_sample = _gaugejax(cfg, w, ks, num_samples, side != "gaugejax")
             elif side == "naive_diffrax":
                 data, per_sample = _naive_diffrax(cfg, w, ks, num_samples, name != "w1")
-            elif side == "torchdiffeq":
+            elif side == "torchdiffeq" and name == "w1":
                 data, per_sample = _torch_w1(cfg, w, ks, num_samples)
+            elif side == "torchdiffeq":
+                data, per_sample = _torch_w2(cfg, w, ks, num_samples, name == "w3")
             else:
                 data, per_sample = _gradsolve(cfg, w, ks, num_samples, name != "w1")
         except Exception as e:  # a side that fails (e.g. out of memory) is a row, not a crash
@@ -520,6 +689,17 @@ def measure(cfg: Config, name: str, key, num_samples: int) -> list[dict]:
     for r in rows:
         if r.get("samples_per_s") and rate.get("gaugejax"):
             r["gaugejax_speedup"] = rate["gaugejax"] / r["samples_per_s"]
+    ours = next((r for r in rows if r["side"] == "gaugejax" and r["status"] == "ok"), None)
+    if ours is not None:
+        # one op count per workload for every side: the useful work, not what a side spends
+        # evaluations are summed over the M inputs; the field's FLOPs are of all M at once
+        per_sample = ours["evaluations_mean"] * field_flops(cfg, name, w, ks) / len(w.inputs)
+        for r in rows:
+            if r.get("samples_per_s"):
+                r["flops_per_sample"] = per_sample
+                r["flop_per_s"] = per_sample * r["samples_per_s"]
+                if ceiling:
+                    r["ceiling_fraction"] = r["flop_per_s"] / ceiling
     return rows
 
 
@@ -529,8 +709,8 @@ def _table(rows: list[dict]) -> list[str]:
 
     lines = [
         "| workload | B | side | samples/s | gaugejax x | compile s | max deviation | "
-        "vs gaugejax | lane eff. | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "vs gaugejax | lane eff. | GFLOP/s | of ceiling | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
@@ -543,6 +723,10 @@ def _table(rows: list[dict]) -> list[str]:
             fmt(r.get("max_deviation"), ".2e"),
             fmt(r.get("max_diff_vs_gaugejax"), ".1e"),
             fmt(r.get("lane_efficiency"), ".2f"),
+            fmt(r["flop_per_s"] / 1e9 if r.get("flop_per_s") else None, ".3g"),
+            fmt(r["ceiling_fraction"] * 100 if r.get("ceiling_fraction") else None, ".2g") + "%"
+            if r.get("ceiling_fraction")
+            else "-",
             r["status"],
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -555,6 +739,7 @@ def run(config: Config, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     start = time.perf_counter()
     env = io.env_info()
+    env["ceiling"] = matmul_ceiling(config)
     keys = jax.random.split(jax.random.key(config.seed), len(config.workloads))
     cases = [
         (name, key, b)
@@ -563,7 +748,7 @@ def run(config: Config, run_dir: Path) -> dict:
     ]
     rows = []
     for name, key, b in tqdm(cases, desc="benchmark_sweep"):
-        for row in measure(config, name, key, b):
+        for row in measure(config, name, key, b, env["ceiling"]["flop_per_s"]):
             rows.append(row)
             io.append_jsonl(run_dir / "metrics.jsonl", row)
     table = _table(rows)

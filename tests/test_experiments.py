@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments import (
@@ -339,6 +340,23 @@ def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert table.count("\n") == 2 + 9 and "| w3 | 4 | naive_diffrax |" in table
     assert (tmp_path / summary["figures"][0]).is_file()
+    # FLOP/s from one op count per workload (XLA's cost of one field evaluation times the
+    # evaluations per sample): the ratio of two sides' FLOP/s is the ratio of their rates, and
+    # the count is the field's: w1 at d = 3 with 2 inputs of a smoke sample costs at least the
+    # 2 d^2 of one matvec per input, 4 evaluations per RK4 step
+    ceiling = summary["env"]["ceiling"]
+    assert ceiling["flop_per_s"] > 1e8 and ceiling["n"] == 1024  # a CPU matmul
+    for w in ("w1", "w2", "w3"):
+        a, b = rows[w, "gaugejax"], rows[w, "naive_diffrax"]
+        assert a["flops_per_sample"] == b["flops_per_sample"] > 0
+        assert a["flop_per_s"] / b["flop_per_s"] == pytest.approx(
+            a["samples_per_s"] / b["samples_per_s"]
+        )
+        assert a["ceiling_fraction"] == pytest.approx(a["flop_per_s"] / ceiling["flop_per_s"])
+    w1 = rows["w1", "gaugejax"]
+    assert w1["evaluations_mean"] == 8 * 4 * 10  # 8 inputs, RK4, 10 fixed steps
+    assert w1["flops_per_sample"] >= 8 * 40 * 2 * 3**2
+    assert rows["w2", "gaugejax"]["evaluations_mean"] == 8 * (6 * 10 + 1)  # Tsit5 (FSAL)
     # past baseline_max_samples only gaugejax runs; the gpu preset's TOML is its embedded one
     capped = dataclasses.replace(cfg, baseline_max_samples=2)
     assert benchmark_sweep._skip(capped, "w1", "naive_diffrax", 4).startswith("skipped: B >")
@@ -527,6 +545,32 @@ def test_benchmark_torchdiffeq_side_integrates_the_same_gauged_w1():
     _, ours_per_sample = benchmark_sweep._gaugejax(cfg, w, ks, 4, False)
     _, other = benchmark_sweep._torch_w1(cfg, w, jax.random.fold_in(ks, 7), 4)
     assert abs(other - ours_per_sample).max() > ours["max_deviation"]
+
+
+def test_benchmark_torchdiffeq_w2_is_the_same_sensitivity_system():
+    """With the bench extra: torch's hand-written forward sensitivity system (two
+    `torch.func.jvp`s for the deformation's first-order term) against a jvp through diffrax's
+    fixed-step Tsit5 (the naive side), on the `boundary="free"` control, whose response is
+    O(0.1) (no symmetry: a sign, scale or index error in the port would show). 20 steps of the
+    3/8-rule RK4 against Tsit5: truncation differences measured 1e-7 relative; 1e-5 bounds
+    them. For the symmetry itself both responses are truncation-sized (measured 1e-8 and 1e-10)."""
+    pytest.importorskip("torchdiffeq")
+    import jax
+
+    cfg = make_config(benchmark_sweep.Config, {**benchmark_sweep.PRESETS["smoke"], "w2_steps": 20})
+    w = benchmark_sweep._workload(cfg, "w2", jax.random.key(1))
+    control = benchmark_sweep.Workload(w.model, w.gauge.control(), w.inputs, {})
+    ks = jax.random.key(2)
+    _, naive = benchmark_sweep._naive_diffrax(cfg, control, ks, 4, True)
+    row, ported = benchmark_sweep._torch_w2(cfg, control, ks, 4, False)
+    assert naive.min() > 0.1 and row["method"] == "rk4" and row["batch_evaluations"] == 80
+    np.testing.assert_allclose(ported, naive, rtol=1e-5)
+    _, symmetric = benchmark_sweep._torch_w2(cfg, w, ks, 4, False)
+    assert symmetric.max() < 1e-6
+    adaptive, _ = benchmark_sweep._torch_w2(cfg, w, ks, 4, True)
+    # dopri5 at the smoke rtol 1e-4, one step size for the whole batch: measured 2.5e-3
+    assert adaptive["method"] == "dopri5" and adaptive["batch_evaluations"] > 6
+    assert adaptive["max_deviation"] < 1e-2
 
 
 def test_benchmark_gradsolve_side_integrates_the_same_fields():
