@@ -48,8 +48,9 @@ Op count (the same for every side of a workload, so FLOP/s compare like samples/
 FLOPs of one evaluation of the workload's vector field on one sample's M inputs, from XLA's
 cost analysis (`field_flops`), over M, times the gaugejax side's mean field evaluations per
 sample, summed over its M inputs (`gj.count_evaluations`: 4 per RK4 step, 6 per Tsit5 step
-plus one at the start, rejected steps included on w3). The ceiling is a measured square matmul on the same device, dtype and
-precision (`matmul_ceiling`, in `env["ceiling"]`); `ceiling_fraction` is the ratio.
+plus one at the start, rejected steps included on w3). The ceiling is a measured square
+matmul on the same device, dtype and precision (`matmul_ceiling`, in `env["ceiling"]`);
+`ceiling_fraction` is the ratio.
 
 This is a benchmark, not a check: it has no claims; rows go to `results.json`, `summary.json`
 (`env`, `rows`, the Markdown `table`) and `figures/throughput.png`.
