@@ -44,13 +44,15 @@ reproducer), or one kernel per device on as many CPU devices as threads. The CLI
 (`NPROC`) for two kernels per device; the w1 lane also fuses its weight and bias into one solve
 (`GaugedLinearField`).
 
-Op count (the same for every side of a workload, so FLOP/s compare like samples/s do): the
+Op count (what each side computes, not one "useful work" for all): the
 FLOPs of one evaluation of the workload's vector field on one sample's M inputs, from XLA's
-cost analysis (`field_flops`), over M, times the gaugejax side's mean field evaluations per
-sample, summed over its M inputs (`gj.count_evaluations`: 4 per RK4 step, 6 per Tsit5 step
-plus one at the start, rejected steps included on w3). The ceiling is a measured square
-matmul on the same device, dtype and precision (`matmul_ceiling`, in `env["ceiling"]`);
-`ceiling_fraction` is the ratio.
+cost analysis (`field_flops`), over M, times the side's own field evaluations per sample,
+summed over its M inputs (`gj.count_evaluations` for the JAX sides: 4 per RK4 step, 6 per
+Tsit5 step plus one at the start, rejected steps included on w3; counted calls for torch;
+gradsolve reports none, so its rows use gaugejax's count: `op_count` says which). A side that
+takes fewer steps (w3's naive jvp, torch's RK4 on w2) is credited with fewer FLOPs. The
+ceiling is a measured square matmul on the same device, dtype and precision
+(`matmul_ceiling`, in `env["ceiling"]`); `ceiling_fraction` is the ratio.
 
 This is a benchmark, not a check: it has no claims; rows go to `results.json`, `summary.json`
 (`env`, `rows`, the Markdown `table`) and `figures/throughput.png`.
@@ -351,6 +353,11 @@ def _user_solve(model, inputs, forward_mode: bool):
     return jax.vmap(one)(inputs)
 
 
+def _evaluations(model, steps):
+    """Field evaluations of solves that took `steps` attempted steps, summed over the inputs."""
+    return jnp.sum(gj.count_evaluations(model.solver, model.stepsize_controller, model.dt0, steps))
+
+
 def _naive_diffrax(cfg: Config, w: Workload, key, num_samples: int, first_order: bool) -> tuple:
     model, gauge, inputs = w.model, w.gauge, w.inputs
     keys = _sample_keys(key, num_samples)
@@ -363,17 +370,18 @@ def _naive_diffrax(cfg: Config, w: Workload, key, num_samples: int, first_order:
             (_, steps), (dout, _) = jax.jvp(
                 lambda a: _user_solve(gauge.act(a, model), inputs, True), (gauge.identity(),), (g,)
             )
-            return jnp.max(jnp.abs(dout)), jnp.max(steps)
+            return jnp.max(jnp.abs(dout)), jnp.max(steps), _evaluations(model, steps)
         out, steps = _user_solve(gauge.act(g, model), inputs, False)
-        return jnp.max(jnp.abs(out - reference)), jnp.max(steps)
+        return jnp.max(jnp.abs(out - reference)), jnp.max(steps), _evaluations(model, steps)
 
     with jax.default_matmul_precision(cfg.precision):
         start = time.perf_counter()
         program = jax.jit(jax.vmap(lane)).lower(keys).compile()
         compile_s = time.perf_counter() - start
         rate = num_samples / _median_time(lambda: program(keys), cfg.repeats)
-        dev, steps = jax.device_get(program(keys))
+        dev, steps, evaluations = jax.device_get(program(keys))
     row = {"samples_per_s": rate, "compile_s": compile_s, **_deviations(dev, steps)}
+    row["evaluations_mean"] = float(np.mean(evaluations))
     return row, np.asarray(dev)
 
 
@@ -396,8 +404,11 @@ def _torch_w1(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
     omega = float(w.gauge.omega[0])
     x0 = tensor(w.inputs)
 
+    nfe = [0]
+
     def field_of(A, c0):
         def field(t, y):  # y: (B, n, d) in the gauge's coordinates, x = G y + c
+            nfe[0] += 1
             s, ds = torch.sin(omega * t), omega * torch.cos(omega * t)
             G, dG = jvp(torch.linalg.matrix_exp, (s * A,), (ds * A,))
             c, dc = s * c0, ds * c0
@@ -421,6 +432,7 @@ def _torch_w1(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
         solve(A[:2], c0[:2])  # warm-up (no compilation to report: torch runs eagerly)
         times = []
         for _ in range(cfg.repeats):
+            nfe[0] = 0
             start = time.perf_counter()
             out = solve(A, c0)
             times.append(time.perf_counter() - start)
@@ -428,6 +440,8 @@ def _torch_w1(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
     row = {
         "samples_per_s": num_samples / statistics.median(times),
         "compile_s": None,
+        # each call evaluates every sample's M inputs: the per-sample count, summed over them
+        "evaluations_mean": float(nfe[0] * x0.shape[0]),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         **_deviations(dev),
@@ -517,6 +531,7 @@ def _torch_w2(cfg: Config, w: Workload, key, num_samples: int, adaptive: bool) -
         "compile_s": None,
         "method": options["method"],
         "batch_evaluations": int(counts[-1]),
+        "evaluations_mean": float(counts[-1] * x0.shape[0]),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         **_deviations(dev),
@@ -691,16 +706,22 @@ def measure(
         if r.get("samples_per_s") and rate.get("gaugejax"):
             r["gaugejax_speedup"] = rate["gaugejax"] / r["samples_per_s"]
     ours = next((r for r in rows if r["side"] == "gaugejax" and r["status"] == "ok"), None)
-    if ours is not None:
-        # one op count per workload for every side: the useful work, not what a side spends
-        # evaluations are summed over the M inputs; the field's FLOPs are of all M at once
-        per_sample = ours["evaluations_mean"] * field_flops(cfg, name, w, ks) / len(w.inputs)
-        for r in rows:
-            if r.get("samples_per_s"):
-                r["flops_per_sample"] = per_sample
-                r["flop_per_s"] = per_sample * r["samples_per_s"]
-                if ceiling:
-                    r["ceiling_fraction"] = r["flop_per_s"] / ceiling
+    per_input = field_flops(cfg, name, w, ks) / len(w.inputs) if any(
+        r.get("samples_per_s") for r in rows
+    ) else None  # fmt: skip
+    for r in rows:
+        if not r.get("samples_per_s"):
+            continue
+        # a side's own field evaluations where it reports them (summed over the M inputs),
+        # else gaugejax's (gradsolve's engines report none)
+        own = r.get("evaluations_mean")
+        if own is None and ours is None:
+            continue
+        r["op_count"] = "own evaluations" if own is not None else "gaugejax's evaluations"
+        r["flops_per_sample"] = (own if own is not None else ours["evaluations_mean"]) * per_input
+        r["flop_per_s"] = r["flops_per_sample"] * r["samples_per_s"]
+        if ceiling:
+            r["ceiling_fraction"] = r["flop_per_s"] / ceiling
     return rows
 
 

@@ -134,12 +134,18 @@ def _fmt(value) -> str:
 def _left_out(config: Config) -> list[str]:
     from . import EXPERIMENTS
 
-    return [
-        f"{name}.{check}"
-        for name, chosen in config.selection().items()
-        for check, _ in EXPERIMENTS[name].CHECKS
-        if check not in chosen
-    ]
+    selection = config.selection()
+    out = []
+    for name in config.experiments:
+        module = EXPERIMENTS[name]
+        if not hasattr(module, "CHECKS"):
+            continue
+        # the selection, else the preset's own choice (e.g. the census leaves `scale` out)
+        chosen = (
+            selection.get(name) or make_config(module.Config, module.PRESETS[config.preset]).checks
+        )
+        out += [f"{name}.{check}" for check, _ in module.CHECKS if chosen and check not in chosen]
+    return out
 
 
 def write_report(path: Path, claims_by_exp: dict, env: dict, config: Config, wall: dict) -> Path:

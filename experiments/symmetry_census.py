@@ -6,7 +6,11 @@ Checks: `attention` (single-head softmax, activation-free and ReLU attention; mu
 output projection; RoPE in both pairings; each kind of bias; GQA and MQA), `decoder` (RMSNorm
 decoders with SwiGLU or GELU MLPs, one and two blocks; a LayerNorm decoder reported without a
 family), `linear_net` (Eq. 33: GL(d) and a shift per hidden layer), `relu_mlp` (one direction
-per hidden unit, and the batch-dependent excess over it by depth, width and number of inputs).
+per hidden unit, and the batch-dependent excess over it by depth, width and number of inputs),
+and `scale` (not in the default run; `configs/symmetry_census/scale.toml`): sweeps of the block
+families at a GPT-2-small layer's sizes (d_model 768, 12 heads of 64) in float32 and float64,
+deviations relative to the output scale against the measured float floor, and the matrix-free
+census at growing sizes until one takes longer than `scale_census_budget_s`.
 """
 
 import dataclasses
@@ -41,8 +45,18 @@ class Config:
     mlp_inputs: tuple[int, ...] = (50, 500, 2000)
     mlp_spread: float = 8.0
     max_angle: float = 1e-6
+    # scale (GPT-2 small: d_model 768, 12 heads of 64, MLP 4 x 768; LLaMA-style SwiGLU 2048)
+    scale_dim: int = 768
+    scale_heads: int = 12
+    scale_tokens: int = 16
+    scale_sequences: int = 2
+    scale_samples: int = 4
+    scale_dtypes: tuple[str, ...] = ("float32", "float64")
+    scale_census_dims: tuple[int, ...] = (16, 24, 32, 48, 64, 96)
+    scale_census_budget_s: float = 120.0
     workers: int = 2
-    checks: tuple[str, ...] = ()
+    # every check but `scale`, a measurement of minutes run on its own (scale.toml)
+    checks: tuple[str, ...] = ("attention", "decoder", "linear_net", "relu_mlp")
 
     def __post_init__(self):
         validate_checks(self.checks, CHECKS)
@@ -60,6 +74,7 @@ class Config:
 
 PRESETS = {
     "default": {},
+    "scale": {"checks": ["scale"], "workers": 1},
     "smoke": {"mlp_depths": [1, 2], "mlp_widths": [4], "mlp_inputs": [50, 2000]},
 }
 
@@ -153,16 +168,19 @@ def check_decoder(cfg: Config, key, setup):
     d = cfg.decoder_dim
     xs = jax.random.normal(key, (cfg.decoder_sequences, 5, d))
     rows = []
-    for blocks, mlp in ((1, "swiglu"), (2, "swiglu"), (2, "gelu")):
-        model = gj.Decoder(d, d, d, blocks, 2, 2, 5, value_dim=2, mlp=mlp, key=key)
+    for blocks, mlp, gain in ((1, "swiglu", False), (2, "swiglu", False), (2, "gelu", False),
+                              (1, "swiglu", True)):  # fmt: skip
+        model = gj.Decoder(d, d, d, blocks, 2, 2, 5, value_dim=2, mlp=mlp, norm_gain=gain,
+                           key=key)  # fmt: skip
+        # O(d), attention h(k^2 + v^2) = 16 and SwiGLU scales per block, d per norm gain
         predicted = d * (d - 1) // 2 + blocks * (16 + (5 if mlp == "swiglu" else 0))
+        predicted += (2 * blocks + 1) * d if gain else 0
         gauge = gj.DecoderGauge.from_model(model)
-        rows.append(
-            _row(f"RMSNorm decoder, {blocks} block(s), {mlp}", model, xs, predicted, gauge, cfg)
-        )
+        name = f"RMSNorm decoder, {blocks} block(s), {mlp}" + (", norm gains" if gain else "")
+        rows.append(_row(name, model, xs, predicted, gauge, cfg))
     layer = gj.Decoder(d, d, d, 1, 2, 2, 5, value_dim=2, norm="layer", key=key)
     rows.append(_row("LayerNorm decoder, 1 block (no family)", layer, xs, None, None, cfg))
-    return _claims("census_decoder", rows, cfg, "O(d) x attention x SwiGLU"), {"rows": rows}
+    return _claims("census_decoder", rows, cfg, "O(d) x attention x SwiGLU x gains"), {"rows": rows}
 
 
 def check_linear_net(cfg: Config, key, setup):
@@ -231,11 +249,104 @@ def check_relu_mlp(cfg: Config, key, setup):
     return claims, {"rows": rows}
 
 
+def _scale_sweep(name, model, gauge, xs, cfg, key) -> dict:
+    res = gj.sweep(model, gauge, xs, key=key, num_samples=cfg.scale_samples, chunk_size=2)
+    control = res.control_max_rel[np.isfinite(res.control_max_rel)]
+    return {
+        "family": name,
+        "dtype": res.dtype,
+        "verdict": res.verdict,
+        "max_rel": float(np.nanmax(res.max_rel)),
+        "floor": res.floor,
+        "noise_floor_rel": res.noise_floor / res.reference_scale,
+        "control_median": float(np.median(control)) if control.size else None,
+        "reason": res.verdict_reason,
+        "run_s": res.run_time_s,
+        "compile_s": res.compile_time_s,
+    }
+
+
+def check_scale(cfg: Config, key, setup):
+    """GPT-2-small-sized block families swept in each dtype, and the matrix-free census at
+    growing sizes (module docstring)."""
+    d, H = cfg.scale_dim, cfg.scale_heads
+    k = d // H
+    ks = jax.random.split(key, 4)
+    sweeps = []
+    for dtype in cfg.scale_dtypes:
+        dt = np.dtype(dtype)
+        xs = jax.random.normal(ks[0], (cfg.scale_sequences, cfg.scale_tokens, d), dt)
+        gpt2 = gj.BlockAttention(d, H, k, biases=("q", "k", "v", "o"), causal=True, key=ks[1],
+                                 dtype=dt)  # fmt: skip
+        llama = gj.BlockAttention(d, H, k, num_kv_heads=H // 3, rope="half", causal=True,
+                                  key=ks[1], dtype=dt)  # fmt: skip
+        decoder = gj.Decoder(d, d, d, 1, H, k, 2048, norm_gain=True, causal=True, key=ks[2],
+                             dtype=dt)  # fmt: skip
+        for short, name, model, gauge in (
+            ("gpt2_attention", f"GPT-2 attention (d {d}, {H} heads, biases, causal): GL(k) x "
+             "GL(v) per head, key-bias and value shifts", gpt2,
+             gj.BlockAttentionGauge.from_model(gpt2)),
+            ("gpt2_heads", "GPT-2 attention: head permutations", gpt2,
+             gj.HeadPermutationGauge.from_model(gpt2)),
+            ("llama_attention", f"LLaMA attention (RoPE half, GQA {H}/{H // 3}): "
+             "GL(1, C)^(k/2) x GL(v) per group", llama, gj.BlockAttentionGauge.from_model(llama)),
+            ("decoder_block", f"RMSNorm decoder block (SwiGLU 2048, gains): O({d}) x attention "
+             "x unit scales x gain scales", decoder, gj.DecoderGauge.from_model(decoder)),
+        ):  # fmt: skip
+            sweeps.append({"id": short, **_scale_sweep(name, model, gauge, xs, cfg, ks[3])})
+    census = []
+    start = time.perf_counter()
+    for dim in cfg.scale_census_dims:
+        model = gj.BlockAttention(dim, 2, dim // 4, key=ks[1])
+        # 2 d^2 parameters: dim / 2 sequences of 8 tokens give 4 d^2 outputs (a Jacobian with
+        # fewer rows than columns would have a null space of its shape, not of the model)
+        xs = jax.random.normal(ks[0], (max(dim // 2, 2), 8, dim))
+        fn, params = _fn(model)
+        t0 = time.perf_counter()
+        found = gj.symmetry_dimension(fn, params, xs, method="randomized")
+        seconds = time.perf_counter() - t0
+        census.append({
+            "dim": dim, "num_params": found.num_params, "num_outputs": found.num_outputs,
+            "predicted": 2 * 2 * (dim // 4) ** 2, "discovered": found.dimension,
+            "num_matvecs": found.num_matvecs, "seconds": seconds, "gap": found.gap,
+        })  # fmt: skip
+        if seconds > cfg.scale_census_budget_s:
+            break
+    claims = [
+        claim(
+            f"scale:{r['id']}:{r['dtype']}",
+            f"{r['family']} ({r['dtype']}): the sweep holds at GPT-2-small sizes and the "
+            "control breaks",
+            "Sec. 4 families at scale",
+            r["max_rel"],
+            r["verdict"] == "holds" and (r["control_median"] or 0.0) > 1e3 * r["floor"],
+            f"verdict holds (max_rel <= 10 x floor {r['floor']:.1e}); control > 1e3 x floor",
+            detail=r["reason"],
+        )
+        for r in sweeps
+    ]
+    within = [r for r in census if r["seconds"] <= cfg.scale_census_budget_s]
+    if within:
+        top = within[-1]
+        claims.append(claim(
+            "scale:census",
+            f"matrix-free census: the largest attention within {cfg.scale_census_budget_s:g} s "
+            f"(d_model {top['dim']}, {top['num_params']} parameters) has the predicted null "
+            "space",
+            "Eq. 36-37",
+            top["discovered"],
+            top["discovered"] == top["predicted"],
+            f"== {top['predicted']} ({top['num_matvecs']} matvecs, {top['seconds']:.0f} s)",
+        ))  # fmt: skip
+    return claims, {"sweeps": sweeps, "census": census, "elapsed_s": time.perf_counter() - start}
+
+
 CHECKS = [
     ("attention", check_attention),
     ("decoder", check_decoder),
     ("linear_net", check_linear_net),
     ("relu_mlp", check_relu_mlp),
+    ("scale", check_scale),
 ]
 
 
@@ -243,8 +354,40 @@ def run(config: Config, run_dir: Path) -> dict:
     """Run every census check; write results, metrics, the census table and figures."""
     summary = run_checks("symmetry_census", CHECKS, config, None, run_dir, plot, ["relu_mlp"])
     results = io.read_json(Path(run_dir) / "results.json")
-    (Path(run_dir) / "census.md").write_text("\n".join(census_table(results)) + "\n")
+    lines = census_table(results) + scale_table(results)
+    io.atomic_write_bytes(Path(run_dir) / "census.md", ("\n".join(lines) + "\n").encode())
     return summary
+
+
+def scale_table(results: dict) -> list[str]:
+    """The `scale` check's sweeps and matrix-free census as Markdown (empty if it did not run)."""
+    if "scale" not in results:
+        return []
+    data = results["scale"]
+    lines = [
+        "",
+        "| family (GPT-2-small sizes) | dtype | verdict | max rel. deviation | floor | "
+        "identity noise (rel.) | control (median rel.) | run s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["sweeps"]:
+        control = "-" if r["control_median"] is None else f"{r['control_median']:.1e}"
+        lines.append(
+            f"| {r['family']} | {r['dtype']} | {r['verdict']} | {r['max_rel']:.1e} | "
+            f"{r['floor']:.1e} | {r['noise_floor_rel']:.1e} | {control} | {r['run_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "| matrix-free census: 2-head attention, d_model | params | predicted | discovered | "
+        "matvecs | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["census"]:
+        lines.append(
+            f"| {r['dim']} | {r['num_params']} | {r['predicted']} | {r['discovered']} | "
+            f"{r['num_matvecs']} | {r['seconds']:.1f} |"
+        )
+    return lines
 
 
 def census_table(results: dict) -> list[str]:
@@ -254,7 +397,7 @@ def census_table(results: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for name, _ in CHECKS:
-        for r in results.get(name, {}).get("rows", []):
+        for r in results.get(name, {}).get("rows", []):  # `scale` has its own table
             angle = r.get("max_angle")
             cells = [
                 r["architecture"],

@@ -94,6 +94,10 @@ def _block(key):
     )
 
 
+def _block6(key):  # 6 query heads in 3 groups: 6 x 8 = 48 elements, the identity rarely drawn
+    return gj.BlockAttention(5, 6, 2, num_kv_heads=3, biases=("q", "k", "v", "o"), key=key)
+
+
 def _block_rope(key):
     return gj.BlockAttention(
         5, 2, 4, value_dim=2, rope="half", activation="linear", causal=True, key=key
@@ -188,6 +192,14 @@ CASES = {
     "decoder": Case(
         lambda k: gj.DecoderGauge.from_model(_decoder(k)), _decoder, _decoder_x, _mlp, 1e-12
     ),
+    # finite groups (permutations, reordered sums: rounding only): GQA heads with every bias,
+    # and the hidden units of both layers of an eqx.nn.MLP
+    "head_permutation": Case(
+        lambda k: gj.HeadPermutationGauge.from_model(_block6(k)), _block6, _block_x, _mlp, 1e-12
+    ),
+    "unit_permutation": Case(
+        lambda k: gj.UnitPermutationGauge.from_model(_mlp(k)), _mlp, _x, _block, 1e-12
+    ),
     "attention_eqx": Case(
         lambda k: gj.AttentionGauge.from_model(_eqx_mha(k)), _eqx_mha, _mha_inputs, _mlp, 1e-12
     ),
@@ -251,7 +263,13 @@ def test_tangent_is_the_jvp_of_act(case):
         g = jax.tree.map(lambda e, d: e + a * d, gauge.identity(), v)
         return gauge.act(g, model)
 
-    if isinstance(gauge, gj.AbstractFieldGauge):
+    if isinstance(gauge, gj.AbstractPermutationGauge):
+        # a finite group: no direction to move along, a zero tangent shaped like the model
+        # (the identity test shows that its elements do move the parameters)
+        arrays = eqx.filter(model, eqx.is_inexact_array)
+        assert jax.tree.structure(tangent) == jax.tree.structure(arrays)
+        assert all(not np.any(np.asarray(t)) for t in jax.tree.leaves(tangent))
+    elif isinstance(gauge, gj.AbstractFieldGauge):
         t, y = jnp.asarray(0.37), x[0]
         expected = jax.jvp(lambda a: moved(a).field(t, y, None), (0.0,), (1.0,))[1]
         got = tangent.field(t, y, None)

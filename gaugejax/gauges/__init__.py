@@ -42,6 +42,12 @@ from .maps import (
     FieldTangent as FieldTangent,
     Inverse as Inverse,
 )
+from .permutation import (
+    AbstractPermutationGauge as AbstractPermutationGauge,
+    HeadPermutation as HeadPermutation,
+    HeadPermutationGauge as HeadPermutationGauge,
+    UnitPermutationGauge as UnitPermutationGauge,
+)
 from .reparam import SineReparam as SineReparam, TimeReparamGauge as TimeReparamGauge
 from .rescaling import (
     RescalingGauge as RescalingGauge,

@@ -29,6 +29,15 @@ def model_error(family: Any, expected: str, model: Any, how: str = "") -> TypeEr
     return TypeError(f"{message} {how}".rstrip())
 
 
+def cast_element(g: PyTree, dtype) -> PyTree:
+    """The element `g` with its floating leaves in `dtype` (a model's): families sample in the
+    default float dtype, and a float32 model must be moved by float32 arrays (strict dtype
+    promotion refuses the mix; standard promotion would silently compute in float64)."""
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, g
+    )
+
+
 class AbstractGauge(eqx.Module):
     """A family of gauge transformations acting on a model.
 

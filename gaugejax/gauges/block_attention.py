@@ -38,7 +38,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..models.transformer import BlockAttention, rope_pairs
 from .attention import _well_conditioned
-from .base import AbstractParameterGauge, model_error
+from .base import AbstractParameterGauge, cast_element, model_error
 
 
 BREAKINGS = (None, "generic_qk", "alpha", "one_sided")
@@ -246,6 +246,7 @@ class BlockAttentionGauge(AbstractParameterGauge):
 
     def act(self, g: BlockAttentionElement, model: BlockAttention) -> BlockAttention:
         self.check_model(model)
+        g = cast_element(g, model.Wq.dtype)
         group = model.group
         M = self._qk_matrix(g)  # (G, k, k)
         Mq = M[group]  # per query head

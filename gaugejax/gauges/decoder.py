@@ -1,5 +1,6 @@
 """The continuous gauge group of an RMSNorm `Decoder`: rotations of the residual stream, every
-block's attention gauges, and SwiGLU's per-unit rescaling.
+block's attention gauges, SwiGLU's per-unit rescaling, and the norm gains traded against the
+reads they feed.
 
 - Residual rotation `Q` in O(d): `W_in -> W_in Q`; every write into the stream (`Wo`, `bo`,
   `W2`, `b2`) `-> (.) Q`; every read after a norm with gain `g` (`Wq`, `Wk`, `Wv`, `W1`, `W3`,
@@ -11,8 +12,13 @@ block's attention gauges, and SwiGLU's per-unit rescaling.
 - Per block, `BlockAttentionGauge` on its attention (acting on the head side, so it commutes
   with `Q`), and for a SwiGLU MLP per hidden unit `c_j > 0`: `W3[:, j] -> c_j W3[:, j]`,
   `W2[j] -> W2[j] / c_j` (the gate `silu(x W1)` is untouched).
+- Per norm with a gain, `s > 0` per channel: `g -> g s`, and each read after it `W -> diag(1/s)
+  W` (`(n(x) g s) diag(1/s) W = (n(x) g) W`), applied after the rotation (whose reads use the
+  original gain). d dimensions per norm with a gain.
 
-Group law: `Q = Q1 Q2`, the attention elements by their law, `c = c1 c2`. `act` uses the
+Group law: `Q = Q1 Q2`, the attention elements by their law, `c = c1 c2`, `s = s1 s2` (the
+gain scales commute with the rotation's conjugated reads: `S2^-1 (D S1)^-1 Q2^T (D S1) S1^-1
+D^-1 Q1^T D = (S1 S2)^-1 D^-1 (Q1 Q2)^T D`). `act` uses the
 orthogonal polar factor of `Q` (Newton-Schulz iterations; a sampled `Q` is its own), so
 `tangent` along any d x d direction is the rotation along its skew part.
 
@@ -31,17 +37,19 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..models.transformer import Decoder
 from .attention import _well_conditioned
-from .base import AbstractParameterGauge, model_error
+from .base import AbstractParameterGauge, cast_element, model_error
 from .block_attention import BlockAttentionElement, BlockAttentionGauge
 
 
 class DecoderElement(eqx.Module):
     """`rotation` (d, d); `attention`: one `BlockAttentionElement` per block; `scales`: per
-    block (f,) SwiGLU unit scales, or (0,) for a GELU MLP."""
+    block (f,) SwiGLU unit scales, or (0,) for a GELU MLP; `gains`: per norm (the final norm,
+    then each block's two) (d,) channel scales, or (0,) for a norm without a gain."""
 
     rotation: Float[Array, "d d"]
     attention: tuple[BlockAttentionElement, ...]
     scales: tuple[Float[Array, " f"], ...]
+    gains: tuple[Float[Array, " g"], ...]
 
 
 def _polar(X: Float[Array, "d d"], iterations: int = 6) -> Float[Array, "d d"]:
@@ -68,12 +76,14 @@ class DecoderGauge(AbstractParameterGauge):
     (module docstring). Build it with `DecoderGauge.from_model(model)`.
 
     **Fields:** `dim` d; `attention`: one `BlockAttentionGauge` per block; `hidden`: per block
-    the SwiGLU width (0 for GELU); `log_condition` of the control's residual maps; `breaking`.
+    the SwiGLU width (0 for GELU); `gained`: per norm (final, then each block's two) whether it
+    has a gain; `log_condition` of the control's residual maps; `breaking`.
     """
 
     dim: int = eqx.field(static=True)
     attention: tuple[BlockAttentionGauge, ...]
     hidden: tuple[int, ...] = eqx.field(static=True)
+    gained: tuple[bool, ...] = eqx.field(static=True)
     log_condition: float = float(np.log(10.0))
     breaking: bool = eqx.field(static=True, default=False)
     infinitesimal = False
@@ -88,7 +98,8 @@ class DecoderGauge(AbstractParameterGauge):
             raise model_error(cls.__name__, "a Decoder", model)
         attention = tuple(BlockAttentionGauge.from_model(b.attn) for b in model.blocks)
         hidden = tuple(b.mlp.W1.shape[1] if b.mlp.kind == "swiglu" else 0 for b in model.blocks)
-        gauge = cls(model.W_in.shape[1], attention, hidden, **kwargs)
+        gained = tuple(n.weight is not None for n in _norms(model))
+        gauge = cls(model.W_in.shape[1], attention, hidden, gained, **kwargs)
         gauge.check_model(model)
         return gauge
 
@@ -103,7 +114,7 @@ class DecoderGauge(AbstractParameterGauge):
                 f"{type(self).__name__} is for d = {self.dim} with {len(self.attention)} blocks; "
                 f"the model has d = {model.W_in.shape[1]} with {len(model.blocks)}."
             )
-        norms = [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
+        norms = _norms(model)
         if any(isinstance(n, eqx.nn.LayerNorm) for n in norms):
             raise ValueError(
                 "an orthogonal residual map on a LayerNorm decoder: LayerNorm subtracts the "
@@ -112,16 +123,22 @@ class DecoderGauge(AbstractParameterGauge):
             )
         for gauge, block in zip(self.attention, model.blocks, strict=True):
             gauge.check_model(block.attn)
+        if tuple(n.weight is not None for n in norms) != self.gained:
+            raise ValueError(
+                f"{type(self).__name__} has norm gains {self.gained} (final, then each "
+                f"block's two); the model's are {tuple(n.weight is not None for n in norms)}."
+            )
 
     def identity(self) -> DecoderElement:
         return DecoderElement(
             jnp.eye(self.dim),
             tuple(g.identity() for g in self.attention),
             tuple(jnp.ones((f,)) for f in self.hidden),
+            tuple(jnp.ones((self.dim if g else 0,)) for g in self.gained),
         )
 
     def sample(self, key: PRNGKeyArray) -> DecoderElement:
-        kq, ka, ks = jax.random.split(key, 3)
+        kq, ka, ks, kg = jax.random.split(key, 4)
         if self.breaking:
             rotation = _well_conditioned(kq, (self.dim, self.dim), self.log_condition)
         else:
@@ -136,6 +153,10 @@ class DecoderGauge(AbstractParameterGauge):
                 jnp.exp(0.5 * jax.random.normal(k, (f,)))
                 for f, k in zip(self.hidden, skeys, strict=True)
             ),
+            tuple(
+                jnp.exp(0.5 * jax.random.normal(k, (self.dim if g else 0,)))
+                for g, k in zip(self.gained, jax.random.split(kg, len(self.gained)), strict=True)
+            ),
         )
 
     def inverse(self, g: DecoderElement) -> DecoderElement:
@@ -144,6 +165,7 @@ class DecoderGauge(AbstractParameterGauge):
             rotation,
             tuple(a.inverse(e) for a, e in zip(self.attention, g.attention, strict=True)),
             tuple(1.0 / c for c in g.scales),
+            tuple(1.0 / s for s in g.gains),
         )
 
     def compose(self, g1: DecoderElement, g2: DecoderElement) -> DecoderElement:
@@ -154,6 +176,7 @@ class DecoderGauge(AbstractParameterGauge):
                 for a, e1, e2 in zip(self.attention, g1.attention, g2.attention, strict=True)
             ),
             tuple(c1 * c2 for c1, c2 in zip(g1.scales, g2.scales, strict=True)),
+            tuple(s1 * s2 for s1, s2 in zip(g1.gains, g2.gains, strict=True)),
         )
 
     def control(self) -> "DecoderGauge":
@@ -162,43 +185,64 @@ class DecoderGauge(AbstractParameterGauge):
 
     def act(self, g: DecoderElement, model: Decoder) -> Decoder:
         self.check_model(model)
+        g = cast_element(g, model.W_in.dtype)
         Q = g.rotation if self.breaking else _polar(g.rotation)
         Qinv = jnp.linalg.inv(Q) if self.breaking else Q.T
         dtype = model.W_in.dtype
 
-        def read(norm, W):  # W (..., d, n) read after `norm`: D^-1 Q^-1 D W
-            D = _gain(norm, self.dim, dtype)
-            return jnp.einsum("i,ij,j,...jn->...in", 1.0 / D, Qinv, D, W)
+        norms = _norms(model)
+
+        def read(i, W):  # W (..., d, n) read after norm i: S^-1 D^-1 Q^-1 D W
+            D = _gain(norms[i], self.dim, dtype)
+            s = g.gains[i]
+            S = s if s.size else jnp.ones((self.dim,), dtype)  # empty: a norm without a gain
+            return jnp.einsum("i,ij,j,...jn->...in", 1.0 / (S * D), Qinv, D, W)
+
+        def gained(i):
+            norm, s = norms[i], g.gains[i]
+            return norm if not s.size else eqx.tree_at(lambda n: n.weight, norm, norm.weight * s)
 
         blocks = []
-        for block, gauge, elem, c in zip(
-            model.blocks, self.attention, g.attention, g.scales, strict=True
+        for b, (block, gauge, elem, c) in enumerate(
+            zip(model.blocks, self.attention, g.attention, g.scales, strict=True)
         ):
+            n1, n2 = 1 + 2 * b, 2 + 2 * b  # this block's norms in `_norms` order
             attn = gauge.act(elem, block.attn)
             attn = eqx.tree_at(
                 lambda a: (a.Wq, a.Wk, a.Wv, a.Wo, a.bo),
                 attn,
                 (
-                    read(block.norm1, attn.Wq),
-                    read(block.norm1, attn.Wk),
-                    read(block.norm1, attn.Wv),
+                    read(n1, attn.Wq),
+                    read(n1, attn.Wk),
+                    read(n1, attn.Wv),
                     attn.Wo @ Q,
                     None if attn.bo is None else attn.bo @ Q,
                 ),
                 is_leaf=lambda x: x is None,
             )
             mlp = block.mlp
-            W3 = None if mlp.W3 is None else read(block.norm2, mlp.W3) * c
+            W3 = None if mlp.W3 is None else read(n2, mlp.W3) * c
             W2 = (mlp.W2 / c[:, None]) if c.size else mlp.W2
             mlp = eqx.tree_at(
                 lambda m: (m.W1, m.W3, m.W2, m.b2),
                 mlp,
-                (read(block.norm2, mlp.W1), W3, W2 @ Q, None if mlp.b2 is None else mlp.b2 @ Q),
+                (read(n2, mlp.W1), W3, W2 @ Q, None if mlp.b2 is None else mlp.b2 @ Q),
                 is_leaf=lambda x: x is None,
             )
-            blocks.append(eqx.tree_at(lambda b: (b.attn, b.mlp), block, (attn, mlp)))
+            blocks.append(
+                eqx.tree_at(
+                    lambda b: (b.attn, b.mlp, b.norm1, b.norm2),
+                    block,
+                    (attn, mlp, gained(n1), gained(n2)),
+                )
+            )
         return eqx.tree_at(
-            lambda m: (m.W_in, m.blocks, m.W_out),
+            lambda m: (m.W_in, m.blocks, m.W_out, m.norm),
             model,
-            (model.W_in @ Q, tuple(blocks), read(model.norm, model.W_out)),
+            (model.W_in @ Q, tuple(blocks), read(0, model.W_out), gained(0)),
         )
+
+
+def _norms(model: Decoder) -> list:
+    """The final norm, then each block's two (the order of `DecoderElement.gains`)."""
+    return [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
