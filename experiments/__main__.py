@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     jax.config.update("jax_enable_x64", True)
     from gaugejax import configure_cpu_devices, intra_op_threads, io
+    from gaugejax.devices import pool_threads_for
 
     from . import EXPERIMENTS
 
@@ -72,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may follow --config
     n = args.cpu_devices
     if n is None:
-        # the devices XLA_FLAGS gives (one by default), on a thread pool where two batched
+        # the devices XLA_FLAGS gives (one by default), on a thread pool where several batched
         # LAPACK kernels can wait at once without a deadlock (gaugejax.devices); read when the
         # CPU client starts, at the first JAX operation (none has run yet in a fresh process)
-        os.environ.setdefault("NPROC", str(max(intra_op_threads(), 3)))
+        os.environ.setdefault("NPROC", str(max(intra_op_threads(), pool_threads_for(1))))
     elif n != "auto" and not (n.isdigit() and int(n) > 0):
         parser.error(f"--cpu-devices: expected a positive int or 'auto'; received {n!r}")
     else:

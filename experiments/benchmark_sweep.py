@@ -385,11 +385,10 @@ def _naive_diffrax(cfg: Config, w: Workload, key, num_samples: int, first_order:
     return row, np.asarray(dev)
 
 
-def _torch_w1(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
-    """W1 in torch as batched tensors, the same gauge elements as the other sides."""
+def _torch_setup(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
+    """`(dtype, host array -> tensor, the samples' gauge elements on the host)` of a torch side:
+    the same elements every side draws, torch's thread count as configured."""
     import torch
-    import torchdiffeq
-    from torch.func import jvp
 
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
@@ -398,6 +397,17 @@ def _torch_w1(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
 
     def tensor(a):
         return torch.from_numpy(np.array(a)).to(tdtype)  # a writable copy
+
+    return tdtype, tensor, samples
+
+
+def _torch_w1(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
+    """W1 in torch as batched tensors, the same gauge elements as the other sides."""
+    import torch
+    import torchdiffeq
+    from torch.func import jvp
+
+    tdtype, tensor, samples = _torch_setup(cfg, w, key, num_samples)
 
     A, c0 = tensor(samples.A[:, 0]), tensor(samples.c[:, 0])  # the one mode, (B, d, d), (B, d)
     W0, W1, b0, b1 = (tensor(w.arrays[k]) for k in ("W0", "W1", "b0", "b1"))
@@ -462,13 +472,7 @@ def _torch_w2(cfg: Config, w: Workload, key, num_samples: int, adaptive: bool) -
     import torchdiffeq
     from torch.func import jvp
 
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    tdtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
-    samples = jax.device_get(jax.vmap(w.gauge.sample)(_sample_keys(key, num_samples)))
-
-    def tensor(a):
-        return torch.from_numpy(np.array(a)).to(tdtype)  # a writable copy
+    tdtype, tensor, samples = _torch_setup(cfg, w, key, num_samples)
 
     mlp = w.model.field.mlp
     layers = [(tensor(lin.weight), tensor(lin.bias)) for lin in mlp.layers]

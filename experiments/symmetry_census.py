@@ -7,6 +7,7 @@ output projection; RoPE in both pairings; each kind of bias; GQA and MQA), `deco
 decoders with SwiGLU or GELU MLPs, one and two blocks; a LayerNorm decoder reported without a
 family), `linear_net` (Eq. 33: GL(d) and a shift per hidden layer), `relu_mlp` (one direction
 per hidden unit, and the batch-dependent excess over it by depth, width and number of inputs),
+`cnn` (one rescaling per hidden channel with average or max pooling; L_2 pooling reported),
 and `scale` (not in the default run; `configs/symmetry_census/scale.toml`): sweeps of the block
 families at a GPT-2-small layer's sizes (d_model 768, 12 heads of 64) in float32 and float64,
 deviations relative to the output scale against the measured float floor, and the matrix-free
@@ -44,6 +45,7 @@ class Config:
     mlp_widths: tuple[int, ...] = (4, 8)
     mlp_inputs: tuple[int, ...] = (50, 500, 2000)
     mlp_spread: float = 8.0
+    cnn_inputs: int = 200
     max_angle: float = 1e-6
     # scale (GPT-2 small: d_model 768, 12 heads of 64, MLP 4 x 768; LLaMA-style SwiGLU 2048)
     scale_dim: int = 768
@@ -56,7 +58,7 @@ class Config:
     scale_census_budget_s: float = 120.0
     workers: int = 2
     # every check but `scale`, a measurement of minutes run on its own (scale.toml)
-    checks: tuple[str, ...] = ("attention", "decoder", "linear_net", "relu_mlp")
+    checks: tuple[str, ...] = ("attention", "decoder", "linear_net", "relu_mlp", "cnn")
 
     def __post_init__(self):
         validate_checks(self.checks, CHECKS)
@@ -266,6 +268,27 @@ def _scale_sweep(name, model, gauge, xs, cfg, key) -> dict:
     }
 
 
+def check_cnn(cfg: Config, key, setup):
+    """ConvNets (ReLU, 2x2 L_s pooling after each conv, App. C): one rescaling direction per
+    hidden channel. L_1 (average) and L_inf (max) pooling have finite Jacobians; L_2 pooling's
+    `sqrt` is not differentiable where a window's ReLU outputs are all zero, and such windows
+    occur: its Jacobian is refused as non-finite (reported, not counted)."""
+    mk, xk = jax.random.split(key)
+    channels = (3, 4)
+    xs = jax.random.normal(xk, (cfg.cnn_inputs, 1, 8, 8))
+    rows = []
+    for pool, label in ((1.0, "average (L_1)"), (float("inf"), "max (L_inf)"), (2.0, "L_2")):
+        net = gj.ConvNet(1, channels, 8, 2, key=mk, pool=pool)
+        name = f"CNN 3-4 channels, {label} pooling"
+        try:
+            rows.append(_row(name, net, xs, sum(channels), gj.RescalingGauge.from_model(net), cfg))
+        except ValueError as e:  # a non-finite Jacobian: refused, with the reason
+            rows.append({"architecture": name, "predicted": None, "discovered": None,
+                         "gap": float("nan"), "num_params": None, "reason": str(e)[:300],
+                         "spectrum": []})  # fmt: skip
+    return _claims("census_cnn", rows, cfg, "App. C (Eq. 51)"), {"rows": rows}
+
+
 def check_scale(cfg: Config, key, setup):
     """GPT-2-small-sized block families swept in each dtype, and the matrix-free census at
     growing sizes (module docstring)."""
@@ -346,6 +369,7 @@ CHECKS = [
     ("decoder", check_decoder),
     ("linear_net", check_linear_net),
     ("relu_mlp", check_relu_mlp),
+    ("cnn", check_cnn),
     ("scale", check_scale),
 ]
 
@@ -405,8 +429,8 @@ def census_table(results: dict) -> list[str]:
                 "inconclusive" if r["discovered"] is None else str(r["discovered"]),
                 "-" if angle is None else f"{angle:.1e}",
                 str(r.get("unexplained", "-")),
-                f"{r['gap']:.1e}",
-                str(r["num_params"]),
+                "-" if r["num_params"] is None else f"{r['gap']:.1e}",
+                "-" if r["num_params"] is None else str(r["num_params"]),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return lines

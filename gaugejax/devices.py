@@ -11,10 +11,12 @@ threads idle (a native stack shows each thread in `jax::ParallelBatchMap`'s wait
 that can run at once: one per device and independent chain. D devices on a pool of P <= D
 threads hang once each kernel's batch is large (8 lanes per device hung W1 on 2 devices and 2
 threads; 2 lanes did not); one device hangs when its program has P independent chains (the
-README's single-device reproducer: two chains, 2 threads; it returns with `NPROC=4`).
-`configure_cpu_devices` sizes the pool for two kernels per device at once; `sweep` refuses a
-sharded program with LAPACK kernels on a pool no larger than its device count, instead of
-hanging.
+README's single-device reproducer: two chains, 2 threads; it returns with `NPROC=4`; the
+control of a GPT-2-sized `DecoderGauge`, with QR factorisations of several independent element
+parts, hung one device on a pool of 3). `configure_cpu_devices` sizes the pool for
+`KERNELS_PER_DEVICE` kernels per device plus as many more (idle pool threads cost nothing
+measurable); `sweep` refuses a sharded program with LAPACK kernels on a pool no larger than its
+device count, instead of hanging.
 """
 
 import functools
@@ -22,6 +24,15 @@ import os
 import re
 
 import jax
+
+
+# batched LAPACK kernels that may wait at once per CPU device, which the pool must outnumber
+KERNELS_PER_DEVICE = 4
+
+
+def pool_threads_for(num_devices: int) -> int:
+    """The intra-op pool `configure_cpu_devices` asks for: `KERNELS_PER_DEVICE * (n + 1)`."""
+    return KERNELS_PER_DEVICE * (num_devices + 1)
 
 
 def intra_op_threads() -> int:
@@ -38,9 +49,9 @@ def intra_op_threads() -> int:
 
 def configure_cpu_devices(num_devices: int | None = None) -> int:
     """Expose `num_devices` CPU devices (default: one per core) for `sweep` to shard over, with
-    an intra-op pool of at least `2 * num_devices + 1` threads (`NPROC`; never fewer than it
-    has), so two batched LAPACK kernels per device can wait at once without a deadlock (module
-    docstring). Call it right after `import jax`, before any JAX operation, as
+    an intra-op pool of at least `pool_threads_for(num_devices)` threads (`NPROC`; never fewer
+    than it has), so several batched LAPACK kernels per device can wait at once without a
+    deadlock (module docstring). Call it right after `import jax`, before any JAX operation, as
     `jax.config.update("jax_num_cpu_devices", ...)` requires.
 
     **Arguments:**
@@ -63,7 +74,7 @@ def configure_cpu_devices(num_devices: int | None = None) -> int:
             f"backends have started: {e}). Call it right after `import jax`."
         ) from None
     # the pool is sized when the CPU client starts, i.e. at the first JAX operation after this
-    os.environ["NPROC"] = str(max(intra_op_threads(), 2 * n + 1))
+    os.environ["NPROC"] = str(max(intra_op_threads(), pool_threads_for(n)))
     return n
 
 

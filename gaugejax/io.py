@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from .devices import intra_op_threads
+
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -173,5 +175,7 @@ def env_info() -> dict:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "x64": bool(jax.config.jax_enable_x64),
+        # XLA:CPU's intra-op pool (NPROC): part of what a CPU timing measured
+        "intra_op_threads": intra_op_threads(),
         "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
     }

@@ -342,7 +342,7 @@ import sys
 import diffrax, jax
 import gaugejax as gj
 if sys.argv[1] == "configured":
-    gj.configure_cpu_devices(2)  # 2 devices and a pool of 5 threads
+    gj.configure_cpu_devices(2)  # 2 devices and a pool of 12 threads
 jax.config.update("jax_enable_x64", True)
 k = jax.random.split(jax.random.key(0), 3)
 # W1 (DESIGN.md Sec. 3): d = 16, one-mode LinearGauge, classic RK4 with 100 fixed steps
@@ -364,7 +364,7 @@ print("devices", len(jax.devices()), "max_abs", float(out[0].max()),
 
 def test_sharded_w1_on_two_cpu_devices_makes_progress_or_refuses():
     """The W1 sweep sharded over 2 CPU devices. Configured by `configure_cpu_devices(2)` (a
-    pool of 5 threads) it runs every block and reproduces the single-device samples exactly.
+    pool of 12 threads) it runs every block and reproduces the single-device samples exactly.
     The same two devices on a pool of 2 threads (XLA_FLAGS alone, NPROC=2) used to hang in
     jaxlib's batched LAPACK kernels: `sweep` now refuses, naming `devices` and the remedy."""
     import re

@@ -196,7 +196,10 @@ class DecoderGauge(AbstractParameterGauge):
             D = _gain(norms[i], self.dim, dtype)
             s = g.gains[i]
             S = s if s.size else jnp.ones((self.dim,), dtype)  # empty: a norm without a gain
-            return jnp.einsum("i,ij,j,...jn->...in", 1.0 / (S * D), Qinv, D, W)
+            # the d x d map first: a four-operand einsum may contract through an (i, j, n)
+            # intermediate (measured: 16 GiB per lane at d = 768 with a 2048-wide MLP)
+            M = Qinv * D[None, :] / (S * D)[:, None]
+            return jnp.einsum("ij,...jn->...in", M, W)
 
         def gained(i):
             norm, s = norms[i], g.gains[i]
