@@ -615,10 +615,10 @@ def test_benchmark_gradsolve_side_integrates_the_same_fields():
 def test_symmetry_census_smoke_writes_the_table_and_its_claims(tmp_path):
     """The census at its smoke preset (the cheap checks): the linear net's count (Eq. 33,
     (L-1)(d^2 + d) = 40) explained by the family once its fixed ends are excluded, ReLU MLP
-    depth 1 without excess; the table and both figures are written."""
+    depth 1 without excess, the ConvNets' rescaling; the table and both figures are written."""
     cfg = make_config(
         symmetry_census.Config,
-        {**symmetry_census.PRESETS["smoke"], "checks": ["linear_net", "relu_mlp"]},
+        {**symmetry_census.PRESETS["smoke"], "checks": ["linear_net", "relu_mlp", "cnn"]},
     )
     summary = symmetry_census.run(cfg, tmp_path)
     claims = {c["id"]: c for c in summary["claims"]}
@@ -628,6 +628,11 @@ def test_symmetry_census_smoke_writes_the_table_and_its_claims(tmp_path):
     table = (tmp_path / "census.md").read_text()
     assert "| linear net, 3 layers (Eq. 33) | 40 | 40 |" in table
     assert "ReLU MLP depth 2 width 4, 50 inputs" in table
+    # ConvNets: the 7 rescaling directions inside the null space (angles ~1e-14), an excess
+    # beyond them (measured 2 and 9), and L_2 pooling's non-finite Jacobian refused, not counted
+    assert claims["census_cnn"]["measured"] < 1e-6
+    assert "| CNN 3-4 channels, average (L_1) pooling | 7 | 9 |" in table
+    assert "| CNN 3-4 channels, L_2 pooling | - | inconclusive |" in table
     assert {Path(f).name for f in summary["figures"]} == {"spectra.png", "relu_excess.png"}
     with pytest.raises(ValueError, match="head_dim"):
         make_config(symmetry_census.Config, {"head_dim": 3})
