@@ -525,6 +525,26 @@ def test_killed_gauge_fixing_resumes_to_the_same_files(tmp_path):
     assert steps == list(range(50))
 
 
+def test_benchmark_cli_shards_over_one_cpu_device_per_core(tmp_path):
+    """Through the CLI, benchmark_sweep exposes one CPU device per core by default (its sharded
+    side then uses every core) on a pool of 4 (n + 1) threads; `--cpu-devices 1` keeps one."""
+    cores = len(os.sched_getaffinity(0))
+    cmd = [sys.executable, "-m", "experiments", "benchmark_sweep", "--config",
+           "configs/benchmark_sweep/smoke.toml", 'workloads=["w1"]',
+           'sides=["gaugejax_sharded"]']  # fmt: skip
+    for extra, devices in (([], cores), (["--cpu-devices", "1"], 1)):
+        out = tmp_path / str(devices)
+        env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "XLA_FLAGS")}
+        proc = subprocess.run([*cmd, *extra, "--out", str(out)], cwd=ROOT, env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (run_dir,) = out.glob("benchmark_sweep/*")
+        (row,) = io.read_json(run_dir / "results.json")["rows"]
+        assert row["status"] == "ok" and row["num_devices"] == devices
+        pool = io.read_json(run_dir / "env.json")["intra_op_threads"]
+        assert pool >= 4 * (devices + 1)
+
+
 def test_benchmark_torchdiffeq_side_integrates_the_same_gauged_w1():
     """With the bench extra (skipped without torch): the torch port of W1 (same gauge elements,
     `matrix_exp` + `torch.func.jvp` for dG/dt, torchdiffeq's 3/8-rule `rk4`) gives per-sample
