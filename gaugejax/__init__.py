@@ -27,6 +27,7 @@ from .correspondence import (
     wilson_line as wilson_line,
     wilson_line_magnus as wilson_line_magnus,
 )
+from .data import DATASETS as DATASETS, Dataset as Dataset, load_dataset as load_dataset
 from .devices import (
     configure_cpu_devices as configure_cpu_devices,
     free_memory_bytes as free_memory_bytes,
@@ -45,6 +46,7 @@ from .gauge_fixing import (
     gauge_fixing_penalty as gauge_fixing_penalty,
     integrate_regularizers as integrate_regularizers,
     linear_gauge_fixing_penalty as linear_gauge_fixing_penalty,
+    rotation_covariant_penalty as rotation_covariant_penalty,
 )
 from .gauges import (
     AbstractFieldGauge as AbstractFieldGauge,
@@ -91,12 +93,15 @@ from .models import (
     MLPField as MLPField,
     MultiHeadAttention as MultiHeadAttention,
     NeuralODE as NeuralODE,
+    ODEClassifier as ODEClassifier,
     PiecewiseLinearBasis as PiecewiseLinearBasis,
     SelfAttention as SelfAttention,
     TransformerBlock as TransformerBlock,
+    adaptive as adaptive,
     apply_rope as apply_rope,
     attention as attention,
     attention_as_node as attention_as_node,
+    fixed_steps as fixed_steps,
     integrated_cubic as integrated_cubic,
     random_linear_node as random_linear_node,
 )
