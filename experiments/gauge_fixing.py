@@ -10,6 +10,7 @@ one stacked model: Adam is elementwise, so the summed loss trains them independe
 import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -52,15 +53,34 @@ class Config:
     # orbit are also straight lines at constant speed)
     regularizer: str = "eq45"
     regularizer_inputs: int = 8
+    # more arms, each trained at `arm_lambda` with its own regulariser beside the lambda sweep:
+    # by default the rotation-covariant Higgs term of footnote 12, invariant under rotations
+    # G(t) in SO(d) (so it cannot fix them: the "weak regulariser" the footnote announces)
+    arms: tuple[str, ...] = ("rotation_covariant",)
+    arm_lambda: float = 0.1
+    # random rotation (SO(d)) and GL(d) gauges of the invariance check on the trained models
+    invariance_samples: int = 8
 
     # lambda = 0 is the unregularised arm
     NONNEGATIVE: ClassVar[tuple[str, ...]] = ("lambdas",)
 
     def __post_init__(self):
-        valid = ("eq45", "uniform_motion", "kinetic")
-        if self.regularizer not in valid:
+        if self.regularizer not in REGULARIZERS:
             raise ValueError(
-                f"`regularizer` must be one of {list(valid)}; received {self.regularizer!r}."
+                f"`regularizer` must be one of {list(REGULARIZERS)}; received {self.regularizer!r}."
+            )
+        unknown = [a for a in self.arms if a not in REGULARIZERS]
+        if unknown or len(set(self.arms)) != len(self.arms):
+            raise ValueError(
+                f"`arms` must name distinct regularisers of {list(REGULARIZERS)}; received "
+                f"{list(self.arms)}."
+            )
+        if self.test_rtol > self.train_rtol:
+            warnings.warn(
+                f"test_rtol = {self.test_rtol:g} is looser than train_rtol = {self.train_rtol:g}: "
+                "the test-time losses and step counts then measure the solver more than the "
+                "trained models (the comparison needs test_rtol <= train_rtol).",
+                stacklevel=2,
             )
         if not 0 < self.regularizer_inputs <= self.batch_size:
             raise ValueError(
@@ -75,6 +95,8 @@ class Config:
                 f"{list(self.lambdas)}."
             )
 
+
+REGULARIZERS = ("eq45", "rotation_covariant", "uniform_motion", "kinetic")
 
 PRESETS = {
     "default": {},
@@ -113,19 +135,27 @@ def _data_loss(models, batch):
     return jnp.sum(per_seed)
 
 
-def _penalty(cfg):
+def _penalty(cfg, name: str):
     def penalty(models, batch):
         inputs = batch[0][: cfg.regularizer_inputs]
-        per_seed = eqx.filter_vmap(
-            lambda mod: gj.gauge_fixing_penalty(cfg.regularizer, mod, inputs)
-        )(models)
+        per_seed = eqx.filter_vmap(lambda mod: gj.gauge_fixing_penalty(name, mod, inputs))(models)
         return jnp.sum(per_seed)
 
     return penalty
 
 
-_NAMES = {"eq45": "Eq. 45", "uniform_motion": "uniform motion", "kinetic": "kinetic energy"}
-_EQUATIONS = {"eq45": "Eq. 45", "uniform_motion": "Eq. 43", "kinetic": "Sec. 5 (RNODE)"}
+_NAMES = {
+    "eq45": "Eq. 45",
+    "rotation_covariant": "the rotation-covariant term",
+    "uniform_motion": "uniform motion",
+    "kinetic": "kinetic energy",
+}
+_EQUATIONS = {
+    "eq45": "Eq. 45",
+    "rotation_covariant": "footnote 12",
+    "uniform_motion": "Eq. 43",
+    "kinetic": "Sec. 5 (RNODE)",
+}
 
 
 @eqx.filter_jit  # the config is static (hashable): one program for every lambda
@@ -167,6 +197,30 @@ def _seed(models, s):
     return jax.tree.map(lambda a: a[s] if eqx.is_array(a) else a, models)
 
 
+@eqx.filter_jit
+def _footnote12_invariance(config: Config, model, key) -> dict:
+    """Relative changes of footnote 12's term and of Eq. 45 of one `model` under
+    `invariance_samples` random rotation (`group="SO"`) and GL(d) linear gauges."""
+    so = gj.LinearGauge(config.dim, config.t1, group="SO")
+    gl = gj.LinearGauge(config.dim, config.t1)
+    keys = jax.random.split(key, config.invariance_samples)
+
+    def changes(gauge, penalty):
+        base = penalty(model.weight, model.bias, config.t1)
+
+        def one(k):
+            moved = gauge.act(gauge.sample(k), model)
+            return jnp.abs(penalty(moved.weight, moved.bias, config.t1) - base) / jnp.abs(base)
+
+        return jax.vmap(one)(keys)
+
+    return {
+        "rotation_covariant_SO": changes(so, gj.rotation_covariant_penalty),
+        "rotation_covariant_GL": changes(gl, gj.rotation_covariant_penalty),
+        "eq45_SO": changes(so, gj.linear_gauge_fixing_penalty),
+    }
+
+
 def _weight_trajectories(models, ts) -> np.ndarray:
     """w(t)[0, :2] of every seed on the grid ts."""
     return np.asarray(eqx.filter_vmap(lambda mod: jax.vmap(mod.weight)(ts))(models))[:, :, 0, :2]
@@ -180,28 +234,32 @@ def run(config: Config, run_dir: Path) -> dict:
     init = _models(config, k_init, config.train_rtol)
     test = batch_fn(k_test)
     test = (test[0][: config.num_test], test[1][: config.num_test])
-    rows = {}
-    curves = {}
-    # one optimiser and penalty for every lambda: the runs then share one compiled chunk
-    optimizer, penalty = optax.adam(config.learning_rate), _penalty(config)
-    # one bar over every lambda's steps, advanced after each compiled chunk (a resumed run
+    rows, curves = {}, {}
+    # the lambda sweep of `regularizer`, then one run per extra arm at `arm_lambda`
+    jobs = [(config.regularizer, lam, f"lambda_{lam:g}") for lam in config.lambdas]
+    jobs += [(arm, config.arm_lambda, f"arm_{arm}") for arm in config.arms]
+    # one optimiser and penalty per regulariser: the lambdas of one share one compiled chunk
+    optimizer = optax.adam(config.learning_rate)
+    penalties = {name: _penalty(config, name) for name in {j[0] for j in jobs}}
+    # one bar over every run's steps, advanced after each compiled chunk (a resumed run
     # starts it at the steps already done); its line is the one `reproduce` gives this thread
     bar = tqdm(
-        total=len(config.lambdas) * config.num_steps,
+        total=len(jobs) * config.num_steps,
         desc="gauge_fixing",
         unit="step",
         position=BAR_POSITION.get(),
         leave=True,
     )
 
-    def advance(i, lam):
+    def advance(i, label):
         def on_chunk(step, metrics):
-            bar.set_postfix_str(f"lambda {lam:g}, loss {metrics['loss']:.2e}", refresh=False)
+            bar.set_postfix_str(f"{label}, loss {metrics['loss']:.2e}", refresh=False)
             bar.update(i * config.num_steps + step - bar.n)
 
         return on_chunk
 
-    for i, lam in enumerate(config.lambdas):
+    trained = {}
+    for i, (name, lam, sub) in enumerate(jobs):
         start = time.perf_counter()
         res = gj.train(
             _data_loss,
@@ -211,17 +269,18 @@ def run(config: Config, run_dir: Path) -> dict:
             key=k_train,
             num_steps=config.num_steps,
             steps_per_chunk=config.steps_per_chunk,
-            # a checkpoint per chunk: a killed run resumes inside the lambda it was training
+            # a checkpoint per chunk: a killed run resumes inside the run it was training
             checkpoint_every=config.steps_per_chunk,
-            regularizers={"gauge": (lam, penalty)},
-            run_dir=run_dir / f"lambda_{lam:g}",
-            config={**dataclasses.asdict(config), "lambda": lam},
-            on_chunk=advance(i, lam),
+            regularizers={"gauge": (lam, penalties[name])},
+            run_dir=run_dir / sub,
+            config={**dataclasses.asdict(config), "lambda": lam, "regularizer": name},
+            on_chunk=advance(i, f"{name} lambda {lam:g}"),
         )
-        bar.update((i + 1) * config.num_steps - bar.n)  # a lambda finished before a resume
+        bar.update((i + 1) * config.num_steps - bar.n)  # a run finished before a resume
         wall = time.perf_counter() - start
         ev = jax.device_get(_evaluate(config, res.model, test))
-        rows[lam] = {
+        row = {
+            "regularizer": name,
             "lambda": lam,
             "final_loss": float(np.mean(ev["loss"])),
             # the spread of the I/O maps x -> M x + m: of the fingerprints from `_evaluate`
@@ -239,14 +298,14 @@ def run(config: Config, run_dir: Path) -> dict:
             "test_steps": float(np.mean(ev["steps"])),
             "test_evaluations": float(np.mean(ev["evaluations"])),
             "wall_time_s": wall,
+            "w_trajectories": _weight_trajectories(res.model, jnp.linspace(0.0, config.t1, 50)),
         }
-        # the whole curve from the lambda's own log: a resumed (or finished) run's history
+        # the whole curve from the run's own log: a resumed (or finished) run's history
         # holds only the steps it ran itself
-        logged = io.read_jsonl(run_dir / f"lambda_{lam:g}" / "metrics.jsonl")
-        curves[lam] = [r["loss"] / config.num_seeds for r in logged if "loss" in r]
-        rows[lam]["w_trajectories"] = _weight_trajectories(
-            res.model, jnp.linspace(0.0, config.t1, 50)
-        )
+        logged = io.read_jsonl(run_dir / sub / "metrics.jsonl")
+        curve = [r["loss"] / config.num_seeds for r in logged if "loss" in r]
+        key = lam if i < len(config.lambdas) else name
+        rows[key], curves[key], trained[key] = row, curve, res.model
 
     bar.close()
     base = rows[0.0]
@@ -258,9 +317,9 @@ def run(config: Config, run_dir: Path) -> dict:
         and r["final_loss"] <= config.loss_ratio * base["final_loss"]
     ]
     table = "; ".join(
-        f"lambda {r['lambda']:g}: loss {r['final_loss']:.2e}, "
-        f"param spread {r['parameter_spread']:.2e}, steps {r['test_steps']:.1f}"
-        for r in rows.values()
+        f"lambda {rows[lam]['lambda']:g}: loss {rows[lam]['final_loss']:.2e}, "
+        f"param spread {rows[lam]['parameter_spread']:.2e}, steps {rows[lam]['test_steps']:.1f}"
+        for lam in config.lambdas
     )
     best = min(fixed, key=lambda r: r["parameter_spread"])
     claims = [
@@ -298,18 +357,62 @@ def run(config: Config, run_dir: Path) -> dict:
             f"canonical gauge {best['canonical_distance']:.2e} vs {base['canonical_distance']:.2e}",
         ),
     ]
+    invariance = jax.device_get(
+        _footnote12_invariance(config, _seed(trained[0.0], 0), jax.random.fold_in(k_test, 12))
+    )
+    worst_so = float(np.max(invariance["rotation_covariant_SO"]))
+    least_gl = float(np.min(invariance["rotation_covariant_GL"]))
+    least_eq45 = float(np.min(invariance["eq45_SO"]))
+    claims.append(
+        claim(
+            "footnote12_invariance",
+            "The Higgs kinetic term with the covariant derivative, int |(d/dt - w) b|^2, is "
+            "invariant under rotation gauges G(t) in SO(d) (c = 0) and not under GL(d) gauges; "
+            "Eq. 45's (d/dt + w) b term is not invariant even under rotations (largest relative "
+            f"change over {config.invariance_samples} rotations of a trained unfixed model)",
+            "footnote 12, Eq. 25",
+            worst_so,
+            worst_so < 1e-10 and least_gl > 1e-3 and least_eq45 > 1e-3,
+            "SO(d) < 1e-10; GL(d) and Eq. 45 > 1e-3",
+            f"smallest change under GL(d) {least_gl:.2e}; of Eq. 45 under SO(d) {least_eq45:.2e}",
+        )
+    )
+    if "rotation_covariant" in config.arms:
+        arm = rows["rotation_covariant"]
+        # against the main regulariser at the same strength, or its best lambda
+        same = rows.get(config.arm_lambda, best)
+        cut = base["parameter_spread"] / arm["parameter_spread"]
+        main_cut = base["parameter_spread"] / same["parameter_spread"]
+        claims.append(
+            claim(
+                "footnote12_weak",
+                "The rotation-covariant term is a weak regulariser: it leaves the rotation "
+                "directions of the orbit free, so it cuts the across-seed parameter spread less "
+                f"than {_NAMES[config.regularizer]} at lambda {same['lambda']:g}",
+                "footnote 12",
+                cut,
+                cut < main_cut,
+                f"< {main_cut:.3g} ({_NAMES[config.regularizer]})",
+                f"spread {arm['parameter_spread']:.2e} (rotation-covariant, lambda "
+                f"{config.arm_lambda:g}) vs {same['parameter_spread']:.2e} vs "
+                f"{base['parameter_spread']:.2e} unfixed; loss {arm['final_loss']:.2e}; steps "
+                f"{arm['test_steps']:.1f}",
+            )
+        )
     results = {
-        "rows": {f"{k:g}": v for k, v in rows.items()},
-        "curves": {f"{k:g}": v for k, v in curves.items()},
+        "rows": {f"{k:g}": rows[k] for k in config.lambdas},
+        "arms": {a: rows[a] for a in config.arms},
+        "curves": {(f"{k:g}" if k in config.lambdas else k): v for k, v in curves.items()},
+        "invariance": invariance,
     }
     io.write_json(run_dir / "results.json", results)
     with PLOT_LOCK:
         figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config)
     # one record per lambda, written once (a resumed run must not append them again)
     records = "".join(
-        json.dumps(io.jsonable({k: v for k, v in rows[lam].items() if k != "w_trajectories"}))
+        json.dumps(io.jsonable({k: v for k, v in rows[key].items() if k != "w_trajectories"}))
         + "\n"
-        for lam in config.lambdas
+        for key in (*config.lambdas, *config.arms)
     )
     io.atomic_write_bytes(run_dir / "metrics.jsonl", records.encode())
     return {
@@ -327,8 +430,10 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     fig_dir = Path(fig_dir)
     rows, curves = results["rows"], results["curves"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    arms = results.get("arms", {})
     for lam, curve in curves.items():
-        axes[0].semilogy(curve, label=f"lambda {lam}")
+        label = f"{lam}, lambda {arms[lam]['lambda']:g}" if lam in arms else f"lambda {lam}"
+        axes[0].semilogy(curve, ":" if lam in arms else "-", label=label)
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("data loss (mean over seeds)")
     axes[0].set_title(f"Training with and without {_NAMES[config.regularizer]}")
@@ -339,8 +444,13 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     xs = [lam if lam > 0 else min(x for x in lams if x > 0) / 10 for lam in lams]
     axes[1].loglog(xs, spread, "o-", label="parameter spread")
     axes[1].loglog(xs, fspread, "s--", label="function spread")
+    for i, (name, arm) in enumerate(arms.items()):
+        axes[1].loglog(
+            [arm["lambda"]], [arm["parameter_spread"]], "*", ms=12, color=f"C{i + 2}",
+            label=f"parameter spread, {name}",
+        )  # fmt: skip
     axes[1].set_xlabel("lambda (leftmost point: lambda = 0)")
-    axes[1].set_title("Across-seed spread")
+    axes[1].set_title(f"Across-seed spread ({_NAMES[config.regularizer]}; stars: other arms)")
     axes[1].legend(fontsize=8)
     keys = list(rows)
     for key, style in [(keys[0], "-"), (keys[-1], "--")]:

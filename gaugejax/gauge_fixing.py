@@ -179,33 +179,70 @@ def _time_derivative(f: Callable, t):
     return jax.jvp(f, (t,), (jnp.ones_like(t),))
 
 
-def linear_gauge_fixing_penalty(
-    w: Callable, b: Callable, t1: float, *, strength: float = 1.0, num_nodes: int = 32
-) -> Float[Array, ""]:
-    """Eq. 45: `lambda int_0^T |dw/dt + w^2|_F^2 + |(d/dt + w) b|^2 dt`.
-
-    dw/dt and db/dt by jvp in t; the integral by `num_nodes`-point Gauss-Legendre quadrature
-    (exact for polynomial integrands of degree <= 2 num_nodes - 1; spectrally accurate for the
-    smooth bases of `LinearNODE`). Zero exactly on uniform motion (`d/dt (w x + b) = 0` for
-    every x).
-
-    **Raises:** `ValueError` for `strength < 0`, `t1 <= 0` or `num_nodes < 1`.
-    """
+def _check_penalty_args(strength, t1, num_nodes) -> None:
     if not strength >= 0:
         raise ValueError(f"`strength` (lambda) must be >= 0; received {strength!r}.")
     if not t1 > 0:
         raise ValueError(f"`t1` must be > 0; received {t1!r}.")
     if not isinstance(num_nodes, int) or num_nodes < 1:
         raise ValueError(f"`num_nodes` must be a positive int; received {num_nodes!r}.")
+
+
+def _integrate(integrand: Callable, t1: float, num_nodes: int) -> Float[Array, ""]:
+    """`int_0^T integrand(t) dt` by `num_nodes`-point Gauss-Legendre quadrature (exact for
+    polynomial integrands of degree <= 2 num_nodes - 1; spectrally accurate for the smooth
+    bases of `LinearNODE`)."""
     nodes, weights = np.polynomial.legendre.leggauss(num_nodes)
     ts = jnp.asarray(0.5 * t1 * (nodes + 1.0))
+    return jnp.dot(jnp.asarray(0.5 * t1 * weights), jax.vmap(integrand)(ts))
+
+
+def linear_gauge_fixing_penalty(
+    w: Callable, b: Callable, t1: float, *, strength: float = 1.0, num_nodes: int = 32
+) -> Float[Array, ""]:
+    """Eq. 45: `lambda int_0^T |dw/dt + w^2|_F^2 + |(d/dt + w) b|^2 dt`.
+
+    dw/dt and db/dt by jvp in t; the integral by `num_nodes`-point Gauss-Legendre quadrature.
+    Zero exactly on uniform motion (`d/dt (w x + b) = 0` for every x).
+
+    **Raises:** `ValueError` for `strength < 0`, `t1 <= 0` or `num_nodes < 1`.
+    """
+    _check_penalty_args(strength, t1, num_nodes)
 
     def integrand(t):
         wt, dw = _time_derivative(w, t)
         bt, db = _time_derivative(b, t)
         return jnp.sum((dw + wt @ wt) ** 2) + jnp.sum((db + wt @ bt) ** 2)
 
-    return strength * jnp.dot(jnp.asarray(0.5 * t1 * weights), jax.vmap(integrand)(ts))
+    return strength * _integrate(integrand, t1, num_nodes)
+
+
+def rotation_covariant_penalty(
+    w: Callable, b: Callable, t1: float, *, strength: float = 1.0, num_nodes: int = 32
+) -> Float[Array, ""]:
+    """The rotation-invariant Higgs kinetic term of the paper's footnote 12:
+    `lambda int_0^T |(d/dt - w) b|^2 dt`.
+
+    Under Eq. 25 with `c = 0` (`w -> G^-1 w G - G^-1 dG/dt`, `b -> G^-1 b`) the covariant
+    derivative is `D = d/dt - w`: `D' b' = d/dt(G^-1 b) - (G^-1 w G - G^-1 G') G^-1 b =
+    G^-1 (db/dt - w b) = G^-1 D b`, since `d/dt G^-1 = -G^-1 G' G^-1`. So `|D b|^2` is
+    invariant exactly when `G(t)` is orthogonal at every t: under rotations (`SO(d)`), not
+    under general `GL(d)` gauges (rescalings change it), and not for a shift `c != 0`. Eq. 45's
+    `(d/dt + w) b` is not covariant (it picks up `-2 G^-1 G' G^-1 b`), so it is not invariant
+    even under rotations. The sign is the one that makes the derivative covariant for
+    `dx/dt = w x + b` with Eq. 25's convention `x = G y + c`.
+
+    Arguments as `linear_gauge_fixing_penalty` (callables `w(t) -> (d, d)`, `b(t) -> (d,)`).
+
+    **Raises:** `ValueError` for `strength < 0`, `t1 <= 0` or `num_nodes < 1`.
+    """
+    _check_penalty_args(strength, t1, num_nodes)
+
+    def integrand(t):
+        bt, db = _time_derivative(b, t)
+        return jnp.sum((db - w(t) @ bt) ** 2)
+
+    return strength * _integrate(integrand, t1, num_nodes)
 
 
 class CanonicalWeight(eqx.Module):
@@ -322,12 +359,20 @@ def integrate_regularizers(
     return x1, integrals
 
 
-def _eq45(model, inputs) -> Float[Array, ""]:
+# the regularisers of affine fields: (function of w, b and t1, what it is called in messages)
+_AFFINE = {
+    "eq45": (linear_gauge_fixing_penalty, "Eq. 45"),
+    "rotation_covariant": (rotation_covariant_penalty, "footnote 12"),
+}
+
+
+def _affine_penalty(name: str, model, inputs) -> Float[Array, ""]:
     field = getattr(model, "field", None)
+    penalty, label = _AFFINE[name]
 
     def message(detail: str) -> str:
         return (
-            "regulariser 'eq45' (Eq. 45) needs a field affine in the state, as in a LinearNODE "
+            f"regulariser {name!r} ({label}) needs a field affine in the state, as in a LinearNODE "
             f"(dx/dt = w(t) x + b(t)); received a {type(model).__name__} with field "
             f"{_describe(field)}, {detail}. For a nonlinear field use 'uniform_motion' "
             "(Eq. 43), its generalisation."
@@ -342,13 +387,11 @@ def _eq45(model, inputs) -> Float[Array, ""]:
     )
     t0 = model.t0
     return checked(
-        linear_gauge_fixing_penalty(
-            lambda s: linear.weight(t0 + s), lambda s: linear.bias(t0 + s), model.t1 - t0
-        )
+        penalty(lambda s: linear.weight(t0 + s), lambda s: linear.bias(t0 + s), model.t1 - t0)
     )
 
 
-PENALTIES = ("eq45", *TRAJECTORY_TERMS)
+PENALTIES = (*_AFFINE, *TRAJECTORY_TERMS)
 
 
 def gauge_fixing_penalty(
@@ -362,18 +405,21 @@ def gauge_fixing_penalty(
       `b(t) = F(t, 0)` are derived after a numerical affinity check (see
       `orbits.linear_node_fingerprint`; `d` is `inputs.shape[-1]`). It does not depend on the
       values of `inputs`.
+    - `"rotation_covariant"`: footnote 12's `int |(d/dt - w) b|^2 dt`
+      (`rotation_covariant_penalty`), for the same affine fields as `"eq45"`.
     - `"kinetic"`, `"jacobian"`, `"uniform_motion"`: the mean over `inputs` of
       `integrate_regularizers` (any neural ODE; `jacobian` draws one probe per input from `key`).
 
     **Raises:** `ValueError` for an unknown name (listing the valid ones); `TypeError` for
-    `"eq45"` on a field that fails the affinity check (Eq. 45 is `|d/dt (w x + b)|^2` for affine
-    fields only; `"uniform_motion"` is its generalisation to any field; under `jit` with traced
-    field arrays the check is an `eqx.error_if` instead) or for a model that is not a neural ODE.
+    `"eq45"` or `"rotation_covariant"` on a field that fails the affinity check (Eq. 45 is
+    `|d/dt (w x + b)|^2` for affine fields only; `"uniform_motion"` is its generalisation to
+    any field; under `jit` with traced field arrays the check is an `eqx.error_if` instead) or
+    for a model that is not a neural ODE.
     """
     if name not in PENALTIES:
         raise ValueError(f"unknown regulariser {name!r}; valid: {list(PENALTIES)}.")
-    if name == "eq45":
-        return _eq45(model, inputs)
+    if name in _AFFINE:
+        return _affine_penalty(name, model, inputs)
     if not isinstance(model, AbstractNeuralODE):
         raise TypeError(
             f"regulariser {name!r} integrates along trajectories of a neural ODE; received a "

@@ -36,6 +36,66 @@ def test_eq45_vanishes_on_uniform_motion_and_not_elsewhere():
         gj.linear_gauge_fixing_penalty(lambda t: jnp.eye(D), lambda t: c, T, strength=-1.0)
 
 
+def _time_gauge(S):
+    """`G(t) = expm(sin(pi t / T) S)`, `c = 0`: a rotation path for antisymmetric S."""
+    return lambda t: jax.scipy.linalg.expm(jnp.sin(jnp.pi * t / T) * S), lambda t: jnp.zeros(D)
+
+
+def test_rotation_covariant_penalty_is_invariant_under_rotations_only():
+    """Footnote 12: `int |(d/dt - w) b|^2` is invariant under Eq. 25 with rotations G(t) in
+    SO(d), c = 0 (1e-10 relative: the 32-node quadrature of smooth integrands is exact to
+    roundoff, and expm/solve add a few ulps), not under a GL(d) path (its symmetric part
+    rescales b), nor with a shift c != 0; Eq. 45 is not invariant even under rotations (its
+    `(d/dt + w) b` is not covariant). The changes that must be there are O(0.1-1): > 1e-3."""
+    model = gj.random_linear_node(D, T, key=jax.random.key(7))
+    w, b = model.weight, model.bias
+    k1, k2 = jax.random.split(jax.random.key(8))
+    A = jax.random.normal(k1, (D, D))
+    G_rot, c0 = _time_gauge(A - A.T)
+    G_gl, _ = _time_gauge(A + A.T)
+    base_cov = gj.rotation_covariant_penalty(w, b, T)
+    base_eq45 = gj.linear_gauge_fixing_penalty(w, b, T)
+    rot = gj.linear_gauge_transform(w, b, G_rot, c0)
+    gl = gj.linear_gauge_transform(w, b, G_gl, c0)
+    shifted = gj.linear_gauge_transform(
+        w, b, G_rot, lambda t: jnp.sin(jnp.pi * t / T) * jax.random.normal(k2, (D,))
+    )
+    orthogonal = G_rot(0.4)
+    np.testing.assert_allclose(orthogonal.T @ orthogonal, jnp.eye(D), atol=1e-13)
+    rel = lambda a, b: float(abs(a - b) / abs(b))  # noqa: E731
+    assert base_cov > 1e-2 and base_eq45 > 1e-2
+    assert rel(gj.rotation_covariant_penalty(*rot, T), base_cov) < 1e-10
+    assert rel(gj.rotation_covariant_penalty(*gl, T), base_cov) > 1e-3
+    assert rel(gj.rotation_covariant_penalty(*shifted, T), base_cov) > 1e-3
+    assert rel(gj.linear_gauge_fixing_penalty(*rot, T), base_eq45) > 1e-3
+    # closed form for constant fields: |(d/dt - w) b0|^2 T = |w b0|^2 T
+    a, b0 = 0.7, jnp.array([0.3, -1.2, 0.5])
+    const = gj.rotation_covariant_penalty(lambda t: a * jnp.eye(D), lambda t: b0, T, strength=2.0)
+    np.testing.assert_allclose(const, 2.0 * T * a**2 * jnp.sum(b0**2), rtol=1e-12)
+    # the library's rotation family (antisymmetric modes, c = 0) against its GL(d) default
+    for kind in ("expm", "cayley"):
+        so = gj.LinearGauge(D, T, group="SO", kind=kind, rho=0.9)
+        g = so.sample(k2)
+        G = so.base_map(g).G(0.7)
+        np.testing.assert_allclose(G.T @ G, jnp.eye(D), atol=1e-13)
+        np.testing.assert_allclose(jnp.linalg.det(G), 1.0, atol=1e-13)
+        moved = so.act(g, model)
+        assert rel(gj.rotation_covariant_penalty(moved.weight, moved.bias, T), base_cov) < 1e-10
+    general = gj.LinearGauge(D, T, rho=0.9)
+    moved = general.act(general.sample(k2), model)
+    assert rel(gj.rotation_covariant_penalty(moved.weight, moved.bias, T), base_cov) > 1e-3
+    with pytest.raises(ValueError, match="`group` must be 'GL' or 'SO'; received 'O'"):
+        gj.LinearGauge(D, T, group="O")
+    # through the training-loss entry point: the same number, and only for affine fields
+    via = gj.gauge_fixing_penalty("rotation_covariant", model, jnp.zeros((2, D)))
+    np.testing.assert_allclose(via, base_cov, rtol=1e-12)
+    mlp = gj.NeuralODE(gj.MLPField(D, 8, 1, key=k2), t1=T)
+    with pytest.raises(TypeError, match="'rotation_covariant' \\(footnote 12\\).*affine"):
+        gj.gauge_fixing_penalty("rotation_covariant", mlp, jnp.ones((2, D)))
+    with pytest.raises(ValueError, match="strength"):
+        gj.rotation_covariant_penalty(w, b, T, strength=-0.1)
+
+
 def test_canonical_gauge_has_zero_penalty_and_the_same_io_map():
     tight = diffrax.PIDController(rtol=1e-11, atol=1e-11)
     model = gj.random_linear_node(D, T, key=jax.random.key(3), stepsize_controller=tight)

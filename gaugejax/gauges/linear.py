@@ -191,8 +191,12 @@ class LinearGauge(AbstractMapGauge):
     Compositions and inverses are exact affine maps. The action keeps the model linear: the new
     field is a `GaugedLinearField` (Eq. 25, one fused solve per evaluation).
 
+    `group="SO"` restricts the family to rotations with `c = 0` (footnote 12's subgroup): the
+    `A_k` are antisymmetric, so `S(t)` is and `G(t)` (expm or Cayley) is orthogonal with
+    determinant 1 at every t; `"GL"` (default) draws general `A_k` and shifts `c`.
+
     **Arguments:** `dim` d, `t1` T, `num_modes` K, `rho` (> 0; < 1 for Cayley), `bias_scale`
-    (in (0, 1e6]), `kind`, `boundary`.
+    (in (0, 1e6]), `kind`, `boundary`, `group` (`"GL"` or `"SO"`).
 
     **Raises:** `ValueError` for out-of-range arguments.
     """
@@ -203,6 +207,7 @@ class LinearGauge(AbstractMapGauge):
     rho: float
     bias_scale: float
     kind: str = eqx.field(static=True)
+    group: str = eqx.field(static=True)
     acts_on = LinearNODE
 
     def __init__(
@@ -215,12 +220,15 @@ class LinearGauge(AbstractMapGauge):
         bias_scale: float = 0.3,
         kind: str = "expm",
         boundary: str = "vanishing",
+        group: str = "GL",
     ):
         if not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"`dim` must be a positive int; received {dim!r}.")
         check_positive("t1", t1)
         if kind not in ("expm", "cayley"):
             raise ValueError(f"`kind` must be 'expm' or 'cayley'; received {kind!r}.")
+        if group not in ("GL", "SO"):
+            raise ValueError(f"`group` must be 'GL' or 'SO'; received {group!r}.")
         # expm_fixed covers |S|_1 <= 1024; rho bounds |S|_2 <= rho, so keep rho well inside
         check_positive("rho", rho, below=1.0 if kind == "cayley" else 100.0)
         check_positive("bias_scale", bias_scale, below=MAX_BIAS_SCALE * (1 + 1e-12))
@@ -232,6 +240,7 @@ class LinearGauge(AbstractMapGauge):
         self.rho = float(rho)
         self.bias_scale = float(bias_scale)
         self.kind = kind
+        self.group = group
 
     @classmethod
     def from_model(cls, model: Any, **kwargs: Any) -> "LinearGauge":
@@ -251,9 +260,12 @@ class LinearGauge(AbstractMapGauge):
         ka, kc, kr = jax.random.split(key, 3)
         K, d = self.omega.shape[0], self.dim
         A = jax.random.normal(ka, (K, d, d))
+        c = self.bias_scale * jax.random.normal(kc, (K, d))
+        if self.group == "SO":  # antisymmetric S(t): G(t) in SO(d); no shift
+            A, c = A - jnp.swapaxes(A, 1, 2), jnp.zeros_like(c)
         norms = jnp.linalg.norm(A, ord=2, axis=(1, 2))
         A = A * (self.rho * jax.random.uniform(kr, minval=0.25, maxval=1.0) / jnp.sum(norms))
-        return LinearGaugeElement(A, self.bias_scale * jax.random.normal(kc, (K, d)))
+        return LinearGaugeElement(A, c)
 
     def identity(self) -> LinearGaugeElement:
         K, d = self.omega.shape[0], self.dim
