@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    from gaugejax import configure_cpu_devices, intra_op_threads, io
+    from gaugejax import TrainingDiverged, configure_cpu_devices, intra_op_threads, io
     from gaugejax.devices import pool_threads_for
 
     from . import EXPERIMENTS
@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except TrainingDiverged as e:  # stopped cleanly: the last good checkpoint is kept
+        io.write_json(status, {"experiment": args.name, "status": "diverged", "step": int(e.step)})
+        print(f"{e}\nThe run stopped in {run_dir}; nothing after step {e.step} was written.",
+              file=sys.stderr)  # fmt: skip
+        return 3
     except BaseException:
         io.write_json(status, {"experiment": args.name, "status": "failed"})
         raise

@@ -62,8 +62,12 @@ class TrainResult:
 
 def _check_regularizers(regularizers):
     for name, (weight, fn) in regularizers.items():
-        if not callable(fn):
-            raise TypeError(f"regulariser {name!r} must be (weight, fn) with fn callable.")
+        if fn is not None and not callable(fn):
+            raise TypeError(
+                f"regulariser {name!r} must be (weight, fn) with fn callable, or (weight, None) "
+                f"for the term {name!r} the loss function returns; received fn of type "
+                f"{type(fn).__name__}."
+            )
         if not float(weight) >= 0:
             raise ValueError(f"regulariser {name!r} must have a weight >= 0; received {weight!r}.")
 
@@ -216,15 +220,36 @@ class _Spec(NamedTuple):
 _TRACES = threading.local()
 
 
+def _split_loss(out) -> tuple[jax.Array, dict]:
+    """`(loss, terms)` of a loss function's output: a scalar, or `(scalar, {name: scalar})`."""
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], dict):
+            raise ValueError(
+                "the loss function must return a scalar or (scalar, {name: scalar}); received "
+                f"a tuple of {len(out)} with a {type(out[-1]).__name__} last."
+            )
+        return out
+    return out, {}
+
+
 @eqx.filter_jit
 def _run_chunk(spec: _Spec, p, state, first_step, key, num_steps, weights):
     _TRACES.count = getattr(_TRACES, "count", 0) + 1
 
     def objective(p, batch):
         m = eqx.combine(p, spec.static)
-        terms = {"loss": spec.loss_fn(m, batch)}
+        loss, shared = _split_loss(spec.loss_fn(m, batch))
+        terms = {"loss": loss}
         for name, fn in spec.regularizers:
-            terms[name] = fn(m, batch)
+            if fn is not None:
+                terms[name] = fn(m, batch)
+            elif name in shared:
+                terms[name] = shared[name]
+            else:  # raised while tracing: before any step runs
+                raise ValueError(
+                    f"regulariser {name!r} has no fn, so it is the loss function's term "
+                    f"{name!r}; the loss function returned the terms {sorted(shared)}."
+                )
         total = terms["loss"] + sum(weights[n] * terms[n] for n, _ in spec.regularizers)
         return total, terms
 
@@ -260,7 +285,8 @@ def train(
     num_steps: int,
     steps_per_chunk: int = 50,
     checkpoint_every: int | None = None,
-    regularizers: Mapping[str, tuple[float, Callable[[Any, PyTree], jax.Array]]] | None = None,
+    regularizers: Mapping[str, tuple[float, Callable[[Any, PyTree], jax.Array] | None]]
+    | None = None,
     run_dir: str | Path | None = None,
     config: Mapping | None = None,
     on_chunk: Callable[[int, dict], None] | None = None,
@@ -270,14 +296,18 @@ def train(
 
     **Arguments:**
 
-    - `loss_fn`: data loss; `model`: an equinox PyTree (its inexact arrays are trained).
+    - `loss_fn`: data loss `(model, batch) -> scalar`, or `-> (scalar, {name: scalar})` whose
+      terms the regularisers with no `fn` weight (so that terms computed in one pass, e.g.
+      regularisers integrated in the same solve as the prediction, are not computed twice);
+      `model`: an equinox PyTree (its inexact arrays are trained).
     - `optimizer`: any optax `GradientTransformation`.
     - `batch_fn`: `key -> batch`, called inside the jitted step with `fold_in(key, step)`.
     - `key`, `num_steps`: base key and total steps.
     - `steps_per_chunk`: steps per compiled `lax.scan` between host logging.
     - `checkpoint_every`: steps between checkpoints (a multiple of `steps_per_chunk`; needs
       `run_dir`); the final state is always checkpointed when `run_dir` is given.
-    - `regularizers`: `{name: (weight, fn(model, batch))}`, each logged separately.
+    - `regularizers`: `{name: (weight, fn(model, batch))}`, or `{name: (weight, None)}` for the
+      term `name` that `loss_fn` returns; each logged separately.
     - `run_dir`: where `metrics.jsonl` and `checkpoints/` go; an existing `LATEST` there is
       resumed (rows of `metrics.jsonl` from the resumed step on, or all of them when there is
       no checkpoint, are dropped: each step is logged once). `config`: JSON-able dict recorded

@@ -315,3 +315,23 @@ def test_train_validation():
             checkpoint_every=5,
             **kw,
         )
+
+
+def test_terms_returned_by_the_loss_are_weighted_like_regularisers():
+    """A loss returning `(loss, {name: term})` and regularisers `(weight, None)`: the same
+    objective as separate regulariser functions (rtol 1e-12: the same float64 arithmetic in
+    another order), one pass; a missing term is refused before a step runs."""
+    model, batch_fn, loss_fn = problem()
+    penalty = lambda m, b: jnp.sum(m.weight**2)  # noqa: E731
+    both = lambda m, b: (loss_fn(m, b), {"l2": penalty(m, b)})  # noqa: E731
+    kw = dict(key=jax.random.key(2), num_steps=20, steps_per_chunk=10)
+    separate = gj.train(loss_fn, model, optax.adam(5e-2), batch_fn, **kw,
+                        regularizers={"l2": (0.3, penalty)})  # fmt: skip
+    shared = gj.train(both, model, optax.adam(5e-2), batch_fn, **kw,
+                      regularizers={"l2": (0.3, None)})  # fmt: skip
+    for a, b in zip(separate.history, shared.history, strict=True):
+        assert a["total"] == pytest.approx(b["total"], rel=1e-12) and a["l2"] > 0
+    np.testing.assert_allclose(shared.model.weight, separate.model.weight, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"'kinetic' has no fn.*returned the terms \['l2'\]"):
+        gj.train(both, model, optax.sgd(0.1), batch_fn, **kw,
+                 regularizers={"kinetic": (0.3, None)})  # fmt: skip

@@ -6,6 +6,11 @@ from .attention import (
     SelfAttention as SelfAttention,
     attention as attention,
 )
+from .classifier import (
+    ODEClassifier as ODEClassifier,
+    adaptive as adaptive,
+    fixed_steps as fixed_steps,
+)
 from .cnn import ConvNet as ConvNet, GraphConvNet as GraphConvNet
 from .cubic import (
     AttentionNODE as AttentionNODE,
