@@ -8,6 +8,7 @@ from . import (
     linear_symmetry,
     node_symmetry,
     orbit_geometry,
+    regularizers,
     reproduce,
     symmetry_census,
 )
@@ -20,6 +21,7 @@ EXPERIMENTS = {
     "gauge_fixing": gauge_fixing,
     "orbit_geometry": orbit_geometry,
     "symmetry_census": symmetry_census,
+    "regularizers": regularizers,
     "reproduce": reproduce,
     "benchmark_sweep": benchmark_sweep,
 }

@@ -1,0 +1,560 @@
+"""Regularisers head to head on real data: test-time solver cost of neural-ODE classifiers.
+
+A neural-ODE classifier (`gj.ODEClassifier`: an MLP field on the input padded with zeros, a
+linear read-out) is trained on each data set with fixed-step RK4 (as RNODE trains) under each
+arm: no regulariser; RNODE's kinetic energy; the Jacobian Frobenius norm (Hutchinson, one probe
+fixed per solve); both; the uniform-motion (gauge-fixing, Eq. 43) functional; uniform motion
+plus kinetic. Every arm has the same seeds, steps and data; the regularisers ride along in the
+training solve (`gj.integrate_regularizers`). Test time uses an adaptive Dopri5 at `test_rtol`:
+accuracy, steps and field evaluations per example, inference and training wall time (compile
+time apart), and the size of every regulariser. Seeds train together as one stacked model
+(Adam is elementwise, so the summed loss trains them independently).
+"""
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import gaugejax as gj
+from gaugejax import io
+
+from ._common import BAR_POSITION, PLOT_LOCK, claim, pyplot
+
+
+# arm -> its regularisers (each weighted by the config's `<term>_weight`)
+ARMS = {
+    "none": (),
+    "kinetic": ("kinetic",),
+    "jacobian": ("jacobian",),
+    "kinetic+jacobian": ("kinetic", "jacobian"),
+    "uniform_motion": ("uniform_motion",),
+    "uniform_motion+kinetic": ("uniform_motion", "kinetic"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Config of `regularizers` (the embedded defaults are the `default` preset)."""
+
+    seed: int = 0
+    datasets: tuple[str, ...] = ("digits", "moons")
+    arms: tuple[str, ...] = tuple(ARMS)
+    num_seeds: int = 3
+    # RNODE's weights on MNIST (lambda_K = lambda_J = 0.01); the same for uniform motion
+    kinetic_weight: float = 0.01
+    jacobian_weight: float = 0.01
+    uniform_motion_weight: float = 0.01
+    augment: int = 4
+    width: int = 48
+    depth: int = 2
+    t1: float = 1.0
+    train_solver_steps: int = 8  # fixed RK4 steps of a training solve
+    num_steps: int = 500  # optimiser steps per arm
+    steps_per_chunk: int = 100  # a checkpoint each: the NFE-over-training curve reads them
+    learning_rate: float = 3e-3
+    batch_size: int = 64
+    test_rtol: float = 1e-5  # Dopri5, rtol = atol
+    max_test_steps: int = 4096
+    curve_examples: int = 128  # test examples of the NFE-over-training curve
+    trajectory_examples: int = 60  # of the 2-D task's figure
+    moons_samples: int = 1000
+    moons_noise: float = 0.1
+    # the aims: at least this many times fewer test evaluations...
+    nfe_reduction: float = 2.0
+    # ...at no more than this loss of test accuracy (a fraction: 0.01 = 1 percentage point)
+    accuracy_drop: float = 0.01
+
+    NONNEGATIVE: ClassVar[tuple[str, ...]] = (
+        "kinetic_weight",
+        "jacobian_weight",
+        "uniform_motion_weight",
+        "augment",
+        "accuracy_drop",
+    )
+
+    def __post_init__(self):
+        unknown = [d for d in self.datasets if d not in gj.DATASETS]
+        if unknown or not self.datasets or len(set(self.datasets)) != len(self.datasets):
+            raise ValueError(
+                f"`datasets` must name distinct data sets of {list(gj.DATASETS)}; received "
+                f"{list(self.datasets)}."
+            )
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad or "none" not in self.arms or len(set(self.arms)) != len(self.arms):
+            raise ValueError(
+                f"`arms` must name distinct arms of {list(ARMS)}, including 'none' (the "
+                f"baseline); received {list(self.arms)}."
+            )
+        for name in ("kinetic_weight", "jacobian_weight", "uniform_motion_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(
+                    f"`{name}` must be >= 0; received {getattr(self, name)!r} (a negative "
+                    "weight rewards the regulariser)."
+                )
+        if self.curve_examples > 0 and self.num_steps % self.steps_per_chunk:
+            raise ValueError(
+                f"`num_steps` ({self.num_steps}) must be a multiple of `steps_per_chunk` "
+                f"({self.steps_per_chunk}): the NFE curve reads a checkpoint per chunk."
+            )
+
+    def weight(self, term: str) -> float:
+        return getattr(self, f"{term}_weight")
+
+
+PRESETS = {
+    "default": {},
+    "smoke": {
+        "datasets": ["moons"],
+        "arms": ["none", "kinetic", "uniform_motion+kinetic"],
+        "num_seeds": 2,
+        "width": 16,
+        "num_steps": 60,
+        "steps_per_chunk": 20,
+        "batch_size": 32,
+        "curve_examples": 16,
+        "trajectory_examples": 20,
+        "moons_samples": 200,
+    },
+}
+
+
+class _Batches(eqx.Module):
+    """`key -> (x, y, probe_key)`: a training batch and the key of its Hutchinson probes (one
+    per example, fixed within each solve)."""
+
+    data: gj.Dataset
+    batch_size: int = eqx.field(static=True)
+
+    def __call__(self, key):
+        kb, kp = jax.random.split(key)
+        x, y = self.data.batch(kb, self.batch_size)
+        return x, y, kp
+
+
+class _Loss(eqx.Module):
+    """Summed over seeds: mean cross-entropy and the mean of each regulariser `terms` of the
+    arm, all from one fixed-step solve per example (returned as `(loss, terms)`)."""
+
+    terms: tuple[str, ...] = eqx.field(static=True)
+
+    def __call__(self, models, batch):
+        x, y, probe_key = batch
+        keys = jax.random.split(probe_key, x.shape[0])
+
+        def one_seed(clf):
+            def one(xi, k):
+                z1, integrals = gj.integrate_regularizers(
+                    clf.node, clf.initial_state(xi), self.terms, key=k
+                )
+                return clf.readout(z1), integrals
+
+            logits, integrals = jax.vmap(one)(x, keys)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            return jnp.mean(ce), {t: jnp.mean(v) for t, v in integrals.items()}
+
+        ce, terms = eqx.filter_vmap(one_seed)(models)
+        return jnp.sum(ce), {t: jnp.sum(v) for t, v in terms.items()}
+
+
+def _models(cfg: Config, data: gj.Dataset, key):
+    def make(k):
+        return gj.ODEClassifier.mlp(
+            data.num_features,
+            data.num_classes,
+            key=k,
+            augment=cfg.augment,
+            width=cfg.width,
+            depth=cfg.depth,
+            t1=cfg.t1,
+            **gj.fixed_steps(cfg.train_solver_steps, cfg.t1),
+        )
+
+    return eqx.filter_vmap(make)(jax.random.split(key, cfg.num_seeds))
+
+
+def _adaptive(cfg: Config, models):
+    """The stacked classifiers with the test-time solver (failures reported, not raised)."""
+    opts = gj.adaptive(cfg.test_rtol, max_steps=cfg.max_test_steps)
+    return eqx.filter_vmap(lambda c: c.with_node(c.node.with_options(**opts, throw=False)))(models)
+
+
+@eqx.filter_jit
+def _evaluate(models, x, y):
+    """Per seed: accuracy, mean steps and evaluations per example, failed solves."""
+
+    def one_seed(clf):
+        logits, stats = jax.vmap(clf.solve)(x)
+        return {
+            "accuracy": jnp.mean((jnp.argmax(logits, -1) == y).astype(x.dtype)),
+            "steps": jnp.mean(stats.num_steps),
+            # a batched adaptive solve runs until its slowest example is done
+            "max_steps": jnp.max(stats.num_steps),
+            "evaluations": jnp.mean(stats.num_evaluations),
+            "failed": jnp.sum(stats.result != gj.SolveStatus.successful),
+        }
+
+    return eqx.filter_vmap(one_seed)(models)
+
+
+@eqx.filter_jit
+def _sizes(models, x, key):
+    """Per seed: every regulariser's mean over `x`, integrated with the training solver."""
+    keys = jax.random.split(key, x.shape[0])
+
+    def one_seed(clf):
+        def one(xi, k):
+            terms = gj.gauge_fixing.TRAJECTORY_TERMS
+            return gj.integrate_regularizers(clf.node, clf.initial_state(xi), terms, key=k)[1]
+
+        return {t: jnp.mean(v) for t, v in jax.vmap(one)(x, keys).items()}
+
+    return eqx.filter_vmap(one_seed)(models)
+
+
+class _Scaled(eqx.Module):
+    """`(u, z) -> s F(s u, z)` on u in [0, t1]: its solution at u = t1 is the field's at
+    t = s t1 (a time reparametrisation: one program for every s, not one per end time)."""
+
+    field: eqx.Module
+    s: jax.Array
+
+    def __call__(self, u, z, args):
+        return self.s * self.field(self.s * u, z, args)
+
+
+@eqx.filter_jit
+def _trajectories(clf, x, scales):
+    """States `z(s t1)` (s in `scales`, in (0, 1]) of one classifier for inputs `x`:
+    (len(scales), n, d + a)."""
+
+    def at(s):
+        node = clf.node.with_field(_Scaled(clf.node.field, s))
+        return jax.vmap(lambda xi: node.solve(clf.initial_state(xi))[0])(x)
+
+    return jax.vmap(at)(scales)
+
+
+def _median_time(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _seed(models, s):
+    return jax.tree.map(lambda a: a[s] if eqx.is_array(a) else a, models)
+
+
+def _train_arm(cfg, name, data, init, key, run_dir, on_chunk) -> tuple[gj.TrainResult, dict]:
+    terms = ARMS[name]
+    optimizer = optax.adam(cfg.learning_rate)
+    res = gj.train(
+        _Loss(terms),
+        init,
+        optimizer,
+        _Batches(data, cfg.batch_size),
+        key=key,
+        num_steps=cfg.num_steps,
+        steps_per_chunk=cfg.steps_per_chunk,
+        checkpoint_every=cfg.steps_per_chunk,  # a killed run resumes inside the arm
+        regularizers={t: (cfg.weight(t), None) for t in terms},
+        run_dir=run_dir,
+        config={**dataclasses.asdict(cfg), "dataset": data.name, "arm": name},
+        on_chunk=on_chunk,
+    )
+    logged = [r for r in io.read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    # one `seconds` value per chunk (its mean step time). The slowest chunk is the one that
+    # compiled: the median of the others is the compile-free step time (a resumed run
+    # compiles once more; with >= 5 chunks the median still leaves that chunk out)
+    chunks = np.sort([r["seconds"] for r in logged[:: cfg.steps_per_chunk]])
+    step_s = float(np.median(chunks[:-1])) if len(chunks) > 1 else float(chunks[0])
+    curve = {
+        "loss": [r["loss"] / cfg.num_seeds for r in logged],
+        **{t: [r[t] / cfg.num_seeds for r in logged] for t in terms},
+    }
+    return res, {
+        "train_step_s": step_s,
+        "train_time_s": step_s * cfg.num_steps,
+        "compile_s": max(0.0, float(chunks[-1] - step_s) * cfg.steps_per_chunk),
+        "curve": curve,
+        "optimizer": optimizer,
+    }
+
+
+def _nfe_curve(cfg, arm_dir: Path, init, optimizer, x, y) -> list[dict]:
+    """Test accuracy and evaluations per example at every checkpoint of an arm."""
+    params, static = eqx.partition(init, eqx.is_inexact_array)
+    like = (params, optimizer.init(params))
+    out = []
+    for path in sorted((arm_dir / "checkpoints").glob("step_*.eqx")):
+        step, (p, _) = gj.read_checkpoint(path, like)
+        ev = jax.device_get(_evaluate(_adaptive(cfg, eqx.combine(p, static)), x, y))
+        out.append(
+            {
+                "step": step,
+                "evaluations": float(np.mean(ev["evaluations"])),
+                "accuracy": float(np.mean(ev["accuracy"])),
+            }
+        )
+    return out
+
+
+def _load(cfg: Config, name: str) -> gj.Dataset:
+    return gj.load_dataset(
+        name, seed=cfg.seed, num_samples=cfg.moons_samples, noise=cfg.moons_noise
+    )
+
+
+def run(config: Config, run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    start_all = time.perf_counter()
+    root = jax.random.key(config.seed)
+    results = {}
+    bar = tqdm(
+        total=len(config.datasets) * len(config.arms) * config.num_steps,
+        desc="regularizers",
+        unit="step",
+        position=BAR_POSITION.get(),
+        leave=True,
+    )
+    done = 0
+    for d_index, name in enumerate(config.datasets):
+        data = _load(config, name)
+        k_init, k_train, k_size = jax.random.split(jax.random.fold_in(root, d_index), 3)
+        init = _models(config, data, k_init)
+        arms, trajectories = {}, {}
+        # the 2-D task: trajectories of seed 0 of every arm at 20 times in (0, t1]
+        n_traj = min(config.trajectory_examples, data.x_test.shape[0])
+        scales = jnp.linspace(0.0, 1.0, 21)[1:]
+        for arm in config.arms:
+
+            def on_chunk(step, metrics, label=f"{name} {arm}", offset=done):
+                bar.set_postfix_str(f"{label}, loss {metrics['loss']:.2e}", refresh=False)
+                bar.update(offset + step - bar.n)
+
+            arm_dir = run_dir / name / arm
+            res, facts = _train_arm(config, arm, data, init, k_train, arm_dir, on_chunk)
+            done += config.num_steps
+            bar.update(done - bar.n)
+            test_models = _adaptive(config, res.model)
+            ev = jax.device_get(_evaluate(test_models, data.x_test, data.y_test))
+            wall = _median_time(
+                lambda m=test_models, x=data.x_test, y=data.y_test: _evaluate(m, x, y)
+            )
+            sizes = jax.device_get(_sizes(res.model, data.x_test, k_size))
+            n_curve = min(config.curve_examples, data.x_test.shape[0])
+            curve = (
+                _nfe_curve(
+                    config,
+                    arm_dir,
+                    init,
+                    facts["optimizer"],
+                    data.x_test[:n_curve],
+                    data.y_test[:n_curve],
+                )
+                if n_curve
+                else []
+            )
+            arms[arm] = {
+                "accuracy": float(np.mean(ev["accuracy"])),
+                "accuracy_per_seed": ev["accuracy"],
+                "steps": float(np.mean(ev["steps"])),
+                "max_steps": int(np.max(ev["max_steps"])),
+                "evaluations": float(np.mean(ev["evaluations"])),
+                "evaluations_per_seed": ev["evaluations"],
+                "failed_solves": int(np.sum(ev["failed"])),
+                "inference_s_per_example": wall / (config.num_seeds * data.x_test.shape[0]),
+                "train_step_s": facts["train_step_s"],
+                "train_time_s": facts["train_time_s"],
+                "compile_s": facts["compile_s"],
+                "final_loss": facts["curve"]["loss"][-1],
+                "regularizer_sizes": {t: float(np.mean(v)) for t, v in sizes.items()},
+                "training_curve": facts["curve"],
+                "nfe_curve": curve,
+            }
+            if data.num_features == 2 and n_traj:
+                trajectories[arm] = np.asarray(
+                    _trajectories(_seed(test_models, 0), data.x_test[:n_traj], scales)
+                )
+        entry = {"arms": arms, "num_test": int(data.x_test.shape[0])}
+        if trajectories:
+            entry["trajectories"] = trajectories
+            entry["trajectory_labels"] = np.asarray(data.y_test[:n_traj])
+            entry["trajectory_inputs"] = np.asarray(data.x_test[:n_traj])
+        results[name] = entry
+    bar.close()
+
+    claims = []
+    for name, entry in results.items():
+        claims += _claims(config, name, entry)
+    io.write_json(run_dir / "results.json", results)
+    with PLOT_LOCK:
+        figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config)
+    records = "".join(
+        json.dumps(
+            io.jsonable(
+                {
+                    "dataset": name,
+                    "arm": arm,
+                    **{
+                        k: v
+                        for k, v in row.items()
+                        if k not in ("training_curve", "nfe_curve", "regularizer_sizes")
+                    },
+                    **{f"size_{t}": v for t, v in row["regularizer_sizes"].items()},
+                }
+            )
+        )
+        + "\n"
+        for name, entry in results.items()
+        for arm, row in entry["arms"].items()
+    )
+    io.atomic_write_bytes(run_dir / "metrics.jsonl", records.encode())
+    return {
+        "experiment": "regularizers",
+        "claims": claims,
+        "num_pass": sum(c["verdict"] == "pass" for c in claims),
+        "num_claims": len(claims),
+        "figures": [str(Path(f).relative_to(run_dir)) for f in figures],
+        "wall_time_s": time.perf_counter() - start_all,
+    }
+
+
+def _claims(cfg: Config, name: str, entry: dict) -> list[dict]:
+    arms = entry["arms"]
+    base = arms["none"]
+    rows = {
+        arm: (base["evaluations"] / row["evaluations"], base["accuracy"] - row["accuracy"])
+        for arm, row in arms.items()
+        if arm != "none"
+    }
+    table = "; ".join(
+        f"{arm}: acc {row['accuracy']:.3f}, NFE {row['evaluations']:.1f}, "
+        f"{1e3 * row['inference_s_per_example']:.2f} ms/example, train "
+        f"{1e3 * row['train_step_s']:.1f} ms/step"
+        for arm, row in arms.items()
+    )
+    within = {arm: r for arm, r in rows.items() if r[1] <= cfg.accuracy_drop}
+    out = [
+        claim(
+            f"{name}_learns",
+            f"The unregularised neural-ODE classifier learns {name} (mean test accuracy over "
+            f"{cfg.num_seeds} seeds, {entry['num_test']} test examples)",
+            "RNODE baseline",
+            base["accuracy"],
+            base["accuracy"] >= 0.9,
+            ">= 0.9",
+            f"per seed {np.round(base['accuracy_per_seed'], 3).tolist()}",
+        )
+    ]
+    if not rows:
+        return out
+    best = max(within, key=lambda a: within[a][0]) if within else None
+    reduction = within[best][0] if best else max(r[0] for r in rows.values())
+    out.append(
+        claim(
+            f"{name}_nfe_reduction",
+            f"Some regulariser cuts the test-time field evaluations per example by >= "
+            f"{cfg.nfe_reduction:g}x at <= {100 * cfg.accuracy_drop:g} pp accuracy loss "
+            f"(Dopri5, rtol {cfg.test_rtol:g})",
+            "RNODE, Eq. 43",
+            reduction,
+            best is not None and reduction >= cfg.nfe_reduction,
+            f">= {cfg.nfe_reduction:g}x at <= {100 * cfg.accuracy_drop:g} pp",
+            (
+                f"best within the accuracy budget: {best}; "
+                if best
+                else "no arm within the accuracy budget; measured: best reduction overall; "
+            )
+            + table,
+        )  # fmt: skip
+    )
+    if best is not None:
+        ratio = arms[best]["inference_s_per_example"] / base["inference_s_per_example"]
+        out.append(
+            claim(
+                f"{name}_wall_time",
+                f"Fewer evaluations are faster inference in wall time ({best} vs none, "
+                "compiled, median of 3)",
+                "RegNeuralDE #22",
+                ratio,
+                ratio < 1.0,
+                "< 1",
+                f"{1e3 * arms[best]['inference_s_per_example']:.3f} vs "
+                f"{1e3 * base['inference_s_per_example']:.3f} ms per example; NFE "
+                f"{arms[best]['evaluations']:.1f} vs {base['evaluations']:.1f}",
+            )
+        )
+    return out
+
+
+def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
+    plt = pyplot()
+    fig_dir = Path(fig_dir)
+    out = []
+    names = list(results)
+    fig, axes = plt.subplots(2, len(names), figsize=(6.5 * len(names), 8.5), squeeze=False)
+    for j, name in enumerate(names):
+        arms = results[name]["arms"]
+        ax = axes[0, j]
+        for i, (arm, row) in enumerate(arms.items()):
+            nfe = np.asarray(row["evaluations_per_seed"], dtype=float)
+            acc = np.asarray(row["accuracy_per_seed"], dtype=float)
+            ax.scatter(nfe, 100 * acc, color=f"C{i}", alpha=0.5, s=20)
+            ax.scatter([nfe.mean()], [100 * acc.mean()], color=f"C{i}", marker="*", s=160,
+                       edgecolor="k", label=arm)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel(f"test field evaluations per example (Dopri5, rtol {config.test_rtol:g})")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{name}: accuracy against cost (dots: seeds, stars: means)")
+        ax.legend(fontsize=7)
+        ax = axes[1, j]
+        for i, (arm, row) in enumerate(arms.items()):
+            curve = row["nfe_curve"]
+            if curve:
+                ax.plot([c["step"] for c in curve], [c["evaluations"] for c in curve], "o-",
+                        color=f"C{i}", label=arm)  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("test field evaluations per example")
+        ax.set_title(f"{name}: solver cost over training")
+        ax.legend(fontsize=7)
+        for ax in axes[:, j]:
+            ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    out.append(io.save_figure(fig, fig_dir / "regularizers.png"))
+    plt.close(fig)
+    for name in names:
+        entry = results[name]
+        if "trajectories" not in entry:
+            continue
+        arms = list(entry["trajectories"])
+        fig, axes = plt.subplots(1, len(arms), figsize=(3.6 * len(arms), 3.8), squeeze=False)
+        labels = np.asarray(entry["trajectory_labels"])
+        x0 = np.asarray(entry["trajectory_inputs"], dtype=float)
+        for ax, arm in zip(axes[0], arms, strict=True):
+            traj = np.asarray(entry["trajectories"][arm], dtype=float)  # (t, n, d)
+            for n in range(traj.shape[1]):
+                path = np.concatenate([x0[None, n, :2], traj[:, n, :2]])
+                ax.plot(path[:, 0], path[:, 1], color=f"C{labels[n]}", lw=0.8, alpha=0.7)
+                ax.plot(path[-1, 0], path[-1, 1], "o", color=f"C{labels[n]}", ms=3)
+            nfe = entry["arms"][arm]["evaluations"]
+            ax.set_title(f"{arm}\nNFE {nfe:.0f} per example", fontsize=9)
+            ax.set_xlabel("z_1")
+            ax.set_ylabel("z_2")
+        fig.suptitle(f"{name}: trajectories of seed 0 (colour: class; dot: z(T))")
+        fig.tight_layout()
+        out.append(io.save_figure(fig, fig_dir / f"trajectories_{name}.png"))
+        plt.close(fig)
+    return out

@@ -1,0 +1,136 @@
+"""The `regularizers` experiment and its library parts: the neural-ODE classifier, a run at
+tiny sizes that resumes to the same numbers, refusals, and a diverging run stopping cleanly."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gaugejax as gj
+from experiments import regularizers
+from experiments._config import make_config
+from gaugejax import io
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "datasets": ["moons"],
+    "arms": ["none", "uniform_motion+kinetic"],
+    "num_seeds": 1,
+    "width": 8,
+    "num_steps": 20,
+    "steps_per_chunk": 10,
+    "batch_size": 16,
+    "curve_examples": 8,
+    "trajectory_examples": 4,
+    "moons_samples": 64,
+}
+# measured on every run, so they differ between two runs of the same numbers
+TIMES = ("seconds", "wall_time_s", "train_step_s", "train_time_s", "compile_s",
+         "inference_s_per_example")  # fmt: skip
+
+
+def _strip(value):
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in TIMES}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def test_classifier_pads_the_state_and_counts_its_solver():
+    clf = gj.ODEClassifier.mlp(2, 3, key=jax.random.key(0), augment=2, width=8,
+                               **gj.fixed_steps(5))  # fmt: skip
+    x = jnp.array([0.3, -1.0])
+    np.testing.assert_array_equal(clf.initial_state(x), jnp.array([0.3, -1.0, 0.0, 0.0]))
+    logits, stats = clf.solve(x)
+    assert logits.shape == (3,) and int(stats.num_steps) == 5
+    assert int(stats.num_evaluations) == 5 * 4  # RK4: 4 stages a step, no FSAL
+    # the adaptive test solver gives the same logits to its tolerance (1e-6 against rtol 1e-9:
+    # five RK4 steps of a field with |F| ~ 1 are accurate to ~1e-5 relative, not the solver)
+    test = clf.with_node(clf.node.with_options(**gj.adaptive(1e-9)))
+    np.testing.assert_allclose(test(x), logits, rtol=1e-3)
+    with pytest.raises(ValueError, match="`augment` must be an int >= 0; received -1"):
+        gj.ODEClassifier.mlp(2, 3, key=jax.random.key(0), augment=-1)
+    with pytest.raises(ValueError, match="`num_steps` must be a positive int; received 0"):
+        gj.fixed_steps(0)
+    with pytest.raises(ValueError, match="`rtol` must be in \\(0, 1\\); received 0.0"):
+        gj.adaptive(0.0)
+
+
+def test_tiny_run_writes_every_number_and_resumes_to_them(tmp_path):
+    cfg = make_config(regularizers.Config, TINY)
+    full = tmp_path / "full"
+    summary = regularizers.run(cfg, full)
+    results = io.read_json(full / "results.json")
+    arms = results["moons"]["arms"]
+    assert sorted(arms) == ["none", "uniform_motion+kinetic"]
+    for row in arms.values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["evaluations"] > 0
+        assert row["failed_solves"] == 0 and row["train_step_s"] > 0
+        assert set(row["regularizer_sizes"]) == {"kinetic", "jacobian", "uniform_motion"}
+        assert [c["step"] for c in row["nfe_curve"]] == [10, 20]
+    assert len(arms["uniform_motion+kinetic"]["training_curve"]["kinetic"]) == 20
+    # Dopri5 (FSAL): 6 evaluations per attempted step and 1 at the start, per example
+    steps = arms["none"]["steps"]
+    assert arms["none"]["evaluations"] == pytest.approx(6 * steps + 1, rel=1e-12)
+    assert {c["id"] for c in summary["claims"]} == {
+        "moons_learns",
+        "moons_nfe_reduction",
+        "moons_wall_time",
+    } or len(summary["claims"]) == 2
+    traj = np.asarray(results["moons"]["trajectories"]["none"])
+    assert traj.shape == (20, 4, 2 + 4) and np.all(np.isfinite(traj))
+    assert (full / "figures" / "regularizers.png").stat().st_size > 10_000
+    assert (full / "figures" / "trajectories_moons.png").exists()
+    # a kill after the second arm's first checkpoint: that arm resumes from step 10
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    ckpt = part / "moons" / "uniform_motion+kinetic" / "checkpoints"
+    (ckpt / "step_00000020.eqx").unlink()
+    io.atomic_write_bytes(ckpt / "LATEST", b"step_00000010.eqx")
+    for name in ("results.json", "metrics.jsonl"):
+        (part / name).unlink()
+    regularizers.run(cfg, part)
+    assert _strip(io.read_json(part / "results.json")) == _strip(results)
+    logged = io.read_jsonl(part / "moons" / "uniform_motion+kinetic" / "metrics.jsonl")
+    assert [r["step"] for r in logged] == list(range(20))  # each step logged once
+
+
+def test_config_refusals_name_the_key():
+    with pytest.raises(ValueError, match=r"`datasets`.*\['digits', 'moons', 'circles'\].*mnist"):
+        make_config(regularizers.Config, {"datasets": ["mnist"]})
+    with pytest.raises(ValueError, match="`kinetic_weight` must be >= 0; received -0.1"):
+        make_config(regularizers.Config, {"kinetic_weight": -0.1})
+    with pytest.raises(ValueError, match="including 'none'"):
+        make_config(regularizers.Config, {"arms": ["kinetic"]})
+    with pytest.raises(ValueError, match="multiple of `steps_per_chunk`"):
+        make_config(regularizers.Config, {"num_steps": 150})
+
+
+def test_a_diverging_run_stops_at_the_last_good_checkpoint(tmp_path):
+    """A learning rate of 1e300: step 0 moves the weights to ~1e300 (finite), step 1's loss
+    overflows. The CLI exits with code 3, names step 1, marks the run diverged, and LATEST
+    still names the checkpoint after step 0 (all finite)."""
+    overrides = [f"{k}={json.dumps(v)}" for k, v in TINY.items()]
+    overrides += ['arms=["none"]', "learning_rate=1e300", "steps_per_chunk=1", "num_steps=4"]
+    env = dict(os.environ, GAUGEJAX_JAX_CACHE="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments", "regularizers", *overrides, "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "training diverged at step 1" in proc.stderr and "Traceback" not in proc.stderr
+    (run_dir,) = tmp_path.glob("regularizers/*")
+    assert io.read_json(run_dir / "status.json") == {
+        "experiment": "regularizers", "status": "diverged", "step": 1}  # fmt: skip
+    ckpt = run_dir / "moons" / "none" / "checkpoints"
+    assert (ckpt / "LATEST").read_text() == "step_00000001.eqx"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000001.eqx"]
