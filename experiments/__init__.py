@@ -11,6 +11,7 @@ from . import (
     regularizers,
     reproduce,
     symmetry_census,
+    teleportation,
 )
 
 
@@ -22,6 +23,7 @@ EXPERIMENTS = {
     "orbit_geometry": orbit_geometry,
     "symmetry_census": symmetry_census,
     "regularizers": regularizers,
+    "teleportation": teleportation,
     "reproduce": reproduce,
     "benchmark_sweep": benchmark_sweep,
 }

@@ -131,6 +131,7 @@ from .sweep import (
     sweep as sweep,
     sweep_lane as sweep_lane,
 )
+from .teleport import TeleportResult as TeleportResult, teleport as teleport
 from .train import (
     TrainingDiverged as TrainingDiverged,
     TrainResult as TrainResult,

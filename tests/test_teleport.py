@@ -1,0 +1,302 @@
+"""Symmetry teleportation (gaugejax.teleport) and its experiment (experiments.teleportation).
+
+float64 throughout (conftest). The teleported model computes the same sums as the input with
+every term multiplied by alpha / alpha, so losses and outputs agree to rounding (~1e-16 per
+operation, ~1e-15 after a few layers and the loss's reduction): asserted to 1e-12 relative.
+A move that changed the function (the `control()` family) changes the loss at O(1).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gaugejax as gj
+from experiments import teleportation
+from experiments._config import load_config, make_config
+from gaugejax import io
+from gaugejax.teleport import TeleportResult, teleport
+
+
+# rounding of the rescaled network's sums (see the module docstring)
+KEEPS = 1e-12
+STEPS = 4  # ascent steps of every teleport below (calls share one compiled program)
+
+
+def _loss(model, batch):
+    x, y = batch
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(jax.vmap(model)(x), y))
+
+
+def _problem(activation=jax.nn.relu):
+    kx, ky, km = jax.random.split(jax.random.key(3), 3)
+    model = eqx.nn.MLP(4, 3, 6, 2, activation=activation, key=km)
+    batch = (jax.random.normal(kx, (16, 4)), jax.random.randint(ky, (16,), 0, 3))
+    return model, batch
+
+
+def _arrays(model) -> list:
+    return jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+
+
+@eqx.filter_jit
+def _grad_norm(model, batch):
+    g = eqx.filter_grad(_loss)(model, batch)
+    return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+
+
+def test_teleport_keeps_the_function_and_raises_the_gradient_norm():
+    model, batch = _problem()
+    gauge = gj.RescalingGauge.from_model(model)
+    res = teleport(model, _loss, batch, num_steps=STEPS, learning_rate=1.0, max_log_step=0.25)
+    assert isinstance(res, TeleportResult) and res.num_objective_evaluations == STEPS + 1
+    # the function: loss and every output agree to rounding
+    assert float(res.relative_loss_change) <= KEEPS
+    out0, out1 = jax.vmap(model)(batch[0]), jax.vmap(res.model)(batch[0])
+    assert float(jnp.max(jnp.abs(out1 - out0)) / jnp.max(jnp.abs(out0))) <= KEEPS
+    # the parameters moved (factors up to e^1), and the gradient norm rose: measured 1.60x
+    assert max(float(jnp.max(jnp.abs(jnp.log(a)))) for a in res.element) > 0.5
+    before, after = float(_grad_norm(model, batch)), float(_grad_norm(res.model, batch))
+    assert after > 1.2 * before
+    # the reported numbers are the independently recomputed ones (1e-12: rounding of the sums)
+    np.testing.assert_allclose(
+        [float(res.grad_norm_before), float(res.grad_norm_after)], [before, after], rtol=KEEPS
+    )
+    assert res.objective_history.shape == (STEPS + 1,) and int(res.num_accepted) == STEPS
+    np.testing.assert_allclose(res.objective_history[0], math.log(before**2), rtol=KEEPS)
+    np.testing.assert_allclose(res.objective_history[-1], math.log(after**2), rtol=KEEPS)
+    # the element maps the input to the result (eager vs compiled arithmetic: rounding)
+    moved = gauge.act(res.element, model)
+    for a, b in zip(_arrays(moved), _arrays(res.model), strict=True):
+        np.testing.assert_allclose(a, b, rtol=KEEPS, atol=0)
+    # the bounded step: |log alpha| <= num_steps * max_log_step (to rounding of exp and log)
+    assert max(float(jnp.max(jnp.abs(jnp.log(a)))) for a in res.element) <= 1.0 + 1e-12
+    # the charges are the library's and a teleport changes them (O(1) here)
+    for q, want in zip(res.charges_before, gj.rescaling_conserved_quantity(model), strict=True):
+        np.testing.assert_array_equal(q, want)
+    jump = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(res.charges_after, res.charges_before, strict=True)
+    )
+    assert jump > 0.1
+    # the negative case: the same factors without compensation change the outputs at O(1)
+    # (measured 0.5 relative; the check above would see it at 1e-12)
+    out2 = jax.vmap(gauge.control().act(res.element, model))(batch[0])
+    assert float(jnp.max(jnp.abs(out2 - out0)) / jnp.max(jnp.abs(out0))) > 0.1
+
+
+def test_zero_steps_change_nothing_and_the_step_is_bounded():
+    model, batch = _problem()
+    still = teleport(model, _loss, batch, num_steps=0)
+    for a, b in zip(_arrays(still.model), _arrays(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(bool(jnp.all(a == 1.0)) for a in still.element)
+    assert float(still.grad_norm_after) == float(still.grad_norm_before)
+    # an enormous learning rate is clipped: STEPS steps of at most 0.02 in log alpha each
+    far = teleport(model, _loss, batch, num_steps=STEPS, learning_rate=1e6, max_log_step=0.02)
+    largest = max(float(jnp.max(jnp.abs(jnp.log(a)))) for a in far.element)
+    assert abs(largest - 0.02 * STEPS) <= 1e-12  # the clip binds (unclipped: ~1e5)
+    assert float(far.relative_loss_change) <= KEEPS
+
+
+def test_teleport_under_vmap_and_jit_and_the_curvature_objective():
+    model, batch = _problem()
+    stack = eqx.filter_vmap(lambda k: eqx.nn.MLP(4, 3, 6, 2, activation=jax.nn.relu, key=k))(
+        jax.random.split(jax.random.key(5), 2)
+    )
+    gauge = gj.RescalingGauge.from_model(model)
+
+    @eqx.filter_jit
+    def stacked(models, lr):
+        one = lambda m: teleport(m, _loss, batch, gauge=gauge, num_steps=STEPS, learning_rate=lr)  # noqa: E731
+        return eqx.filter_vmap(one)(models)
+
+    res = stacked(stack, jnp.asarray(1.0))
+    for s in range(2):
+        alone = teleport(
+            jax.tree.map(lambda a: a[s] if eqx.is_array(a) else a, stack),
+            _loss,
+            batch,
+            num_steps=STEPS,
+            learning_rate=1.0,
+        )
+        # vmapped vs single compiled programs: rounding
+        np.testing.assert_allclose(res.grad_norm_after[s], alone.grad_norm_after, rtol=1e-10)
+    assert bool(jnp.all(res.relative_loss_change <= KEEPS))
+    # a non-positive traced learning rate is refused at run time
+    with pytest.raises(eqx.EquinoxRuntimeError, match="learning_rate"):
+        stacked(stack, jnp.asarray(-1.0))
+    # the curvature along the gradient, ascended
+    up = teleport(model, _loss, batch, num_steps=STEPS, objective="curvature", max_log_step=0.1)
+    h = up.objective_history
+    assert float(h[-1]) > float(h[0]) and float(up.relative_loss_change) <= KEEPS
+
+
+def test_teleport_refuses_bad_input():
+    model, batch = _problem()
+    tanh_model, _ = _problem(jnp.tanh)
+    with pytest.raises(ValueError, match="homogeneous"):  # tanh: no rescaling symmetry
+        teleport(tanh_model, _loss, batch)
+    gauge = gj.RescalingGauge.from_model(model)
+    with pytest.raises(ValueError, match="compensating"):
+        teleport(model, _loss, batch, gauge=gauge.control())
+    # (the message is gaugejax's, or the runtime type checker's where one runs: both name it)
+    with pytest.raises(TypeError, match="gauge"):
+        teleport(model, _loss, batch, gauge=gj.UnitPermutationGauge.from_model(model))
+    with pytest.raises(TypeError, match="acts on"):
+        teleport(lambda x: x, _loss, batch)
+    for kwargs, message in [
+        ({"num_steps": -1}, r"`num_steps` must be an int >= 0; received -1"),
+        ({"learning_rate": -0.1}, r"`learning_rate` must be a finite number > 0; received -0.1"),
+        ({"max_log_step": float("inf")}, "`max_log_step` must be a finite number > 0"),
+        ({"objective": "hessian"}, r"`objective` must be one of \['grad_norm', 'curvature'\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            teleport(model, _loss, batch, **kwargs)
+    with pytest.raises(TypeError, match="`loss_fn` must be callable"):
+        teleport(model, "loss", batch)
+    with pytest.raises(TypeError, match="num_steps"):
+        teleport(model, _loss, batch, num_steps=2.0)
+
+
+# ---------------------------------------------------------------------------- the experiment
+
+TINY = {
+    "width": 8,
+    "num_seeds": 2,
+    "batch_size": 16,
+    "num_steps": 20,
+    "teleport_every": 10,
+    "steps_per_chunk": 5,
+    "teleport_steps": 2,
+    "teleport_batch_size": 64,
+}
+TIMINGS = ("seconds", "wall_time_s")
+
+
+def _strip(value):
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def test_experiment_writes_claims_and_figure_and_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+    cfg = make_config(teleportation.Config, TINY)
+    full = teleportation.run(cfg, tmp_path / "full")
+    ids = [c["id"] for c in full["claims"]]
+    assert ids == [
+        "teleport_keeps_function",
+        "teleport_raises_grad_norm",
+        "sgd_keeps_teleported_charges",
+        "fewer_steps_sgd",
+        "final_loss_sgd",
+        "fewer_steps_adam",
+        "final_loss_adam",
+    ]
+    assert full["figures"] == ["figures/teleportation.png"]
+    assert (tmp_path / "full" / "figures" / "teleportation.png").stat().st_size > 10_000
+    results = io.read_json(tmp_path / "full" / "results.json")
+    curves = {k: np.asarray(v) for k, v in results["curves"]["sgd"].items()}
+    assert all(c.shape == (2, 21) for c in curves.values())
+    # a teleport keeps the loss: step 0 of every arm is the same loss (rounding, see KEEPS)
+    np.testing.assert_allclose(curves["teleport"][:, 0], curves["plain"][:, 0], rtol=KEEPS)
+    # ...and the claim measures it; the teleports moved something (the ratio is not 1)
+    keeps = full["claims"][0]
+    assert keeps["verdict"] == "pass" and keeps["measured"] <= KEEPS
+    assert full["claims"][1]["measured"] != 1.0
+    # the training losses differ after the move at step 10 (the arms are not the same run)
+    assert not np.allclose(curves["teleport"][:, 15], curves["plain"][:, 15], rtol=1e-6)
+    # the reach step is the first step where the seed-mean curve is at the plain final loss
+    row = results["summary"]["sgd"]
+    mean = curves["teleport"].mean(0)
+    target = curves["plain"][:, -1].mean()
+    reach = float(row["reach_mean"])
+    assert (math.isinf(reach) and mean.min() > target) or (
+        mean[int(reach)] <= target and np.all(mean[: int(reach)] > target)
+    )
+    # the cost is counted: 2 teleports x (2 + 1) objective evaluations on 64 examples
+    assert results["cost"]["sgd"]["teleport"]["teleport_objective_evaluations"] == 6
+    assert results["cost"]["sgd"]["plain"]["teleport_objective_evaluations"] == 0
+
+    # a simulated kill: the fourth training segment stops after its first checkpoint
+    real_train = gj.train
+    calls = []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+
+            def interrupt(step, metrics):
+                raise KeyboardInterrupt
+
+            kwargs["on_chunk"] = interrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(gj, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        teleportation.run(cfg, tmp_path / "part")
+    monkeypatch.setattr(gj, "train", real_train)
+    part = tmp_path / "part"
+    assert (part / "sgd" / "teleport" / "segment_01" / "checkpoints" / "LATEST").read_text() == (
+        "step_00000005.eqx"
+    )
+    assert not (part / "results.json").exists()
+    resumed = teleportation.run(cfg, part)
+    assert _strip(io.read_json(part / "results.json")) == _strip(results)
+    assert _strip(resumed["claims"]) == _strip(full["claims"])
+    a = (tmp_path / "full" / "figures" / "teleportation.png").read_bytes()
+    assert (part / "figures" / "teleportation.png").read_bytes() == a
+    steps = [
+        r["step"] for r in io.read_jsonl(part / "sgd" / "teleport" / "segment_01" / "metrics.jsonl")
+    ]
+    assert steps == list(range(10))  # each step logged once
+    rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["arm"] for r in rows} == {"plain", "teleport", "balance"}
+
+
+def test_experiment_divergence_stops_at_the_last_good_checkpoint(tmp_path):
+    # SGD at lr 1e300: step 0's update is finite (|g| < 1.8e8), step 1's loss is not (NaN)
+    cfg = make_config(
+        teleportation.Config,
+        {**TINY, "optimizers": ["sgd"], "num_steps": 4, "teleport_every": 2,
+         "steps_per_chunk": 1, "sgd_learning_rate": 1e300},
+    )  # fmt: skip
+    with pytest.raises(gj.TrainingDiverged, match="at step 1: sgd/plain, segment 0") as info:
+        teleportation.run(cfg, tmp_path)
+    ckpt = tmp_path / "sgd" / "plain" / "segment_00" / "checkpoints"
+    assert "(step_00000001.eqx, global step 1)" in str(info.value) and info.value.step == 1
+    assert (ckpt / "LATEST").read_text() == "step_00000001.eqx"
+    assert isinstance(info.value.__cause__, gj.TrainingDiverged)
+    assert not (tmp_path / "results.json").exists()
+    assert sorted(p.name for p in ckpt.glob("*.eqx")) == ["step_00000001.eqx"]
+
+
+def test_bad_config_is_refused_and_presets_match_their_toml():
+    for override, message in [
+        ("num_steps=25", r"`teleport_every` must divide `num_steps`=25"),
+        ("steps_per_chunk=30", r"`steps_per_chunk` must divide `teleport_every`=100"),
+        ('arms=["plain", "balance"]', "must contain 'plain' and 'teleport'"),
+        ('optimizers=["sgd", "rmsprop"]', r"`optimizers` must be distinct entries of"),
+        ('optimizers=["sgd", "sgd"]', r"`optimizers` must be distinct entries of"),
+        ("sgd_learning_rate=-0.1", r"`sgd_learning_rate` must be a finite number > 0"),
+        ("max_log_step=0.0", r"`max_log_step` must be a finite number > 0"),
+        ("width=0", r"`width` must be an int >= 1"),
+        ("depth=-1", r"`depth` must be an int >= 1"),
+        ("teleport_batch_size=0", r"`teleport_batch_size` must be an int >= 1"),
+        ('objective="hessian"', r"`objective` must be one of \['grad_norm', 'curvature'\]"),
+        ("num_seeds=2.5", "`num_seeds` expects an int"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_config(teleportation.Config, overrides=[override])
+    root = Path(__file__).resolve().parents[1] / "configs" / "teleportation"
+    for preset in ("default", "smoke"):
+        got = load_config(teleportation.Config, root / f"{preset}.toml")
+        assert got == make_config(teleportation.Config, teleportation.PRESETS[preset])
