@@ -58,8 +58,8 @@ class Config:
     depth: int = 2
     t1: float = 1.0
     train_solver_steps: int = 8  # fixed RK4 steps of a training solve
-    num_steps: int = 500  # optimiser steps per arm
-    steps_per_chunk: int = 100  # a checkpoint each: the NFE-over-training curve reads them
+    num_steps: int = 400  # optimiser steps per arm
+    steps_per_chunk: int = 80  # a checkpoint each: the NFE-over-training curve reads them
     learning_rate: float = 3e-3
     batch_size: int = 64
     test_rtol: float = 1e-5  # Dopri5, rtol = atol
@@ -540,10 +540,14 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
         if "trajectories" not in entry:
             continue
         arms = list(entry["trajectories"])
-        fig, axes = plt.subplots(1, len(arms), figsize=(3.6 * len(arms), 3.8), squeeze=False)
+        cols = min(3, len(arms))
+        rows = -(-len(arms) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+        for ax in axes.flat[len(arms) :]:
+            ax.set_visible(False)
         labels = np.asarray(entry["trajectory_labels"])
         x0 = np.asarray(entry["trajectory_inputs"], dtype=float)
-        for ax, arm in zip(axes[0], arms, strict=True):
+        for ax, arm in zip(axes.flat, arms, strict=False):
             traj = np.asarray(entry["trajectories"][arm], dtype=float)  # (t, n, d)
             for n in range(traj.shape[1]):
                 path = np.concatenate([x0[None, n, :2], traj[:, n, :2]])
