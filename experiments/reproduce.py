@@ -29,6 +29,8 @@ class Config:
         "gauge_fixing",
         "orbit_geometry",
         "symmetry_census",
+        "regularizers",
+        "teleportation",
     )
     checks: tuple[str, ...] = ()
     # experiments run concurrently on this many threads (1: one after another, so each
@@ -80,7 +82,7 @@ SMOKE_CHECKS = (
     "symmetry_census.linear_net",
     "symmetry_census.relu_mlp",
 )
-EXPENSIVE_FIRST = ("node_symmetry", "gauge_fixing")
+EXPENSIVE_FIRST = ("regularizers", "node_symmetry", "gauge_fixing")
 PRESETS = {
     "default": {},
     "smoke": {"preset": "smoke", "checks": list(SMOKE_CHECKS), "workers": 2},
