@@ -119,6 +119,12 @@ DISAGREEMENTS = [
         "the scores need `A B^T = alpha I`.",
     ),
     (
+        "footnote12_invariance",
+        "**Eq. 45's covariant derivative** is `d/dt - w` for Eq. 25 (`c = 0`): `(d/dt - w) b` "
+        "transforms as `G^-1 (d/dt - w) b`, so footnote 12's rotation-invariant Higgs term is "
+        "`int |(d/dt - w) b|^2`; Eq. 45's `(d/dt + w) b` is not invariant even under rotations.",
+    ),
+    (
         "jvp_through_solve",
         "**Method, not the paper**: first-order responses of neural ODEs are computed from the "
         "forward sensitivity system under error control; a jvp through an adaptive "

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +245,14 @@ def test_gauge_fixing_config_validation():
         make_config(gauge_fixing.Config, {"regularizer": "jacobian"})
     with pytest.raises(ValueError, match="regularizer_inputs"):
         make_config(gauge_fixing.Config, {"regularizer_inputs": 64})
+    with pytest.raises(ValueError, match=r"`arms` must name distinct regularisers.*\['eq46'\]"):
+        make_config(gauge_fixing.Config, {"arms": ["eq46"]})
+    # a comparison measured at a looser tolerance than it trained at: warned, not refused
+    with pytest.warns(UserWarning, match="test_rtol = 1e-05 is looser than train_rtol = 1e-06"):
+        make_config(gauge_fixing.Config, {"test_rtol": 1e-5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_config(gauge_fixing.Config, {})  # 1e-8 at test, 1e-6 in training: silent
     with pytest.raises(ValueError, match="learning_rates"):
         make_config(orbit_geometry.Config, {"learning_rates": [0.001]})
 
