@@ -30,6 +30,7 @@ class Config:
         "orbit_geometry",
         "symmetry_census",
         "regularizers",
+        "orbit_cost",
         "teleportation",
     )
     checks: tuple[str, ...] = ()
@@ -82,7 +83,7 @@ SMOKE_CHECKS = (
     "symmetry_census.linear_net",
     "symmetry_census.relu_mlp",
 )
-EXPENSIVE_FIRST = ("regularizers", "node_symmetry", "gauge_fixing")
+EXPENSIVE_FIRST = ("regularizers", "node_symmetry", "gauge_fixing", "orbit_cost")
 PRESETS = {
     "default": {},
     "smoke": {"preset": "smoke", "checks": list(SMOKE_CHECKS), "workers": 2},

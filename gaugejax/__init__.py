@@ -5,7 +5,7 @@ Transformer, Feedforward and Neural ODE" (arXiv 2402.02362). x64 is never switch
 entry points and tests do that.
 """
 
-from . import gauges as gauges, orbits as orbits
+from . import gauge_search as gauge_search, gauges as gauges, orbits as orbits
 from .balancing import BalanceResult as BalanceResult, balance as balance
 from .calculus import (
     DeformedField as DeformedField,
@@ -48,6 +48,22 @@ from .gauge_fixing import (
     linear_gauge_fixing_penalty as linear_gauge_fixing_penalty,
     rotation_covariant_penalty as rotation_covariant_penalty,
 )
+from .gauge_search import (
+    AbstractElementChart as AbstractElementChart,
+    AdaptiveCostObjective as AdaptiveCostObjective,
+    CheapestLane as CheapestLane,
+    ComposedChart as ComposedChart,
+    ElementCost as ElementCost,
+    GaugeSearchResult as GaugeSearchResult,
+    LipschitzChart as LipschitzChart,
+    TrajectoryObjective as TrajectoryObjective,
+    cheapest_lane as cheapest_lane,
+    element_chart as element_chart,
+    element_cost as element_cost,
+    estimated_steps as estimated_steps,
+    lane_element as lane_element,
+    optimise_gauge as optimise_gauge,
+)
 from .gauges import (
     AbstractFieldGauge as AbstractFieldGauge,
     AbstractGauge as AbstractGauge,
@@ -56,6 +72,8 @@ from .gauges import (
     AttentionGauge as AttentionGauge,
     AttentionNODEGauge as AttentionNODEGauge,
     BlockAttentionGauge as BlockAttentionGauge,
+    ComposedElement as ComposedElement,
+    ComposedGauge as ComposedGauge,
     DecoderGauge as DecoderGauge,
     DiscreteLinearGauge as DiscreteLinearGauge,
     HeadPermutationGauge as HeadPermutationGauge,

@@ -18,6 +18,7 @@ from .block_attention import (
     BlockAttentionElement as BlockAttentionElement,
     BlockAttentionGauge as BlockAttentionGauge,
 )
+from .composed import ComposedElement as ComposedElement, ComposedGauge as ComposedGauge
 from .decoder import DecoderElement as DecoderElement, DecoderGauge as DecoderGauge
 from .diffeo import FeatureShift as FeatureShift, SpatialDiffeoGauge as SpatialDiffeoGauge
 from .features import RandomFeatures as RandomFeatures
