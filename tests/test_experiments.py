@@ -692,3 +692,23 @@ def test_symmetry_census_scale_check_at_tiny_sizes(tmp_path):
     table = (tmp_path / "census.md").read_text()
     assert "| GPT-2 attention: head permutations | float32 | holds |" in table
     assert "| 8 | 128 | 16 | 16 |" in table
+
+
+def test_an_aim_missed_is_reported_with_its_number_not_failed(tmp_path):
+    """A target beyond the paper (`aim=True`) that is not met is "missed": the report says so
+    with its measured value and lists it; a paper claim that does not hold is "FAIL"."""
+    from experiments._common import claim
+
+    missed = claim("nfe_cut", "2x fewer evaluations", "RNODE", 1.6, False, ">= 2", aim=True)
+    failed = claim("eq99", "a claim", "Eq. 99", 0.5, False, "< 0.1")
+    assert missed["verdict"] == "missed" and failed["verdict"] == "FAIL"
+    assert claim("ok", "t", "e", 3.0, True, ">= 2", aim=True)["verdict"] == "pass"
+    env = {"date_utc": "now", "backend": "cpu", "devices": ["cpu"], "x64": True,
+           "versions": {"jax": "x"}}  # fmt: skip
+    cfg = make_config(reproduce.Config, {"experiments": ["regularizers"]})
+    summary = {"claims": [missed, claim("learns", "t", "e", 0.97, True, ">= 0.9")], "figures": []}
+    path = reproduce.write_report(tmp_path / "report.md", {"regularizers": summary}, env, cfg,
+                                  {"regularizers": 1.0})  # fmt: skip
+    text = path.read_text()
+    assert "**1 of 2 claims pass**; 1 aims beyond the paper missed" in text and "`nfe_cut`" in text
+    assert "| 2x fewer evaluations | RNODE | 1.6 | >= 2 | missed |" in text
