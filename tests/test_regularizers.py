@@ -4,9 +4,6 @@ tiny sizes that resumes to the same numbers, refusals, and a diverging run stopp
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +16,6 @@ from experiments._config import make_config
 from gaugejax import io
 
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "datasets": ["moons"],
     "arms": ["none", "uniform_motion+kinetic"],
@@ -115,22 +111,25 @@ def test_config_refusals_name_the_key():
         make_config(regularizers.Config, {"num_steps": 150})
 
 
-def test_a_diverging_run_stops_at_the_last_good_checkpoint(tmp_path):
+def test_a_diverging_run_stops_at_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     """A learning rate of 1e300: step 0 moves the weights to ~1e300 (finite), step 1's loss
-    overflows. The CLI exits with code 3, names step 1, marks the run diverged, and LATEST
-    still names the checkpoint after step 0 (all finite)."""
+    overflows. The CLI (in this process: the same `main` as `python -m experiments`) returns
+    exit code 3, names step 1, marks the run diverged, and LATEST still names the checkpoint
+    after step 0 (all finite)."""
+    from experiments.__main__ import main
+
+    monkeypatch.setenv("GAUGEJAX_JAX_CACHE", "")  # no persistent cache for this process
+    monkeypatch.setenv("NPROC", os.environ.get("NPROC", "8"))  # main only sets a default
     overrides = [f"{k}={json.dumps(v)}" for k, v in TINY.items()]
     overrides += ['arms=["none"]', "learning_rate=1e300", "steps_per_chunk=1", "num_steps=4"]
-    env = dict(os.environ, GAUGEJAX_JAX_CACHE="")
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments", "regularizers", *overrides, "--out", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 3, proc.stderr[-3000:]
-    assert "training diverged at step 1" in proc.stderr and "Traceback" not in proc.stderr
+    code = main(["regularizers", *overrides, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 3, err[-3000:]
+    assert "training diverged at step 1" in err and "nothing after step 1 was written" in err
     (run_dir,) = tmp_path.glob("regularizers/*")
     assert io.read_json(run_dir / "status.json") == {
         "experiment": "regularizers", "status": "diverged", "step": 1}  # fmt: skip
     ckpt = run_dir / "moons" / "none" / "checkpoints"
     assert (ckpt / "LATEST").read_text() == "step_00000001.eqx"
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000001.eqx"]
+    assert not (run_dir / "summary.json").exists()
