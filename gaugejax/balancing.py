@@ -27,6 +27,23 @@ from .gauges.rescaling import (
 )
 
 
+def orbit_gauge(model: Any, gauge: RescalingGauge | None, who: str, why: str) -> RescalingGauge:
+    """The rescaling family whose orbit `who` moves along: `gauge`, or the model's own
+    (`RescalingGauge.from_model`). `TypeError` for another family; `ValueError` for the control
+    (`compensate=False` changes the function, so it has no orbit: `why` says what that means
+    for `who`)."""
+    if gauge is None:
+        return RescalingGauge.from_model(model)
+    if not isinstance(gauge, RescalingGauge):
+        raise TypeError(f"`gauge` must be a RescalingGauge; received {type(gauge).__name__}.")
+    if not gauge.compensate:
+        raise ValueError(
+            f"{who} needs a compensating RescalingGauge: with compensate=False the family "
+            f"changes the function and {why}."
+        )
+    return gauge
+
+
 class BalanceResult(eqx.Module):
     """The outcome of `balance`.
 
@@ -120,15 +137,7 @@ def balance(
     control family (`compensate=False`, not an orbit of the function) or
     `max_iterations < 1`; as `RescalingGauge.check_model` otherwise.
     """
-    if gauge is None:
-        gauge = RescalingGauge.from_model(model)
-    elif not isinstance(gauge, RescalingGauge):
-        raise TypeError(f"`gauge` must be a RescalingGauge; received {type(gauge).__name__}.")
-    if not gauge.compensate:
-        raise ValueError(
-            "balance needs a compensating RescalingGauge: with compensate=False the family "
-            "changes the function and has no orbit to balance along."
-        )
+    gauge = orbit_gauge(model, gauge, "balance", "has no orbit to balance along")
     if not isinstance(max_iterations, int) or max_iterations < 1:
         raise ValueError(f"`max_iterations` must be an int >= 1; received {max_iterations!r}.")
     gauge.check_model(model)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from .balancing import orbit_gauge
 from .gauges.base import cast_element
 from .gauges.rescaling import RescalingElement, RescalingGauge, rescaling_conserved_quantity
 
@@ -228,15 +229,7 @@ def teleport(
     `RescalingGauge.check_model` for a model without the symmetry (e.g. a tanh MLP); all before
     anything is compiled.
     """
-    if gauge is None:
-        gauge = RescalingGauge.from_model(model)
-    elif not isinstance(gauge, RescalingGauge):
-        raise TypeError(f"`gauge` must be a RescalingGauge; received {type(gauge).__name__}.")
-    if not gauge.compensate:
-        raise ValueError(
-            "teleport needs a compensating RescalingGauge: with compensate=False the family "
-            "changes the function, so moving along it is not a teleport."
-        )
+    gauge = orbit_gauge(model, gauge, "teleport", "moving along it is not a teleport")
     gauge.check_model(model)
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable; received {type(loss_fn).__name__}.")

@@ -10,7 +10,7 @@ from jaxtyping import PRNGKeyArray, PyTree
 
 from ..models import AbstractNeuralODE
 from .base import AbstractGauge
-from .maps import AbstractFieldGauge, Compose, Inverse
+from .maps import AbstractFieldGauge, Compose, Inverse, invert_word
 
 
 class ComposedElement(eqx.Module):
@@ -92,11 +92,7 @@ class ComposedGauge(AbstractFieldGauge):
         return self.then.act(g.then, self.first.act(g.first, model))
 
     def inverse(self, g: PyTree) -> PyTree:
-        if isinstance(g, Compose):
-            return Compose(self.inverse(g.then), self.inverse(g.first))
-        if isinstance(g, Inverse):
-            return g.of
-        return Inverse(g)
+        return invert_word(g)
 
     def compose(self, g1: PyTree, g2: PyTree) -> Compose:
         return Compose(g1, g2)

@@ -34,6 +34,16 @@ class Inverse(eqx.Module):
     of: PyTree
 
 
+def invert_word(g: PyTree) -> PyTree:
+    """The inverse of an element written as a word of base elements (`Compose`, `Inverse`):
+    `(a then b)^-1 = b^-1 then a^-1`, with inverses pushed down to the base elements."""
+    if isinstance(g, Compose):
+        return Compose(invert_word(g.then), invert_word(g.first))
+    if isinstance(g, Inverse):
+        return g.of
+    return Inverse(g)
+
+
 class ComposedMap(eqx.Module):
     """`(*lead, z) -> outer(*lead, inner(*lead, z))`."""
 
@@ -159,11 +169,7 @@ class AbstractMapGauge(AbstractFieldGauge):
         return model.with_field(self.pull(model.field, self.to_map(g)))
 
     def inverse(self, g: PyTree) -> PyTree:
-        if isinstance(g, Compose):
-            return Compose(self.inverse(g.then), self.inverse(g.first))
-        if isinstance(g, Inverse):
-            return g.of
-        return Inverse(g)
+        return invert_word(g)
 
     def compose(self, g1: PyTree, g2: PyTree) -> PyTree:
         return Compose(g1, g2)
