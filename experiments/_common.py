@@ -33,6 +33,23 @@ def claim(id_, text, equation, measured, ok, tolerance, detail="", *, aim: bool 
     }
 
 
+def experiment_summary(
+    experiment: str, claims: list, figures, run_dir: Path, start: float, **extra
+) -> dict:
+    """What every experiment's `run` returns (and the CLI writes as `summary.json`): its claims
+    with their pass count, its figures relative to `run_dir`, `extra` facts, and the wall time
+    since `start` (a `time.perf_counter()` value)."""
+    return {
+        "experiment": experiment,
+        "claims": claims,
+        "num_pass": sum(c["verdict"] == "pass" for c in claims),
+        "num_claims": len(claims),
+        "figures": [str(Path(f).relative_to(run_dir)) for f in figures],
+        **extra,
+        "wall_time_s": time.perf_counter() - start,
+    }
+
+
 def slope(xs, ys) -> float:
     """Least-squares slope of log(ys) against log(xs)."""
     return float(np.polyfit(np.log(np.asarray(xs)), np.log(np.asarray(ys)), 1)[0])
@@ -143,14 +160,7 @@ def run_checks(
     io.write_json(run_dir / "results.json", results)
     with PLOT_LOCK:
         figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config)
-    return {
-        "experiment": experiment,
-        "claims": claims,
-        "num_pass": sum(r["verdict"] == "pass" for r in claims),
-        "num_claims": len(claims),
-        "figures": [str(Path(f).relative_to(run_dir)) for f in figures],
-        "wall_time_s": time.perf_counter() - start,
-    }
+    return experiment_summary(experiment, claims, figures, run_dir, start)
 
 
 # the line of an experiment's progress bar: reproduce gives each concurrent experiment its own

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import BAR_POSITION, PLOT_LOCK, claim, pyplot
+from ._common import BAR_POSITION, PLOT_LOCK, claim, experiment_summary, pyplot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,14 +415,7 @@ def run(config: Config, run_dir: Path) -> dict:
         for key in (*config.lambdas, *config.arms)
     )
     io.atomic_write_bytes(run_dir / "metrics.jsonl", records.encode())
-    return {
-        "experiment": "gauge_fixing",
-        "claims": claims,
-        "num_pass": sum(c["verdict"] == "pass" for c in claims),
-        "num_claims": len(claims),
-        "figures": [str(Path(f).relative_to(run_dir)) for f in figures],
-        "wall_time_s": time.perf_counter() - start_all,
-    }
+    return experiment_summary("gauge_fixing", claims, figures, run_dir, start_all)
 
 
 def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:

@@ -33,7 +33,7 @@ import gaugejax as gj
 from gaugejax import gauge_search as gs, io
 from gaugejax.gauges import ComposedGauge
 
-from ._common import BAR_POSITION, PLOT_LOCK, claim, pyplot
+from ._common import BAR_POSITION, PLOT_LOCK, claim, experiment_summary, pyplot
 
 
 FAMILIES = ("diffeo", "reparam", "composed")
@@ -471,18 +471,17 @@ def run(config: Config, run_dir: Path) -> dict:
     ]
     text = "".join(json.dumps(io.jsonable(r)) + "\n" for r in records)
     io.atomic_write_bytes(run_dir / "metrics.jsonl", text.encode())
-    return {
-        "experiment": "orbit_cost",
-        "claims": claims,
-        "num_pass": sum(c["verdict"] == "pass" for c in claims),
-        "num_claims": len(claims),
-        "figures": [str(Path(f).relative_to(run_dir)) for f in figures],
-        "config": cfg_dict,
+    return experiment_summary(
+        "orbit_cost",
+        claims,
+        figures,
+        run_dir,
+        start_all,
+        config=cfg_dict,
         # every key derives from `seed`: split(key(seed), 4) -> (init, train, gauge features,
         # sweeps; fold_in(sweeps, family index)); the data set and its split use `seed` too
-        "seeds": {"seed": config.seed, "data_seed": config.seed},
-        "wall_time_s": time.perf_counter() - start_all,
-    }
+        seeds={"seed": config.seed, "data_seed": config.seed},
+    )
 
 
 def _claims(cfg: Config, sweeps: dict, optimised: dict, base_nfe: int, accuracy: float) -> list:

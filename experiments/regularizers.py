@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import BAR_POSITION, PLOT_LOCK, claim, pyplot
+from ._common import BAR_POSITION, PLOT_LOCK, claim, experiment_summary, pyplot
 
 
 # arm -> its regularisers (each weighted by the config's `<term>_weight`)
@@ -422,14 +422,7 @@ def run(config: Config, run_dir: Path) -> dict:
         for arm, row in entry["arms"].items()
     )
     io.atomic_write_bytes(run_dir / "metrics.jsonl", records.encode())
-    return {
-        "experiment": "regularizers",
-        "claims": claims,
-        "num_pass": sum(c["verdict"] == "pass" for c in claims),
-        "num_claims": len(claims),
-        "figures": [str(Path(f).relative_to(run_dir)) for f in figures],
-        "wall_time_s": time.perf_counter() - start_all,
-    }
+    return experiment_summary("regularizers", claims, figures, run_dir, start_all)
 
 
 def _claims(cfg: Config, name: str, entry: dict) -> list[dict]:

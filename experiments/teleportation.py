@@ -45,7 +45,7 @@ import gaugejax as gj
 from gaugejax import io
 from gaugejax.teleport import OBJECTIVES, teleport
 
-from ._common import BAR_POSITION, PLOT_LOCK, claim, pyplot
+from ._common import BAR_POSITION, PLOT_LOCK, claim, experiment_summary, pyplot
 
 
 OPTIMIZERS = ("sgd", "adam")
@@ -519,14 +519,7 @@ def run(config: Config, run_dir: Path) -> dict:
     ]
     text = "".join(json.dumps(io.jsonable(r)) + "\n" for r in records)
     io.atomic_write_bytes(run_dir / "metrics.jsonl", text.encode())
-    return {
-        "experiment": "teleportation",
-        "claims": claims,
-        "num_pass": sum(c["verdict"] == "pass" for c in claims),
-        "num_claims": len(claims),
-        "figures": [str(Path(f).relative_to(run_dir)) for f in figures],
-        "wall_time_s": time.perf_counter() - start_all,
-    }
+    return experiment_summary("teleportation", claims, figures, run_dir, start_all)
 
 
 def _cost(config: Config, arms: dict) -> dict:
