@@ -41,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    from gaugejax import TrainingDiverged, configure_cpu_devices, intra_op_threads, io
-    from gaugejax.devices import pool_threads_for
+    from gaugejax import (
+        TrainingDiverged,
+        configure_cpu_devices,
+        intra_op_threads,
+        io,
+        pool_threads_for,
+    )
 
     from . import EXPERIMENTS
 
@@ -77,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     n = args.cpu_devices or getattr(EXPERIMENTS[args.name], "CPU_DEVICES", None)
     if n is None:
         # the devices XLA_FLAGS gives (one by default), on a thread pool where several batched
-        # LAPACK kernels can wait at once without a deadlock (gaugejax.devices); read when the
-        # CPU client starts, at the first JAX operation (none has run yet in a fresh process)
+        # LAPACK kernels can wait at once without a deadlock (gj.configure_cpu_devices); read
+        # when the CPU client starts, at the first JAX operation (none has run yet in a fresh
+        # process)
         os.environ.setdefault("NPROC", str(max(intra_op_threads(), pool_threads_for(1))))
     elif n != "auto" and not (n.isdigit() and int(n) > 0):
         parser.error(f"--cpu-devices: expected a positive int or 'auto'; received {n!r}")

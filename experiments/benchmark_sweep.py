@@ -38,8 +38,8 @@ Sides (a row per workload, batch size and side):
   its scan; w3 is not expressible: the row says why).
 
 Known problem (jaxlib 0.10.2, CPU): batched LAPACK kernels wait on XLA:CPU's intra-op pool
-and deadlock when they occupy all of its threads (`gaugejax.devices`): a vmapped loop body with
-two independent "inner loop -> LU solve" chains on a 2-thread pool (README: a pure-JAX
+and deadlock when they occupy all of its threads (`gj.configure_cpu_devices`): a vmapped loop
+body with two independent "inner loop -> LU solve" chains on a 2-thread pool (README: a pure-JAX
 reproducer), or one kernel per device on as many CPU devices as threads. The CLI sizes the pool
 (`NPROC`) for two kernels per device; the w1 lane also fuses its weight and bias into one solve
 (`GaugedLinearField`).
@@ -76,8 +76,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import gaugejax as gj
-from gaugejax import io
-from gaugejax.sweep import PRECISIONS, REDUCED_PRECISIONS
+from gaugejax import PRECISIONS, REDUCED_PRECISIONS, io
 
 from ._common import plain_log_ticks, pyplot
 

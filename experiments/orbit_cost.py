@@ -4,9 +4,9 @@ A neural-ODE classifier is trained on a 2-D data set (`gj.train`, checkpoints). 
 (finite spatial diffeomorphisms, time reparametrisations and their composition; each keeps the
 function) is swept at a measuring tolerance (`gj.sweep`): the per-lane adaptive steps and field
 evaluations (NFE) give the cost distribution along the orbit and its cheapest sampled
-representative (rebuilt with `gaugejax.gauge_search.cheapest_lane`). Then the gauge element's
+representative (rebuilt with `gj.cheapest_lane`). Then the gauge element's
 parameters (not the model's) are optimised with Adam on smooth proxies of the cost
-(`gaugejax.gauge_search.optimise_gauge`): the steps an ideal controller would take, estimated
+(`gj.optimise_gauge`): the steps an ideal controller would take, estimated
 from the solver's error estimates (`estimated_steps`), and the kinetic or uniform-motion
 functional of the transformed trajectories. Reported: the NFE at the measuring tolerance on
 held-out inputs against the trained model's, and the output deviation at a tight tolerance.

@@ -11,8 +11,33 @@ from tqdm.auto import tqdm
 
 from gaugejax import io
 
+from . import (
+    attention_symmetry,
+    gauge_fixing,
+    linear_symmetry,
+    node_symmetry,
+    orbit_cost,
+    orbit_geometry,
+    regularizers,
+    symmetry_census,
+    teleportation,
+)
 from ._common import BAR_POSITION, validate_checks
 from ._config import make_config, to_dict
+
+
+# the experiments `reproduce` can run, in report order (the benchmark is run on its own)
+REPRODUCIBLE = {
+    "node_symmetry": node_symmetry,
+    "linear_symmetry": linear_symmetry,
+    "attention_symmetry": attention_symmetry,
+    "gauge_fixing": gauge_fixing,
+    "orbit_geometry": orbit_geometry,
+    "symmetry_census": symmetry_census,
+    "regularizers": regularizers,
+    "orbit_cost": orbit_cost,
+    "teleportation": teleportation,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,24 +70,22 @@ class Config:
 
     def selection(self) -> dict[str, tuple[str, ...]]:
         """`{experiment: checks}` for the experiments that `checks` restricts."""
-        from . import EXPERIMENTS
-
-        unknown = [e for e in self.experiments if e not in EXPERIMENTS or e == "reproduce"]
+        unknown = [e for e in self.experiments if e not in REPRODUCIBLE]
         if unknown:
-            valid = sorted(set(EXPERIMENTS) - {"reproduce", "benchmark_sweep"})
+            valid = list(REPRODUCIBLE)
             raise ValueError(f"unknown experiment(s) {unknown} in `experiments`; valid: {valid}.")
         out: dict[str, tuple[str, ...]] = {}
         for entry in self.checks:
             name, _, check = entry.partition(".")
-            if name not in self.experiments or not hasattr(EXPERIMENTS[name], "CHECKS"):
-                with_checks = [e for e in self.experiments if hasattr(EXPERIMENTS[e], "CHECKS")]
+            if name not in self.experiments or not hasattr(REPRODUCIBLE[name], "CHECKS"):
+                with_checks = [e for e in self.experiments if hasattr(REPRODUCIBLE[e], "CHECKS")]
                 raise ValueError(
                     f"`checks` entries must look like 'experiment.check' with an experiment of "
                     f"`experiments` that has checks ({with_checks}); received {entry!r}."
                 )
             out[name] = out.get(name, ()) + (check,)
         for name, chosen in out.items():
-            validate_checks(chosen, EXPERIMENTS[name].CHECKS)
+            validate_checks(chosen, REPRODUCIBLE[name].CHECKS)
         return out
 
 
@@ -141,12 +164,10 @@ def _fmt(value) -> str:
 
 
 def _left_out(config: Config) -> list[str]:
-    from . import EXPERIMENTS
-
     selection = config.selection()
     out = []
     for name in config.experiments:
-        module = EXPERIMENTS[name]
+        module = REPRODUCIBLE[name]
         if not hasattr(module, "CHECKS"):
             continue
         # the selection, else the preset's own choice (e.g. the census leaves `scale` out)
@@ -228,14 +249,12 @@ def write_report(path: Path, claims_by_exp: dict, env: dict, config: Config, wal
 
 def run(config: Config, run_dir: Path) -> dict:
     """Run each experiment at `config.preset` in `run_dir/<name>/`; write `report.md`."""
-    from . import EXPERIMENTS
-
     selection = config.selection()
     run_dir = Path(run_dir)
     env = io.env_info()
     configs = {}
     for name in config.experiments:
-        module = EXPERIMENTS[name]
+        module = REPRODUCIBLE[name]
         if config.preset not in module.PRESETS:
             raise ValueError(
                 f"`preset` must be one of {sorted(module.PRESETS)} for {name}; "
@@ -271,12 +290,12 @@ def run(config: Config, run_dir: Path) -> dict:
                 return summary, float(summary.get("wall_time_s", 0.0))
         io.write_json(sub_dir / "config.json", to_dict(configs[name]))
         checks = getattr(configs[name], "checks", ()) or [
-            c for c, _ in getattr(EXPERIMENTS[name], "CHECKS", [])
+            c for c, _ in getattr(REPRODUCIBLE[name], "CHECKS", [])
         ]
         what = f"{len(checks)} checks" if checks else "training runs"
         say(f"[{number[name]}/{total}] {name}: {what}")
         start = time.perf_counter()
-        summary = EXPERIMENTS[name].run(configs[name], sub_dir)
+        summary = REPRODUCIBLE[name].run(configs[name], sub_dir)
         io.write_json(sub_dir / "summary.json", summary)
         wall = time.perf_counter() - start
         say(

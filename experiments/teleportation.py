@@ -42,8 +42,7 @@ import optax
 from tqdm.auto import tqdm
 
 import gaugejax as gj
-from gaugejax import io
-from gaugejax.teleport import OBJECTIVES, teleport
+from gaugejax import TELEPORT_OBJECTIVES, io, teleport
 
 from ._common import BAR_POSITION, PLOT_LOCK, claim, experiment_summary, pyplot
 
@@ -93,9 +92,10 @@ class Config:
                 f"`arms` must contain 'plain' and 'teleport' (the comparison); received "
                 f"{list(self.arms)}."
             )
-        if self.objective not in OBJECTIVES:
+        if self.objective not in TELEPORT_OBJECTIVES:
             raise ValueError(
-                f"`objective` must be one of {list(OBJECTIVES)}; received {self.objective!r}."
+                f"`objective` must be one of {list(TELEPORT_OBJECTIVES)}; "
+                f"received {self.objective!r}."
             )
         for name in ("num_seeds", "width", "depth", "num_steps", "teleport_every"):
             value = getattr(self, name)

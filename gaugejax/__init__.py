@@ -5,20 +5,38 @@ Transformer, Feedforward and Neural ODE" (arXiv 2402.02362). x64 is never switch
 entry points and tests do that.
 """
 
-from . import gauge_search as gauge_search, gauges as gauges, orbits as orbits
-from .balancing import BalanceResult as BalanceResult, balance as balance
-from .calculus import (
+import importlib.metadata
+
+from . import gauges as gauges, models as models
+from ._analysis.discovery import (
+    SymmetryComparison as SymmetryComparison,
+    SymmetryDimension as SymmetryDimension,
+    compare_symmetries as compare_symmetries,
+    gauge_generators as gauge_generators,
+    symmetry_dimension as symmetry_dimension,
+)
+from ._analysis.sweep import (
+    PRECISIONS as PRECISIONS,
+    REDUCED_PRECISIONS as REDUCED_PRECISIONS,
+    SweepLane as SweepLane,
+    SweepResult as SweepResult,
+    default_observable as default_observable,
+    status_name as status_name,
+    sweep as sweep,
+    sweep_lane as sweep_lane,
+)
+from ._analysis.verdict import VERDICTS as VERDICTS, Verdict as Verdict, judge as judge
+from ._core.calculus import (
     DeformedField as DeformedField,
     ReparametrizedField as ReparametrizedField,
     SpacetimePulledBackField as SpacetimePulledBackField,
     deform as deform,
-    first_order_response as first_order_response,
     lie_bracket as lie_bracket,
     pullback as pullback,
     reparametrize as reparametrize,
     spacetime_pullback as spacetime_pullback,
 )
-from .correspondence import (
+from ._core.correspondence import (
     LiftedGauge as LiftedGauge,
     affine_propagator as affine_propagator,
     discretize as discretize,
@@ -27,28 +45,27 @@ from .correspondence import (
     wilson_line as wilson_line,
     wilson_line_magnus as wilson_line_magnus,
 )
-from .data import DATASETS as DATASETS, Dataset as Dataset, load_dataset as load_dataset
-from .devices import (
-    configure_cpu_devices as configure_cpu_devices,
-    free_memory_bytes as free_memory_bytes,
-    intra_op_threads as intra_op_threads,
-    supports_float64 as supports_float64,
+from ._core.solve import (
+    NOT_COUNTED as NOT_COUNTED,
+    RK4 as RK4,
+    SensitivityField as SensitivityField,
+    SolveStats as SolveStats,
+    SolveStatus as SolveStatus,
+    count_evaluations as count_evaluations,
+    evaluations_per_step as evaluations_per_step,
+    result_name as result_name,
+    solve as solve,
 )
-from .discovery import (
-    SymmetryComparison as SymmetryComparison,
-    SymmetryDimension as SymmetryDimension,
-    compare_symmetries as compare_symmetries,
-    gauge_generators as gauge_generators,
-    symmetry_dimension as symmetry_dimension,
-)
-from .gauge_fixing import (
+from ._fixing import gauge_search as gauge_search, orbits as orbits
+from ._fixing.balancing import BalanceResult as BalanceResult, balance as balance
+from ._fixing.gauge_fixing import (
     canonical_gauge as canonical_gauge,
     gauge_fixing_penalty as gauge_fixing_penalty,
     integrate_regularizers as integrate_regularizers,
     linear_gauge_fixing_penalty as linear_gauge_fixing_penalty,
     rotation_covariant_penalty as rotation_covariant_penalty,
 )
-from .gauge_search import (
+from ._fixing.gauge_search import (
     AbstractElementChart as AbstractElementChart,
     AdaptiveCostObjective as AdaptiveCostObjective,
     CheapestLane as CheapestLane,
@@ -63,6 +80,33 @@ from .gauge_search import (
     estimated_steps as estimated_steps,
     lane_element as lane_element,
     optimise_gauge as optimise_gauge,
+)
+from ._fixing.orbits import (
+    canonical_distance as canonical_distance,
+    function_spread as function_spread,
+    linear_node_fingerprint as linear_node_fingerprint,
+    parameter_spread as parameter_spread,
+    seed_spread as seed_spread,
+)
+from ._fixing.teleport import (
+    TELEPORT_OBJECTIVES as TELEPORT_OBJECTIVES,
+    TeleportResult as TeleportResult,
+    teleport as teleport,
+)
+from ._infra import io as io
+from ._infra.data import DATASETS as DATASETS, Dataset as Dataset, load_dataset as load_dataset
+from ._infra.devices import (
+    configure_cpu_devices as configure_cpu_devices,
+    free_memory_bytes as free_memory_bytes,
+    intra_op_threads as intra_op_threads,
+    pool_threads_for as pool_threads_for,
+    supports_float64 as supports_float64,
+)
+from ._infra.train import (
+    TrainingDiverged as TrainingDiverged,
+    TrainResult as TrainResult,
+    read_checkpoint as read_checkpoint,
+    train as train,
 )
 from .gauges import (
     AbstractFieldGauge as AbstractFieldGauge,
@@ -119,44 +163,11 @@ from .models import (
     apply_rope as apply_rope,
     attention as attention,
     attention_as_node as attention_as_node,
+    first_order_response as first_order_response,
     fixed_steps as fixed_steps,
     integrated_cubic as integrated_cubic,
     random_linear_node as random_linear_node,
 )
-from .orbits import (
-    canonical_distance as canonical_distance,
-    function_spread as function_spread,
-    linear_node_fingerprint as linear_node_fingerprint,
-    parameter_spread as parameter_spread,
-    seed_spread as seed_spread,
-)
-from .solve import (
-    NOT_COUNTED as NOT_COUNTED,
-    RK4 as RK4,
-    SensitivityField as SensitivityField,
-    SolveStats as SolveStats,
-    SolveStatus as SolveStatus,
-    count_evaluations as count_evaluations,
-    evaluations_per_step as evaluations_per_step,
-    result_name as result_name,
-    solve as solve,
-)
-from .sweep import (
-    SweepLane as SweepLane,
-    SweepResult as SweepResult,
-    default_observable as default_observable,
-    status_name as status_name,
-    sweep as sweep,
-    sweep_lane as sweep_lane,
-)
-from .teleport import TeleportResult as TeleportResult, teleport as teleport
-from .train import (
-    TrainingDiverged as TrainingDiverged,
-    TrainResult as TrainResult,
-    read_checkpoint as read_checkpoint,
-    train as train,
-)
-from .verdict import VERDICTS as VERDICTS, Verdict as Verdict, judge as judge
 
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("gaugejax")

@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gaugejax.balancing import BalanceResult, balance
-from gaugejax.gauges.rescaling import RescalingGauge, rescaling_conserved_quantity
+from gaugejax import BalanceResult, RescalingGauge, balance, rescaling_conserved_quantity
 from gaugejax.models import ConvNet, FeedforwardNet, GraphConvNet
 
 from .conftest import CompileCounter

@@ -191,7 +191,7 @@ def test_mesh_memory_and_float64_are_checked_before_a_block_runs(getkey):
     does not exist; a block program whose memory analysis exceeds the free device memory is
     refused before it runs, naming the largest chunk that fits, and that chunk runs; float64
     inputs on devices without float64 are refused (probe: x64 off)."""
-    sweep_module = importlib.import_module("gaugejax.sweep")
+    sweep_module = importlib.import_module("gaugejax._analysis.sweep")
     k = jax.random.split(getkey(), 3)
     mlp = eqx.nn.MLP(8, 8, 16, 2, activation=jax.nn.relu, key=k[0])
     gauge = gj.RescalingGauge.from_model(mlp)

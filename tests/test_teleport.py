@@ -20,8 +20,7 @@ import pytest
 import gaugejax as gj
 from experiments import teleportation
 from experiments._config import load_config, make_config
-from gaugejax import io
-from gaugejax.teleport import TeleportResult, teleport
+from gaugejax import TeleportResult, io, teleport
 
 
 # rounding of the rescaled network's sums (see the module docstring)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..models.attention import MultiHeadAttention, SelfAttention
-from .base import AbstractParameterGauge, model_error
+from ..models.multihead import MultiHeadAttention, SelfAttention
+from .base import AbstractParameterGauge, model_error, well_conditioned
 
 
 CONDITIONS = ("derived", "printed")
@@ -171,15 +171,6 @@ class AttentionGaugeElement(eqx.Module):
     M: Float[Array, "H vo vo"]
     value_shift: Float[Array, "H vo"]
     key_shift: Float[Array, "H qk"]
-
-
-def _well_conditioned(key, shape, log_cond: float):
-    """Random matrices `U diag(s) V^T` with singular values in [cond^-1/2, cond^1/2]."""
-    ku, kv, ks = jax.random.split(key, 3)
-    U = jnp.linalg.qr(jax.random.normal(ku, shape))[0]
-    V = jnp.linalg.qr(jax.random.normal(kv, shape))[0]
-    s = jnp.exp(jax.random.uniform(ks, shape[:-1], minval=-0.5, maxval=0.5) * log_cond)
-    return jnp.einsum("...ij,...j,...kj->...ik", U, s, V)
 
 
 def _model_sizes(model) -> tuple[str, int, int, int | None, bool, bool, bool]:
@@ -371,7 +362,7 @@ class AttentionGauge(AbstractParameterGauge):
         ka, kb, km = jax.random.split(key, 3)
         ks, kt = jax.random.split(jax.random.fold_in(key, 3))
         H, e, vo = self.num_heads, self.head_dim, self.vo_dim
-        A = _well_conditioned(ka, (H, e, e), self.log_condition)
+        A = well_conditioned(ka, (H, e, e), self.log_condition)
         if self.fixed_alpha is not None:
             alpha = jnp.broadcast_to(self.fixed_alpha, (H,)).astype(A.dtype)
         elif self.rescale:
@@ -379,7 +370,7 @@ class AttentionGauge(AbstractParameterGauge):
         else:
             alpha = jnp.ones((H,))
         M = (
-            _well_conditioned(km, (H, vo, vo), self.log_condition)
+            well_conditioned(km, (H, vo, vo), self.log_condition)
             if self.value_output
             else jnp.tile(jnp.eye(vo), (H, 1, 1))
         )

@@ -125,3 +125,12 @@ class AbstractParameterGauge(AbstractGauge):
         zero = jnp.zeros((), dtype=jax.tree.leaves(base)[0].dtype)
         _, out = jax.jvp(moved, (zero,), (jnp.ones_like(zero),))
         return out
+
+
+def well_conditioned(key, shape, log_cond: float):
+    """Random matrices `U diag(s) V^T` with singular values in [cond^-1/2, cond^1/2]."""
+    ku, kv, ks = jax.random.split(key, 3)
+    U = jnp.linalg.qr(jax.random.normal(ku, shape))[0]
+    V = jnp.linalg.qr(jax.random.normal(kv, shape))[0]
+    s = jnp.exp(jax.random.uniform(ks, shape[:-1], minval=-0.5, maxval=0.5) * log_cond)
+    return jnp.einsum("...ij,...j,...kj->...ik", U, s, V)

@@ -37,8 +37,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..models.transformer import BlockAttention, rope_pairs
-from .attention import _well_conditioned
-from .base import AbstractParameterGauge, cast_element, model_error
+from .base import AbstractParameterGauge, cast_element, model_error, well_conditioned
 
 
 BREAKINGS = (None, "generic_qk", "alpha", "one_sided")
@@ -195,12 +194,12 @@ class BlockAttentionGauge(AbstractParameterGauge):
             phi = jax.random.uniform(kp, (G, k // 2), minval=-np.pi, maxval=np.pi)
             qk = jnp.stack([r * jnp.cos(phi), r * jnp.sin(phi)], axis=-1)
         else:
-            qk = _well_conditioned(kq, (G, k, k), self.log_condition)
+            qk = well_conditioned(kq, (G, k, k), self.log_condition)
         alpha = jnp.exp(0.5 * jax.random.normal(ka, base.alpha.shape))
         return BlockAttentionElement(
             qk,
             jax.random.normal(ks, base.key_shift.shape),
-            _well_conditioned(kv, (G, v, v), self.log_condition),
+            well_conditioned(kv, (G, v, v), self.log_condition),
             jax.random.normal(kd, base.value_shift.shape),
             alpha,
         )

@@ -36,8 +36,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..models.transformer import Decoder
-from .attention import _well_conditioned
-from .base import AbstractParameterGauge, cast_element, model_error
+from .base import AbstractParameterGauge, cast_element, model_error, well_conditioned
 from .block_attention import BlockAttentionElement, BlockAttentionGauge
 
 
@@ -140,7 +139,7 @@ class DecoderGauge(AbstractParameterGauge):
     def sample(self, key: PRNGKeyArray) -> DecoderElement:
         kq, ka, ks, kg = jax.random.split(key, 4)
         if self.breaking:
-            rotation = _well_conditioned(kq, (self.dim, self.dim), self.log_condition)
+            rotation = well_conditioned(kq, (self.dim, self.dim), self.log_condition)
         else:
             S = 0.5 * jax.random.normal(kq, (self.dim, self.dim))
             rotation = jax.scipy.linalg.expm(S - S.T)

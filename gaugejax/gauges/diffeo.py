@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..calculus import pullback
+from .._core.calculus import pullback
 from ..models import AbstractNeuralODE
 from .features import RandomFeatures, check_boundary, check_positive
 from .maps import AbstractMapGauge, ComposedMap, InverseMap, lipschitz_normalise

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..calculus import deform
+from .._core.calculus import deform
 from ..models import AbstractNeuralODE
 from .features import RandomFeatures, check_positive, mode_frequencies, time_modes
 from .maps import AbstractFieldGauge

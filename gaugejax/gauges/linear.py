@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..correspondence import check_discrete_gauge
+from .._core.correspondence import check_discrete_gauge
 from ..models import FeedforwardNet, LinearNODE
 from ..models.linear import GaugedLinearField
 from .base import AbstractParameterGauge, model_error

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from .._types import VectorField
+from .._core._types import VectorField
 from ..models import AbstractNeuralODE
 from .base import AbstractGauge, model_error
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..calculus import reparametrize
+from .._core.calculus import reparametrize
 from ..models import AbstractNeuralODE
 from .features import check_boundary, check_positive
 from .maps import AbstractMapGauge, ComposedMap, InverseMap, lipschitz_normalise

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from .._types import ScalarLike
+from .._core._types import ScalarLike
 from ..models import ConvNet, FeedforwardNet, GraphConvNet
 from ..models.linear import ACTIVATIONS
 from .base import AbstractParameterGauge, model_error
@@ -52,7 +52,7 @@ _GRID_RTOL_EPS = 100
 # ---------------------------------------------------------------------------- the chain view
 
 
-def _kind(model: Any, family: Any) -> str:
+def chain_kind(model: Any, family: Any) -> str:
     """The kind of a supported model (exact dispatch on its type), else `model_error`."""
     if isinstance(model, FeedforwardNet):
         return "feedforward"
@@ -78,7 +78,7 @@ def _mlp_linears(model: eqx.nn.MLP) -> list:
     return [(first.weight, first.bias), *stacked, (last.weight, last.bias)]
 
 
-def _chain(model: Any, kind: str) -> tuple[list, list]:
+def chain_view(model: Any, kind: str) -> tuple[list, list]:
     """`(weights, biases)` of the chain view (see the module docstring)."""
     if kind == "feedforward":
         n = model.weights.shape[0]
@@ -160,7 +160,7 @@ def _cols(a: Array, x: Array) -> Array:
     return a.astype(x.dtype).reshape((1, -1) + (1,) * (x.ndim - 2))
 
 
-def _unit_norms(weights: list, biases: list) -> list[tuple[Array, Array]]:
+def unit_norms(weights: list, biases: list) -> list[tuple[Array, Array]]:
     """Per hidden layer: `(|incoming|^2 + bias^2, |outgoing|^2)` of every unit."""
     norms = []
     for w, b, w_next in zip(weights[:-1], biases[:-1], weights[1:], strict=True):
@@ -306,7 +306,7 @@ class RescalingGauge(AbstractParameterGauge):
 
         **Raises:** as `check_model`.
         """
-        kind = _kind(model, cls.__name__)
+        kind = chain_kind(model, cls.__name__)
         hidden = _hidden_widths(model, kind)
         if not hidden:
             raise ValueError(_no_hidden(model))
@@ -350,7 +350,7 @@ class RescalingGauge(AbstractParameterGauge):
         """`check_model`, returning the model's kind and, where the activation holds traced
         arrays (a learnable activation under a transformation), the traced homogeneity defect
         that `act` turns into a runtime error."""
-        kind = _kind(model, self)
+        kind = chain_kind(model, self)
         hidden = _hidden_widths(model, kind)
         if not hidden:
             raise ValueError(_no_hidden(model))
@@ -431,7 +431,7 @@ class RescalingGauge(AbstractParameterGauge):
         if traced_defect is not None:
             name, defect = traced_defect
             g = eqx.error_if(g, defect, _not_homogeneous(name))
-        weights, biases = _chain(model, kind)
+        weights, biases = chain_view(model, kind)
         for n, a in enumerate(g):
             weights[n] = weights[n] * _rows(a, weights[n])
             if biases[n] is not None:
@@ -469,7 +469,7 @@ def rescaling_conserved_quantity(model: Any) -> tuple[Float[Array, " _width"], .
 
     **Raises:** `TypeError` for another model.
     """
-    kind = _kind(model, "rescaling_conserved_quantity")
+    kind = chain_kind(model, "rescaling_conserved_quantity")
     _hidden_widths(model, kind)  # validates a ConvNet's readout
-    weights, biases = _chain(model, kind)
-    return tuple(incoming - outgoing for incoming, outgoing in _unit_norms(weights, biases))
+    weights, biases = chain_view(model, kind)
+    return tuple(incoming - outgoing for incoming, outgoing in unit_norms(weights, biases))

@@ -1,11 +1,5 @@
 """Models whose parameter redundancies gaugejax studies."""
 
-from .attention import (
-    MergedAttention as MergedAttention,
-    MultiHeadAttention as MultiHeadAttention,
-    SelfAttention as SelfAttention,
-    attention as attention,
-)
 from .classifier import (
     ODEClassifier as ODEClassifier,
     adaptive as adaptive,
@@ -32,11 +26,18 @@ from .linear import (
     PiecewiseLinearBasis as PiecewiseLinearBasis,
     random_linear_node as random_linear_node,
 )
+from .multihead import (
+    MergedAttention as MergedAttention,
+    MultiHeadAttention as MultiHeadAttention,
+    SelfAttention as SelfAttention,
+    attention as attention,
+)
 from .node import (
     AbstractNeuralODE as AbstractNeuralODE,
     AbstractSolvedModel as AbstractSolvedModel,
     MLPField as MLPField,
     NeuralODE as NeuralODE,
+    first_order_response as first_order_response,
 )
 from .transformer import (
     BlockAttention as BlockAttention,

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..solve import RK4, SolveStats
+from .._core.solve import RK4, SolveStats
 from .node import AbstractNeuralODE, MLPField, NeuralODE
 
 

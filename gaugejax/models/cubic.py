@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ..correspondence import wilson_line
-from ..solve import solve
+from .._core.correspondence import wilson_line
+from .._core.solve import solve
 from .linear import GaugedWeight
 from .node import AbstractSolvedModel
 

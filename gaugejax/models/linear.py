@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._types import Args, ScalarLike
+from .._core._types import Args, ScalarLike
 from .node import AbstractNeuralODE, NeuralODE, check_interval, options
 
 

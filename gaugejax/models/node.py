@@ -6,11 +6,13 @@ from typing import Any
 
 import diffrax
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from .._types import Args, ScalarLike, State, VectorField
-from ..solve import SensitivityField, SolveStats, solve
+from .._core._types import Args, ScalarLike, SpacetimeGenerator, State, VectorField
+from .._core.calculus import time_array, tree_sub
+from .._core.solve import SensitivityField, SolveStats, solve
 
 
 class MLPField(eqx.Module):
@@ -124,7 +126,7 @@ class AbstractNeuralODE(eqx.Module):
 
         Without `fn`: the flow's jvp, `dx(t1) = DPhi(x0) dx0`. With `fn(p, t, y, args)` (the
         field as a function of parameters `p`, equal to `self.field` at `p`): the first-order
-        change of the output along `(dp, dx0)`. See `gaugejax.solve.SensitivityField`.
+        change of the output along `(dp, dx0)`. See `gj.SensitivityField`.
         """
         if fn is None:
             fn, p, dp = _FixedParameters(self.field), jnp.zeros(()), jnp.zeros(())
@@ -221,3 +223,38 @@ class NeuralODE(AbstractNeuralODE):
 
     def with_field(self, field: VectorField) -> "NeuralODE":
         return eqx.tree_at(lambda m: m.field, self, field)
+
+
+def first_order_response(model, eps: SpacetimeGenerator, z: State) -> State:
+    """Predicted `d/ds` of the output under `deform(field, eps, s)` at s = 0 (Thm 2.1, necessity).
+
+    For the flow map `Phi` of the model's field from `t0` to `t1` and `v(t, x) = eps_y - F eps0`:
+    `d/ds output = DPhi(z) v(t0, z) - v(t1, Phi(z))`. It vanishes for every `z` when the
+    generator vanishes at `t0` and `t1` (the sufficiency half of Thm 2.1).
+
+    **Arguments:**
+
+    - `model`: a `gaugejax.NeuralODE`; `DPhi(z) v` comes from its error-controlled forward
+      sensitivity system (`model.solve_tangent`).
+    - `eps`: the generator `(t, y) -> (eps0, eps_y)`.
+    - `z`: one input state.
+
+    **Returns:** the predicted first-order response, shaped like `z`.
+
+    **Raises:** `TypeError` if `model` is not a gaugejax neural ODE (saying how to wrap one).
+    """
+    if not isinstance(model, AbstractNeuralODE):
+        raise TypeError(
+            "first_order_response needs a gaugejax neural ODE (gaugejax.NeuralODE or "
+            f"LinearNODE); received {type(model).__name__}. Wrap your vector field in one line: "
+            "gj.NeuralODE(field, t1=..., solver=..., stepsize_controller=...)."
+        )
+
+    def v(t, x):
+        t = time_array(t)
+        e0, ey = eps(t, x)
+        f = model.field(t, x, model.args)
+        return jax.tree.map(lambda ey_, f_: ey_ - f_ * e0, ey, f)
+
+    (phi_z, dphi_v0), _ = model.solve_tangent(z, v(model.t0, z))
+    return tree_sub(dphi_v0, v(model.t1, phi_z))

@@ -23,10 +23,9 @@ from jaxtyping import ArrayLike, Float, PyTree
 
 from ._checks import check_like
 from ._types import Args, ScalarLike, SpacetimeGenerator, State, VectorField
-from .models import AbstractNeuralODE
 
 
-def _sub(a: PyTree, b: PyTree) -> PyTree:
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(lambda x, y: x - y, a, b)
 
 
@@ -37,7 +36,7 @@ def _value_and_bracket(u: Callable, v: Callable, z: PyTree) -> tuple[PyTree, PyT
     vz, dv_u = jax.jvp(v, (z,), (uz,))
     check_like("`v(z)`", vz, z)
     _, du_v = jax.jvp(u, (z,), (vz,))
-    return vz, _sub(dv_u, du_v)
+    return vz, tree_sub(dv_u, du_v)
 
 
 def lie_bracket(u: Callable[[PyTree], PyTree], v: Callable[[PyTree], PyTree]) -> Callable:
@@ -58,7 +57,7 @@ def lie_bracket(u: Callable[[PyTree], PyTree], v: Callable[[PyTree], PyTree]) ->
     return bracket
 
 
-def _time_array(t: ScalarLike) -> Float[ArrayLike, ""]:
+def time_array(t: ScalarLike) -> Float[ArrayLike, ""]:
     t = jnp.asarray(t)
     return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(float)
 
@@ -71,7 +70,7 @@ class DeformedField(eqx.Module):
     scale: ScalarLike
 
     def __call__(self, t: ScalarLike, y: State, args: Args) -> State:
-        t = _time_array(t)
+        t = time_array(t)
 
         def field_hat(z):
             tz, yz = z
@@ -127,7 +126,7 @@ class SpacetimePulledBackField(eqx.Module):
     chart: Callable[[ScalarLike, State], tuple[ScalarLike, State]]
 
     def __call__(self, s: ScalarLike, y: State, args: Args) -> State:
-        s = _time_array(s)
+        s = time_array(s)
         (t, x), (dt_ds, dx_ds) = jax.jvp(lambda s_: self.chart(s_, y), (s,), (jnp.ones_like(s),))
         check_like("the space part `x` of `chart(s, y)`", x, y)
         f = self.field(t, x, args)
@@ -203,7 +202,7 @@ class ReparametrizedField(eqx.Module):
     tau: Callable[[ScalarLike], ScalarLike]
 
     def __call__(self, s: ScalarLike, y: State, args: Args) -> State:
-        s = _time_array(s)
+        s = time_array(s)
         t, dtau = jax.jvp(self.tau, (s,), (jnp.ones_like(s),))
         return jax.tree.map(lambda f: dtau * f, self.field(t, y, args))
 
@@ -247,38 +246,3 @@ def reparametrize(
                 f"({bad.size} of {grid.size} points)."
             )
     return ReparametrizedField(field, tau)
-
-
-def first_order_response(model, eps: SpacetimeGenerator, z: State) -> State:
-    """Predicted `d/ds` of the output under `deform(field, eps, s)` at s = 0 (Thm 2.1, necessity).
-
-    For the flow map `Phi` of the model's field from `t0` to `t1` and `v(t, x) = eps_y - F eps0`:
-    `d/ds output = DPhi(z) v(t0, z) - v(t1, Phi(z))`. It vanishes for every `z` when the
-    generator vanishes at `t0` and `t1` (the sufficiency half of Thm 2.1).
-
-    **Arguments:**
-
-    - `model`: a `gaugejax.NeuralODE`; `DPhi(z) v` comes from its error-controlled forward
-      sensitivity system (`model.solve_tangent`).
-    - `eps`: the generator `(t, y) -> (eps0, eps_y)`.
-    - `z`: one input state.
-
-    **Returns:** the predicted first-order response, shaped like `z`.
-
-    **Raises:** `TypeError` if `model` is not a gaugejax neural ODE (saying how to wrap one).
-    """
-    if not isinstance(model, AbstractNeuralODE):
-        raise TypeError(
-            "first_order_response needs a gaugejax neural ODE (gaugejax.NeuralODE or "
-            f"LinearNODE); received {type(model).__name__}. Wrap your vector field in one line: "
-            "gj.NeuralODE(field, t1=..., solver=..., stepsize_controller=...)."
-        )
-
-    def v(t, x):
-        t = _time_array(t)
-        e0, ey = eps(t, x)
-        f = model.field(t, x, model.args)
-        return jax.tree.map(lambda ey_, f_: ey_ - f_ * e0, ey, f)
-
-    (phi_z, dphi_v0), _ = model.solve_tangent(z, v(model.t0, z))
-    return _sub(dphi_v0, v(model.t1, phi_z))

@@ -12,19 +12,20 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, Float, Key, PRNGKeyArray, PyTree, Shaped
 
-from .correspondence import affine_propagator
-from .gauge_fixing import _check_affine, _describe, _linear_field, _not_affine, canonical_gauge
-from .gauges.base import AbstractGauge
-from .gauges.rescaling import (  # re-exported: its one home is the rescaling module
+from .._core.correspondence import affine_propagator
+from ..gauges.base import AbstractGauge
+from ..gauges.rescaling import (  # re-exported: its one home is the rescaling module
     rescaling_conserved_quantity as rescaling_conserved_quantity,
 )
-from .models import AbstractNeuralODE
-from .models.linear import (
+from ..models import AbstractNeuralODE
+from ..models.linear import (
     AbstractLinearField,
     BasisLinearField,
     LinearNODE,
     PiecewiseLinearBasis,
 )
+from ..models.linearize import check_affine, describe_field, linear_field, not_affine
+from .gauge_fixing import canonical_gauge
 
 
 def _flat_params(tree) -> Float[Array, " p"]:
@@ -95,15 +96,15 @@ def linear_node_fingerprint(
     affine in y (the fingerprint of a nonlinear field is not defined), or if d can be neither
     inferred nor taken from `dim`.
     """
-    linear, residual = _linear_field(model, dim=dim)
-    checked = _check_affine(linear, residual, _fingerprint_error(model), ValueError)
+    linear, residual = linear_field(model, dim=dim)
+    checked = check_affine(linear, residual, _fingerprint_error(model), ValueError)
     return checked(_fingerprint(model, linear, model.t1, tolerances))
 
 
 def _fingerprint_error(model):
     def message(measured: str) -> str:
         return (
-            f"the field {_describe(model.field)} is {_not_affine(measured)}; the fingerprint "
+            f"the field {describe_field(model.field)} is {not_affine(measured)}; the fingerprint "
             "(M, m) of a nonlinear field is not defined. (A field affine by construction whose "
             "roundoff exceeds this can be wrapped as FunctionLinearField(w, b), which skips the "
             "check.)"
@@ -309,14 +310,14 @@ def canonical_distance(
     I/O map has no canonical gauge (M with an eigenvalue on (-inf, 0]); `TypeError` if `model`
     is not a neural ODE.
     """
-    linear, residual = _linear_field(model, dim=dim)
+    linear, residual = linear_field(model, dim=dim)
     t0 = float(model.t0)
     t1 = float(model.t1) if t1 is None else t1
     if not float(t1) > t0:
         raise ValueError(f"`t1` must be > t0 = {t0}; received {t1!r}.")
     if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
         raise ValueError(f"`num_nodes` must be a positive int; received {num_nodes!r}.")
-    checked = _check_affine(linear, residual, _fingerprint_error(model), ValueError)
+    checked = check_affine(linear, residual, _fingerprint_error(model), ValueError)
     t1 = float(t1)
     if fingerprint is None:
         fingerprint = _fingerprint(model, linear, t1, tolerances)

@@ -37,12 +37,12 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from ..gauges.base import cast_element
+from ..gauges.rescaling import RescalingElement, RescalingGauge, rescaling_conserved_quantity
 from .balancing import orbit_gauge
-from .gauges.base import cast_element
-from .gauges.rescaling import RescalingElement, RescalingGauge, rescaling_conserved_quantity
 
 
-OBJECTIVES = ("grad_norm", "curvature")
+TELEPORT_OBJECTIVES = ("grad_norm", "curvature")
 
 
 class TeleportResult(eqx.Module):
@@ -223,7 +223,7 @@ def teleport(
     **Raises:** `TypeError` for a gauge that is not a `RescalingGauge`, a non-callable
     `loss_fn`, a `num_steps` that is not an int, or non-scalar step sizes; `ValueError` for the
     control family (`compensate=False`, which changes the function), a negative `num_steps`,
-    an unknown `objective` (the valid ones are `OBJECTIVES`), a `learning_rate` or
+    an unknown `objective` (the valid ones are `TELEPORT_OBJECTIVES`), a `learning_rate` or
     `max_log_step` that is not finite and > 0 (at run time, through `eqx.error_if`, when it is
     traced), and as
     `RescalingGauge.check_model` for a model without the symmetry (e.g. a tanh MLP); all before
@@ -237,8 +237,10 @@ def teleport(
         raise TypeError(f"`num_steps` must be an int >= 0; received {num_steps!r}.")
     if num_steps < 0:
         raise ValueError(f"`num_steps` must be an int >= 0; received {num_steps!r}.")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"`objective` must be one of {list(OBJECTIVES)}; received {objective!r}.")
+    if objective not in TELEPORT_OBJECTIVES:
+        raise ValueError(
+            f"`objective` must be one of {list(TELEPORT_OBJECTIVES)}; received {objective!r}."
+        )
     if not isinstance(maximize, bool):
         raise TypeError(f"`maximize` must be a bool; received {maximize!r}.")
     dtype = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))[0].dtype

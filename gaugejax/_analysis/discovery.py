@@ -38,7 +38,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from .gauges.base import AbstractGauge
+from ..gauges.base import AbstractGauge
 
 
 METHODS = ("auto", "dense", "randomized")

@@ -31,10 +31,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
-from .devices import check_cpu_pool, free_memory_bytes, supports_float64
-from .gauges.base import AbstractGauge, AbstractParameterGauge
-from .models import AbstractNeuralODE, AbstractSolvedModel
-from .solve import NOT_COUNTED, SolveStats, SolveStatus, result_name, status_code
+from .._core.solve import NOT_COUNTED, SolveStats, SolveStatus, result_name, status_code
+from .._infra.devices import check_cpu_pool, free_memory_bytes, supports_float64
+from ..gauges.base import AbstractGauge, AbstractParameterGauge
+from ..models import AbstractNeuralODE, AbstractSolvedModel
 from .verdict import FLOAT_FLOOR_ULPS, HOLD_FACTOR, Recheck, judge
 
 
@@ -69,14 +69,14 @@ class SweepResult:
     `result` the lane's `SolveStatus` code (`status_name` names it). Lanes that failed hold NaN
     deviations.
 
-    Noise and verdict (see `gaugejax.verdict`): `noise_floor` is the identity element's absolute
+    Noise and verdict (see `gj.judge`): `noise_floor` is the identity element's absolute
     deviation through the same path; `solver_floor` the reference's own solver error (relative;
     NaN when it could not be measured, 0 for models without a solver); `floor` the relative
     floor judged against; `control_max_rel` the per-sample deviations of the family's
     symmetry-breaking control (empty without one); `verdict` and `verdict_reason`.
     `parameter_growth` is, per lane, the largest |parameter| of the transformed model over the
     model's (1 for first-order sweeps and field families): outputs of such parameters carry
-    that much more rounding, which the verdict's floor includes (`gaugejax.verdict`).
+    that much more rounding, which the verdict's floor includes (`gj.judge`).
     """
 
     mode: str
@@ -769,7 +769,7 @@ def sweep(
     progress: bool = False,
 ) -> SweepResult:
     """Check a gauge family on many random samples: jit + vmap, chunked, sharded over devices,
-    with a verdict ("holds", "broken", "inconclusive") and its reason (`gaugejax.verdict`).
+    with a verdict ("holds", "broken", "inconclusive") and its reason (`gj.judge`).
 
     **Arguments:**
 
@@ -818,7 +818,7 @@ def sweep(
     or inputs the model cannot take; once compiled (before it runs), a block program whose
     bytes exceed the devices' free memory (with the largest `chunk_size` that fits), or one
     with batched LAPACK kernels sharded over as many CPU devices as XLA:CPU's intra-op pool has
-    threads (it could hang: `gaugejax.devices`).
+    threads (it could hang: `gj.configure_cpu_devices`).
     """
     num_samples = _positive_int("num_samples", num_samples)
     chunk_size = _positive_int("chunk_size", chunk_size)

@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .gauges.rescaling import (
+from ..gauges.rescaling import (
     RescalingElement,
     RescalingGauge,
-    _chain,
-    _kind,
-    _unit_norms,
+    chain_kind,
+    chain_view,
+    unit_norms,
 )
 
 
@@ -141,7 +141,7 @@ def balance(
     if not isinstance(max_iterations, int) or max_iterations < 1:
         raise ValueError(f"`max_iterations` must be an int >= 1; received {max_iterations!r}.")
     gauge.check_model(model)
-    weights, biases = _chain(model, _kind(model, "balance"))
+    weights, biases = chain_view(model, chain_kind(model, "balance"))
     dtype = weights[0].dtype
     squares = [jnp.sum(w**2, axis=tuple(range(2, w.ndim))).astype(dtype) for w in weights]
     bias_squares = [
@@ -153,9 +153,9 @@ def balance(
     sweeps, s, change = _solve(squares, bias_squares, tol, max_iterations)
     scales = tuple(jnp.sqrt(x) for x in s)
     balanced = gauge.act(scales, model)
-    weights, biases = _chain(balanced, _kind(balanced, "balance"))
+    weights, biases = chain_view(balanced, chain_kind(balanced, "balance"))
     charges = []
-    for incoming, outgoing in _unit_norms(weights, biases):
+    for incoming, outgoing in unit_norms(weights, biases):
         live = (incoming > 0) & (outgoing > 0)
         total = jnp.where(live, incoming + outgoing, 1.0)
         charges.append(jnp.max(jnp.where(live, jnp.abs(incoming - outgoing) / total, 0.0)))

@@ -10,7 +10,7 @@ to compute it. Three pieces:
 - `optimise_gauge`: gauge fixing by optimisation. The element's unconstrained parameters (an
   `AbstractElementChart` maps them onto valid elements: `LipschitzChart` squashes a base
   element's Lipschitz bound below the family's `rho`, as `sample` normalises it) are trained
-  with optax through `gaugejax.train` (checkpoints, exact resume) to lower an objective of the
+  with optax through `gj.train` (checkpoints, exact resume) to lower an objective of the
   transformed model (e.g. `TrajectoryObjective`, the kinetic or uniform-motion functional); the
   model itself is fixed.
 """
@@ -30,16 +30,16 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
+from .._analysis.sweep import SweepResult
+from .._core.solve import SolveStatus, result_name
+from .._infra.train import TrainResult, read_checkpoint, train
+from ..gauges.base import AbstractGauge
+from ..gauges.composed import ComposedElement, ComposedGauge
+from ..gauges.diffeo import SpatialDiffeoGauge
+from ..gauges.maps import Compose, Inverse
+from ..gauges.reparam import TimeReparamGauge
+from ..models import AbstractNeuralODE
 from .gauge_fixing import TRAJECTORY_TERMS, gauge_fixing_penalty
-from .gauges.base import AbstractGauge
-from .gauges.composed import ComposedElement, ComposedGauge
-from .gauges.diffeo import SpatialDiffeoGauge
-from .gauges.maps import Compose, Inverse
-from .gauges.reparam import TimeReparamGauge
-from .models import AbstractNeuralODE
-from .solve import SolveStatus, result_name
-from .sweep import SweepResult
-from .train import TrainResult, read_checkpoint, train
 
 
 def _typed_key(key, name: str = "key") -> PRNGKeyArray:
@@ -503,7 +503,7 @@ class AdaptiveCostObjective(eqx.Module):
 
 class _GaugeLoss(eqx.Module):
     """`(raw, batch) -> objective(gauge.act(chart.element(raw), model))`: the loss of
-    `gaugejax.train` with the gauge parameters as the trained PyTree (a Module, not a closure:
+    `gj.train` with the gauge parameters as the trained PyTree (a Module, not a closure:
     runs of one structure share the compiled chunk)."""
 
     model: Any
@@ -571,7 +571,7 @@ def optimise_gauge(
     Every `raw` maps to a valid element (the chart keeps the boundary conditions and the
     Lipschitz bound), so the transformed model computes the same function throughout; only
     what the objective measures (e.g. the kinetic energy of the transformed trajectories, a
-    smooth proxy of adaptive cost) changes. The loop is `gaugejax.train` with `raw` as the
+    smooth proxy of adaptive cost) changes. The loop is `gj.train` with `raw` as the
     trained PyTree: optax updates, metrics in `run_dir/metrics.jsonl`, checkpoints and exact
     resume from `run_dir`.
 
@@ -582,11 +582,11 @@ def optimise_gauge(
       a Module, so runs of one structure share the compiled program).
     - `optimizer`: an optax `GradientTransformation` (e.g. `optax.adam(1e-2)`).
     - `num_steps`: optimiser steps; `steps_per_chunk`, `checkpoint_every`, `run_dir`,
-      `config`, `on_chunk`, `progress`: as in `gaugejax.train` (`config` is recorded in the
+      `config`, `on_chunk`, `progress`: as in `gj.train` (`config` is recorded in the
       checkpoints and compared on resume).
     - `init`: the starting element (default `gauge.identity()`: the model as it is).
     - `chart`: default `element_chart(gauge)`.
-    - `key`: the run's key for `gaugejax.train` (default `jax.random.key(0)`; the objective is
+    - `key`: the run's key for `gj.train` (default `jax.random.key(0)`; the objective is
       deterministic, so it only enters the checkpoints' run record).
 
     **Returns:** a `GaugeSearchResult`.
@@ -594,7 +594,7 @@ def optimise_gauge(
     **Raises:** before anything compiles: `TypeError` for a `gauge` that is not an
     `AbstractGauge`, a model it does not act on, an `objective` that is not callable, an
     `optimizer` that is not an optax `GradientTransformation` or a family without a default
-    chart; `ValueError` for an `init` outside the chart's image; and what `gaugejax.train`
+    chart; `ValueError` for an `init` outside the chart's image; and what `gj.train`
     raises (non-positive sizes, a refused resume, `TrainingDiverged`).
     """
     if not isinstance(gauge, AbstractGauge):
