@@ -5,7 +5,7 @@ Transformer, Feedforward and Neural ODE" (arXiv 2402.02362). x64 is never switch
 entry points and tests do that.
 """
 
-import importlib.metadata
+from importlib.metadata import version as _version
 
 from . import gauges as gauges, models as models
 from ._analysis.discovery import (
@@ -170,4 +170,4 @@ from .models import (
 )
 
 
-__version__ = importlib.metadata.version("gaugejax")
+__version__ = _version("gaugejax")
