@@ -1,15 +1,18 @@
-"""Run directories, atomic JSON/JSONL/figure writes and the environment record.
+"""Run directories, atomic JSON/JSONL/figure writes, checksummed JSON and the environment record.
 
 Layout: `runs/<experiment>/<timestamp>/` with `config.json`, `env.json`, `metrics.jsonl`,
 `summary.json`, `figures/*.png`. Every file is written to a temporary sibling and moved into
-place with `os.replace`, so a killed run never leaves a truncated file.
+place with `os.replace`, so a killed run never leaves a truncated file. Files read back as
+data (`write_json_checked`) also carry a sha256 over their bytes, so a corrupted one is refused.
 """
 
 import datetime
+import hashlib
 import json
 import math
 import os
 import platform
+import re
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -78,6 +81,47 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+# the last two lines of a checksummed JSON file: the digest of every byte before them
+_CHECKSUM_TAIL = re.compile(rb'  "sha256": "([0-9a-f]{64})"\n}\n\Z')
+
+
+def write_json_checked(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write `{"data": obj, "sha256": ...}` as indented JSON, the sha256 taken over
+    every byte of the file before its `"sha256"` line (the two lines after the body are fixed;
+    `read_json_checked` checks both).
+
+    **Arguments:** `path`; `obj`: anything `write_json` writes (arrays become lists, NaN a
+    string).
+
+    **Returns:** the path written.
+    """
+    body = json.dumps({"data": jsonable(obj)}, indent=2)[: -len("\n}")] + ",\n"
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    return atomic_write_bytes(path, (body + f'  "sha256": "{digest}"\n}}\n').encode())
+
+
+def read_json_checked(path: str | os.PathLike) -> Any:
+    """The `obj` of a file written by `write_json_checked`, once its checksum matches.
+
+    **Raises:** `ValueError` (naming the file) when the file has no checksum line (truncated,
+    or not written by `write_json_checked`) or its bytes do not match the checksum (edited or
+    corrupted after it was written); `OSError` when it cannot be read.
+    """
+    raw = Path(path).read_bytes()
+    tail = _CHECKSUM_TAIL.search(raw)
+    if tail is None:
+        raise ValueError(
+            f"{path} ends without the sha256 line of a checksummed gaugejax file (truncated, "
+            "or not written by write_json_checked): refusing to read it."
+        )
+    if hashlib.sha256(raw[: tail.start()]).hexdigest() != tail.group(1).decode():
+        raise ValueError(
+            f"{path} does not match its sha256 checksum (changed or corrupted after it was "
+            "written): refusing to read it."
+        )
+    return json.loads(raw)["data"]
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
