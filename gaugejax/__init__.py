@@ -158,6 +158,7 @@ from .models import (
     ODEClassifier as ODEClassifier,
     PiecewiseLinearBasis as PiecewiseLinearBasis,
     SelfAttention as SelfAttention,
+    SolveOptions as SolveOptions,
     TransformerBlock as TransformerBlock,
     adaptive as adaptive,
     apply_rope as apply_rope,

@@ -147,3 +147,69 @@ def test_solve_tangent_is_the_flow_jvp(getkey):
     y_ref, dy_ref = jax.jvp(tight, (x,), (v,))
     np.testing.assert_allclose(y, y_ref, atol=1e-8)
     np.testing.assert_allclose(dy, dy_ref, atol=1e-8)
+
+
+def test_solve_options_are_one_module_the_models_hold(getkey):
+    """One `SolveOptions` per neural ODE: given one by one or whole (the same solve, bit for
+    bit), read through as attributes, replaced by `with_options`, kept by `with_field`."""
+    F = gj.MLPField(2, 4, 1, key=getkey())
+    x = jax.random.normal(getkey(), (2,))
+    pid = diffrax.PIDController(rtol=1e-7, atol=1e-9)
+    model = gj.NeuralODE(F, t1=1.0, solver=diffrax.Dopri5(), stepsize_controller=pid, throw=False)
+    opts = gj.SolveOptions(solver=diffrax.Dopri5(), stepsize_controller=pid, throw=False)
+    whole = gj.NeuralODE(F, t1=1.0, solve_options=opts)
+    assert model.solve_options == opts and whole.solve_options is opts
+    assert model.stepsize_controller is pid and model.throw is False
+    assert isinstance(model.solver, diffrax.Dopri5) and model.dt0 is None
+    assert model.max_steps == 4096 and isinstance(model.adjoint, diffrax.RecursiveCheckpointAdjoint)
+    np.testing.assert_array_equal(model(x), whole(x))
+    with pytest.raises(ValueError, match="not both"):
+        gj.NeuralODE(F, t1=1.0, max_steps=8, solve_options=opts)
+    with pytest.raises(TypeError, match="SolveOptions"):
+        gj.NeuralODE(F, t1=1.0, solve_options={"max_steps": 8})
+    moved = model.with_options(t1=2.0, max_steps=8)
+    assert (moved.t1, moved.max_steps, moved.solver) == (2.0, 8, model.solver)
+    with pytest.raises(ValueError, match="unknown option"):
+        opts.replace(tolerance=1.0)
+    basis = gj.FourierBasis(1.0, 1)
+    linear = gj.LinearNODE(
+        gj.BasisLinearField(basis, jnp.zeros((3, 2, 2)), jnp.zeros((3, 2))),
+        t1=1.0,
+        solve_options=opts,
+    )
+    assert linear.solve_options is opts and linear.with_field(F).solve_options is opts
+    for m in (model, linear):
+        assert isinstance(m, gj.AbstractSolvedModel)
+
+
+def test_solve_options_answer_the_sweeps_questions():
+    """Tightened copies (PID tolerances / 1000 floored at eps, a constant step / 8, none for
+    other controllers), the requested accuracy, traced tolerances of one structure, and
+    validation of tolerances."""
+    pid = gj.SolveOptions(stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-9))
+    tight, how = pid.tightened(1e-12)
+    assert (float(tight.stepsize_controller.rtol), float(tight.stepsize_controller.atol)) == (
+        pytest.approx(1e-9),
+        1e-12,  # atol / 1000 = 1e-12 is floored at eps = 1e-12
+    )
+    assert how == "at rtol 1.0e-09, atol 1.0e-12"
+    assert pid.requested_accuracy(scale=1e-2) == pytest.approx(1e-6)  # max(1e-6, 1e-9 / 1e-2)
+    assert pid.requested_accuracy(scale=1e-4) == pytest.approx(1e-5)
+    fixed = gj.SolveOptions(stepsize_controller=diffrax.ConstantStepSize(), dt0=0.1)
+    smaller, how = fixed.tightened(1e-12)
+    assert smaller.dt0 == pytest.approx(0.0125) and how == "with dt0 / 8 = 0.0125"
+    assert fixed.requested_accuracy(1.0) == 0.0  # a step, not an accuracy
+    clip = diffrax.ClipStepSizeController(diffrax.PIDController(rtol=1e-6, atol=1e-6))
+    assert gj.SolveOptions(stepsize_controller=clip).tightened(1e-12) == (
+        None,
+        "no tighter solve for ClipStepSizeController",
+    )
+    # traced: arrays of the dtype, so the tightened copy has the same structure (one program)
+    traced = pid.traced(jnp.float32)
+    assert traced.stepsize_controller.rtol.dtype == jnp.float32
+    assert jax.tree.structure(traced.tightened(1e-6)[0]) == jax.tree.structure(traced)
+    assert fixed.traced(jnp.float64).dt0.dtype == jnp.float64
+    bad = gj.SolveOptions(stepsize_controller=diffrax.PIDController(rtol=1e-9, atol=1e-9))
+    with pytest.raises(ValueError, match="below the epsilon of float32"):
+        bad.check_tolerances(jnp.float32)
+    bad.check_tolerances(jnp.float64)

@@ -192,6 +192,7 @@ def test_mesh_memory_and_float64_are_checked_before_a_block_runs(getkey):
     refused before it runs, naming the largest chunk that fits, and that chunk runs; float64
     inputs on devices without float64 are refused (probe: x64 off)."""
     sweep_module = importlib.import_module("gaugejax._analysis.sweep")
+    blocks_module = importlib.import_module("gaugejax._analysis.blocks")  # runs the blocks
     k = jax.random.split(getkey(), 3)
     mlp = eqx.nn.MLP(8, 8, 16, 2, activation=jax.nn.relu, key=k[0])
     gauge = gj.RescalingGauge.from_model(mlp)
@@ -212,7 +213,7 @@ def test_mesh_memory_and_float64_are_checked_before_a_block_runs(getkey):
     # "free memory" refuses it; the suggested chunk then fits and runs, a larger one does not
     assert gj.free_memory_bytes(jax.devices()) > 2**20  # this host's MemAvailable
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sweep_module, "free_memory_bytes", lambda devices: 200 * 2**10)
+        mp.setattr(blocks_module, "free_memory_bytes", lambda devices: 200 * 2**10)
         with pytest.raises(ValueError, match="`chunk_size` = 32 needs about") as refused:
             gj.sweep(mlp, gauge, x, **kw)
         fits = int(re.search(r"fits is about (\d+)", str(refused.value)).group(1))

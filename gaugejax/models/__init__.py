@@ -34,11 +34,12 @@ from .multihead import (
 )
 from .node import (
     AbstractNeuralODE as AbstractNeuralODE,
-    AbstractSolvedModel as AbstractSolvedModel,
     MLPField as MLPField,
     NeuralODE as NeuralODE,
     first_order_response as first_order_response,
 )
+from .options import SolveOptions as SolveOptions
+from .solved import AbstractSolvedModel as AbstractSolvedModel
 from .transformer import (
     BlockAttention as BlockAttention,
     BlockMLP as BlockMLP,

@@ -11,7 +11,8 @@ from jaxtyping import Array, Float
 from .._core.correspondence import wilson_line
 from .._core.solve import solve
 from .linear import GaugedWeight
-from .node import AbstractSolvedModel
+from .options import TOLERANCE_FACTOR
+from .solved import AbstractSolvedModel, tangent_by_jvp
 
 
 class CubicField(eqx.Module):
@@ -75,7 +76,8 @@ class AttentionNODE(AbstractSolvedModel):
     along `dX_I/dtau = scale * sum_J (x_I^T lambda~ x_J) lambda x_J` (a diffrax solve); the
     linear parts are Wilson lines. With `W_{T:0} = 1`, the output is
     `x + attention(x, Wq, Wk, Wv, identity) + O(scale^2)` for the weights of Eq. 41 (`weights`).
-    Every solve (the Wilson lines and the jump) runs at rtol = atol = `tolerance`.
+    Every solve (the Wilson lines and the jump) runs at rtol = atol = `tolerance`: a sweep's
+    re-solve divides it by `TOLERANCE_FACTOR`.
     """
 
     w: Callable
@@ -98,6 +100,32 @@ class AttentionNODE(AbstractSolvedModel):
         before = self._wilson(self.t0, 0.0)
         after = self._wilson(self.t1, self.t0)
         return self._jump(x @ before.T) @ after.T
+
+    # what a sweep asks (AbstractSolvedModel), answered from the one tolerance
+
+    def observe(self, inputs: Float[Array, "batch n d"]) -> tuple[Float[Array, "batch n d"], None]:
+        """`(vmap(self)(inputs), None)`: its solves report no statistics."""
+        return jax.vmap(self)(inputs), None
+
+    def observe_tangent(self, moved, p, dp, inputs):
+        """A jvp through `observe` along `a -> moved(a)`."""
+        return tangent_by_jvp(lambda model, x: model.observe(x), moved, p, dp, inputs)
+
+    def for_sweep(self, dtype, *, differentiated: bool) -> "AttentionNODE":
+        """The tolerance as an array of `dtype` (traced, so the tightened model shares the
+        compiled programs)."""
+        del differentiated  # its solves are differentiated as they are
+        return eqx.tree_at(lambda m: m.tolerance, self, jnp.asarray(self.tolerance, dtype))
+
+    def tightened(self, dtype) -> tuple["AttentionNODE", str]:
+        """The tolerance divided by `TOLERANCE_FACTOR`, at least 4 eps of `dtype`."""
+        tol = jnp.maximum(self.tolerance / TOLERANCE_FACTOR, 4 * float(jnp.finfo(dtype).eps))
+        return eqx.tree_at(lambda m: m.tolerance, self, tol), f"at tolerance {float(tol):.1e}"
+
+    def requested_accuracy(self, scale: float) -> float:
+        """The tolerance: every solve asks rtol = atol = `tolerance`, read as relative."""
+        del scale
+        return float(self.tolerance)
 
     def weights(self) -> tuple[Float[Array, "d d"], Float[Array, "d d"], Float[Array, "d d"]]:
         """Eq. 41: `Wq = W_{t0:0}^T`, `Wk = (lambda~ W_{t0:0})^T`,

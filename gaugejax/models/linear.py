@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._core._types import Args, ScalarLike
-from .node import AbstractNeuralODE, NeuralODE, check_interval, options
+from .node import AbstractNeuralODE, NeuralODE, check_interval, solve_options_from
+from .options import SolveOptions
 
 
 # ---------------------------------------------------------------------------- time bases
@@ -203,20 +204,42 @@ class GaugedLinearField(AbstractLinearField):
 class LinearNODE(AbstractNeuralODE):
     """A linear neural ODE `dx/dt = w(t) x + b(t)` (Eq. 21): a neural ODE whose field is an
     `AbstractLinearField`. `weight(t)`, `bias(t)` expose the parameters; `__call__(x0)` gives
-    x(t1). The solve options are those of `NeuralODE`."""
+    x(t1). The arguments, solve options included, are those of `NeuralODE`."""
 
     field: AbstractLinearField
     t1: float
-    t0: float = 0.0
-    solver: diffrax.AbstractSolver = eqx.field(default_factory=diffrax.Tsit5)
-    stepsize_controller: diffrax.AbstractStepSizeController = eqx.field(
-        default_factory=lambda: diffrax.PIDController(rtol=1e-8, atol=1e-8)
-    )
-    dt0: ScalarLike | None = None
-    max_steps: int = 4096
-    adjoint: diffrax.AbstractAdjoint = eqx.field(default_factory=diffrax.RecursiveCheckpointAdjoint)
-    args: Args = None
-    throw: bool = True
+    t0: float
+    solve_options: SolveOptions
+    args: Args
+
+    def __init__(
+        self,
+        field: AbstractLinearField,
+        t1: float,
+        t0: float = 0.0,
+        solver: diffrax.AbstractSolver | None = None,
+        stepsize_controller: diffrax.AbstractStepSizeController | None = None,
+        dt0: ScalarLike | None = None,
+        max_steps: int | None = None,
+        adjoint: diffrax.AbstractAdjoint | None = None,
+        args: Args = None,
+        throw: bool | None = None,
+        *,
+        solve_options: SolveOptions | None = None,
+    ):
+        self.field = field
+        self.t1 = t1
+        self.t0 = t0
+        self.solve_options = solve_options_from(
+            solve_options,
+            solver=solver,
+            stepsize_controller=stepsize_controller,
+            dt0=dt0,
+            max_steps=max_steps,
+            adjoint=adjoint,
+            throw=throw,
+        )
+        self.args = args
 
     def __check_init__(self):
         if not isinstance(self.field, AbstractLinearField):
@@ -236,7 +259,9 @@ class LinearNODE(AbstractNeuralODE):
         """A `LinearNODE` for a linear field, else a `NeuralODE` with the same options."""
         if isinstance(field, AbstractLinearField):
             return eqx.tree_at(lambda m: m.field, self, field)
-        return NeuralODE(field, **options(self))
+        return NeuralODE(
+            field, t1=self.t1, t0=self.t0, args=self.args, solve_options=self.solve_options
+        )
 
 
 def random_linear_node(

@@ -1,4 +1,4 @@
-"""Neural ODEs: a vector field integrated by the one `solve` wrapper."""
+"""Neural ODEs: a vector field integrated by the one `solve` wrapper, with one `SolveOptions`."""
 
 import abc
 from collections.abc import Callable
@@ -8,11 +8,13 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
 from .._core._types import Args, ScalarLike, SpacetimeGenerator, State, VectorField
 from .._core.calculus import time_array, tree_sub
-from .._core.solve import SensitivityField, SolveStats, solve
+from .._core.solve import SensitivityField, SolveStats
+from .options import SolveOptions
+from .solved import AbstractSolvedModel
 
 
 class MLPField(eqx.Module):
@@ -57,24 +59,23 @@ def _as_field(field):
     return field.vector_field if isinstance(field, diffrax.ODETerm) else field
 
 
-class AbstractSolvedModel(eqx.Module):
-    """A model that runs ODE solves of its own (not through a field and diffrax options a
-    sweep can see), all at one relative and absolute tolerance `tolerance`.
-
-    `sweep` measures its solver floor by re-solving the reference at `tolerance / 1000` (the
-    model with that field replaced: same structure, same compiled program), as it tightens a
-    `NeuralODE`'s step-size controller.
-    """
-
-    tolerance: eqx.AbstractVar[Float[Array, ""] | float]
+def _param_dtype(tree: PyTree):
+    leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return jnp.result_type(*leaves) if leaves else None
 
 
-class AbstractNeuralODE(eqx.Module):
+# what `with_options` may change besides the `SolveOptions`: the interval and the field's args
+MODEL_OPTIONS = ("t1", "t0", "args")
+
+
+class AbstractNeuralODE(AbstractSolvedModel):
     """A neural ODE `dx/dt = field(t, x, args)` on `[t0, t1]`; the model output is `x(t1)`.
 
     The abstract base of `NeuralODE` and `LinearNODE`: it declares the fields (as
-    `AbstractVar`s) and implements the solves once; concrete subclasses are final and say how
-    the model changes when its field does (`with_field`).
+    `AbstractVar`s: the field, the interval, the field's `args` and one `SolveOptions`) and
+    implements the solves and the sweep's questions once; concrete subclasses are final and
+    say how the model changes when its field does (`with_field`). The solve options read
+    through as attributes (`model.solver`, `model.stepsize_controller`, `model.dt0`, ...).
 
     `__call__(x0)` returns `x(t1)` for one input; `vmap` it for batches. `solve(x0)` returns
     `(x(t1), SolveStats)`; `solve_tangent` the forward sensitivity system.
@@ -83,33 +84,41 @@ class AbstractNeuralODE(eqx.Module):
     field: eqx.AbstractVar[VectorField]
     t1: eqx.AbstractVar[float]
     t0: eqx.AbstractVar[float]
-    solver: eqx.AbstractVar[diffrax.AbstractSolver]
-    stepsize_controller: eqx.AbstractVar[diffrax.AbstractStepSizeController]
-    dt0: eqx.AbstractVar[ScalarLike | None]  # an array inside a sweep (traced, not static)
-    max_steps: eqx.AbstractVar[int]
-    adjoint: eqx.AbstractVar[diffrax.AbstractAdjoint]
+    solve_options: eqx.AbstractVar[SolveOptions]
     args: eqx.AbstractVar[Args]
-    throw: eqx.AbstractVar[bool]
 
     @abc.abstractmethod
     def with_field(self, field: VectorField) -> "AbstractNeuralODE":
         """The same neural ODE (solver, interval, options) with another field."""
 
+    @property
+    def solver(self) -> diffrax.AbstractSolver:
+        return self.solve_options.solver
+
+    @property
+    def stepsize_controller(self) -> diffrax.AbstractStepSizeController:
+        return self.solve_options.stepsize_controller
+
+    @property
+    def dt0(self) -> float | Float[ArrayLike, "*batch"] | None:
+        # an array inside a sweep (traced), batched in a vmapped stack of models
+        return self.solve_options.dt0
+
+    @property
+    def max_steps(self) -> int:
+        return self.solve_options.max_steps
+
+    @property
+    def adjoint(self) -> diffrax.AbstractAdjoint:
+        return self.solve_options.adjoint
+
+    @property
+    def throw(self) -> bool:
+        return self.solve_options.throw
+
     def solve(self, x0: State) -> tuple[State, SolveStats]:
         """`(x(t1), SolveStats)` for one input `x0`."""
-        return solve(
-            self.field,
-            x0,
-            t0=self.t0,
-            t1=self.t1,
-            args=self.args,
-            solver=self.solver,
-            stepsize_controller=self.stepsize_controller,
-            dt0=self.dt0,
-            max_steps=self.max_steps,
-            adjoint=self.adjoint,
-            throw=self.throw,
-        )
+        return self.solve_options.solve(self.field, x0, t0=self.t0, t1=self.t1, args=self.args)
 
     def __call__(self, x0: State) -> State:
         return self.solve(x0)[0]
@@ -130,41 +139,85 @@ class AbstractNeuralODE(eqx.Module):
         """
         if fn is None:
             fn, p, dp = _FixedParameters(self.field), jnp.zeros(()), jnp.zeros(())
-        return NeuralODE(SensitivityField(fn, p, dp), **options(self)).solve((x0, dx0))
+        system = NeuralODE(
+            SensitivityField(fn, p, dp),
+            t1=self.t1,
+            t0=self.t0,
+            args=self.args,
+            solve_options=self.solve_options,
+        )
+        return system.solve((x0, dx0))
 
-    def with_options(self, **changes) -> "AbstractNeuralODE":
-        """A copy with solver options replaced, e.g. `adjoint=diffrax.ForwardMode()`.
+    def with_options(self, **changes: Any) -> "AbstractNeuralODE":
+        """A copy with solve options (`SolveOptions`' names), the interval (`t1`, `t0`) or the
+        field's `args` replaced, e.g. `adjoint=diffrax.ForwardMode()`.
 
         **Raises:** `ValueError` for a name that is not an option (listing the valid ones).
         """
-        unknown = sorted(set(changes) - set(OPTIONS))
+        valid = (*MODEL_OPTIONS, *SolveOptions.__dataclass_fields__)
+        unknown = sorted(set(changes) - set(valid))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; valid options are {list(OPTIONS)}.")
-        return eqx.tree_at(
-            lambda m: [getattr(m, k) for k in changes],
-            self,
-            list(changes.values()),
-            is_leaf=lambda x: x is None,
-        )
+            raise ValueError(f"unknown option(s) {unknown}; valid options are {list(valid)}.")
+        own = {k: v for k, v in changes.items() if k in MODEL_OPTIONS}
+        solve = {k: v for k, v in changes.items() if k not in MODEL_OPTIONS}
+        model = self
+        if solve:
+            options = self.solve_options.replace(**solve)
+            model = eqx.tree_at(lambda m: m.solve_options, model, options)
+        if own:
+            model = eqx.tree_at(
+                lambda m: [getattr(m, k) for k in own],
+                model,
+                list(own.values()),
+                is_leaf=lambda x: x is None,
+            )
+        return model
 
+    # what a sweep asks (AbstractSolvedModel), answered from the SolveOptions
 
-# every solve option of a neural ODE (all but the field)
-OPTIONS = (
-    "t1",
-    "t0",
-    "solver",
-    "stepsize_controller",
-    "dt0",
-    "max_steps",
-    "adjoint",
-    "args",
-    "throw",
-)
+    def observe(self, inputs: PyTree) -> tuple[PyTree, SolveStats]:
+        """`vmap(self.solve)(inputs)`: the outputs and the per-input `SolveStats`."""
+        return jax.vmap(self.solve)(inputs)
 
+    def observe_tangent(
+        self, moved: Callable[[PyTree], "AbstractNeuralODE"], p: PyTree, dp: PyTree, inputs
+    ) -> tuple[PyTree, SolveStats]:
+        """The first-order change of the outputs along `a -> moved(a)`, solved as the forward
+        sensitivity system of the moved field (`solve_tangent`), under error control: a jvp
+        through an adaptive solve would choose its steps for the primal alone."""
 
-def options(model: AbstractNeuralODE) -> dict[str, Any]:
-    """The solve options of `model` (everything but its field), as keyword arguments."""
-    return {k: getattr(model, k) for k in OPTIONS}
+        def fn(a, t, y, args):
+            return moved(a).field(t, y, args)
+
+        def one(x):
+            zero = jax.tree.map(jnp.zeros_like, x)
+            (_, dx), stats = self.solve_tangent(x, zero, fn, p, dp)
+            return dx, stats
+
+        return jax.vmap(one)(inputs)
+
+    def for_sweep(self, dtype: Any, *, differentiated: bool) -> "AbstractNeuralODE":
+        """Tolerances checked against `dtype`, `throw=False`, `diffrax.ForwardMode()` when the
+        sweep differentiates through the solve, and the tolerances and `dt0` traced in the
+        parameters' dtype (`SolveOptions.traced`)."""
+        self.solve_options.check_tolerances(dtype)
+        options = self.solve_options.replace(throw=False)
+        if differentiated:  # a jvp through diffeqsolve needs the forward-mode adjoint
+            options = options.replace(adjoint=diffrax.ForwardMode())
+        options = options.traced(_param_dtype(self) or jnp.result_type(float))
+        return eqx.tree_at(lambda m: m.solve_options, self, options)
+
+    def tightened(self, dtype: Any) -> tuple["AbstractNeuralODE | None", str]:
+        """The model with `SolveOptions.tightened` options (tolerances floored at 4 eps of
+        `dtype`)."""
+        options, how = self.solve_options.tightened(4 * float(jnp.finfo(dtype).eps))
+        if options is None:
+            return None, how
+        return eqx.tree_at(lambda m: m.solve_options, self, options), how
+
+    def requested_accuracy(self, scale: float) -> float:
+        """`SolveOptions.requested_accuracy`."""
+        return self.solve_options.requested_accuracy(scale)
 
 
 class _FixedParameters(eqx.Module):
@@ -177,11 +230,33 @@ class _FixedParameters(eqx.Module):
 
 
 def check_interval(model: AbstractNeuralODE) -> None:
-    """Eager checks shared by the concrete neural ODEs: a callable field and t1 > t0."""
+    """Eager checks shared by the concrete neural ODEs: a callable field, t1 > t0, and one
+    `SolveOptions`."""
     if not callable(model.field):
         raise TypeError(f"`field` must be callable (t, y, args); received {type(model.field)}.")
     if not float(model.t1) > float(model.t0):
         raise ValueError(f"`t1` must be greater than `t0` = {model.t0}; received t1 = {model.t1}.")
+    if not isinstance(model.solve_options, SolveOptions):
+        raise TypeError(
+            "`solve_options` must be a gj.SolveOptions; received "
+            f"{type(model.solve_options).__name__}."
+        )
+
+
+def solve_options_from(options: SolveOptions | None, **given: Any) -> SolveOptions:
+    """The `SolveOptions` of a neural ODE's constructor: `options`, or one built from the
+    options given one by one (None: the `SolveOptions` default).
+
+    **Raises:** `ValueError` when both are given.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    if options is None:
+        return SolveOptions(**given)
+    if given:
+        raise ValueError(
+            f"pass `solve_options` or the options {sorted(given)} one by one, not both."
+        )
+    return options
 
 
 class NeuralODE(AbstractNeuralODE):
@@ -203,20 +278,48 @@ class NeuralODE(AbstractNeuralODE):
       `adjoint` (default recursive checkpointing; any diffrax adjoint), `args`: as in
       `diffrax.diffeqsolve`.
     - `throw`: raise on solver failure (default); sweeps set it to False and read the stats.
+    - `solve_options`: the six options above as one `gj.SolveOptions`, instead of one by one.
+
+    An option left out (None) takes its `SolveOptions` default.
+
+    **Raises:** `TypeError` for a field that is not callable; `ValueError` for `t1 <= t0`, or
+    `solve_options` together with options given one by one.
     """
 
-    field: VectorField = eqx.field(converter=_as_field)
+    field: VectorField
     t1: float
-    t0: float = 0.0
-    solver: diffrax.AbstractSolver = eqx.field(default_factory=diffrax.Tsit5)
-    stepsize_controller: diffrax.AbstractStepSizeController = eqx.field(
-        default_factory=lambda: diffrax.PIDController(rtol=1e-8, atol=1e-8)
-    )
-    dt0: ScalarLike | None = None
-    max_steps: int = 4096
-    adjoint: diffrax.AbstractAdjoint = eqx.field(default_factory=diffrax.RecursiveCheckpointAdjoint)
-    args: Args = None
-    throw: bool = True
+    t0: float
+    solve_options: SolveOptions
+    args: Args
+
+    def __init__(
+        self,
+        field: VectorField | diffrax.ODETerm,
+        t1: float,
+        t0: float = 0.0,
+        solver: diffrax.AbstractSolver | None = None,
+        stepsize_controller: diffrax.AbstractStepSizeController | None = None,
+        dt0: ScalarLike | None = None,
+        max_steps: int | None = None,
+        adjoint: diffrax.AbstractAdjoint | None = None,
+        args: Args = None,
+        throw: bool | None = None,
+        *,
+        solve_options: SolveOptions | None = None,
+    ):
+        self.field = _as_field(field)
+        self.t1 = t1
+        self.t0 = t0
+        self.solve_options = solve_options_from(
+            solve_options,
+            solver=solver,
+            stepsize_controller=stepsize_controller,
+            dt0=dt0,
+            max_steps=max_steps,
+            adjoint=adjoint,
+            throw=throw,
+        )
+        self.args = args
 
     def __check_init__(self):
         check_interval(self)

@@ -1,0 +1,134 @@
+"""The result of a sweep: per-sample deviations and solver statistics, the floors and the
+verdict, as host numpy arrays."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from .._core.solve import SolveStatus, result_name
+
+
+# host numpy, not a JAX operation: importing gaugejax must not start JAX's backends
+# (`configure_cpu_devices` runs after the import)
+SUCCESS = int(np.asarray(jax.tree.leaves(SolveStatus.successful)[0]))
+
+
+def status_name(code: int) -> str:
+    """The `SolveStatus` name of a lane's integer `result` code."""
+    return result_name(code)
+
+
+def good(merged: dict) -> np.ndarray:
+    """Lanes of per-sample metrics whose solves succeeded with a finite relative deviation."""
+    return (merged["result"] == SUCCESS) & np.isfinite(merged["max_rel"])
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+    """Per-sample deviations and solver statistics of a gauge sweep (host numpy arrays), and the
+    verdict.
+
+    `mode="finite"`: deviation `observable(act(g, model)) - observable(model)`.
+    `mode="first_order"`: `d/da observable(act(a g, model))` at a = 0 (infinitesimal families).
+    `max_rel` is `max |dev| / max |reference|` (norm-wise relative). `num_steps` is the maximum
+    and `num_evaluations` the sum over the inputs of a lane (-1: not counted for this solver);
+    `result` the lane's `SolveStatus` code (`status_name` names it). Lanes that failed hold NaN
+    deviations.
+
+    Noise and verdict (see `gj.judge`): `noise_floor` is the identity element's absolute
+    deviation through the same path; `solver_floor` the reference's own solver error (relative;
+    NaN when it could not be measured, 0 for models without a solver); `floor` the relative
+    floor judged against; `control_max_rel` the per-sample deviations of the family's
+    symmetry-breaking control (empty without one); `verdict` and `verdict_reason`.
+    `parameter_growth` is, per lane, the largest |parameter| of the transformed model over the
+    model's (1 for first-order sweeps and field families): outputs of such parameters carry
+    that much more rounding, which the verdict's floor includes (`gj.judge`).
+    """
+
+    mode: str
+    max_abs: np.ndarray
+    mean_abs: np.ndarray
+    max_rel: np.ndarray
+    result: np.ndarray
+    num_steps: np.ndarray
+    num_evaluations: np.ndarray
+    parameter_growth: np.ndarray
+    reference_scale: float
+    noise_floor: float
+    solver_floor: float
+    floor: float
+    control_max_rel: np.ndarray
+    verdict: str
+    verdict_reason: str
+    dtype: str
+    precision: str
+    chunk_size: int
+    num_devices: int
+    compile_time_s: float
+    run_time_s: float
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.max_abs.shape[0])
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Lanes whose solves succeeded and whose deviation is finite."""
+        return (self.result == SUCCESS) & np.isfinite(self.max_abs)
+
+    def failures(self) -> dict[str, int]:
+        """Failed lanes by reason (`SolveStatus` names: diffrax's kinds, `nonfinite_output`,
+        `singular_gauge`)."""
+        return {
+            status_name(int(code)): int(np.sum(self.result == code))
+            for code in np.unique(self.result[self.result != SUCCESS])
+        }
+
+    @property
+    def lane_efficiency(self) -> float:
+        """Mean over vmapped chunks of mean(steps)/max(steps): the useful fraction of work."""
+        steps = self.num_steps.astype(float)
+        n = (len(steps) // self.chunk_size) * self.chunk_size
+        chunks = steps[:n].reshape(-1, self.chunk_size) if n else steps[None]
+        peak = chunks.max(axis=1)
+        return float(np.mean(np.where(peak > 0, chunks.mean(axis=1) / np.maximum(peak, 1), 1.0)))
+
+    def summary(self) -> dict:
+        """JSON-ready summary, verdict first (then medians, maxima, failures, timings)."""
+        ok = self.ok
+        dev = self.max_abs[ok]
+        counted = self.num_evaluations >= 0
+        control = self.control_max_rel[np.isfinite(self.control_max_rel)]
+        return {
+            "verdict": self.verdict,
+            "verdict_reason": self.verdict_reason,
+            "mode": self.mode,
+            "num_samples": self.num_samples,
+            "num_ok": int(ok.sum()),
+            "failures": self.failures(),
+            "max_abs_max": float(dev.max()) if dev.size else float("nan"),
+            "max_abs_median": float(np.median(dev)) if dev.size else float("nan"),
+            "max_rel_max": float(self.max_rel[ok].max()) if dev.size else float("nan"),
+            "parameter_growth_max": (
+                float(self.parameter_growth[ok].max()) if dev.size else float("nan")
+            ),
+            "floor": self.floor,
+            "solver_floor": self.solver_floor,
+            "noise_floor": self.noise_floor,
+            "control_max_rel_median": float(np.median(control)) if control.size else None,
+            "reference_scale": self.reference_scale,
+            "num_steps_median": float(np.median(self.num_steps)),
+            "num_steps_max": int(self.num_steps.max()),
+            "num_evaluations_median": (
+                float(np.median(self.num_evaluations)) if counted.all() else "not counted"
+            ),
+            "lane_efficiency": self.lane_efficiency,
+            "dtype": self.dtype,
+            "precision": self.precision,
+            "chunk_size": self.chunk_size,
+            "num_devices": self.num_devices,
+            "compile_time_s": self.compile_time_s,
+            "run_time_s": self.run_time_s,
+            "samples_per_s": self.num_samples / self.run_time_s if self.run_time_s else None,
+        }

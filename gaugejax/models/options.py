@@ -1,0 +1,169 @@
+"""How a neural ODE is solved: one Module for the six diffrax options, and what they imply.
+
+`SolveOptions` is the one declaration of the options every gaugejax neural ODE is solved with.
+Its methods are what the sweep asks instead of looking at diffrax's controller classes itself:
+a tighter copy for the solver-floor re-solve, the accuracy the options ask for, a copy whose
+tolerances are traced arrays, and the validation of tolerances. Knowing diffrax's controllers
+(a `PIDController` has tolerances, a `ConstantStepSize` a step) is this module's job alone.
+"""
+
+import math
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import PyTree
+
+from .._core._types import Args, ScalarLike, State, VectorField
+from .._core.solve import SolveStats, solve
+
+
+# the tighter re-solve: tolerances 1000x smaller (floored at 4 eps), or a step 8x smaller
+TOLERANCE_FACTOR = 1000
+STEP_FACTOR = 8
+
+
+def _default_controller() -> diffrax.PIDController:
+    return diffrax.PIDController(rtol=1e-8, atol=1e-8)
+
+
+class SolveOptions(eqx.Module):
+    """The diffrax options a neural ODE is solved with: everything about a solve that changes
+    its accuracy and cost but not the function it approximates. The interval `[t0, t1]` and
+    the field's `args` belong to the model (they change the function; gauges read them).
+
+    **Arguments:**
+
+    - `solver`: any diffrax ODE solver (default `diffrax.Tsit5()`).
+    - `stepsize_controller`: default `diffrax.PIDController(rtol=1e-8, atol=1e-8)`.
+    - `dt0`: the initial step (required for a constant step size); an array inside a sweep.
+    - `max_steps`: default 4096.
+    - `adjoint`: default `diffrax.RecursiveCheckpointAdjoint()`.
+    - `throw`: raise on solver failure (default); sweeps set it to False and read the stats.
+    """
+
+    solver: diffrax.AbstractSolver = eqx.field(default_factory=diffrax.Tsit5)
+    stepsize_controller: diffrax.AbstractStepSizeController = eqx.field(
+        default_factory=_default_controller
+    )
+    dt0: ScalarLike | None = None
+    max_steps: int = 4096
+    adjoint: diffrax.AbstractAdjoint = eqx.field(default_factory=diffrax.RecursiveCheckpointAdjoint)
+    throw: bool = True
+
+    def replace(self, **changes: Any) -> "SolveOptions":
+        """A copy with some options replaced, e.g. `replace(throw=False)`.
+
+        **Raises:** `ValueError` for a name that is not an option (listing the valid ones).
+        """
+        names = tuple(self.__dataclass_fields__)
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; valid options are {list(names)}.")
+        # tree_at (not the constructor): an array option stays the same object, and a None
+        # option (dt0) can be replaced
+        return eqx.tree_at(
+            lambda o: [getattr(o, k) for k in changes],
+            self,
+            list(changes.values()),
+            is_leaf=lambda x: x is None,
+        )
+
+    def solve(
+        self, field: VectorField, y0: State, *, t0: ScalarLike, t1: ScalarLike, args: Args = None
+    ) -> tuple[PyTree, SolveStats]:
+        """`(y(t1), SolveStats)` of `dy/dt = field(t, y, args)` from `y(t0) = y0` with these
+        options (`gj.solve`)."""
+        return solve(
+            field,
+            y0,
+            t0=t0,
+            t1=t1,
+            args=args,
+            solver=self.solver,
+            stepsize_controller=self.stepsize_controller,
+            dt0=self.dt0,
+            max_steps=self.max_steps,
+            adjoint=self.adjoint,
+            throw=self.throw,
+        )
+
+    def check_tolerances(self, dtype: Any) -> None:
+        """Refuse tolerances no solve in `dtype` can meet, before anything is traced.
+
+        **Arguments:** `dtype`: the floating dtype the solve runs in.
+
+        **Raises:** `ValueError` for a `PIDController` `rtol` or `atol` that is not a finite
+        number >= 0, or an `rtol` in (0, eps of `dtype`). Traced (array) tolerances and other
+        controllers are not checked.
+        """
+        controller = self.stepsize_controller
+        if not isinstance(controller, diffrax.PIDController):
+            return
+        eps = float(jnp.finfo(dtype).eps)
+        for name in ("rtol", "atol"):
+            value = getattr(controller, name)
+            if isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"the model's `stepsize_controller.{name}` must be a finite number >= 0; "
+                    f"received {value!r}."
+                )
+        rtol = controller.rtol
+        if isinstance(rtol, (int, float)) and 0 < rtol < eps:
+            raise ValueError(
+                f"the model's `stepsize_controller.rtol` = {rtol!r} is below the epsilon of "
+                f"{jnp.dtype(dtype).name} ({eps:.2e}): no controller can meet it."
+            )
+
+    def traced(self, dtype: Any) -> "SolveOptions":
+        """A copy whose `PIDController` tolerances and `dt0` are arrays of `dtype`: traced
+        values, not static ones, so a copy with other tolerances (`tightened`) has the same
+        structure and runs the same compiled program (a sweep lane carries them).
+
+        **Arguments:** `dtype`: the floating dtype of the arrays.
+        """
+        options = self
+        controller = self.stepsize_controller
+        if isinstance(controller, diffrax.PIDController):
+            tol = tuple(jnp.asarray(getattr(controller, k), dtype=dtype) for k in ("rtol", "atol"))
+            controller = eqx.tree_at(lambda c: (c.rtol, c.atol), controller, tol)
+            options = options.replace(stepsize_controller=controller)
+        if options.dt0 is not None:
+            options = options.replace(dt0=jnp.asarray(options.dt0, dtype=dtype))
+        return options
+
+    def tightened(self, eps: float) -> tuple["SolveOptions | None", str]:
+        """Options that solve much more accurately, with the same structure: what the sweep
+        re-solves its reference with to measure the solver's own error (its solver floor).
+
+        **Arguments:** `eps`: the smallest tolerance to ask for (a few epsilons of the dtype).
+
+        **Returns:** `(options, how)`: a `PIDController`'s `rtol` and `atol` divided by
+        `TOLERANCE_FACTOR` (at least `eps`), or a `ConstantStepSize`'s `dt0` divided by
+        `STEP_FACTOR`; `(None, why not)` for other controllers. `how` says what was done.
+        """
+        controller = self.stepsize_controller
+        if isinstance(controller, diffrax.PIDController):
+            rtol = jnp.maximum(controller.rtol / TOLERANCE_FACTOR, eps)
+            atol = jnp.maximum(controller.atol / TOLERANCE_FACTOR, eps)
+            tight = eqx.tree_at(lambda c: (c.rtol, c.atol), controller, (rtol, atol))
+            how = f"at rtol {float(rtol):.1e}, atol {float(atol):.1e}"
+            return self.replace(stepsize_controller=tight), how
+        if isinstance(controller, diffrax.ConstantStepSize) and self.dt0 is not None:
+            dt0 = self.dt0 / STEP_FACTOR
+            how = f"with dt0 / {STEP_FACTOR} = {float(self.dt0) / STEP_FACTOR:.3g}"
+            return self.replace(dt0=dt0), how
+        return None, f"no tighter solve for {type(controller).__name__}"
+
+    def requested_accuracy(self, scale: float) -> float:
+        """The relative accuracy these options ask of the solver for outputs of size `scale`:
+        `max(rtol, atol / scale)` under a `PIDController`; 0.0 for a fixed step (it asks for
+        a step, not an accuracy: its error is what the `tightened` re-solve measures).
+
+        **Arguments:** `scale`: the size of the outputs (`max |reference|`, > 0).
+        """
+        controller = self.stepsize_controller
+        if not isinstance(controller, diffrax.PIDController):
+            return 0.0
+        return max(float(controller.rtol), float(controller.atol) / scale)
