@@ -1,5 +1,6 @@
 """The sweep engine: chunking, failures, validation, sharding over (fake) devices."""
 
+import dataclasses
 import importlib
 import json
 import os
@@ -87,6 +88,44 @@ def test_results_do_not_depend_on_chunking(node, getkey):
     assert 0 < s["lane_efficiency"] <= 1
     assert s["noise_floor"] < 1e-12
     json.dumps(s)
+
+
+def test_sweep_result_saves_and_loads_bit_for_bit(node, getkey, tmp_path):
+    """`save` / `SweepResult.load` round-trip a sweep's result exactly (array dtypes, NaN,
+    infinities, an empty control); a file with any byte changed, truncated or of another
+    format is refused, naming the file."""
+    model, x = node
+    res = gj.sweep(model, gj.TimeReparamGauge(1.0), x, key=getkey(), num_samples=4, chunk_size=4)
+    odd = dataclasses.replace(
+        res,
+        max_abs=res.max_abs.astype(np.float32),
+        max_rel=np.asarray([np.nan, np.inf, -np.inf, 1e-300]),
+        solver_floor=float("nan"),
+        control_max_rel=np.zeros((0,)),
+    )
+    for result in (res, odd):
+        path = result.save(tmp_path / "sub" / "sweep.json")
+        back = gj.SweepResult.load(path)
+        for f in dataclasses.fields(gj.SweepResult):
+            a, b = getattr(result, f.name), getattr(back, f.name)
+            if isinstance(a, np.ndarray):
+                assert a.dtype == b.dtype and a.shape == b.shape, f.name
+                np.testing.assert_array_equal(a, b, err_msg=f.name)
+            else:
+                assert a == b or (a != a and b != b), f.name  # NaN equals NaN here
+        assert back.summary()["verdict"] == result.verdict
+    assert list(tmp_path.joinpath("sub").iterdir()) == [path]  # no temporary file left
+    raw = path.read_bytes()
+    json.loads(raw)  # plain JSON, with its checksum as the last member
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x01  # one bit of the body
+    for corrupt in (bytes(flipped), raw[:-10], raw.replace(b'"verdict"', b'"verdikt"')):
+        path.write_bytes(corrupt)
+        with pytest.raises(ValueError, match=r"sweep\.json .*(checksum|sha256).*refusing"):
+            gj.SweepResult.load(path)
+    gj.io.write_json_checked(path, {"format": "something else", "version": 1, "fields": {}})
+    with pytest.raises(ValueError, match="not a gaugejax.SweepResult file"):
+        gj.SweepResult.load(path)
 
 
 def test_sweep_lane_is_the_function_the_sweep_vmaps(node, getkey):

@@ -1,17 +1,24 @@
 """The result of a sweep: per-sample deviations and solver statistics, the floors and the
-verdict, as host numpy arrays."""
+verdict, as host numpy arrays; saved and loaded as checksummed JSON."""
 
 import dataclasses
+import os
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from .._core.solve import SolveStatus, result_name
+from .._infra.io import read_json_checked, write_json_checked
 
 
 # host numpy, not a JAX operation: importing gaugejax must not start JAX's backends
 # (`configure_cpu_devices` runs after the import)
 SUCCESS = int(np.asarray(jax.tree.leaves(SolveStatus.successful)[0]))
+
+# what `SweepResult.save` writes; `load` refuses other formats and versions
+FORMAT = "gaugejax.SweepResult"
+VERSION = 1
 
 
 def status_name(code: int) -> str:
@@ -44,6 +51,9 @@ class SweepResult:
     `parameter_growth` is, per lane, the largest |parameter| of the transformed model over the
     model's (1 for first-order sweeps and field families): outputs of such parameters carry
     that much more rounding, which the verdict's floor includes (`gj.judge`).
+
+    `save(path)` writes it as checksummed JSON; `SweepResult.load(path)` reads it back equal,
+    array dtypes and NaNs included.
     """
 
     mode: str
@@ -132,3 +142,63 @@ class SweepResult:
             "run_time_s": self.run_time_s,
             "samples_per_s": self.num_samples / self.run_time_s if self.run_time_s else None,
         }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the result to `path` as JSON, atomically (a killed process leaves the old file
+        or the new one, never a torn one) and with a sha256 over its bytes
+        (`gj.io.write_json_checked`). Arrays keep their dtype and shape; NaN and infinities
+        are written as strings.
+
+        **Arguments:** `path`: the file to write (its folder is created).
+
+        **Returns:** the path written.
+        """
+        fields = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type is np.ndarray:
+                value = np.asarray(value)
+                value = {"dtype": str(value.dtype), "shape": value.shape, "data": value.ravel()}
+            fields[f.name] = value
+        return write_json_checked(path, {"format": FORMAT, "version": VERSION, "fields": fields})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SweepResult":
+        """Read a result written by `save`, equal to the one saved (arrays bit for bit).
+
+        **Arguments:** `path`: a file written by `SweepResult.save`.
+
+        **Returns:** the `SweepResult`.
+
+        **Raises:** `ValueError` (naming the file) for a file whose checksum does not match
+        (corrupted, edited or truncated), of another format or version, or with missing or
+        unknown fields; `OSError` when it cannot be read.
+        """
+        saved = read_json_checked(path)
+        if not isinstance(saved, dict) or (saved.get("format"), saved.get("version")) != (
+            FORMAT,
+            VERSION,
+        ):
+            got = (saved.get("format"), saved.get("version")) if isinstance(saved, dict) else None
+            raise ValueError(
+                f"{path} is not a {FORMAT} file of version {VERSION}; received (format, "
+                f"version) = {got}."
+            )
+        fields, names = saved["fields"], [f.name for f in dataclasses.fields(cls)]
+        if set(fields) != set(names):
+            raise ValueError(
+                f"{path} does not hold the fields of a SweepResult: missing "
+                f"{sorted(set(names) - set(fields))}, unknown {sorted(set(fields) - set(names))}."
+            )
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = fields[f.name]
+            if f.type is np.ndarray:
+                dtype = np.dtype(value["dtype"])
+                # float() reads the strings that NaN and infinities are written as
+                data = [float(x) for x in value["data"]] if dtype.kind == "f" else value["data"]
+                value = np.asarray(data, dtype=dtype).reshape(value["shape"])
+            elif f.type is float:
+                value = float(value)
+            values[f.name] = value
+        return cls(**values)
