@@ -231,27 +231,6 @@ _PROXY_LABELS = {
     "kinetic": "kinetic energy",
     "uniform_motion": "uniform-motion functional",
 }
-_ARRAYS = ("max_abs", "mean_abs", "max_rel", "result", "num_steps", "num_evaluations")
-_ARRAYS += ("parameter_growth", "control_max_rel")
-
-
-def _save_sweep(path: Path, result: gj.SweepResult) -> None:
-    io.write_json(path, dataclasses.asdict(result))
-
-
-def _load_sweep(path: Path) -> gj.SweepResult:
-    saved = io.read_json(path)
-    fields = {}
-    for f in dataclasses.fields(gj.SweepResult):
-        v = saved[f.name]
-        if f.name in ("result", "num_steps", "num_evaluations"):
-            v = np.asarray(v, dtype=np.int32)
-        elif f.name in _ARRAYS:
-            v = np.asarray([float(x) for x in v], dtype=float)
-        elif isinstance(v, str) and v in ("nan", "inf", "-inf"):
-            v = float(v)
-        fields[f.name] = v
-    return gj.SweepResult(**fields)
 
 
 def _check_config(run_dir: Path, cfg: Config) -> None:
@@ -361,7 +340,7 @@ def run(config: Config, run_dir: Path) -> dict:
         gauge, key = families[name], jax.random.fold_in(k_sweep, i)
         path = run_dir / "sweeps" / f"{name}.json"
         if path.exists():
-            result = _load_sweep(path)
+            result = gj.SweepResult.load(path)
         else:
             result = gj.sweep(
                 measure,
@@ -371,7 +350,7 @@ def run(config: Config, run_dir: Path) -> dict:
                 num_samples=config.num_samples,
                 chunk_size=config.chunk_size,
             )
-            _save_sweep(path, result)
+            result.save(path)
         done["before"] += config.num_samples
         bar.update(done["before"] - bar.n)
         cheapest = gs.cheapest_lane(result, gauge, key)

@@ -340,7 +340,8 @@ def test_bad_config_is_refused(tmp_path, values, match):
 
 
 def test_results_are_json(tmp_path):
-    """The saved sweep round-trips (NaN-safe) to an equal SweepResult."""
+    """A sweep saved as orbit_cost saves it (`SweepResult.save`) round-trips (NaN-safe) to an
+    equal SweepResult."""
     res = gj.SweepResult(
         mode="finite", max_abs=np.asarray([1.0, np.nan]), mean_abs=np.asarray([1.0, np.nan]),
         max_rel=np.asarray([0.5, np.nan]), result=np.asarray([0, 9], np.int32),
@@ -350,8 +351,8 @@ def test_results_are_json(tmp_path):
         verdict_reason="", dtype="float64", precision="highest", chunk_size=2, num_devices=1,
         compile_time_s=0.0, run_time_s=0.0,
     )  # fmt: skip
-    orbit_cost._save_sweep(tmp_path / "s.json", res)
+    res.save(tmp_path / "s.json")
     json.loads((tmp_path / "s.json").read_text())
-    back = orbit_cost._load_sweep(tmp_path / "s.json")
+    back = gj.SweepResult.load(tmp_path / "s.json")
     for f in dataclasses.fields(res):
         np.testing.assert_array_equal(getattr(back, f.name), getattr(res, f.name))
