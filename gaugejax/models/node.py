@@ -116,9 +116,29 @@ class AbstractNeuralODE(AbstractSolvedModel):
     def throw(self) -> bool:
         return self.solve_options.throw
 
-    def solve(self, x0: State) -> tuple[State, SolveStats]:
-        """`(x(t1), SolveStats)` for one input `x0`."""
-        return self.solve_options.solve(self.field, x0, t0=self.t0, t1=self.t1, args=self.args)
+    def solve(self, x0: State, saveat: diffrax.SaveAt | None = None) -> tuple[State, SolveStats]:
+        """`(x(t1), SolveStats)` for one input `x0`.
+
+        **Arguments:**
+
+        - `x0`: the input state.
+        - `saveat`: a `diffrax.SaveAt` to return the states at other times of the same
+          solve, e.g. `diffrax.SaveAt(ts=ts)` for `x(ts)` with a leading time axis (dense
+          interpolation between the solver's own steps: the steps, and so `SolveStats`, are
+          those of the plain solve). Default: `x(t1)` only, without a time axis.
+
+        **Returns:** `(states, SolveStats)`.
+
+        **Raises:** `TypeError` for a `saveat` that is not a `diffrax.SaveAt`.
+        """
+        if saveat is not None and not isinstance(saveat, diffrax.SaveAt):
+            raise TypeError(
+                f"`saveat` must be a diffrax.SaveAt (e.g. diffrax.SaveAt(ts=ts)); received "
+                f"{type(saveat).__name__}."
+            )
+        return self.solve_options.solve(
+            self.field, x0, t0=self.t0, t1=self.t1, args=self.args, saveat=saveat
+        )
 
     def __call__(self, x0: State) -> State:
         return self.solve(x0)[0]

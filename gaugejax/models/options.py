@@ -71,10 +71,17 @@ class SolveOptions(eqx.Module):
         )
 
     def solve(
-        self, field: VectorField, y0: State, *, t0: ScalarLike, t1: ScalarLike, args: Args = None
+        self,
+        field: VectorField,
+        y0: State,
+        *,
+        t0: ScalarLike,
+        t1: ScalarLike,
+        args: Args = None,
+        saveat: diffrax.SaveAt | None = None,
     ) -> tuple[PyTree, SolveStats]:
         """`(y(t1), SolveStats)` of `dy/dt = field(t, y, args)` from `y(t0) = y0` with these
-        options (`gj.solve`)."""
+        options (`gj.solve`; `saveat` as there)."""
         return solve(
             field,
             y0,
@@ -86,6 +93,7 @@ class SolveOptions(eqx.Module):
             dt0=self.dt0,
             max_steps=self.max_steps,
             adjoint=self.adjoint,
+            saveat=saveat,
             throw=self.throw,
         )
 
