@@ -19,6 +19,12 @@ JSONL metrics, atomic checkpoints and exact resume.
   not finite is not applied; the run stops there, keeps `LATEST` on the last checkpoint (all
   finite), logs a `diverged` record and raises `TrainingDiverged` (naming the step and the
   cause; its `result` holds the last good state).
+- A `hook` runs on the host every `hook_every` steps with the run's step and state and may
+  replace the state (a teleport, an optimiser reset): segmented training is one run, one log
+  and one step count, and a resume calls the hook again where the checkpoint stands.
+- Seeds train together as one stacked model (`stack_models`, `unstack_model`): with a loss
+  that sums the seeds' losses (`StackedLoss`), SGD and Adam (elementwise) train each seed as
+  if alone, in one compiled program.
 """
 
 import dataclasses
@@ -37,7 +43,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import PRNGKeyArray, PyTree
+from jaxtyping import Array, Key, PRNGKeyArray, PyTree, UInt32
 from tqdm.auto import tqdm
 
 from . import io
@@ -50,7 +56,14 @@ _NAME = re.compile(r"step_\d{8}\.eqx")
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    """The trained model, its optimiser state, the per-step metrics and run facts."""
+    """The trained model, its optimiser state, the per-step metrics and run facts.
+
+    **Fields:** `model`, `opt_state`; `history`: one record per step (`step`, `loss`,
+    `total`, each regulariser, `seconds`), the whole run's with a `run_dir` (the steps an
+    interrupted earlier process logged are read back from `metrics.jsonl`); `resumed_from`:
+    the checkpoint's step, or None; `num_compilations` (of the training chunk, this process);
+    `seconds`: wall time of this process's steps and hook calls.
+    """
 
     model: Any
     opt_state: PyTree
@@ -76,11 +89,12 @@ class TrainingDiverged(RuntimeError):
     """Raised by `train` at the first step whose loss or updated parameters are not finite.
 
     **Attributes:** `step` (the step that was not applied), `cause` (in words), `result` (a
-    `TrainResult` with the last good state, at `step`, and the history before it).
+    `TrainResult` with the last good state, at `step`, and the history before it), `latest`
+    (the checkpoint `LATEST` still names, e.g. `"step_00000100.eqx"`, or None).
     """
 
     def __init__(self, step: int, cause: str, result: "TrainResult", latest: str | None):
-        self.step, self.cause, self.result = step, cause, result
+        self.step, self.cause, self.result, self.latest = step, cause, result, latest
         kept = f"; LATEST still names {latest}" if latest else ""
         super().__init__(
             f"training diverged at step {step}: {cause}. The step was not applied; the last "
@@ -232,6 +246,12 @@ def _split_loss(out) -> tuple[jax.Array, dict]:
     return out, {}
 
 
+def _signature(tree) -> tuple:
+    """The structure, shapes and dtypes of a PyTree (what a compiled program depends on)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, [(jnp.shape(a), jnp.result_type(a)) for a in leaves]
+
+
 @eqx.filter_jit
 def _run_chunk(spec: _Spec, p, state, first_step, key, num_steps, weights):
     _TRACES.count = getattr(_TRACES, "count", 0) + 1
@@ -290,6 +310,8 @@ def train(
     run_dir: str | Path | None = None,
     config: Mapping | None = None,
     on_chunk: Callable[[int, dict], None] | None = None,
+    hook: Callable[[int, Any, PyTree], tuple[Any, PyTree] | None] | None = None,
+    hook_every: int | None = None,
     progress: bool = False,
 ) -> TrainResult:
     """Train `model` to minimise `loss_fn(model, batch) + sum_i w_i r_i(model, batch)`.
@@ -313,16 +335,24 @@ def train(
       no checkpoint, are dropped: each step is logged once). `config`: JSON-able dict recorded
       in checkpoints and compared on resume.
     - `on_chunk`: host callback `(step, metrics_of_last_step)` after each chunk.
+    - `hook`: host callback `(step, model, opt_state)` at every step `s = 0, k, 2k, ...` up
+      to `num_steps` (`k = hook_every`, default `steps_per_chunk`; a multiple of it), after
+      the checkpoint of step `s` is written. It returns None, or `(model, opt_state)` of the
+      same structure to train on from step `s` (a move of the model, a reset of the
+      optimiser). Checkpoints hold the state before the hook, and a run resumed at a step
+      `s` calls the hook at `s` again: a hook that is a function of `(step, state)` resumes
+      exactly. Its wall time counts in `TrainResult.seconds`.
     - `progress`: tqdm bar with loss and step time.
 
     **Returns:** a `TrainResult`.
 
     **Raises:** `ValueError` for non-positive sizes, negative regulariser weights, a
-    checkpoint interval that is not a multiple of the chunk, or a refused resume (another
-    config, key, step count, regulariser weights or optimiser state structure; a damaged
-    checkpoint or `LATEST`; checkpoints without `LATEST`). `TrainingDiverged` at the first step
-    whose loss or updated parameters are not finite (that step is not applied, no checkpoint
-    is written after it, and its `result` holds the last good state).
+    checkpoint or hook interval that is not a multiple of the chunk (or a `hook_every`
+    without a `hook`), a hook that returns a state of another structure, or a refused resume
+    (another config, key, step count, regulariser weights or optimiser state structure; a
+    damaged checkpoint or `LATEST`; checkpoints without `LATEST`). `TrainingDiverged` at the
+    first step whose loss or updated parameters are not finite (that step is not applied, no
+    checkpoint is written after it, and its `result` holds the last good state).
     """
     for name, value in (("num_steps", num_steps), ("steps_per_chunk", steps_per_chunk)):
         if not isinstance(value, int) or value <= 0:
@@ -338,6 +368,14 @@ def train(
         )
     if checkpoint_every is not None and run_dir is None:
         raise ValueError("`checkpoint_every` needs a `run_dir` to write checkpoints to.")
+    if hook_every is not None and hook is None:
+        raise ValueError("`hook_every` needs a `hook` to call.")
+    hook_every = steps_per_chunk if hook_every is None else hook_every
+    if not isinstance(hook_every, int) or hook_every <= 0 or hook_every % steps_per_chunk:
+        raise ValueError(
+            f"`hook_every` must be a positive multiple of steps_per_chunk={steps_per_chunk}; "
+            f"received {hook_every!r}."
+        )
     regularizers = dict(regularizers or {})
     _check_regularizers(regularizers)
     config = dict(config or {})
@@ -363,13 +401,13 @@ def train(
         start_step, (params, opt_state) = read_checkpoint(latest, (params, opt_state), config, run)
         resumed_from = start_step
     metrics_path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+    history = []
     if metrics_path is not None and metrics_path.exists():
         # drop the records past the state we start from: they are redone (a run killed before
         # its first checkpoint restarts at step 0 and must not log its steps twice)
         kept = [r for r in io.read_jsonl(metrics_path) if r["step"] < start_step]
         io.atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-
-    history = []
+        history = [r for r in kept if "loss" in r]  # the whole run's log, not this process's
     compilations = 0
     start = time.perf_counter()
 
@@ -383,8 +421,27 @@ def train(
             seconds=time.perf_counter() - start,
         )
 
+    def call_hook(step):
+        nonlocal params, opt_state
+        if hook is None or step % hook_every:
+            return
+        out = hook(step, eqx.combine(params, static), opt_state)
+        if out is None:
+            return
+        new_params, new_static = eqx.partition(out[0], eqx.is_inexact_array)
+        # the same tree, shapes and dtypes: the compiled chunk and the checkpoints fit it
+        if _signature((new_params, out[1])) != _signature((params, opt_state)) or not (
+            eqx.tree_equal(new_static, static)
+        ):
+            raise ValueError(
+                f"the hook at step {step} returned a model or optimiser state of another "
+                "structure; it must return (model, opt_state) shaped like its arguments, or None."
+            )
+        params, opt_state = new_params, out[1]
+
     bar = tqdm(total=num_steps, initial=start_step, disable=not progress, desc="train")
     step = start_step
+    call_hook(step)  # step 0, or where a resumed run starts (the checkpoint is pre-hook)
     while step < num_steps:
         t0 = time.perf_counter()
         # optax mixes int32 step counts with floats (Adam's bias correction): trace the step
@@ -437,5 +494,61 @@ def train(
         bar.set_postfix(loss=f"{records[-1]['loss']:.3e}", step_s=f"{seconds:.1e}")
         if on_chunk is not None:
             on_chunk(step, records[-1])
+        call_hook(step)
     bar.close()
     return result()
+
+
+def stack_models(
+    make: Callable[[PRNGKeyArray], Any], keys: Key[Array, " n"] | UInt32[Array, "n 2"]
+) -> Any:
+    """One model per key, stacked along a leading axis of every array (`eqx.filter_vmap`).
+
+    Train the stack with a loss that sums the members' losses (`eqx.filter_vmap` over the
+    stack inside the loss): the gradient of each member is its own loss's, so SGD and Adam
+    (elementwise) train every member as if alone, in one compiled program. Static fields
+    (activations, sizes) are shared; `unstack_model` takes one member out.
+
+    **Arguments:**
+
+    - `make`: `key -> model`, e.g. `lambda k: eqx.nn.MLP(..., key=k)`.
+    - `keys`: a batch of keys, e.g. `jax.random.split(key, num_seeds)`.
+
+    **Returns:** the stacked model.
+
+    **Raises:** `TypeError` for `keys` that are not a one-dimensional batch of keys.
+    """
+    typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    if (keys.ndim if typed else keys.ndim - 1) != 1:
+        raise TypeError(
+            "`keys` must be a one-dimensional batch of keys (e.g. jax.random.split(key, n)); "
+            f"received an array of shape {keys.shape}."
+        )
+    return eqx.filter_vmap(make)(keys)
+
+
+def unstack_model(models: Any, i: int) -> Any:
+    """Member `i` of a stacked model (`stack_models`): every array indexed at `i`.
+
+    **Raises:** `IndexError` for an `i` outside the stack.
+    """
+    n = min(a.shape[0] for a in jax.tree.leaves(models) if eqx.is_array(a) and a.ndim)
+    if not -n <= i < n:
+        raise IndexError(f"member {i} of a stack of {n} models does not exist.")
+    return jax.tree.map(lambda a: a[i] if eqx.is_array(a) else a, models)
+
+
+class StackedLoss(eqx.Module):
+    """`(models, batch) -> sum over the stack of loss_fn(model_i, batch)`: the loss of a stacked
+    model (`stack_models`) for `gj.train`. Each member's gradient is its own loss's, so SGD and
+    Adam train every member as if alone. A `loss_fn` returning `(loss, {name: term})` gives the
+    sums of both (terms for regularisers with no `fn`). A Module: two runs with the same
+    `loss_fn` share their compiled program.
+
+    **Fields:** `loss_fn`: `(model, batch) -> scalar` or `-> (scalar, {name: scalar})`.
+    """
+
+    loss_fn: Callable
+
+    def __call__(self, models, batch):
+        return jax.tree.map(jnp.sum, eqx.filter_vmap(lambda m: self.loss_fn(m, batch))(models))
