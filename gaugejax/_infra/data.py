@@ -3,7 +3,9 @@ generated 2-D tasks (moons, circles), with fixed stratified train/test splits an
 standardised by the training split's statistics.
 
 scikit-learn does the work it already does well (the data sets, `train_test_split`,
-`StandardScaler`); it is imported only when a data set is loaded.
+`StandardScaler`); it is imported only when a data set is loaded. The classification losses and
+metrics every experiment uses live here too: `cross_entropy`, `accuracy` (of logits) and
+`classification_loss` (of a model on a batch, the loss `gj.train` takes).
 """
 
 from collections.abc import Callable
@@ -12,6 +14,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 
@@ -69,6 +72,40 @@ class _BatchFn(eqx.Module):
 
     def __call__(self, key):
         return self.data.batch(key, self.batch_size)
+
+
+def cross_entropy(logits: Float[Array, "n k"], labels: Int[Array, " n"]) -> Float[Array, ""]:
+    """Mean softmax cross-entropy of `logits` against integer `labels` (optax's, averaged).
+
+    **Raises:** `TypeError` for logits that are not `(n, k)` or `labels` that are not `(n,)`.
+    """
+    _check_logits(logits, labels)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def accuracy(logits: Float[Array, "n k"], labels: Int[Array, " n"]) -> Float[Array, ""]:
+    """The fraction of rows whose largest logit is at the label (in the logits' dtype).
+
+    **Raises:** `TypeError` for logits that are not `(n, k)` or `labels` that are not `(n,)`.
+    """
+    _check_logits(logits, labels)
+    return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
+
+
+def classification_loss(model: Callable, batch: tuple[Array, Array]) -> Float[Array, ""]:
+    """`cross_entropy(vmap(model)(x), y)` for a batch `(x, y)`: the loss of a classifier that
+    maps one example to its logits, as `gj.train` (and `gj.teleport`) take it. A function, not
+    a closure: runs that use it share their compiled programs."""
+    x, y = batch
+    return cross_entropy(jax.vmap(model)(x), y)
+
+
+def _check_logits(logits, labels) -> None:
+    if jnp.ndim(logits) != 2 or jnp.shape(labels) != jnp.shape(logits)[:1]:
+        raise TypeError(
+            f"expected `logits` (n, k) and integer `labels` (n,); received shapes "
+            f"{jnp.shape(logits)} and {jnp.shape(labels)}."
+        )
 
 
 def _raw(name: str, num_samples: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
