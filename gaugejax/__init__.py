@@ -59,6 +59,7 @@ from ._core.solve import (
 from ._fixing import gauge_search as gauge_search, orbits as orbits
 from ._fixing.balancing import BalanceResult as BalanceResult, balance as balance
 from ._fixing.gauge_fixing import (
+    TRAJECTORY_TERMS as TRAJECTORY_TERMS,
     canonical_gauge as canonical_gauge,
     gauge_fixing_penalty as gauge_fixing_penalty,
     integrate_regularizers as integrate_regularizers,
@@ -94,7 +95,14 @@ from ._fixing.teleport import (
     teleport as teleport,
 )
 from ._infra import io as io
-from ._infra.data import DATASETS as DATASETS, Dataset as Dataset, load_dataset as load_dataset
+from ._infra.data import (
+    DATASETS as DATASETS,
+    Dataset as Dataset,
+    accuracy as accuracy,
+    classification_loss as classification_loss,
+    cross_entropy as cross_entropy,
+    load_dataset as load_dataset,
+)
 from ._infra.devices import (
     configure_cpu_devices as configure_cpu_devices,
     free_memory_bytes as free_memory_bytes,
@@ -103,10 +111,13 @@ from ._infra.devices import (
     supports_float64 as supports_float64,
 )
 from ._infra.train import (
+    StackedLoss as StackedLoss,
     TrainingDiverged as TrainingDiverged,
     TrainResult as TrainResult,
     read_checkpoint as read_checkpoint,
+    stack_models as stack_models,
     train as train,
+    unstack_model as unstack_model,
 )
 from .gauges import (
     AbstractFieldGauge as AbstractFieldGauge,

@@ -68,3 +68,30 @@ def test_bad_input_names_the_argument_and_the_valid_values():
     data = gj.load_dataset("moons", num_samples=16)
     with pytest.raises(ValueError, match="`batch_size` must be a positive int; received 0"):
         data.batch_fn(0)
+
+
+def test_classification_losses_and_their_refusals():
+    """Cross-entropy and accuracy of logits against closed forms, and the model-on-a-batch loss
+    `gj.train` takes; shapes that do not match are refused by name."""
+    labels = jnp.array([0, 1, 2, 1])
+    flat = jnp.zeros((4, 3))
+    # uniform logits: log(3) per example (rounding only)
+    np.testing.assert_allclose(gj.cross_entropy(flat, labels), np.log(3.0), rtol=1e-15)
+    logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert float(gj.accuracy(logits, labels)) == 0.5  # rows 0 and 1 right, 2 and 3 wrong
+    rows = np.asarray(logits)
+    expected = np.mean(np.log(np.sum(np.exp(rows), axis=1)) - rows[np.arange(4), [0, 1, 2, 1]])
+    np.testing.assert_allclose(gj.cross_entropy(logits, labels), expected, rtol=1e-14)
+    model = lambda x: jnp.stack([x[0], -x[0]])  # noqa: E731
+    x = jnp.array([[1.0], [-2.0]])
+    y = jnp.array([0, 0])
+    np.testing.assert_allclose(
+        gj.classification_loss(model, (x, y)),
+        gj.cross_entropy(jnp.array([[1.0, -1.0], [-2.0, 2.0]]), y),
+        rtol=1e-15,
+    )
+    # refused by the annotations when type-checked (as here), else by the function itself
+    with pytest.raises(TypeError, match="labels"):
+        gj.cross_entropy(flat, labels[:3])
+    with pytest.raises(TypeError, match="logits"):
+        gj.accuracy(jnp.zeros(3), labels[:3])
