@@ -1,4 +1,5 @@
-"""What every experiment shares: claim rows, slopes, and the threaded check runner."""
+"""What every experiment shares: claim rows, the config lock and output files, slopes, and the
+threaded check runner (`_training.TrainingRun` is the training experiments' scaffold)."""
 
 import concurrent.futures
 import contextvars
@@ -48,6 +49,58 @@ def experiment_summary(
         **extra,
         "wall_time_s": time.perf_counter() - start,
     }
+
+
+def check_one_of(name: str, value, valid) -> None:
+    """`ValueError` naming the config key `name` unless `value` is one of `valid`."""
+    if value not in valid:
+        raise ValueError(f"`{name}` must be one of {list(valid)}; received {value!r}.")
+
+
+def check_choices(name: str, chosen, valid, *, required=(), empty: bool = False) -> None:
+    """`ValueError` naming the config key `name` unless `chosen` names distinct entries of
+    `valid`, every one of `required` among them, and at least one unless `empty`."""
+    chosen = list(chosen)
+    if (
+        (not chosen and not empty)
+        or len(set(chosen)) != len(chosen)
+        or not set(chosen) <= set(valid)
+        or not set(required) <= set(chosen)
+    ):
+        need = f" (including {', '.join(map(repr, required))})" if required else ""
+        raise ValueError(
+            f"`{name}` must name distinct entries of {list(valid)}{need}; received {chosen}."
+        )
+
+
+def lock_config(path: Path, experiment: str, config) -> None:
+    """A run directory belongs to one config: the first run writes `config` to `path`; a later
+    run (a resume) with another config is refused, as it would mix the two configs' numbers.
+
+    **Raises:** `ValueError` naming the directory when `path` holds another config.
+    """
+    wanted = json.loads(json.dumps(io.jsonable(dataclasses.asdict(config))))
+    if not path.exists():
+        io.write_json(path, wanted)
+    elif io.read_json(path) != wanted:
+        raise ValueError(
+            f"{path.parent} holds a run of another {experiment} config: resume it with its own "
+            "config.json, or use a new run directory."
+        )
+
+
+def write_outputs(run_dir: Path, results: dict, records: list[dict], plot, config):
+    """The files a run ends with: `results.json`, `metrics.jsonl` (one line per record, written
+    at once: a resumed run does not append them again) and the figures `plot(saved, fig_dir,
+    config)` draws from the saved results (so they are what a reader of `results.json` would
+    draw). Returns `(saved results, figure paths)`."""
+    text = "".join(json.dumps(io.jsonable(r)) + "\n" for r in records)
+    io.atomic_write_bytes(run_dir / "metrics.jsonl", text.encode())
+    io.write_json(run_dir / "results.json", results)
+    saved = io.read_json(run_dir / "results.json")
+    with PLOT_LOCK:
+        figures = plot(saved, run_dir / "figures", config)
+    return saved, figures
 
 
 def slope(xs, ys) -> float:
@@ -104,16 +157,7 @@ def run_checks(
         return order.index(name) if name in order else len(order)
 
     cache = run_dir / "checks"
-    # saved checks belong to one config: resuming with another would mix their numbers
-    wanted = json.loads(json.dumps(io.jsonable(dataclasses.asdict(config))))
-    if (cache / "config.json").exists():
-        if io.read_json(cache / "config.json") != wanted:
-            raise ValueError(
-                f"{run_dir} holds checks of another {experiment} config: resume it with its "
-                "own config.json, or use a new run directory."
-            )
-    else:
-        io.write_json(cache / "config.json", wanted)
+    lock_config(cache / "config.json", experiment, config)  # saved checks belong to one config
 
     def one(item):
         (name, check), key = item
@@ -155,11 +199,7 @@ def run_checks(
         raise
     pool.shutdown()
     # written once, in `checks` order (the per-check files are the progress record)
-    text = "".join(json.dumps(io.jsonable(r)) + "\n" for r in records)
-    io.atomic_write_bytes(run_dir / "metrics.jsonl", text.encode())
-    io.write_json(run_dir / "results.json", results)
-    with PLOT_LOCK:
-        figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config)
+    _, figures = write_outputs(run_dir, results, records, plot, config)
     return experiment_summary(experiment, claims, figures, run_dir, start)
 
 
