@@ -8,26 +8,27 @@ plus kinetic. Every arm has the same seeds, steps and data; the regularisers rid
 training solve (`gj.integrate_regularizers`). Test time uses an adaptive Dopri5 at `test_rtol`:
 accuracy, steps and field evaluations per example, inference and training wall time (compile
 time apart), and the size of every regulariser. Seeds train together as one stacked model
-(Adam is elementwise, so the summed loss trains them independently).
+(`gj.stack_models`: Adam is elementwise, so the summed loss trains them independently).
 """
 
 import dataclasses
-import json
-import time
+import functools
+import timeit
 from pathlib import Path
 from typing import ClassVar
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import BAR_POSITION, PLOT_LOCK, claim, experiment_summary, pyplot
+from ._common import check_choices, claim, pyplot
+from ._training import TrainingRun
 
 
 # arm -> its regularisers (each weighted by the config's `<term>_weight`)
@@ -49,7 +50,8 @@ class Config:
     datasets: tuple[str, ...] = ("digits", "moons")
     arms: tuple[str, ...] = tuple(ARMS)
     num_seeds: int = 3
-    # RNODE's weights on MNIST (lambda_K = lambda_J = 0.01); the same for uniform motion
+    # RNODE's weights on MNIST (lambda_K = lambda_J = 0.01); the same for uniform motion (>= 0,
+    # `NONNEGATIVE`: a negative weight would reward the regulariser)
     kinetic_weight: float = 0.01
     jacobian_weight: float = 0.01
     uniform_motion_weight: float = 0.01
@@ -64,7 +66,8 @@ class Config:
     batch_size: int = 64
     test_rtol: float = 1e-5  # Dopri5, rtol = atol
     max_test_steps: int = 4096
-    curve_examples: int = 128  # test examples of the NFE-over-training curve
+    # test examples of the NFE-over-training curve, at most (all: the test evaluation's program)
+    curve_examples: int = 1000
     trajectory_examples: int = 60  # of the 2-D task's figure
     moons_samples: int = 1000
     moons_noise: float = 0.1
@@ -82,32 +85,13 @@ class Config:
     )
 
     def __post_init__(self):
-        unknown = [d for d in self.datasets if d not in gj.DATASETS]
-        if unknown or not self.datasets or len(set(self.datasets)) != len(self.datasets):
-            raise ValueError(
-                f"`datasets` must name distinct data sets of {list(gj.DATASETS)}; received "
-                f"{list(self.datasets)}."
-            )
-        bad = [a for a in self.arms if a not in ARMS]
-        if bad or "none" not in self.arms or len(set(self.arms)) != len(self.arms):
-            raise ValueError(
-                f"`arms` must name distinct arms of {list(ARMS)}, including 'none' (the "
-                f"baseline); received {list(self.arms)}."
-            )
-        for name in ("kinetic_weight", "jacobian_weight", "uniform_motion_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(
-                    f"`{name}` must be >= 0; received {getattr(self, name)!r} (a negative "
-                    "weight rewards the regulariser)."
-                )
+        check_choices("datasets", self.datasets, gj.DATASETS)
+        check_choices("arms", self.arms, ARMS, required=("none",))  # the baseline
         if self.curve_examples > 0 and self.num_steps % self.steps_per_chunk:
             raise ValueError(
                 f"`num_steps` ({self.num_steps}) must be a multiple of `steps_per_chunk` "
                 f"({self.steps_per_chunk}): the NFE curve reads a checkpoint per chunk."
             )
-
-    def weight(self, term: str) -> float:
-        return getattr(self, f"{term}_weight")
 
 
 PRESETS = {
@@ -121,16 +105,21 @@ PRESETS = {
         "steps_per_chunk": 50,
         "learning_rate": 1e-2,
         "batch_size": 32,
-        "curve_examples": 16,
         "trajectory_examples": 20,
         "moons_samples": 200,
     },
 }
 
 
+def _program_terms(arm: str) -> tuple[str, ...]:
+    """An arm's terms plus the kinetic one: arms that differ only by it share one compiled
+    program (3 per data set, not 6). Its integrand is one sum of squares per evaluation, and at
+    weight 0 (traced) it adds exact zeros to the loss and gradient: the arm trains as without."""
+    return tuple(t for t in gj.TRAJECTORY_TERMS if t == "kinetic" or t in ARMS[arm])
+
+
 class _Batches(eqx.Module):
-    """`key -> (x, y, probe_key)`: a training batch and the key of its Hutchinson probes (one
-    per example, fixed within each solve)."""
+    """`key -> (x, y, probe_key)`: a batch and the key of its Hutchinson probes (one a solve)."""
 
     data: gj.Dataset
     batch_size: int = eqx.field(static=True)
@@ -142,8 +131,8 @@ class _Batches(eqx.Module):
 
 
 class _Loss(eqx.Module):
-    """Summed over seeds: mean cross-entropy and the mean of each regulariser `terms` of the
-    arm, all from one fixed-step solve per example (returned as `(loss, terms)`)."""
+    """Summed over seeds: mean cross-entropy and the mean of each regulariser `terms`, all from
+    one fixed-step solve per example (returned as `(loss, terms)`)."""
 
     terms: tuple[str, ...] = eqx.field(static=True)
 
@@ -159,51 +148,31 @@ class _Loss(eqx.Module):
                 return clf.readout(z1), integrals
 
             logits, integrals = jax.vmap(one)(x, keys)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-            return jnp.mean(ce), {t: jnp.mean(v) for t, v in integrals.items()}
+            return gj.cross_entropy(logits, y), {t: jnp.mean(v) for t, v in integrals.items()}
 
         ce, terms = eqx.filter_vmap(one_seed)(models)
         return jnp.sum(ce), {t: jnp.sum(v) for t, v in terms.items()}
 
 
 def _models(cfg: Config, data: gj.Dataset, key):
-    def make(k):
-        return gj.ODEClassifier.mlp(
-            data.num_features,
-            data.num_classes,
-            key=k,
-            augment=cfg.augment,
-            width=cfg.width,
-            depth=cfg.depth,
-            t1=cfg.t1,
-            **gj.fixed_steps(cfg.train_solver_steps, cfg.t1),
-        )
-
-    return eqx.filter_vmap(make)(jax.random.split(key, cfg.num_seeds))
+    sizes = dict(augment=cfg.augment, width=cfg.width, depth=cfg.depth, t1=cfg.t1)
+    opts = gj.fixed_steps(cfg.train_solver_steps, cfg.t1)
+    make = functools.partial(gj.ODEClassifier.mlp, data.num_features, data.num_classes)
+    return gj.stack_models(
+        lambda k: make(key=k, **sizes, **opts), jax.random.split(key, cfg.num_seeds)
+    )
 
 
 def _adaptive(cfg: Config, models):
-    """The stacked classifiers with the test-time solver (failures reported, not raised)."""
+    """The (stacked) classifiers with the test-time solver (failures reported, not raised)."""
     opts = gj.adaptive(cfg.test_rtol, max_steps=cfg.max_test_steps)
-    return eqx.filter_vmap(lambda c: c.with_node(c.node.with_options(**opts, throw=False)))(models)
+    return models.with_node(models.node.with_options(**opts, throw=False))
 
 
 @eqx.filter_jit
 def _evaluate(models, x, y):
-    """Per seed: accuracy, mean steps and evaluations per example, failed solves."""
-
-    def one_seed(clf):
-        logits, stats = jax.vmap(clf.solve)(x)
-        return {
-            "accuracy": jnp.mean((jnp.argmax(logits, -1) == y).astype(x.dtype)),
-            "steps": jnp.mean(stats.num_steps),
-            # a batched adaptive solve runs until its slowest example is done
-            "max_steps": jnp.max(stats.num_steps),
-            "evaluations": jnp.mean(stats.num_evaluations),
-            "failed": jnp.sum(stats.result != gj.SolveStatus.successful),
-        }
-
-    return eqx.filter_vmap(one_seed)(models)
+    """Per seed: accuracy and solver cost (`gj.ODEClassifier.evaluate`)."""
+    return eqx.filter_vmap(lambda clf: clf.evaluate(x, y))(models)
 
 
 @eqx.filter_jit
@@ -212,217 +181,130 @@ def _sizes(models, x, key):
     keys = jax.random.split(key, x.shape[0])
 
     def one_seed(clf):
-        def one(xi, k):
-            terms = gj.gauge_fixing.TRAJECTORY_TERMS
-            return gj.integrate_regularizers(clf.node, clf.initial_state(xi), terms, key=k)[1]
+        def one(xi, k):  # every term (`integrate_regularizers`' default)
+            return gj.integrate_regularizers(clf.node, clf.initial_state(xi), key=k)[1]
 
         return {t: jnp.mean(v) for t, v in jax.vmap(one)(x, keys).items()}
 
     return eqx.filter_vmap(one_seed)(models)
 
 
-class _Scaled(eqx.Module):
-    """`(u, z) -> s F(s u, z)` on u in [0, t1]: its solution at u = t1 is the field's at
-    t = s t1 (a time reparametrisation: one program for every s, not one per end time)."""
-
-    field: eqx.Module
-    s: jax.Array
-
-    def __call__(self, u, z, args):
-        return self.s * self.field(self.s * u, z, args)
-
-
 @eqx.filter_jit
-def _trajectories(clf, x, scales):
-    """States `z(s t1)` (s in `scales`, in (0, 1]) of one classifier for inputs `x`:
-    (len(scales), n, d + a)."""
-
-    def at(s):
-        node = clf.node.with_field(_Scaled(clf.node.field, s))
-        return jax.vmap(lambda xi: node.solve(clf.initial_state(xi))[0])(x)
-
-    return jax.vmap(at)(scales)
+def _trajectories(clf, x, ts):
+    """States `z(ts)` of one classifier for inputs `x`, from one solve each: (len(ts), n, d+a)."""
+    saveat = diffrax.SaveAt(ts=ts)
+    zs = jax.vmap(lambda xi: clf.node.solve(clf.initial_state(xi), saveat=saveat)[0])(x)
+    return jnp.swapaxes(zs, 0, 1)
 
 
-def _median_time(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+@functools.cache
+def _adam(learning_rate: float) -> optax.GradientTransformation:
+    """One optimiser object per learning rate: `gj.train` keys its compiled chunk on it."""
+    return optax.adam(learning_rate)
 
 
-def _seed(models, s):
-    return jax.tree.map(lambda a: a[s] if eqx.is_array(a) else a, models)
-
-
-def _train_arm(cfg, name, data, init, key, run_dir, on_chunk) -> tuple[gj.TrainResult, dict]:
-    terms = ARMS[name]
-    optimizer = optax.adam(cfg.learning_rate)
-    res = gj.train(
+def _train_arm(cfg, arm, data, init, key, run_dir, on_chunk) -> gj.TrainResult:
+    terms = _program_terms(arm)
+    return gj.train(
         _Loss(terms),
         init,
-        optimizer,
+        _adam(cfg.learning_rate),
         _Batches(data, cfg.batch_size),
         key=key,
         num_steps=cfg.num_steps,
         steps_per_chunk=cfg.steps_per_chunk,
         checkpoint_every=cfg.steps_per_chunk,  # a killed run resumes inside the arm
-        regularizers={t: (cfg.weight(t), None) for t in terms},
+        regularizers={t: (getattr(cfg, f"{t}_weight") * (t in ARMS[arm]), None) for t in terms},
         run_dir=run_dir,
-        config={**dataclasses.asdict(cfg), "dataset": data.name, "arm": name},
+        config={**dataclasses.asdict(cfg), "dataset": data.name, "arm": arm},
         on_chunk=on_chunk,
     )
-    logged = [r for r in io.read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-    # one `seconds` value per chunk (its mean step time). The slowest chunk is the one that
-    # compiled: the median of the others is the compile-free step time (a resumed run
-    # compiles once more; with >= 5 chunks the median still leaves that chunk out)
-    chunks = np.sort([r["seconds"] for r in logged[:: cfg.steps_per_chunk]])
-    step_s = float(np.median(chunks[:-1])) if len(chunks) > 1 else float(chunks[0])
-    curve = {
-        "loss": [r["loss"] / cfg.num_seeds for r in logged],
-        **{t: [r[t] / cfg.num_seeds for r in logged] for t in terms},
-    }
-    return res, {
-        "train_step_s": step_s,
-        "train_time_s": step_s * cfg.num_steps,
-        "compile_s": max(0.0, float(chunks[-1] - step_s) * cfg.steps_per_chunk),
-        "curve": curve,
-        "optimizer": optimizer,
-    }
 
 
-def _nfe_curve(cfg, arm_dir: Path, init, optimizer, x, y) -> list[dict]:
+def _nfe_curve(cfg, arm_dir: Path, init, x, y) -> list[dict]:
     """Test accuracy and evaluations per example at every checkpoint of an arm."""
     params, static = eqx.partition(init, eqx.is_inexact_array)
-    like = (params, optimizer.init(params))
+    like = (params, _adam(cfg.learning_rate).init(params))
     out = []
     for path in sorted((arm_dir / "checkpoints").glob("step_*.eqx")):
         step, (p, _) = gj.read_checkpoint(path, like)
         ev = jax.device_get(_evaluate(_adaptive(cfg, eqx.combine(p, static)), x, y))
-        out.append(
-            {
-                "step": step,
-                "evaluations": float(np.mean(ev["evaluations"])),
-                "accuracy": float(np.mean(ev["accuracy"])),
-            }
-        )
+        means = {k: float(np.mean(ev[k])) for k in ("evaluations", "accuracy")}
+        out.append({"step": step, **means})
     return out
 
 
-def _load(cfg: Config, name: str) -> gj.Dataset:
-    return gj.load_dataset(
-        name, seed=cfg.seed, num_samples=cfg.moons_samples, noise=cfg.moons_noise
-    )
+def _arm_row(cfg: Config, arm: str, data, res, arm_dir: Path, init, k_size) -> dict:
+    """An arm's numbers: training time and curves; at test time the adaptive solver's accuracy
+    and cost, inference wall time (compiled, median of 3), the regulariser sizes and the NFE
+    curve over training."""
+    # one `seconds` value per chunk (its mean step time). The slowest chunk is the one that
+    # compiled (the first arm of a program): the median of the others is the compile-free step
+    # time (a resumed run compiles once more; with >= 5 chunks the median still leaves it out)
+    chunks = np.sort([r["seconds"] for r in res.history[:: cfg.steps_per_chunk]])
+    step_s = float(np.median(chunks[:-1])) if len(chunks) > 1 else float(chunks[0])
+    curve = {t: [r[t] / cfg.num_seeds for r in res.history] for t in ("loss", *ARMS[arm])}
+    test_models = _adaptive(cfg, res.model)
+    x, y = data.x_test, data.y_test
+    ev = jax.device_get(_evaluate(test_models, x, y))
+    timed = lambda: jax.block_until_ready(_evaluate(test_models, x, y))  # noqa: E731
+    wall = float(np.median(timeit.repeat(timed, number=1, repeat=3)))  # compiled above
+    sizes = jax.device_get(_sizes(res.model, x, k_size))
+    n = min(cfg.curve_examples, x.shape[0])
+    return {
+        "accuracy": float(np.mean(ev["accuracy"])),
+        "accuracy_per_seed": ev["accuracy"],
+        "steps": float(np.mean(ev["steps"])),
+        "max_steps": int(np.max(ev["max_steps"])),
+        "evaluations": float(np.mean(ev["evaluations"])),
+        "evaluations_per_seed": ev["evaluations"],
+        "failed_solves": int(np.sum(ev["failed"])),
+        "inference_s_per_example": wall / (cfg.num_seeds * x.shape[0]),
+        "train_step_s": step_s,
+        "train_time_s": step_s * cfg.num_steps,
+        "compile_s": max(0.0, float(chunks[-1] - step_s) * cfg.steps_per_chunk),
+        "final_loss": curve["loss"][-1],
+        "regularizer_sizes": {t: float(np.mean(v)) for t, v in sizes.items()},
+        "training_curve": curve,
+        "nfe_curve": _nfe_curve(cfg, arm_dir, init, x[:n], y[:n]) if n else [],
+    }
 
 
 def run(config: Config, run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
-    start_all = time.perf_counter()
-    root = jax.random.key(config.seed)
-    results = {}
-    bar = tqdm(
-        total=len(config.datasets) * len(config.arms) * config.num_steps,
-        desc="regularizers",
-        unit="step",
-        position=BAR_POSITION.get(),
-        leave=True,
-    )
-    done = 0
-    for d_index, name in enumerate(config.datasets):
-        data = _load(config, name)
-        k_init, k_train, k_size = jax.random.split(jax.random.fold_in(root, d_index), 3)
-        init = _models(config, data, k_init)
-        arms, trajectories = {}, {}
-        # the 2-D task: trajectories of seed 0 of every arm at 20 times in (0, t1]
-        n_traj = min(config.trajectory_examples, data.x_test.shape[0])
-        scales = jnp.linspace(0.0, 1.0, 21)[1:]
-        for arm in config.arms:
-
-            def on_chunk(step, metrics, label=f"{name} {arm}", offset=done):
-                bar.set_postfix_str(f"{label}, loss {metrics['loss']:.2e}", refresh=False)
-                bar.update(offset + step - bar.n)
-
-            arm_dir = run_dir / name / arm
-            res, facts = _train_arm(config, arm, data, init, k_train, arm_dir, on_chunk)
-            done += config.num_steps
-            bar.update(done - bar.n)
-            test_models = _adaptive(config, res.model)
-            ev = jax.device_get(_evaluate(test_models, data.x_test, data.y_test))
-            wall = _median_time(
-                lambda m=test_models, x=data.x_test, y=data.y_test: _evaluate(m, x, y)
+    steps = len(config.datasets) * len(config.arms) * config.num_steps
+    with TrainingRun("regularizers", config, run_dir, steps) as tr:
+        root = jax.random.key(config.seed)
+        results = {}
+        for d_index, name in enumerate(config.datasets):
+            data = gj.load_dataset(
+                name, seed=config.seed, num_samples=config.moons_samples, noise=config.moons_noise
             )
-            sizes = jax.device_get(_sizes(res.model, data.x_test, k_size))
-            n_curve = min(config.curve_examples, data.x_test.shape[0])
-            curve = (
-                _nfe_curve(
-                    config,
-                    arm_dir,
-                    init,
-                    facts["optimizer"],
-                    data.x_test[:n_curve],
-                    data.y_test[:n_curve],
-                )
-                if n_curve
-                else []
-            )
-            arms[arm] = {
-                "accuracy": float(np.mean(ev["accuracy"])),
-                "accuracy_per_seed": ev["accuracy"],
-                "steps": float(np.mean(ev["steps"])),
-                "max_steps": int(np.max(ev["max_steps"])),
-                "evaluations": float(np.mean(ev["evaluations"])),
-                "evaluations_per_seed": ev["evaluations"],
-                "failed_solves": int(np.sum(ev["failed"])),
-                "inference_s_per_example": wall / (config.num_seeds * data.x_test.shape[0]),
-                "train_step_s": facts["train_step_s"],
-                "train_time_s": facts["train_time_s"],
-                "compile_s": facts["compile_s"],
-                "final_loss": facts["curve"]["loss"][-1],
-                "regularizer_sizes": {t: float(np.mean(v)) for t, v in sizes.items()},
-                "training_curve": facts["curve"],
-                "nfe_curve": curve,
-            }
-            if data.num_features == 2 and n_traj:
-                trajectories[arm] = np.asarray(
-                    _trajectories(_seed(test_models, 0), data.x_test[:n_traj], scales)
-                )
-        entry = {"arms": arms, "num_test": int(data.x_test.shape[0])}
-        if trajectories:
-            entry["trajectories"] = trajectories
-            entry["trajectory_labels"] = np.asarray(data.y_test[:n_traj])
-            entry["trajectory_inputs"] = np.asarray(data.x_test[:n_traj])
-        results[name] = entry
-    bar.close()
-
-    claims = []
-    for name, entry in results.items():
-        claims += _claims(config, name, entry)
-    io.write_json(run_dir / "results.json", results)
-    with PLOT_LOCK:
-        figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config)
-    records = "".join(
-        json.dumps(
-            io.jsonable(
-                {
-                    "dataset": name,
-                    "arm": arm,
-                    **{
-                        k: v
-                        for k, v in row.items()
-                        if k not in ("training_curve", "nfe_curve", "regularizer_sizes")
-                    },
-                    **{f"size_{t}": v for t, v in row["regularizer_sizes"].items()},
-                }
-            )
-        )
-        + "\n"
-        for name, entry in results.items()
-        for arm, row in entry["arms"].items()
-    )
-    io.atomic_write_bytes(run_dir / "metrics.jsonl", records.encode())
-    return experiment_summary("regularizers", claims, figures, run_dir, start_all)
+            k_init, k_train, k_size = jax.random.split(jax.random.fold_in(root, d_index), 3)
+            init = _models(config, data, k_init)
+            arms, trajectories = {}, {}
+            # the 2-D task: trajectories of seed 0 of every arm at 20 times in (0, t1]
+            n_traj = min(config.trajectory_examples, data.x_test.shape[0])
+            ts = config.t1 * jnp.linspace(0.0, 1.0, 21)[1:]
+            for arm in config.arms:
+                arm_dir = tr.dir / name / arm
+                with tr.stage(f"{name} {arm}", config.num_steps) as on_chunk:
+                    res = _train_arm(config, arm, data, init, k_train, arm_dir, on_chunk)
+                arms[arm] = _arm_row(config, arm, data, res, arm_dir, init, k_size)
+                if data.num_features == 2 and n_traj:
+                    seed0 = gj.unstack_model(_adaptive(config, res.model), 0)
+                    trajectories[arm] = np.asarray(_trajectories(seed0, data.x_test[:n_traj], ts))
+            results[name] = {"arms": arms, "num_test": int(data.x_test.shape[0])}
+            if trajectories:
+                labels, inputs = np.asarray(data.y_test[:n_traj]), np.asarray(data.x_test[:n_traj])
+                results[name].update(trajectories=trajectories, trajectory_labels=labels,
+                                     trajectory_inputs=inputs)  # fmt: skip
+        claims = [c for name, entry in results.items() for c in _claims(config, name, entry)]
+        records = [  # one line per arm: its numbers without the curves
+            {"dataset": name, "arm": arm, **{k: v for k, v in row.items() if "curve" not in k}}
+            for name, entry in results.items()
+            for arm, row in entry["arms"].items()
+        ]
+        return tr.finish(results, plot, records, claims)
 
 
 def _claims(cfg: Config, name: str, entry: dict) -> list[dict]:
@@ -510,10 +392,9 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
             ax.scatter(nfe, 100 * acc, color=f"C{i}", alpha=0.5, s=20)
             ax.scatter([nfe.mean()], [100 * acc.mean()], color=f"C{i}", marker="*", s=160,
                        edgecolor="k", label=arm)  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_xlabel(f"test field evaluations per example (Dopri5, rtol {config.test_rtol:g})")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{name}: accuracy against cost (dots: seeds, stars: means)")
+        ax.set(xscale="log", ylabel="test accuracy (%)",
+               xlabel=f"test field evaluations per example (Dopri5, rtol {config.test_rtol:g})",
+               title=f"{name}: accuracy against cost (dots: seeds, stars: means)")  # fmt: skip
         ax.legend(fontsize=7)
         ax = axes[1, j]
         for i, (arm, row) in enumerate(arms.items()):
@@ -521,10 +402,8 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
             if curve:
                 ax.plot([c["step"] for c in curve], [c["evaluations"] for c in curve], "o-",
                         color=f"C{i}", label=arm)  # fmt: skip
-        ax.set_yscale("log")
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel("test field evaluations per example")
-        ax.set_title(f"{name}: solver cost over training")
+        ax.set(yscale="log", xlabel="optimiser step", ylabel="test field evaluations per example",
+               title=f"{name}: solver cost over training")  # fmt: skip
         ax.legend(fontsize=7)
         for ax in axes[:, j]:
             ax.grid(True, which="both", alpha=0.3)
@@ -550,9 +429,8 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
                 ax.plot(path[:, 0], path[:, 1], color=f"C{labels[n]}", lw=0.8, alpha=0.7)
                 ax.plot(path[-1, 0], path[-1, 1], "o", color=f"C{labels[n]}", ms=3)
             nfe = entry["arms"][arm]["evaluations"]
+            ax.set(xlabel="z_1", ylabel="z_2")
             ax.set_title(f"{arm}\nNFE {nfe:.0f} per example", fontsize=9)
-            ax.set_xlabel("z_1")
-            ax.set_ylabel("z_2")
         fig.suptitle(f"{name}: trajectories of seed 0 (colour: class; dot: z(T))")
         fig.tight_layout()
         out.append(io.save_figure(fig, fig_dir / f"trajectories_{name}.png"))
