@@ -3,13 +3,13 @@
 S seeds of a `LinearNODE` (Fourier time basis) are trained on noisy samples of an affine map for
 each regulariser strength lambda. Without fixing, the trained models agree as functions but
 scatter over the gauge orbit ("a random sample of the vacuum gauge orbit"); with Eq. 45 they
-collapse towards the canonical (uniform-motion) representative. Seeds are trained together as
-one stacked model: Adam is elementwise, so the summed loss trains them independently.
+collapse towards the canonical (uniform-motion) representative. Every lambda and extra arm
+(job) and every seed train together as one stacked model of jobs x seeds (`gj.stack_models`):
+each model's loss carries its own job's regulariser at its lambda, and Adam is elementwise, so
+the summed loss trains each model as if alone, in one compiled program and one run.
 """
 
 import dataclasses
-import json
-import time
 import warnings
 from pathlib import Path
 from typing import ClassVar
@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import BAR_POSITION, PLOT_LOCK, claim, experiment_summary, pyplot
+from ._common import check_choices, check_one_of, claim, pyplot
+from ._training import TrainingRun
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,16 +65,8 @@ class Config:
     NONNEGATIVE: ClassVar[tuple[str, ...]] = ("lambdas",)
 
     def __post_init__(self):
-        if self.regularizer not in REGULARIZERS:
-            raise ValueError(
-                f"`regularizer` must be one of {list(REGULARIZERS)}; received {self.regularizer!r}."
-            )
-        unknown = [a for a in self.arms if a not in REGULARIZERS]
-        if unknown or len(set(self.arms)) != len(self.arms):
-            raise ValueError(
-                f"`arms` must name distinct regularisers of {list(REGULARIZERS)}; received "
-                f"{list(self.arms)}."
-            )
+        check_one_of("regularizer", self.regularizer, REGULARIZERS)
+        check_choices("arms", self.arms, REGULARIZERS, empty=True)
         if self.test_rtol > self.train_rtol:
             warnings.warn(
                 f"test_rtol = {self.test_rtol:g} is looser than train_rtol = {self.train_rtol:g}: "
@@ -126,22 +118,31 @@ def _models(cfg: Config, key, rtol):
             cfg.dim, cfg.t1, key=k, basis=basis, stepsize_controller=controller
         )
 
-    return eqx.filter_vmap(make)(jax.random.split(key, cfg.num_seeds))
+    return gj.stack_models(make, jax.random.split(key, cfg.num_seeds))
 
 
-def _data_loss(models, batch):
-    x, y = batch
-    per_seed = eqx.filter_vmap(lambda mod: jnp.mean((jax.vmap(mod)(x) - y) ** 2))(models)
-    return jnp.sum(per_seed)
+class _Loss(eqx.Module):
+    """Models stacked as (jobs, seeds): the summed data loss, and as terms the summed penalty
+    of each job's regulariser at its lambda (`weights[job, regulariser]`: traced, so any
+    lambdas share the program) and each job's seed-mean data loss (monitors: no gradient)."""
 
+    weights: jax.Array
+    names: tuple[str, ...] = eqx.field(static=True)
+    inputs: int = eqx.field(static=True)
 
-def _penalty(cfg, name: str):
-    def penalty(models, batch):
-        inputs = batch[0][: cfg.regularizer_inputs]
-        per_seed = eqx.filter_vmap(lambda mod: gj.gauge_fixing_penalty(name, mod, inputs))(models)
-        return jnp.sum(per_seed)
+    def __call__(self, models, batch):
+        x, y = batch
 
-    return penalty
+        def one(mod, w):
+            data = jnp.mean((jax.vmap(mod)(x) - y) ** 2)
+            penalties = [gj.gauge_fixing_penalty(n, mod, x[: self.inputs]) for n in self.names]
+            return data, jnp.dot(w, jnp.stack(penalties))
+
+        per_job = eqx.filter_vmap(eqx.filter_vmap(one, in_axes=(eqx.if_array(0), None)))
+        data, penalty = per_job(models, self.weights)
+        monitors = jax.lax.stop_gradient(jnp.mean(data, axis=1))
+        terms = {f"data_{j}": monitors[j] for j in range(data.shape[0])}
+        return jnp.sum(data), {"gauge": jnp.sum(penalty), **terms}
 
 
 _NAMES = {
@@ -158,9 +159,9 @@ _EQUATIONS = {
 }
 
 
-@eqx.filter_jit  # the config is static (hashable): one program for every lambda
+@eqx.filter_jit  # the config is static (hashable): one program for every job
 def _evaluate(cfg: Config, models, test):
-    """Per-seed test metrics with a tight adaptive solver."""
+    """Per model of the (jobs, seeds) stack: test metrics with a tight adaptive solver."""
     x, y = test
     tight = diffrax.PIDController(rtol=cfg.test_rtol, atol=cfg.test_rtol)
 
@@ -175,26 +176,35 @@ def _evaluate(cfg: Config, models, test):
             "M": M,
             "m": m,
             "penalty": gj.linear_gauge_fixing_penalty(mod.weight, mod.bias, cfg.t1),
+            "w": jax.vmap(mod.weight)(jnp.linspace(0.0, cfg.t1, 50))[:, 0, :2],  # the figure's
         }
 
-    return eqx.filter_vmap(one)(models)
+    return eqx.filter_vmap(eqx.filter_vmap(one))(models)
 
 
-def _canonical_distances(cfg: Config, models, M, m) -> np.ndarray:
-    """Per seed: `gj.orbits.canonical_distance` (16 Gauss nodes over [0, T]), reusing the
-    fingerprints of `_evaluate` (eager: the existence check of the canonical gauge runs on the
-    host)."""
-    return np.asarray(
-        [
-            float(gj.orbits.canonical_distance(_seed(models, s), fingerprint=(M[s], m[s])))
-            for s in range(cfg.num_seeds)
-        ]
-    )
-
-
-def _seed(models, s):
-    """Seed s of a stacked model."""
-    return jax.tree.map(lambda a: a[s] if eqx.is_array(a) else a, models)
+def _row(cfg: Config, name: str, lam: float, models, ev) -> dict:
+    """One job's numbers from its seeds' stack and their `_evaluate` metrics."""
+    # per seed: `gj.orbits.canonical_distance` (16 Gauss nodes over [0, T]) from the
+    # fingerprints of `_evaluate` (eager: the canonical gauge's existence check is on the host)
+    distances = [
+        float(gj.orbits.canonical_distance(gj.unstack_model(models, s), fingerprint=(M, m)))
+        for s, (M, m) in enumerate(zip(ev["M"], ev["m"], strict=True))
+    ]
+    # the basis coefficients only (the stacked model's Fourier frequencies are arrays too)
+    where = lambda mod: (mod.field.weights, mod.field.biases)  # noqa: E731
+    return {
+        "regularizer": name,
+        "lambda": lam,
+        "final_loss": float(np.mean(ev["loss"])),
+        # the spread of the I/O maps x -> M x + m: of the fingerprints from `_evaluate`
+        "function_spread": float(gj.orbits.seed_spread((ev["M"], ev["m"]))),
+        "parameter_spread": float(gj.orbits.parameter_spread(models, where=where)),
+        "canonical_distance": float(np.mean(distances)),
+        "penalty": float(np.mean(ev["penalty"])),
+        "test_steps": float(np.mean(ev["steps"])),
+        "test_evaluations": float(np.mean(ev["evaluations"])),
+        "w_trajectories": ev["w"],
+    }
 
 
 @eqx.filter_jit
@@ -221,93 +231,54 @@ def _footnote12_invariance(config: Config, model, key) -> dict:
     }
 
 
-def _weight_trajectories(models, ts) -> np.ndarray:
-    """w(t)[0, :2] of every seed on the grid ts."""
-    return np.asarray(eqx.filter_vmap(lambda mod: jax.vmap(mod.weight)(ts))(models))[:, :, 0, :2]
-
-
 def run(config: Config, run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
-    start_all = time.perf_counter()
-    k_task, k_init, k_train, k_test = jax.random.split(jax.random.key(config.seed), 4)
-    M, m, batch_fn = _task(config, k_task)
-    init = _models(config, k_init, config.train_rtol)
-    test = batch_fn(k_test)
-    test = (test[0][: config.num_test], test[1][: config.num_test])
-    rows, curves = {}, {}
-    # the lambda sweep of `regularizer`, then one run per extra arm at `arm_lambda`
-    jobs = [(config.regularizer, lam, f"lambda_{lam:g}") for lam in config.lambdas]
-    jobs += [(arm, config.arm_lambda, f"arm_{arm}") for arm in config.arms]
-    # one optimiser and penalty per regulariser: the lambdas of one share one compiled chunk
-    optimizer = optax.adam(config.learning_rate)
-    penalties = {name: _penalty(config, name) for name in {j[0] for j in jobs}}
-    # one bar over every run's steps, advanced after each compiled chunk (a resumed run
-    # starts it at the steps already done); its line is the one `reproduce` gives this thread
-    bar = tqdm(
-        total=len(jobs) * config.num_steps,
-        desc="gauge_fixing",
-        unit="step",
-        position=BAR_POSITION.get(),
-        leave=True,
-    )
-
-    def advance(i, label):
-        def on_chunk(step, metrics):
-            bar.set_postfix_str(f"{label}, loss {metrics['loss']:.2e}", refresh=False)
-            bar.update(i * config.num_steps + step - bar.n)
-
-        return on_chunk
-
-    trained = {}
-    for i, (name, lam, sub) in enumerate(jobs):
-        start = time.perf_counter()
-        res = gj.train(
-            _data_loss,
-            init,
-            optimizer,
-            batch_fn,
-            key=k_train,
-            num_steps=config.num_steps,
-            steps_per_chunk=config.steps_per_chunk,
-            # a checkpoint per chunk: a killed run resumes inside the run it was training
-            checkpoint_every=config.steps_per_chunk,
-            regularizers={"gauge": (lam, penalties[name])},
-            run_dir=run_dir / sub,
-            config={**dataclasses.asdict(config), "lambda": lam, "regularizer": name},
-            on_chunk=advance(i, f"{name} lambda {lam:g}"),
-        )
-        bar.update((i + 1) * config.num_steps - bar.n)  # a run finished before a resume
-        wall = time.perf_counter() - start
-        ev = jax.device_get(_evaluate(config, res.model, test))
-        row = {
-            "regularizer": name,
-            "lambda": lam,
-            "final_loss": float(np.mean(ev["loss"])),
-            # the spread of the I/O maps x -> M x + m: of the fingerprints from `_evaluate`
-            "function_spread": float(gj.orbits.seed_spread((ev["M"], ev["m"]))),
-            # the basis coefficients only (the stacked model's Fourier frequencies are arrays too)
-            "parameter_spread": float(
-                gj.orbits.parameter_spread(
-                    res.model, where=lambda mod: (mod.field.weights, mod.field.biases)
-                )
-            ),
-            "canonical_distance": float(
-                np.mean(_canonical_distances(config, res.model, ev["M"], ev["m"]))
-            ),
-            "penalty": float(np.mean(ev["penalty"])),
-            "test_steps": float(np.mean(ev["steps"])),
-            "test_evaluations": float(np.mean(ev["evaluations"])),
-            "wall_time_s": wall,
-            "w_trajectories": _weight_trajectories(res.model, jnp.linspace(0.0, config.t1, 50)),
+    # the lambda sweep of `regularizer`, then one job per extra arm at `arm_lambda`
+    jobs = [(config.regularizer, lam) for lam in config.lambdas]
+    jobs += [(arm, config.arm_lambda) for arm in config.arms]
+    with TrainingRun("gauge_fixing", config, run_dir, config.num_steps) as tr:
+        k_task, k_init, k_train, k_test = jax.random.split(jax.random.key(config.seed), 4)
+        M, m, batch_fn = _task(config, k_task)
+        seeds = _models(config, k_init, config.train_rtol)
+        init = jax.tree.map(lambda a: jnp.stack([a] * len(jobs)) if eqx.is_array(a) else a, seeds)
+        names = tuple(dict.fromkeys(name for name, _ in jobs))  # each regulariser once
+        weights = jnp.asarray([[lam * (name == n) for n in names] for name, lam in jobs])
+        regularizers = {
+            "gauge": (1.0, None),
+            **{f"data_{j}": (0.0, None) for j in range(len(jobs))},
         }
-        # the whole curve from the run's own log: a resumed (or finished) run's history
-        # holds only the steps it ran itself
-        logged = io.read_jsonl(run_dir / sub / "metrics.jsonl")
-        curve = [r["loss"] / config.num_seeds for r in logged if "loss" in r]
-        key = lam if i < len(config.lambdas) else name
-        rows[key], curves[key], trained[key] = row, curve, res.model
+        with tr.stage(f"{len(jobs)} jobs x {config.num_seeds} seeds", config.num_steps) as on_chunk:
+            res = gj.train(_Loss(weights, names, config.regularizer_inputs), init,
+                           optax.adam(config.learning_rate), batch_fn, key=k_train,
+                           num_steps=config.num_steps, steps_per_chunk=config.steps_per_chunk,
+                           checkpoint_every=config.steps_per_chunk, regularizers=regularizers,
+                           run_dir=tr.dir / "train", config=dataclasses.asdict(config),
+                           on_chunk=on_chunk)  # fmt: skip
+        test = jax.tree.map(lambda a: a[: config.num_test], batch_fn(k_test))
+        ev = jax.device_get(_evaluate(config, res.model, test))
+        rows, curves = {}, {}
+        for j, (name, lam) in enumerate(jobs):
+            key = lam if j < len(config.lambdas) else name
+            job = jax.tree.map(lambda a, j=j: a[j], ev)
+            rows[key] = _row(config, name, lam, gj.unstack_model(res.model, j), job)
+            curves[key] = [r[f"data_{j}"] for r in res.history]
+        unfixed = gj.unstack_model(gj.unstack_model(res.model, 0), 0)  # seed 0, lambda 0
+        invariance = jax.device_get(
+            _footnote12_invariance(config, unfixed, jax.random.fold_in(k_test, 12))
+        )
+        claims = _claims(config, rows, invariance)
+        results = {
+            "rows": {f"{k:g}": rows[k] for k in config.lambdas},
+            "arms": {a: rows[a] for a in config.arms},
+            "curves": {(f"{k:g}" if k in config.lambdas else k): v for k, v in curves.items()},
+            "invariance": invariance,
+            "training": {"seconds": res.seconds},
+        }
+        # one record per job
+        records = [{k: v for k, v in rows[key].items() if k != "w_trajectories"} for key in rows]
+        return tr.finish(results, plot, records, claims)
 
-    bar.close()
+
+def _claims(config: Config, rows: dict, invariance: dict) -> list:
     base = rows[0.0]
     fixed = [rows[lam] for lam in config.lambdas if lam > 0]
     good = [
@@ -357,9 +328,6 @@ def run(config: Config, run_dir: Path) -> dict:
             f"canonical gauge {best['canonical_distance']:.2e} vs {base['canonical_distance']:.2e}",
         ),
     ]
-    invariance = jax.device_get(
-        _footnote12_invariance(config, _seed(trained[0.0], 0), jax.random.fold_in(k_test, 12))
-    )
     worst_so = float(np.max(invariance["rotation_covariant_SO"]))
     least_gl = float(np.min(invariance["rotation_covariant_GL"]))
     least_eq45 = float(np.min(invariance["eq45_SO"]))
@@ -399,23 +367,7 @@ def run(config: Config, run_dir: Path) -> dict:
                 f"{arm['test_steps']:.1f}",
             )
         )
-    results = {
-        "rows": {f"{k:g}": rows[k] for k in config.lambdas},
-        "arms": {a: rows[a] for a in config.arms},
-        "curves": {(f"{k:g}" if k in config.lambdas else k): v for k, v in curves.items()},
-        "invariance": invariance,
-    }
-    io.write_json(run_dir / "results.json", results)
-    with PLOT_LOCK:
-        figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config)
-    # one record per lambda, written once (a resumed run must not append them again)
-    records = "".join(
-        json.dumps(io.jsonable({k: v for k, v in rows[key].items() if k != "w_trajectories"}))
-        + "\n"
-        for key in (*config.lambdas, *config.arms)
-    )
-    io.atomic_write_bytes(run_dir / "metrics.jsonl", records.encode())
-    return experiment_summary("gauge_fixing", claims, figures, run_dir, start_all)
+    return claims
 
 
 def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
