@@ -19,13 +19,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import gaugejax as gj
 from gaugejax import io
 
 from ._common import check_choices, check_one_of, claim, pyplot
-from ._training import TrainingRun
+from ._training import TrainingRun, optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +247,7 @@ def run(config: Config, run_dir: Path) -> dict:
         }
         with tr.stage(f"{len(jobs)} jobs x {config.num_seeds} seeds", config.num_steps) as on_chunk:
             res = gj.train(_Loss(weights, names, config.regularizer_inputs), init,
-                           optax.adam(config.learning_rate), batch_fn, key=k_train,
+                           optimizer("adam", config.learning_rate), batch_fn, key=k_train,
                            num_steps=config.num_steps, steps_per_chunk=config.steps_per_chunk,
                            checkpoint_every=config.steps_per_chunk, regularizers=regularizers,
                            run_dir=tr.dir / "train", config=dataclasses.asdict(config),

@@ -13,7 +13,6 @@ trained model's, and the output deviation at a tight tolerance.
 """
 
 import dataclasses
-import functools
 import math
 import warnings
 from pathlib import Path
@@ -24,13 +23,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import gaugejax as gj
 from gaugejax import gauge_search as gs, io
 
 from ._common import check_choices, check_one_of, claim, pyplot
-from ._training import TrainingRun
+from ._training import TrainingRun, optimizer
 
 
 FAMILIES = ("diffeo", "reparam", "composed")
@@ -83,7 +81,7 @@ class Config:
         check_choices("families", self.families, FAMILIES)
         check_choices("proxies", self.proxies, PROXIES)
         check_one_of("optimise_family", self.optimise_family, FAMILIES)
-        num_test = math.ceil(TEST_FRACTION * self.num_data)
+        num_test = math.ceil(TEST_FRACTION * self.num_data)  # as sklearn splits
         num_train = self.num_data - num_test
         if self.num_data < 8:
             raise ValueError(f"`num_data` must be >= 8; received {self.num_data}.")
@@ -101,15 +99,14 @@ class Config:
             if (steps := getattr(self, f"{name}_steps")) % chunk:
                 raise ValueError(f"`{name}_steps` must be a multiple of its chunk ({chunk}): "
                                  f"checkpoints fall on chunk ends; received {steps}.")  # fmt: skip
-        if not 0 < self.rho < 1:
-            raise ValueError(f"`rho` must be in (0, 1); received {self.rho}.")
+        for name in ("rho", "max_deviation"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be in (0, 1); received {getattr(self, name)}.")
         if not self.spread_min > 1:
             raise ValueError(
                 f"`spread_min` (max/min NFE along the orbit) must be > 1 (a ratio <= 1 always "
                 f"holds); received {self.spread_min}."
             )
-        if not 0 < self.max_deviation < 1:
-            raise ValueError(f"`max_deviation` must be in (0, 1); received {self.max_deviation}.")
         if not (self.tight_rtol < self.measure_rtol and self.tight_atol < self.measure_rtol):
             raise ValueError(
                 f"`tight_rtol` and `tight_atol` must be below measure_rtol = "
@@ -147,17 +144,9 @@ def _at(node: gj.NeuralODE, rtol: float, atol: float) -> gj.NeuralODE:
     return node.with_options(stepsize_controller=pid)
 
 
-@functools.cache
-def _adam(learning_rate: float) -> optax.GradientTransformation:
-    """One optimiser object per learning rate: `gj.train` keys its compiled chunk on it, so
-    runs in one process (a resumed run, `reproduce`, the tests) share the programs."""
-    return optax.adam(learning_rate)
-
-
 def _classifier(cfg: Config, key) -> gj.ODEClassifier:
-    """`gj.ODEClassifier`: an `MLPField` on the input padded with `augment` zeros, a linear
-    read-out of `x(t1)`. The gauge acts on its node alone: a transformation that keeps `x(t1)`
-    keeps the classifier. Float tolerances while training (arrays would be trained leaves)."""
+    """An MLP field on the input padded with zeros, read out linearly: the gauge acts on the
+    node alone. Float tolerances while training (arrays would be trained leaves)."""
     train = diffrax.PIDController(rtol=cfg.train_rtol, atol=cfg.train_rtol)
     return gj.ODEClassifier.mlp(2, 2, key=key, augment=cfg.augment, width=cfg.width,
                                 depth=cfg.depth, t1=cfg.t1, stepsize_controller=train)  # fmt: skip
@@ -188,11 +177,6 @@ def _trajectories(model: gj.NeuralODE, xs, ts):
     return jax.vmap(lambda x: model.solve(x, saveat=diffrax.SaveAt(ts=ts))[0])(xs)
 
 
-def _cost_row(cost: gs.ElementCost) -> dict:
-    keys = ("num_evaluations", "num_steps", "max_rel", "max_abs", "status")
-    return {k: getattr(cost, k) for k in keys}
-
-
 def run(config: Config, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     arms = list(config.proxies)
@@ -205,10 +189,10 @@ def run(config: Config, run_dir: Path) -> dict:
             config.dataset, seed=config.seed, num_samples=config.num_data, noise=config.data_noise
         )
         # 1. the trained classifier (checkpointed: a killed run resumes inside training)
+        adam, batches = optimizer("adam", config.learning_rate), data.batch_fn(config.batch_size)
         with tr.stage("training", config.train_steps) as on_chunk:
-            trained = gj.train(gj.classification_loss, _classifier(config, k_init),
-                               _adam(config.learning_rate), data.batch_fn(config.batch_size),
-                               key=k_train, num_steps=config.train_steps,
+            trained = gj.train(gj.classification_loss, _classifier(config, k_init), adam,
+                               batches, key=k_train, num_steps=config.train_steps,
                                steps_per_chunk=config.steps_per_chunk,
                                checkpoint_every=config.steps_per_chunk, run_dir=run_dir / "train",
                                config=cfg_dict, on_chunk=on_chunk)  # fmt: skip
@@ -296,7 +280,6 @@ def _sweeps(config: Config, run_dir: Path, tr, measure, families, inputs, k_swee
                 "rebuilt_max_rel": rebuilt.max_rel,
             },
         }
-
     return sweeps
 
 
@@ -314,7 +297,7 @@ def _optimise(config: Config, tr, proxy, models, gauge, inputs, base, ts) -> dic
             measure,
             gauge,
             objective,
-            optimizer=_adam(config.optimise_lr),
+            optimizer=optimizer("adam", config.optimise_lr),
             num_steps=config.optimise_steps,
             steps_per_chunk=config.optimise_chunk,
             checkpoint_every=config.optimise_chunk,
@@ -327,6 +310,8 @@ def _optimise(config: Config, tr, proxy, models, gauge, inputs, base, ts) -> dic
     ]
     final = gs.element_cost(measure, gauge, res.element, inputs)
     final_train = gs.element_cost(measure, gauge, res.element, opt_inputs)
+    keys = ("num_evaluations", "num_steps", "max_rel", "max_abs", "status")
+    _cost_row = lambda cost: {k: getattr(cost, k) for k in keys}  # noqa: E731
     return {
         "objective_curve": [r["loss"] for r in res.train.history],
         "initial_objective": res.initial_objective,

@@ -22,13 +22,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import gaugejax as gj
 from gaugejax import io
 
 from ._common import check_choices, claim, pyplot
-from ._training import TrainingRun
+from ._training import TrainingRun, optimizer
 
 
 # arm -> its regularisers (each weighted by the config's `<term>_weight`)
@@ -197,18 +196,12 @@ def _trajectories(clf, x, ts):
     return jnp.swapaxes(zs, 0, 1)
 
 
-@functools.cache
-def _adam(learning_rate: float) -> optax.GradientTransformation:
-    """One optimiser object per learning rate: `gj.train` keys its compiled chunk on it."""
-    return optax.adam(learning_rate)
-
-
 def _train_arm(cfg, arm, data, init, key, run_dir, on_chunk) -> gj.TrainResult:
     terms = _program_terms(arm)
     return gj.train(
         _Loss(terms),
         init,
-        _adam(cfg.learning_rate),
+        optimizer("adam", cfg.learning_rate),
         _Batches(data, cfg.batch_size),
         key=key,
         num_steps=cfg.num_steps,
@@ -224,7 +217,7 @@ def _train_arm(cfg, arm, data, init, key, run_dir, on_chunk) -> gj.TrainResult:
 def _nfe_curve(cfg, arm_dir: Path, init, x, y) -> list[dict]:
     """Test accuracy and evaluations per example at every checkpoint of an arm."""
     params, static = eqx.partition(init, eqx.is_inexact_array)
-    like = (params, _adam(cfg.learning_rate).init(params))
+    like = (params, optimizer("adam", cfg.learning_rate).init(params))
     out = []
     for path in sorted((arm_dir / "checkpoints").glob("step_*.eqx")):
         step, (p, _) = gj.read_checkpoint(path, like)

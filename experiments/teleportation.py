@@ -39,7 +39,7 @@ import gaugejax as gj
 from gaugejax import TELEPORT_OBJECTIVES, io
 
 from ._common import check_choices, check_one_of, claim, pyplot
-from ._training import TrainingRun
+from ._training import TrainingRun, optimizer
 
 
 OPTIMIZERS = ("sgd", "adam")
@@ -118,12 +118,6 @@ class _Loss(eqx.Module):
         return gj.StackedLoss(gj.classification_loss)(models, batch), terms
 
 
-@functools.cache
-def _optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-    """One optimiser object per (name, learning rate): `gj.train` keys its chunk on it."""
-    return optax.sgd(learning_rate) if name == "sgd" else optax.adam(learning_rate)
-
-
 @eqx.filter_jit
 def _move(arm: str, models, batch, gauge, config: Config):
     """Every seed moved (`arm`: teleport or balance) and what the move changed on `batch`
@@ -145,8 +139,8 @@ def _move(arm: str, models, batch, gauge, config: Config):
             eqx.filter_value_and_grad(gj.classification_loss)(x, batch) for x in (m, moved)
         )
         norms = {
-            "grad_norm_before": optax.global_norm(g0),
-            "grad_norm_after": optax.global_norm(g1),
+            "grad_norm_before": optax.tree.norm(g0),
+            "grad_norm_after": optax.tree.norm(g1),
         }
         return moved, {"loss_before": l0, "loss_after": l1, **norms, **extra}
 
@@ -162,8 +156,8 @@ class _Segments:
     every arm) and a fresh optimiser state. Records go to `moves.json` at once: a resumed run
     calls the hook again where its checkpoint stands, and finds the earlier ones there."""
 
-    def __init__(self, config: Config, arm: str, optimizer, data, gauge, key, path: Path):
-        self.config, self.arm, self.optimizer, self.path = config, arm, optimizer, path
+    def __init__(self, config: Config, arm: str, opt_fn, data, gauge, key, path: Path):
+        self.config, self.arm, self.optimizer, self.path = config, arm, opt_fn, path
         self.data, self.gauge, self.key = data, gauge, key
         self.seconds = 0.0  # this process's time in moves
 
@@ -204,15 +198,15 @@ def _evaluate(models, data: gj.Dataset):
 
 def _run_arm(config: Config, opt: str, arm: str, tr: TrainingRun, data, init, gauge, keys):
     """Train one arm (its moves in the hook): its curves, moves, charges and final numbers."""
-    optimizer = _optimizer(opt, getattr(config, f"{opt}_learning_rate"))
+    opt_fn = optimizer(opt, getattr(config, f"{opt}_learning_rate"))
     arm_dir = tr.dir / opt / arm
-    hook = _Segments(config, arm, optimizer, data, gauge, keys[1], arm_dir / "moves.json")
+    hook = _Segments(config, arm, opt_fn, data, gauge, keys[1], arm_dir / "moves.json")
     monitors = {f"train_loss_{s}": (0.0, None) for s in range(config.num_seeds)}
     run_config = {**io.jsonable(dataclasses.asdict(config)), "optimizer": opt, "arm": arm}
     try:
         with tr.stage(f"{opt}/{arm}", config.num_steps) as on_chunk:
             loss, batches = _Loss(data.x_train, data.y_train), data.batch_fn(config.batch_size)
-            res = gj.train(loss, init, optimizer, batches, key=keys[0], num_steps=config.num_steps,
+            res = gj.train(loss, init, opt_fn, batches, key=keys[0], num_steps=config.num_steps,
                            steps_per_chunk=config.steps_per_chunk,
                            checkpoint_every=config.steps_per_chunk, regularizers=monitors,
                            run_dir=arm_dir, config=run_config, on_chunk=on_chunk, hook=hook,
