@@ -33,7 +33,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import gaugejax as gj
 from gaugejax import TELEPORT_OBJECTIVES, io
