@@ -492,10 +492,10 @@ def test_cli_interrupt_stops_within_seconds_and_marks_the_run(tmp_path):
 
 
 def test_killed_gauge_fixing_resumes_to_the_same_files(tmp_path):
-    """SIGKILL while the stacked lambdas train (a checkpoint written, not the last), then
-    `--resume`: training continues from the checkpoint, and every file but timing fields equals
-    an uninterrupted run's: checkpoints, logs (each step once), results and the figure byte for
-    byte. The three runs share one compilation cache, so they
+    """SIGKILL while the second lambda trains (its first checkpoint written, not its last), then
+    `--resume`: the finished lambda is kept, the other continues from its checkpoint, and every
+    file but timing fields equals an uninterrupted run's: checkpoints, logs (each step once),
+    results and the figure byte for byte. The three runs share one compilation cache, so they
     run the same executables (and the second and third skip most compilation)."""
     cmd = [sys.executable, "-m", "experiments", "gauge_fixing", "--config",
            "configs/gauge_fixing/smoke.toml", "num_steps=50", "steps_per_chunk=10",
@@ -505,19 +505,19 @@ def test_killed_gauge_fixing_resumes_to_the_same_files(tmp_path):
         [*cmd, "--out", str(tmp_path / "full")], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert full.returncode in (0, 1), full.stderr[-3000:]  # 1: a claim failed at this size
-    assert "gauge_fixing: 100%" in full.stderr and "50/50" in full.stderr  # training progress
+    assert "gauge_fixing: 100%" in full.stderr and "100/100" in full.stderr  # training progress
     proc = subprocess.Popen(
         [*cmd, "--out", str(tmp_path / "part")], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while not list(tmp_path.glob("part/gauge_fixing/*/train/checkpoints/LATEST")):
+    while not list(tmp_path.glob("part/gauge_fixing/*/lambda_0.1/checkpoints/LATEST")):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (run_dir,) = tmp_path.glob("part/gauge_fixing/*")
-    killed_at = (run_dir / "train" / "checkpoints" / "LATEST").read_text()
+    killed_at = (run_dir / "lambda_0.1" / "checkpoints" / "LATEST").read_text()
     assert killed_at < "step_00000050.eqx" and not (run_dir / "summary.json").exists()
     assert io.read_json(run_dir / "status.json")["status"] == "running"  # as a kill leaves it
     resumed = subprocess.run(
@@ -531,7 +531,7 @@ def test_killed_gauge_fixing_resumes_to_the_same_files(tmp_path):
     assert sorted(a) == sorted(b) and "figures/gauge_fixing.png" in a
     for name in a:
         assert _without_timings(name, a[name]) == _without_timings(name, b[name]), name
-    steps = [r["step"] for r in io.read_jsonl(run_dir / "train" / "metrics.jsonl")]
+    steps = [r["step"] for r in io.read_jsonl(run_dir / "lambda_0.1" / "metrics.jsonl")]
     assert steps == list(range(50))
 
 
