@@ -120,25 +120,19 @@ def _models(cfg: Config, key, rtol):
     return gj.stack_models(make, jax.random.split(key, cfg.num_seeds))
 
 
-class _Loss(eqx.Module):
-    """Summed over the seeds: the data loss, and as terms each regulariser of `names` (one
-    program for every run: a run weights its own regulariser by its lambda, the others by 0,
-    which adds exact zeros; stacking the runs too was measured 2x slower per step, as a batched
-    adaptive solve steps until its slowest lane, the unfixed models', is done)."""
+class _SeedLoss(eqx.Module):
+    """One seed's data loss, and as terms each regulariser of `names` (`gj.StackedLoss` sums
+    them over seeds). One program for every run: a run weights its own regulariser by its
+    lambda, the others by 0, which adds exact zeros. Stacking the runs too was measured 2x
+    slower per step: a batched adaptive solve steps until its slowest lane is done."""
 
     names: tuple[str, ...] = eqx.field(static=True)
     inputs: int = eqx.field(static=True)
 
-    def __call__(self, models, batch):
+    def __call__(self, mod, batch):
         x, y = batch
-
-        def one(mod):
-            data = jnp.mean((jax.vmap(mod)(x) - y) ** 2)
-            inputs = x[: self.inputs]
-            return data, {n: gj.gauge_fixing_penalty(n, mod, inputs) for n in self.names}
-
-        data, penalties = eqx.filter_vmap(one)(models)
-        return jnp.sum(data), {n: jnp.sum(p) for n, p in penalties.items()}
+        penalties = {n: gj.gauge_fixing_penalty(n, mod, x[: self.inputs]) for n in self.names}
+        return jnp.mean((jax.vmap(mod)(x) - y) ** 2), penalties
 
 
 _NAMES = {
@@ -236,7 +230,8 @@ def run(config: Config, run_dir: Path) -> dict:
         M, m, batch_fn = _task(config, k_task)
         init = _models(config, k_init, config.train_rtol)
         test = jax.tree.map(lambda a: a[: config.num_test], batch_fn(k_test))
-        loss = _Loss(tuple(dict.fromkeys(name for name, _, _ in jobs)), config.regularizer_inputs)
+        names = tuple(dict.fromkeys(name for name, _, _ in jobs))  # each regulariser once
+        loss = gj.StackedLoss(_SeedLoss(names, config.regularizer_inputs))
         rows, curves, trained = {}, {}, {}
         for i, (name, lam, sub) in enumerate(jobs):
             with tr.stage(f"{name} lambda {lam:g}", config.num_steps) as on_chunk:
@@ -245,7 +240,7 @@ def run(config: Config, run_dir: Path) -> dict:
                                steps_per_chunk=config.steps_per_chunk,
                                # a checkpoint per chunk: a killed run resumes inside this run
                                checkpoint_every=config.steps_per_chunk,
-                               regularizers={n: (lam * (n == name), None) for n in loss.names},
+                               regularizers={n: (lam * (n == name), None) for n in names},
                                run_dir=tr.dir / sub, on_chunk=on_chunk,
                                config={**dataclasses.asdict(config), "lambda": lam,
                                        "regularizer": name})  # fmt: skip

@@ -129,28 +129,23 @@ class _Batches(eqx.Module):
         return x, y, kp
 
 
-class _Loss(eqx.Module):
-    """Summed over seeds: mean cross-entropy and the mean of each regulariser `terms`, all from
-    one fixed-step solve per example (returned as `(loss, terms)`)."""
+class _SeedLoss(eqx.Module):
+    """One seed's mean cross-entropy and mean of each regulariser `terms`, all from one
+    fixed-step solve per example (`(loss, terms)`; `gj.StackedLoss` sums them over seeds)."""
 
     terms: tuple[str, ...] = eqx.field(static=True)
 
-    def __call__(self, models, batch):
+    def __call__(self, clf, batch):
         x, y, probe_key = batch
-        keys = jax.random.split(probe_key, x.shape[0])
 
-        def one_seed(clf):
-            def one(xi, k):
-                z1, integrals = gj.integrate_regularizers(
-                    clf.node, clf.initial_state(xi), self.terms, key=k
-                )
-                return clf.readout(z1), integrals
+        def one(xi, k):
+            z1, integrals = gj.integrate_regularizers(
+                clf.node, clf.initial_state(xi), self.terms, key=k
+            )
+            return clf.readout(z1), integrals
 
-            logits, integrals = jax.vmap(one)(x, keys)
-            return gj.cross_entropy(logits, y), {t: jnp.mean(v) for t, v in integrals.items()}
-
-        ce, terms = eqx.filter_vmap(one_seed)(models)
-        return jnp.sum(ce), {t: jnp.sum(v) for t, v in terms.items()}
+        logits, integrals = jax.vmap(one)(x, jax.random.split(probe_key, x.shape[0]))
+        return gj.cross_entropy(logits, y), {t: jnp.mean(v) for t, v in integrals.items()}
 
 
 def _models(cfg: Config, data: gj.Dataset, key):
@@ -199,7 +194,7 @@ def _trajectories(clf, x, ts):
 def _train_arm(cfg, arm, data, init, key, run_dir, on_chunk) -> gj.TrainResult:
     terms = _program_terms(arm)
     return gj.train(
-        _Loss(terms),
+        gj.StackedLoss(_SeedLoss(terms)),
         init,
         optimizer("adam", cfg.learning_rate),
         _Batches(data, cfg.batch_size),
