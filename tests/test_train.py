@@ -414,8 +414,9 @@ def test_hook_refusals():
 
 def test_stacked_members_train_as_if_alone():
     """Three linear models stacked and trained on the summed loss (`StackedLoss`, Adam) end
-    where each ends trained alone on the same batches (measured: equal to ~1e-16 relative,
-    float64 rounding of the batched matmul; asserted to 1e-15), with terms summed too."""
+    where each ends trained alone on the same batches (measured: at most 2.2e-16 apart on
+    weights of size ~1.5, float64 rounding of the batched matmul; asserted to 1e-15), with terms
+    summed too."""
     _, batch_fn, loss_fn = problem()
     keys = jax.random.split(jax.random.key(5), 3)
     stack = gj.stack_models(lambda k: eqx.nn.Linear(3, 3, key=k), keys)
