@@ -1,8 +1,8 @@
 """Benchmark of the sweep engine against the paths a user would write, side by side in one
-process (DESIGN.md Sec. 3's protocol: compile once and report compile time apart,
+process (the project's benchmark protocol: compile once and report compile time apart,
 `block_until_ready`, median of repeats, same solver, step count and precision on every side).
 
-Workloads (DESIGN.md Sec. 3):
+Workloads (the design notes' W1-W3, issue 12):
 
 - `w1`: a linear neural ODE, d = 16, `w(t) = W0 + sin(pi t) W1`, `b(t) = b0 + cos(pi t) b1`,
   and finite gauges `LinearGauge` (one mode, `G = expm(sin(pi t/T) A)`, `c = sin(pi t/T) c0`),
