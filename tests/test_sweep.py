@@ -389,7 +389,7 @@ if sys.argv[1] == "configured":
     gj.configure_cpu_devices(2)  # 2 devices and a pool of 12 threads
 jax.config.update("jax_enable_x64", True)
 k = jax.random.split(jax.random.key(0), 3)
-# W1 (experiments/benchmark_sweep.py): d = 16, one-mode LinearGauge, classic RK4 with 100 fixed steps
+# W1 of experiments/benchmark_sweep.py: d = 16, one-mode LinearGauge, RK4, 100 fixed steps
 model = gj.random_linear_node(16, 1.0, key=k[0], solver=gj.RK4(),
                               stepsize_controller=diffrax.ConstantStepSize(), dt0=0.01)
 gauge = gj.LinearGauge(16, 1.0, num_modes=1)
