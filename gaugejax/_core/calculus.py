@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import ArrayLike, Float, PyTree
 
-from ._checks import check_like
+from ._checks import check_like, is_traced
 from ._types import Args, ScalarLike, SpacetimeGenerator, State, VectorField
 
 
@@ -232,7 +232,7 @@ def reparametrize(
     if grid is not None:
         grid = jnp.asarray(grid)
         slopes = jax.vmap(lambda s: jax.jvp(tau, (s,), (jnp.ones_like(s),))[1])(grid)
-        if isinstance(slopes, jax.core.Tracer):  # refused, never skipped
+        if is_traced(slopes):  # refused, never skipped
             raise ValueError(
                 "`grid` checks tau' > 0 eagerly and needs concrete values (tau and grid not "
                 "traced); under jit pass grid=None and check tau outside."

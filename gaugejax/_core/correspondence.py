@@ -20,6 +20,7 @@ import numpy as np
 import scipy.linalg
 from jaxtyping import Array, Float
 
+from ._checks import check_value
 from ._types import ScalarLike
 from .solve import solve
 
@@ -262,32 +263,31 @@ def check_discrete_gauge(Gs, cs, *, atol: float = 1e-12, free_output_end=False):
         raise ValueError(f"`cs` must have shape {Gs.shape[:2]}; received {cs.shape}.")
     if Gs.shape[0] < 2:
         raise ValueError(f"`Gs` needs N+1 >= 2 entries; received {Gs.shape[0]}.")
-    eye = jnp.eye(Gs.shape[1], dtype=Gs.dtype)
-    ends = jnp.stack([Gs[0], Gs[-1]])
-    held = jnp.stack([jnp.asarray(True), ~jnp.asarray(free_output_end, dtype=bool)])
-    bad_G = held & ~jnp.all(jnp.abs(ends - eye) <= atol, axis=(1, 2))
-    bad_c = held & ~jnp.all(jnp.abs(jnp.stack([cs[0], cs[-1]])) <= atol, axis=1)
-    finite = jnp.all(jnp.isfinite(Gs), axis=(1, 2)) & jnp.all(jnp.isfinite(cs), axis=1)
-    svals = jnp.linalg.svd(jnp.where(finite[:, None, None], Gs, eye), compute_uv=False)
-    conds = svals[:, 0] / svals[:, -1]
-    singular = ~finite | ~(conds <= 1e12)
-    if any(isinstance(x, jax.core.Tracer) for x in (Gs, cs, free_output_end)):
-        # the same checks at run time: never skipped because the values are traced
-        Gs = eqx.error_if(Gs, jnp.any(bad_G), "`Gs[0]` and `Gs[-1]` must be the identity.")
-        Gs = eqx.error_if(Gs, jnp.any(singular), "every `Gs[n]` must be finite and invertible.")
-        cs = eqx.error_if(cs, jnp.any(bad_c), "`cs[0]` and `cs[-1]` must be zero.")
-        return Gs, cs
-    for i, end in enumerate((0, Gs.shape[0] - 1)):
-        if bool(bad_G[i]):
-            raise ValueError(f"`Gs[{end}]` must be the identity (boundary condition of Eq. 33).")
-        if bool(bad_c[i]):
-            raise ValueError(f"`cs[{end}]` must be zero (boundary condition of Eq. 33).")
-    if bool(jnp.any(singular)):
+    # concrete values are checked on the host now, even inside a trace; traced ones at run time
+    with jax.ensure_compile_time_eval():
+        eye = jnp.eye(Gs.shape[1], dtype=Gs.dtype)
+        ends = jnp.stack([Gs[0], Gs[-1]])
+        held = jnp.stack([jnp.asarray(True), ~jnp.asarray(free_output_end, dtype=bool)])
+        bad_G = held & ~jnp.all(jnp.abs(ends - eye) <= atol, axis=(1, 2))
+        bad_c = held & ~jnp.all(jnp.abs(jnp.stack([cs[0], cs[-1]])) <= atol, axis=1)
+        finite = jnp.all(jnp.isfinite(Gs), axis=(1, 2)) & jnp.all(jnp.isfinite(cs), axis=1)
+        svals = jnp.linalg.svd(jnp.where(finite[:, None, None], Gs, eye), compute_uv=False)
+        conds = svals[:, 0] / svals[:, -1]
+        singular = ~finite | ~(conds <= 1e12)
+
+    def which(bad, name):
+        return lambda: f"`{name}[{0 if bool(bad[0]) else Gs.shape[0] - 1}]` is not."
+
+    def worst():
         n = int(jnp.argmax(singular))
-        raise ValueError(
-            f"`Gs[{n}]` (or `cs[{n}]`) is singular or not finite (condition number "
-            f"{float(conds[n]):.2e})."
-        )
+        return f"`Gs[{n}]` (or `cs[{n}]`) has condition number {float(conds[n]):.2e}."
+
+    message = "`Gs[0]` and `Gs[-1]` must be the identity (boundary condition of Eq. 33)."
+    Gs = check_value(Gs, bad_G, message, received=which(bad_G, "Gs"))
+    message = "every `Gs[n]` must be finite and not singular, every `cs[n]` finite."
+    Gs = check_value(Gs, singular, message, received=worst)
+    message = "`cs[0]` and `cs[-1]` must be zero (boundary condition of Eq. 33)."
+    cs = check_value(cs, bad_c, message, received=which(bad_c, "cs"))
     return Gs, cs
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int, PyTree
 
-from ._checks import check_like
+from ._checks import check_like, check_value
 from ._types import Args, ScalarLike, State, VectorField
 
 
@@ -228,12 +228,6 @@ def solve(
     if stepsize_controller is None:
         stepsize_controller = diffrax.PIDController(rtol=1e-8, atol=1e-8)
     adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
-    traced_times = isinstance(t0, jax.core.Tracer) or isinstance(t1, jax.core.Tracer)
-    if not traced_times and float(t1) == float(t0):
-        raise ValueError(
-            f"`t1` must differ from `t0` = {float(t0)} (t1 < t0 integrates backwards); "
-            f"received t1 = {float(t1)}."
-        )
     if dt0 is None and not isinstance(
         stepsize_controller, diffrax.AbstractAdaptiveStepSizeController
     ):
@@ -246,9 +240,14 @@ def solve(
     _check_field(field, t0, y0, args)
     # Python/NumPy times as arrays: diffeqsolve is jitted and would compile anew for every
     # distinct float value of a static time (weak types keep the promotion of Python floats).
+    given = (t0, t1)  # Python floats stay concrete for the check even inside a trace
     t0, t1 = _as_time(t0), _as_time(t1)
-    if traced_times:  # both are arrays now (error_if needs one to thread the error on)
-        t1 = eqx.error_if(t1, t1 == t0, "`t1` must differ from `t0`.")
+    t1 = check_value(
+        t1,
+        lambda: jnp.asarray(given[0]) == jnp.asarray(given[1]),
+        "`t1` must differ from `t0` (t1 < t0 integrates backwards).",
+        received=lambda: f"Received t0 = t1 = {float(given[0])}.",
+    )
     dt0 = None if dt0 is None else _as_time(dt0)
     only_t1 = saveat is None
     saveat = diffrax.SaveAt(t1=True) if only_t1 else saveat

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._core._checks import check_value
 from ..models.multihead import MultiHeadAttention, SelfAttention
 from .base import AbstractParameterGauge, model_error, well_conditioned
 
@@ -37,54 +38,50 @@ _HOW = (
 
 
 # ----------------------------------------------------------------------------------------------
-# Value checks: eager ValueError for concrete values, eqx.error_if (whose return value is used)
-# for traced ones; no check is ever skipped.
-
-
-def _traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
+# Value checks (`check_value`): a ValueError now for concrete values, a runtime error for traced
+# ones, with one message; the checked value is returned and used, so no check is ever skipped.
 
 
 def _checked_matrix(name: str, A):
     """`A` (..., n, n), unchanged, after checking it is finite and invertible."""
-    if not _traced(A):
+
+    def failed():
+        a = jax.lax.stop_gradient(jnp.asarray(A))
+        cond = jnp.linalg.cond(a) if a.size else jnp.ones(())  # NaN for a singular matrix
+        return ~jnp.all(jnp.isfinite(a)) | ~jnp.all(cond <= _MAX_CONDITION)
+
+    def received():  # on the host, where numpy reports a singular matrix's condition as inf
         a = np.asarray(A)
         if not np.all(np.isfinite(a)):
-            raise ValueError(f"`{name}` must be finite; received a matrix with non-finite entries.")
-        cond = float(np.max(np.linalg.cond(a))) if a.size else 1.0
-        if not cond <= _MAX_CONDITION:
-            raise ValueError(
-                f"`{name}` must be invertible; received a matrix with condition {cond:.2e}."
-            )
-        return A
-    a = jax.lax.stop_gradient(A)
-    bad = ~jnp.all(jnp.isfinite(a)) | ~jnp.all(jnp.linalg.cond(a) <= _MAX_CONDITION)
-    return eqx.error_if(
-        A, bad, f"`{name}` must be finite and invertible (condition <= {_MAX_CONDITION:g})."
-    )
+            return "Received a matrix with non-finite entries."
+        return f"Received a matrix with condition {float(np.max(np.linalg.cond(a))):.2e}."
+
+    message = f"`{name}` must be finite and invertible (condition <= {_MAX_CONDITION:g})."
+    return check_value(A, failed, message, received=received)
 
 
 def _checked_alpha(name: str, alpha):
     """`alpha`, unchanged, after checking every entry is finite and > 0."""
-    if not _traced(alpha):
-        a = np.asarray(alpha, dtype=np.float64)
-        if not np.all(np.isfinite(a) & (a > 0)):
-            raise ValueError(f"`{name}` must be finite and > 0; received {a}.")
-        return alpha
-    a = jax.lax.stop_gradient(alpha)
-    return eqx.error_if(
-        alpha, ~jnp.all(jnp.isfinite(a) & (a > 0)), f"`{name}` must be finite and > 0."
+
+    def failed():
+        a = jax.lax.stop_gradient(jnp.asarray(alpha))
+        return ~jnp.all(jnp.isfinite(a) & (a > 0))
+
+    return check_value(
+        alpha,
+        failed,
+        f"`{name}` must be finite and > 0.",
+        received=lambda: f"Received {np.asarray(alpha)}.",
     )
 
 
 def _checked_finite(name: str, x):
     """`x`, unchanged, after checking it is finite."""
-    if not _traced(x):
-        if not np.all(np.isfinite(np.asarray(x))):
-            raise ValueError(f"`{name}` must be finite; received non-finite entries.")
-        return x
-    return eqx.error_if(
-        x, ~jnp.all(jnp.isfinite(jax.lax.stop_gradient(x))), f"`{name}` must be finite."
+    return check_value(
+        x,
+        lambda: ~jnp.all(jnp.isfinite(jax.lax.stop_gradient(jnp.asarray(x)))),
+        f"`{name}` must be finite.",
+        received=lambda: "Received non-finite entries.",
     )
 
 

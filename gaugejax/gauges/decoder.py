@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._core._checks import check_value
 from ..models.transformer import Decoder
 from .base import AbstractParameterGauge, cast_element, model_error, well_conditioned
 from .block_attention import BlockAttentionElement, BlockAttentionGauge
@@ -62,11 +63,11 @@ def _polar(X: Float[Array, "d d"], iterations: int = 6) -> Float[Array, "d d"]:
 def _gain(norm, d, dtype):
     if norm.weight is None:
         return jnp.ones((d,), dtype)
-    # the reads need diag(g) invertible (a data condition: checked in the graph)
-    return eqx.error_if(
+    # the reads need diag(g) invertible: a data condition, checked now or in the graph
+    return check_value(
         norm.weight,
-        jnp.any(norm.weight == 0),
-        "DecoderGauge: an RMSNorm gain with a zero entry (fold the gain into the next weights)",
+        lambda: jnp.any(norm.weight == 0),
+        "DecoderGauge: an RMSNorm gain with a zero entry (fold the gain into the next weights).",
     )
 
 
@@ -104,8 +105,8 @@ class DecoderGauge(AbstractParameterGauge):
 
     def check_model(self, model: Any) -> None:
         """**Raises:** `TypeError` for anything but a `Decoder`; `ValueError` for other sizes or
-        LayerNorm norms. (An RMSNorm gain with a zero entry fails in `act`, by
-        `eqx.error_if`: a data condition.)"""
+        LayerNorm norms. (An RMSNorm gain with a zero entry fails in `act`: a data
+        condition, a `ValueError` for a concrete gain, a runtime error for a traced one.)"""
         if not isinstance(model, Decoder):
             raise model_error(self, "a Decoder", model, how="(build one with gj.Decoder)")
         if model.W_in.shape[1] != self.dim or len(model.blocks) != len(self.attention):

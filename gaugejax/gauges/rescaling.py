@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from .._core._checks import check_value, is_traced
 from .._core._types import ScalarLike
 from ..models import ConvNet, FeedforwardNet, GraphConvNet
 from ..models.linear import ACTIVATIONS
@@ -371,10 +372,9 @@ class RescalingGauge(AbstractParameterGauge):
         if found is None:
             return kind, None
         name, defect = found
-        if isinstance(defect, jax.core.Tracer):
+        if is_traced(defect):  # a learnable activation's traced arrays: checked in `act`
             return kind, (name, defect)
-        if bool(defect):
-            raise ValueError(_not_homogeneous(name))
+        check_value(None, defect, _not_homogeneous(name))
         return kind, None
 
     def check_model(self, model: Any) -> None:
@@ -422,15 +422,18 @@ class RescalingGauge(AbstractParameterGauge):
         for n, (a, w) in enumerate(zip(g, self.widths, strict=True)):
             if jnp.shape(a) != (w,):
                 raise ValueError(f"`g[{n}]` must have shape ({w},); received {jnp.shape(a)}.")
-        message = "rescaling factors must be > 0 (and finite)"
-        bad = [~((a > 0) & jnp.isfinite(a)) for a in g]
-        for n, b in enumerate(bad):  # an eager error names the layer; the runtime one cannot
-            if not isinstance(b, jax.core.Tracer) and bool(jnp.any(b)):
-                raise ValueError(f"{message}; `g[{n}]` has a value <= 0 or not finite.")
-        g = eqx.error_if(g, jnp.any(jnp.stack([jnp.any(b) for b in bad])), message)
+        g = tuple(
+            check_value(
+                a,
+                lambda a=a: ~((a > 0) & jnp.isfinite(a)),
+                f"rescaling factors must be > 0 (and finite); `g[{n}]` has a value <= 0 or not "
+                "finite.",
+            )
+            for n, a in enumerate(g)
+        )
         if traced_defect is not None:
             name, defect = traced_defect
-            g = eqx.error_if(g, defect, _not_homogeneous(name))
+            g = check_value(g, defect, _not_homogeneous(name))
         weights, biases = chain_view(model, kind)
         for n, a in enumerate(g):
             weights[n] = weights[n] * _rows(a, weights[n])
