@@ -152,7 +152,7 @@ def test_teleport_refuses_bad_input():
         teleport(lambda x: x, _loss, batch)
     for kwargs, message in [
         ({"num_steps": -1}, r"`num_steps` must be an int >= 0; received -1"),
-        ({"learning_rate": -0.1}, r"`learning_rate` must be a finite number > 0; received -0.1"),
+        ({"learning_rate": -0.1}, r"`learning_rate` must be a finite number > 0\. Received -0\.1"),
         ({"max_log_step": float("inf")}, "`max_log_step` must be a finite number > 0"),
         ({"objective": "hessian"}, r"`objective` must be one of \['grad_norm', 'curvature'\]"),
     ]:

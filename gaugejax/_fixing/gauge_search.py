@@ -31,6 +31,7 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from .._analysis.sweep import SweepResult
+from .._core._checks import check_value
 from .._core.solve import SolveStatus, result_name
 from .._infra.train import TrainResult, read_checkpoint, train
 from ..gauges.base import AbstractGauge
@@ -332,11 +333,12 @@ class LipschitzChart(AbstractElementChart):
             f"`element` is outside the chart's image: its Lipschitz bound ({self.norm}) must be "
             f"below rho = {self.rho}"
         )
-        if not isinstance(size, jax.core.Tracer):
-            if not float(size) < self.rho:
-                raise ValueError(f"{message}; received {float(size)!r}.")
-        else:
-            size = eqx.error_if(size, ~(size < self.rho), message + ".")
+        size = check_value(
+            size,
+            lambda: ~(size < self.rho),
+            message + ".",
+            received=lambda: f"Received {float(size)!r}.",
+        )
         nonzero = size > 0
         safe = jnp.where(nonzero, size, jnp.ones_like(size))
         factor = self.rho * jnp.arctanh(safe / self.rho) / safe

@@ -28,7 +28,6 @@ Cost: every ascent step evaluates the loss gradient on `batch` and differentiate
 `TeleportResult.num_objective_evaluations` counts them.
 """
 
-import math
 from typing import Any
 
 import equinox as eqx
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from .._core._checks import check_value
 from ..gauges.base import cast_element
 from ..gauges.rescaling import RescalingElement, RescalingGauge, rescaling_conserved_quantity
 from .balancing import orbit_gauge
@@ -177,11 +177,12 @@ def _positive(name: str, value: Any, dtype) -> Array:
         isinstance(value, int | float) or (eqx.is_array(value) and jnp.ndim(value) == 0)
     ):
         raise TypeError(f"`{name}` must be a real scalar; received {value!r}.")
-    if not isinstance(value, jax.core.Tracer):  # concrete: refused now (host arithmetic)
-        if not (math.isfinite(float(value)) and float(value) > 0):
-            raise ValueError(f"`{name}` must be a finite number > 0; received {value!r}.")
-    value = jnp.asarray(value, dtype=dtype)
-    return eqx.error_if(value, ~(jnp.isfinite(value) & (value > 0)), f"`{name}` must be > 0")
+    return check_value(
+        jnp.asarray(value, dtype=dtype),
+        lambda: ~(jnp.isfinite(jnp.asarray(value)) & (jnp.asarray(value) > 0)),
+        f"`{name}` must be a finite number > 0.",
+        received=lambda: f"Received {value!r}.",
+    )
 
 
 def teleport(

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._core._checks import check_value, is_traced
 from .linear import AbstractLinearField
 from .node import AbstractNeuralODE, MLPField
 
@@ -150,12 +151,15 @@ def check_affine(
     if residual is None:
         return lambda out: out
     tol = affine_tolerance(linear.dtype)
-    if isinstance(residual, jax.core.Tracer):
+
+    def failed():
+        return ~(residual <= tol)
+
+    if is_traced(residual):  # checked on the result, when the program runs
         text = message(f"above the tolerance {tol:.2g}")
-        return lambda out: eqx.error_if(out, ~(residual <= tol), text)
-    value = float(residual)
-    if not value <= tol:
-        raise error(message(f"{value:.2g} > tolerance {tol:.2g}"))
+        return lambda out: check_value(out, failed, text)
+    text = message(f"{float(residual):.2g}, above the tolerance {tol:.2g}")
+    check_value(None, failed, text, error=error)
     return lambda out: out
 
 
