@@ -1,4 +1,5 @@
-"""The shared helpers, one home each: here the eager-or-traced value check."""
+"""The shared helpers, one home each: the eager-or-traced value check, the propagator field
+(and the propagator over an empty interval)."""
 
 import equinox as eqx
 import jax
@@ -70,3 +71,44 @@ def test_solve_refuses_equal_times_with_one_message_in_both_modes():
         gj.solve(field, jnp.ones(2), t0=0.5, t1=0.5)
     with pytest.raises(eqx.EquinoxRuntimeError, match=message):
         eqx.filter_jit(lambda t: gj.solve(field, jnp.ones(2), t0=t, t1=t)[0])(jnp.asarray(0.5))
+
+
+# ---------------------------------------------------------------------------- propagators
+
+
+def _w(t):
+    A = jnp.array([[0.0, 1.0, 0.2], [-1.0, 0.1, 0.0], [0.3, 0.0, -0.2]])
+    return (1.0 + t) * A
+
+
+def _b(t):
+    return jnp.array([jnp.sin(t), 1.0, t**2])
+
+
+def test_wilson_line_over_an_empty_interval_is_the_identity_traced_or_not():
+    eye = np.eye(3)
+    np.testing.assert_array_equal(gj.wilson_line(_w, 0.4, 0.4), eye)  # concrete: no solve
+    jitted = jax.jit(lambda a, z: gj.wilson_line(_w, z, a))
+    np.testing.assert_array_equal(jitted(0.4, 0.4), eye)  # traced equal times: also identity
+    # mixed lanes under vmap: the empty lane is exactly the identity, the others unchanged
+    starts, ends = jnp.asarray([0.1, 0.4, 0.9]), jnp.asarray([0.7, 0.4, 0.2])
+    lanes = jax.vmap(lambda a, z: gj.wilson_line(_w, z, a))(starts, ends)
+    np.testing.assert_array_equal(lanes[1], eye)
+    for i in (0, 2):
+        np.testing.assert_allclose(
+            lanes[i], gj.wilson_line(_w, float(ends[i]), float(starts[i])), rtol=0, atol=1e-14
+        )
+    assert np.max(np.abs(lanes[0] - eye)) > 0.1  # a real propagator, not the identity
+    # the affine propagator likewise: (1, 0) over an empty interval
+    U, v = jax.jit(lambda a: gj.affine_propagator(_w, _b, a, a))(0.3)
+    np.testing.assert_array_equal(U, eye)
+    np.testing.assert_array_equal(v, np.zeros(3))
+
+
+def test_wilson_line_is_the_affine_propagator_without_bias():
+    U, v = gj.affine_propagator(_w, _b, 0.9, 0.1)
+    # one field, solved with and without the driven part (whose error also steers the steps)
+    np.testing.assert_allclose(gj.wilson_line(_w, 0.9, 0.1), U, rtol=0, atol=1e-10)
+    assert np.max(np.abs(v)) > 0.1
+    # the backward line inverts the forward one
+    np.testing.assert_allclose(gj.wilson_line(_w, 0.1, 0.9) @ U, np.eye(3), atol=1e-9)

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PyTree
 
-from ._checks import check_value
+from ._checks import check_value, is_traced
 from ._types import ScalarLike
 from .solve import solve
 
@@ -42,21 +42,87 @@ def _controller(rtol, atol):
 
 # Fields are Modules, not closures: diffeqsolve is jitted on the field's structure, so equal
 # structures share one compiled program across calls (a new closure compiles anew).
-class _WilsonField(eqx.Module):
+class PropagatorField(eqx.Module):
+    """The one field of every linear-ODE propagator here: `dU/dt = w(t) U` and, with a
+    `source`, `dv/dt = w(t) v + source(t, U)` (w acting on the first axis of v).
+
+    The Wilson line is `U` alone; the affine propagator adds `v` with `source = b(t)` (the
+    integrated bias of Eq. 32); the cubic neural ODE's leading order adds the cubic
+    coefficient with `source = lambda(t)[U, U, U]` (Eq. 38). `gate` (a traced 0 or 1, or None)
+    switches the field off: the propagator over an empty interval under tracing.
+    """
+
     w: MatrixFn
-
-    def __call__(self, t, U, args):
-        return self.w(t) @ U
-
-
-class _AffineField(eqx.Module):
-    w: MatrixFn
-    b: VectorFn
+    source: Callable | None = None
+    gate: Float[Array, ""] | None = None
 
     def __call__(self, t, state, args):
         U, v = state
         wt = self.w(t)
-        return wt @ U, wt @ v + self.b(t)
+        dU = wt @ U
+        dv = None if self.source is None else jnp.tensordot(wt, v, axes=1) + self.source(t, U)
+        if self.gate is not None:
+            dU = self.gate * dU
+            dv = None if dv is None else self.gate * dv
+        return dU, dv
+
+
+class _Bias(eqx.Module):
+    b: VectorFn
+
+    def __call__(self, t, U):
+        return self.b(t)
+
+
+def propagate(
+    w: MatrixFn,
+    t_end: ScalarLike,
+    t_start: ScalarLike,
+    *,
+    source: Callable | None = None,
+    v0: PyTree = None,
+    rtol: ScalarLike = 1e-10,
+    atol: ScalarLike = 1e-10,
+    max_steps: int = 4096,
+) -> tuple[Float[Array, "d d"], PyTree]:
+    """`(U, v)` at `t_end` of `PropagatorField(w, source)` from `(1, v0)` at `t_start`: one
+    adaptive Tsit5 solve (diffrax), for either order of the times.
+
+    Equal times give `(1, v0)`, the propagator over an empty interval: at once for concrete
+    times, and for traced ones (under `jit` or `vmap`) by a solve over a dummy interval with
+    the field switched off, whose result is exactly `(1, v0)` (the value at equal times
+    carries no derivative with respect to them).
+
+    **Arguments:**
+
+    - `w`: `t -> (d, d)`.
+    - `t_end`, `t_start`: the times, concrete or traced.
+    - `source`: `(t, U) -> dv/dt` minus `w v`, or None (the Wilson line alone; `v` is None).
+    - `v0`: the initial driven part (with a `source`).
+    - `rtol`, `atol`, `max_steps`: of the adaptive solve.
+
+    **Returns:** `(U, v)`; `v` is None without a `source`.
+    """
+    d = _dim(w, t_start)
+    eye = jnp.eye(d, dtype=jax.eval_shape(w, t_start).dtype)
+    if not is_traced((t_end, t_start)):
+        if float(t_end) == float(t_start):
+            return eye, v0
+        field, t1, empty = PropagatorField(w, source), t_end, None
+    else:
+        t_end, t_start = jnp.asarray(t_end), jnp.asarray(t_start)
+        empty = t_end == t_start
+        # an empty lane solves over a dummy interval with the field off: exactly (1, v0), where
+        # a solve from t to t would be refused
+        field = PropagatorField(w, source, jnp.where(empty, 0.0, 1.0).astype(eye.dtype))
+        t1 = jnp.where(empty, t_start + 1.0, t_end)
+    controller = _controller(rtol, atol)
+    (U, v), _ = solve(
+        field, (eye, v0), t0=t_start, t1=t1, stepsize_controller=controller, max_steps=max_steps
+    )
+    if empty is None:
+        return U, v
+    return jnp.where(empty, eye, U), jax.tree.map(lambda a, a0: jnp.where(empty, a0, a), v, v0)
 
 
 def affine_propagator(
@@ -70,19 +136,14 @@ def affine_propagator(
     max_steps: int = 4096,
 ) -> tuple[Float[Array, "d d"], Float[Array, " d"]]:
     """`(U, v)` with `x(t_end) = U x(t_start) + v` for `dx/dt = w(t) x + b(t)`, one diffrax
-    solve of `U' = w U`, `v' = w v + b` from `(I, 0)`. U is the Wilson line, v the integrated
-    bias `U int W_{t_start:t'} b(t') dt'` of Eq. 32."""
+    solve of `U' = w U`, `v' = w v + b` from `(I, 0)` (`propagate` with the bias as source;
+    `(I, 0)` for equal times, concrete or traced). U is the Wilson line, v the integrated bias
+    `U int W_{t_start:t'} b(t') dt'` of Eq. 32."""
     d = _dim(w, t_start)
-    dtype = jax.eval_shape(w, t_start).dtype
-    (U, v), _ = solve(
-        _AffineField(w, b),
-        (jnp.eye(d, dtype=dtype), jnp.zeros(d, dtype=dtype)),
-        t0=t_start,
-        t1=t_end,
-        stepsize_controller=_controller(rtol, atol),
-        max_steps=max_steps,
+    zero = jnp.zeros(d, dtype=jax.eval_shape(w, t_start).dtype)
+    return propagate(
+        w, t_end, t_start, source=_Bias(b), v0=zero, rtol=rtol, atol=atol, max_steps=max_steps
     )
-    return U, v
 
 
 def wilson_line(
@@ -94,7 +155,8 @@ def wilson_line(
     atol: ScalarLike = 1e-10,
     max_steps: int = 4096,
 ) -> Float[Array, "d d"]:
-    """The Wilson line `W(w)_{t_end:t_start}`: the propagator of `dx/dt = w(t) x` (diffrax).
+    """The Wilson line `W(w)_{t_end:t_start}`: the propagator of `dx/dt = w(t) x` (diffrax),
+    i.e. `affine_propagator` without a bias (`propagate` with no source).
 
     **Arguments:**
 
@@ -103,21 +165,10 @@ def wilson_line(
       inverse of the forward propagator (Eq. 22's `W(-w)`).
     - `rtol`, `atol`, `max_steps`: of the adaptive Tsit5 solve.
 
-    **Returns:** the (d, d) propagator; the identity when `t_end == t_start`.
+    **Returns:** the (d, d) propagator; the identity when `t_end == t_start`, for concrete and
+    for traced times alike.
     """
-    d = _dim(w, t_start)
-    if not isinstance(t_end, jax.core.Tracer) and not isinstance(t_start, jax.core.Tracer):
-        if float(t_end) == float(t_start):
-            return jnp.eye(d, dtype=jax.eval_shape(w, t_start).dtype)
-    U, _ = solve(
-        _WilsonField(w),
-        jnp.eye(d, dtype=jax.eval_shape(w, t_start).dtype),
-        t0=t_start,
-        t1=t_end,
-        stepsize_controller=_controller(rtol, atol),
-        max_steps=max_steps,
-    )
-    return U
+    return propagate(w, t_end, t_start, rtol=rtol, atol=atol, max_steps=max_steps)[0]
 
 
 _GAUSS = (0.5 - np.sqrt(3) / 6, 0.5 + np.sqrt(3) / 6)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._core.correspondence import wilson_line
+from .._core.correspondence import propagate, wilson_line
 from .._core.solve import solve
 from .linear import GaugedWeight
 from .options import TOLERANCE_FACTOR
@@ -27,15 +27,13 @@ class CubicField(eqx.Module):
         return self.w(t) @ x + self.scale * cubic
 
 
-class _IntegratedCubicField(eqx.Module):
-    w: Callable
+class _CubicSource(eqx.Module):
+    """`lambda(t)[W, W, W]`: the source of the cubic coefficient's propagator."""
+
     lam: Callable
 
-    def __call__(self, t, state, args):
-        W, Lam = state
-        wt = self.w(t)
-        source = jnp.einsum("ijkl,ja,kb,lc->iabc", self.lam(t), W, W, W)
-        return wt @ W, jnp.einsum("ij,jabc->iabc", wt, Lam) + source
+    def __call__(self, t, W):
+        return jnp.einsum("ijkl,ja,kb,lc->iabc", self.lam(t), W, W, W)
 
 
 class _JumpField(eqx.Module):
@@ -57,14 +55,11 @@ def integrated_cubic(
     """`(W_{T:0}, Lambda)` of the leading-order solution `x(T) = W x0 + Lambda[x0, x0, x0]`
     (Eq. 39 before `W = 1`): one solve of `W' = w W`,
     `Lambda' = w Lambda + lambda(t)[W, W, W]` from `(1, 0)`, which is the variation-of-constants
-    integral printed below Eq. 38."""
-    d = jax.eval_shape(w, 0.0).shape[0]
-    field = _IntegratedCubicField(w, lam)
-    dtype = jax.eval_shape(w, 0.0).dtype
-    init = (jnp.eye(d, dtype=dtype), jnp.zeros((d, d, d, d), dtype=dtype))
-    controller = diffrax.PIDController(rtol=rtol, atol=atol)
-    (W, Lam), _ = solve(field, init, t0=0.0, t1=t1, stepsize_controller=controller)
-    return W, Lam
+    integral printed below Eq. 38 (`propagate` with the cubic source)."""
+    out = jax.eval_shape(w, 0.0)
+    d = out.shape[0]
+    zero = jnp.zeros((d, d, d, d), dtype=out.dtype)
+    return propagate(w, t1, 0.0, source=_CubicSource(lam), v0=zero, rtol=rtol, atol=atol)
 
 
 class AttentionNODE(AbstractSolvedModel):
