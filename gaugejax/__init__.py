@@ -45,6 +45,11 @@ from ._core.correspondence import (
     wilson_line as wilson_line,
     wilson_line_magnus as wilson_line_magnus,
 )
+from ._core.numerics import (
+    gauss_legendre as gauss_legendre,
+    loglog_slope as loglog_slope,
+    quadrature as quadrature,
+)
 from ._core.solve import (
     NOT_COUNTED as NOT_COUNTED,
     RK4 as RK4,

@@ -30,13 +30,6 @@ def getkey():
     return _getkey
 
 
-def loglog_slope(xs, ys) -> float:
-    """Least-squares slope of log(ys) against log(xs)."""
-    import numpy as np
-
-    return float(np.polyfit(np.log(np.asarray(xs)), np.log(np.asarray(ys)), 1)[0])
-
-
 def small_node(key, dim=3, rtol=1e-8):
     """A tanh-MLP neural ODE on [0, 1] used across the tests."""
     import diffrax

@@ -13,7 +13,7 @@ import pytest
 
 import gaugejax as gj
 
-from .conftest import CompileCounter, loglog_slope
+from .conftest import CompileCounter
 
 
 D, N = 4, 5
@@ -227,7 +227,7 @@ def test_cubic_node_leading_order():
                 jnp.max(jnp.abs(xe - (W @ x0 + eps * jnp.einsum("ijkl,j,k,l->i", Lam, x0, x0, x0))))
             )
         )
-    assert abs(loglog_slope(scales, errs) - 2) < 0.15, errs
+    assert abs(gj.loglog_slope(scales, errs) - 2) < 0.15, errs
 
 
 def test_attention_as_integrated_node(att):
@@ -238,7 +238,7 @@ def test_attention_as_integrated_node(att):
         float(jnp.max(jnp.abs(gj.attention_as_node(Wq, Wk, Wv, scale=s)(x) - (x + s * h))))
         for s in scales
     ]
-    assert abs(loglog_slope(scales, errs) - 2) < 0.15, errs
+    assert abs(gj.loglog_slope(scales, errs) - 2) < 0.15, errs
     # Eq. 41: the node's weights compute the same attention
     node = gj.attention_as_node(Wq, Wk, Wv, scale=0.01)
     assert rel(gj.attention(x, *node.weights(), "identity"), h) < 1e-12

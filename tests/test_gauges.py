@@ -12,7 +12,7 @@ import pytest
 
 import gaugejax as gj
 
-from .conftest import loglog_slope, small_node
+from .conftest import small_node
 
 
 D = 3
@@ -163,7 +163,7 @@ def test_lie_deformation_finite_scale_is_second_order(setup):
         )
         for s in scales
     ]
-    assert 1.8 < loglog_slope(scales, devs) < 2.2, devs
+    assert 1.8 < gj.loglog_slope(scales, devs) < 2.2, devs
 
 
 def test_non_vanishing_generator_response_matches_prediction(setup):

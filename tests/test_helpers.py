@@ -1,5 +1,5 @@
 """The shared helpers, one home each: the eager-or-traced value check, the propagator field
-(and the propagator over an empty interval)."""
+(and the propagator over an empty interval), Gauss-Legendre quadrature, the log-log slope."""
 
 import equinox as eqx
 import jax
@@ -112,3 +112,58 @@ def test_wilson_line_is_the_affine_propagator_without_bias():
     assert np.max(np.abs(v)) > 0.1
     # the backward line inverts the forward one
     np.testing.assert_allclose(gj.wilson_line(_w, 0.1, 0.9) @ U, np.eye(3), atol=1e-9)
+
+
+# ---------------------------------------------------------------------------- quadrature
+
+
+@pytest.mark.parametrize("num_nodes", [1, 3, 8])
+def test_gauss_legendre_is_exact_to_degree_2n_minus_1(num_nodes):
+    t0, t1 = -0.3, 1.7
+    ts, ws = gj.gauss_legendre(t0, t1, num_nodes)
+    assert ts.shape == ws.shape == (num_nodes,) and ts.dtype == jnp.float64
+    assert bool(jnp.all((ts > t0) & (ts < t1)))
+    for degree in range(2 * num_nodes):
+        exact = (t1 ** (degree + 1) - t0 ** (degree + 1)) / (degree + 1)
+        got = gj.quadrature(lambda t: t**degree, t0, t1, num_nodes)
+        assert abs(float(got) - exact) <= 1e-14 * max(1.0, abs(exact)), (degree, got, exact)
+    # degree 2n is the first it misses (the error constant of Gauss-Legendre is not zero)
+    degree = 2 * num_nodes
+    exact = (t1 ** (degree + 1) - t0 ** (degree + 1)) / (degree + 1)
+    assert abs(float(gj.quadrature(lambda t: t**degree, t0, t1, num_nodes)) - exact) > 1e-6
+
+
+def test_quadrature_integrates_pytrees_and_smooth_functions_and_refuses_bad_input():
+    integral = gj.quadrature(lambda t: (jnp.exp(t), jnp.stack([t, jnp.cos(t)])), 0.0, 1.0, 16)
+    np.testing.assert_allclose(integral[0], np.e - 1, rtol=1e-14)
+    np.testing.assert_allclose(integral[1], [0.5, np.sin(1.0)], rtol=1e-14)
+    # the oriented integral for t1 < t0, and the dtype asked for
+    assert float(gj.quadrature(lambda t: t, 1.0, 0.0, 2)) == pytest.approx(-0.5, abs=1e-15)
+    assert gj.gauss_legendre(0.0, 1.0, 4, dtype=jnp.float32)[1].dtype == jnp.float32
+    for bad in (0, -2, True):
+        with pytest.raises(ValueError, match="`num_nodes` must be a positive int"):
+            gj.gauss_legendre(0.0, 1.0, bad)
+    with pytest.raises(ValueError, match="interval must be finite"):
+        gj.quadrature(lambda t: t, 0.0, float("inf"), 4)
+
+
+# ---------------------------------------------------------------------------- slopes, derivatives
+
+
+def test_loglog_slope_recovers_power_laws_and_refuses_bad_input():
+    xs = [0.1, 0.05, 0.025, 0.0125]
+    for p in (-4.0, 1.0, 2.0):
+        assert gj.loglog_slope(xs, [3.0 * x**p for x in xs]) == pytest.approx(p, abs=1e-12)
+    assert gj.loglog_slope(np.array([8, 16, 32]), np.array([1e-2, 2.5e-3, 6.25e-4])) == (
+        pytest.approx(-2.0, abs=1e-12)
+    )
+    with pytest.raises(ValueError, match="one length"):
+        gj.loglog_slope([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="at least two distinct"):
+        gj.loglog_slope([1.0], [1.0])
+    with pytest.raises(ValueError, match="at least two distinct"):
+        gj.loglog_slope([2.0, 2.0], [1.0, 3.0])
+    with pytest.raises(ValueError, match="`ys` must be positive and finite"):
+        gj.loglog_slope([1.0, 2.0], [1.0, 0.0])
+    with pytest.raises(ValueError, match="`xs` must be positive and finite"):
+        gj.loglog_slope([1.0, float("nan")], [1.0, 2.0])

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._core.numerics import quadrature
 from ..models import AbstractNeuralODE
 from ..models.linearize import check_affine, describe_field, linear_field, not_affine
 
@@ -24,15 +25,6 @@ def _check_penalty_args(strength, t1, num_nodes) -> None:
         raise ValueError(f"`t1` must be > 0; received {t1!r}.")
     if not isinstance(num_nodes, int) or num_nodes < 1:
         raise ValueError(f"`num_nodes` must be a positive int; received {num_nodes!r}.")
-
-
-def _integrate(integrand: Callable, t1: float, num_nodes: int) -> Float[Array, ""]:
-    """`int_0^T integrand(t) dt` by `num_nodes`-point Gauss-Legendre quadrature (exact for
-    polynomial integrands of degree <= 2 num_nodes - 1; spectrally accurate for the smooth
-    bases of `LinearNODE`)."""
-    nodes, weights = np.polynomial.legendre.leggauss(num_nodes)
-    ts = jnp.asarray(0.5 * t1 * (nodes + 1.0))
-    return jnp.dot(jnp.asarray(0.5 * t1 * weights), jax.vmap(integrand)(ts))
 
 
 def linear_gauge_fixing_penalty(
@@ -52,7 +44,7 @@ def linear_gauge_fixing_penalty(
         bt, db = _time_derivative(b, t)
         return jnp.sum((dw + wt @ wt) ** 2) + jnp.sum((db + wt @ bt) ** 2)
 
-    return strength * _integrate(integrand, t1, num_nodes)
+    return strength * quadrature(integrand, 0.0, t1, num_nodes)
 
 
 def rotation_covariant_penalty(
@@ -80,7 +72,7 @@ def rotation_covariant_penalty(
         bt, db = _time_derivative(b, t)
         return jnp.sum((db - w(t) @ bt) ** 2)
 
-    return strength * _integrate(integrand, t1, num_nodes)
+    return strength * quadrature(integrand, 0.0, t1, num_nodes)
 
 
 class CanonicalWeight(eqx.Module):

@@ -13,6 +13,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, Float, Key, PRNGKeyArray, PyTree, Shaped
 
 from .._core.correspondence import affine_propagator
+from .._core.numerics import quadrature
 from ..gauges.base import AbstractGauge
 from ..gauges.rescaling import (  # re-exported: its one home is the rescaling module
     rescaling_conserved_quantity as rescaling_conserved_quantity,
@@ -328,18 +329,14 @@ def canonical_distance(
             f"`fingerprint` must be (M, m) of shapes {d + d} and {d} for this model; received "
             f"{jnp.shape(M)} and {jnp.shape(m)}."
         )
-    dtype = jnp.asarray(M).dtype
-    span = t1 - t0
-    wc, bc = canonical_gauge(M, m, span)
-    nodes, weights = np.polynomial.legendre.leggauss(num_nodes)
-    ts = jnp.asarray(t0 + 0.5 * span * (nodes + 1), dtype=dtype)
-    wq = jnp.asarray(0.5 * span * weights, dtype=dtype)
+    wc, bc = canonical_gauge(M, m, t1 - t0)
 
     def gap(t):
         s = t - t0
         return jnp.sum((linear.weight(t) - wc(s)) ** 2) + jnp.sum((linear.bias(t) - bc(s)) ** 2)
 
-    return checked(jnp.sqrt(jnp.dot(wq, jax.vmap(gap)(ts))))
+    dtype = jnp.asarray(M).dtype
+    return checked(jnp.sqrt(quadrature(gap, t0, t1, num_nodes, dtype=dtype)))
 
 
 class _PerturbedLinearField(AbstractLinearField):
@@ -420,9 +417,6 @@ def function_space_cosines(
     g = jnp.concatenate([gW.reshape(num_knots, -1), gb], axis=1)
     grad_norm = jnp.sqrt(jnp.sum(g * (gram_inv @ g)))
 
-    nodes, weights = np.polynomial.legendre.leggauss(num_nodes)
-    ts = jnp.asarray(t0 + 0.5 * (t1 - t0) * (nodes + 1.0), dtype=inputs.dtype)
-    wq = jnp.asarray(0.5 * (t1 - t0) * weights, dtype=inputs.dtype)
     identity = gauge.identity()
 
     def one(key):
@@ -445,7 +439,7 @@ def function_space_cosines(
             dw, db = jax.jvp(wb, (identity,), (direction,))[1]
             return jnp.sum(dw**2) + jnp.sum(db**2)
 
-        v_norm = jnp.sqrt(jnp.dot(wq, jax.vmap(field_tangent)(ts)))
+        v_norm = jnp.sqrt(quadrature(field_tangent, t0, t1, num_nodes, dtype=inputs.dtype))
         return d_loss / (v_norm * grad_norm)
 
     return jax.lax.map(one, keys)
