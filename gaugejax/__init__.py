@@ -35,6 +35,7 @@ from ._core.calculus import (
     pullback as pullback,
     reparametrize as reparametrize,
     spacetime_pullback as spacetime_pullback,
+    time_derivative as time_derivative,
 )
 from ._core.correspondence import (
     LiftedGauge as LiftedGauge,

@@ -1,5 +1,6 @@
 """The shared helpers, one home each: the eager-or-traced value check, the propagator field
-(and the propagator over an empty interval), Gauss-Legendre quadrature, the log-log slope."""
+(and the propagator over an empty interval), Gauss-Legendre quadrature, the log-log slope, the
+time derivative."""
 
 import equinox as eqx
 import jax
@@ -167,3 +168,12 @@ def test_loglog_slope_recovers_power_laws_and_refuses_bad_input():
         gj.loglog_slope([1.0, 2.0], [1.0, 0.0])
     with pytest.raises(ValueError, match="`xs` must be positive and finite"):
         gj.loglog_slope([1.0, float("nan")], [1.0, 2.0])
+
+
+def test_time_derivative_is_the_exact_derivative_in_t():
+    value, rate = gj.time_derivative(lambda t: (jnp.sin(t) * jnp.eye(2), t**3), 0.7)
+    np.testing.assert_allclose(value[0], np.sin(0.7) * np.eye(2), rtol=1e-15)
+    np.testing.assert_allclose(rate[0], np.cos(0.7) * np.eye(2), rtol=1e-15)
+    assert float(rate[1]) == pytest.approx(3 * 0.7**2, rel=1e-15)
+    value, rate = gj.time_derivative(lambda t: t**2, 3)  # an int time is cast to a float
+    assert float(value) == 9.0 and float(rate) == 6.0 and rate.dtype == jnp.float64

@@ -57,9 +57,23 @@ def lie_bracket(u: Callable[[PyTree], PyTree], v: Callable[[PyTree], PyTree]) ->
     return bracket
 
 
-def time_array(t: ScalarLike) -> Float[ArrayLike, ""]:
+def time_array(t: ScalarLike | int) -> Float[ArrayLike, ""]:
     t = jnp.asarray(t)
     return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(float)
+
+
+def time_derivative(f: Callable, t: ScalarLike | int) -> tuple[PyTree, PyTree]:
+    """`(f(t), df/dt(t))` by one forward-mode jvp in t (never a finite difference).
+
+    **Arguments:**
+
+    - `f`: `t -> ` an array or PyTree of arrays (a time-dependent weight, bias or gauge map).
+    - `t`: a scalar time; an integer time is cast to JAX's default float dtype.
+
+    **Returns:** the value and its time derivative, both with the structure of `f(t)`.
+    """
+    t = time_array(t)
+    return jax.jvp(f, (t,), (jnp.ones_like(t),))
 
 
 class DeformedField(eqx.Module):
@@ -127,7 +141,7 @@ class SpacetimePulledBackField(eqx.Module):
 
     def __call__(self, s: ScalarLike, y: State, args: Args) -> State:
         s = time_array(s)
-        (t, x), (dt_ds, dx_ds) = jax.jvp(lambda s_: self.chart(s_, y), (s,), (jnp.ones_like(s),))
+        (t, x), (dt_ds, dx_ds) = time_derivative(lambda s_: self.chart(s_, y), s)
         check_like("the space part `x` of `chart(s, y)`", x, y)
         f = self.field(t, x, args)
         _, chart_y = jax.linearize(lambda y_: self.chart(s, y_), y)
@@ -202,8 +216,7 @@ class ReparametrizedField(eqx.Module):
     tau: Callable[[ScalarLike], ScalarLike]
 
     def __call__(self, s: ScalarLike, y: State, args: Args) -> State:
-        s = time_array(s)
-        t, dtau = jax.jvp(self.tau, (s,), (jnp.ones_like(s),))
+        t, dtau = time_derivative(self.tau, s)
         return jax.tree.map(lambda f: dtau * f, self.field(t, y, args))
 
 
@@ -231,7 +244,7 @@ def reparametrize(
         raise TypeError(f"`tau` must be callable s -> t; received {type(tau)}.")
     if grid is not None:
         grid = jnp.asarray(grid)
-        slopes = jax.vmap(lambda s: jax.jvp(tau, (s,), (jnp.ones_like(s),))[1])(grid)
+        slopes = jax.vmap(lambda s: time_derivative(tau, s)[1])(grid)
         if is_traced(slopes):  # refused, never skipped
             raise ValueError(
                 "`grid` checks tau' > 0 eagerly and needs concrete values (tau and grid not "

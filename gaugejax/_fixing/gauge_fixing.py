@@ -9,13 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._core.calculus import time_derivative
 from .._core.numerics import quadrature
 from ..models import AbstractNeuralODE
 from ..models.linearize import check_affine, describe_field, linear_field, not_affine
-
-
-def _time_derivative(f: Callable, t):
-    return jax.jvp(f, (t,), (jnp.ones_like(t),))
 
 
 def _check_penalty_args(strength, t1, num_nodes) -> None:
@@ -40,8 +37,8 @@ def linear_gauge_fixing_penalty(
     _check_penalty_args(strength, t1, num_nodes)
 
     def integrand(t):
-        wt, dw = _time_derivative(w, t)
-        bt, db = _time_derivative(b, t)
+        wt, dw = time_derivative(w, t)
+        bt, db = time_derivative(b, t)
         return jnp.sum((dw + wt @ wt) ** 2) + jnp.sum((db + wt @ bt) ** 2)
 
     return strength * quadrature(integrand, 0.0, t1, num_nodes)
@@ -69,7 +66,7 @@ def rotation_covariant_penalty(
     _check_penalty_args(strength, t1, num_nodes)
 
     def integrand(t):
-        bt, db = _time_derivative(b, t)
+        bt, db = time_derivative(b, t)
         return jnp.sum((db - w(t) @ bt) ** 2)
 
     return strength * quadrature(integrand, 0.0, t1, num_nodes)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._core._types import Args, ScalarLike
+from .._core.calculus import time_derivative
 from .node import AbstractNeuralODE, NeuralODE, check_interval, solve_options_from
 from .options import SolveOptions
 
@@ -142,15 +143,9 @@ class FunctionLinearField(AbstractLinearField):
         return self.w(t) @ x + self.b(t)
 
 
-def _time_derivative(f: Callable, t):
-    t = jnp.asarray(t)
-    t = t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(float)
-    return jax.jvp(f, (t,), (jnp.ones_like(t),))
-
-
 def gauged_weight_terms(w: Callable, G: Callable, t: ScalarLike):
     """The weight half of Eq. 25: `(G, W)` at t with `w' = G^-1 W`, `W = w G - dG/dt`."""
-    Gt, dG = _time_derivative(G, t)
+    Gt, dG = time_derivative(G, t)
     return Gt, w(t) @ Gt - dG
 
 
@@ -162,7 +157,7 @@ def gauged_linear_terms(w: Callable, b: Callable, G: Callable, c: Callable, t: S
     callers solve with G once, for the weight, the bias or a whole field evaluation.
     """
     Gt, W = gauged_weight_terms(w, G, t)
-    ct, dc = _time_derivative(c, t)
+    ct, dc = time_derivative(c, t)
     return Gt, W, b(t) + w(t) @ ct - dc
 
 
