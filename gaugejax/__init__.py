@@ -91,6 +91,8 @@ from ._fixing.gauge_search import (
 from ._fixing.orbits import (
     canonical_distance as canonical_distance,
     function_spread as function_spread,
+    gauge_response as gauge_response,
+    gauge_sensitivity as gauge_sensitivity,
     linear_node_fingerprint as linear_node_fingerprint,
     parameter_spread as parameter_spread,
     seed_spread as seed_spread,

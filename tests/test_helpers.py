@@ -1,6 +1,6 @@
 """The shared helpers, one home each: the eager-or-traced value check, the propagator field
 (and the propagator over an empty interval), Gauss-Legendre quadrature, the log-log slope, the
-time derivative."""
+time derivative, the gauge response (the forward sensitivity system along a gauge direction)."""
 
 import equinox as eqx
 import jax
@@ -10,6 +10,8 @@ import pytest
 
 import gaugejax as gj
 from gaugejax._core._checks import check_value, is_traced
+
+from .conftest import small_node
 
 
 # ---------------------------------------------------------------------------- check_value
@@ -177,3 +179,49 @@ def test_time_derivative_is_the_exact_derivative_in_t():
     assert float(rate[1]) == pytest.approx(3 * 0.7**2, rel=1e-15)
     value, rate = gj.time_derivative(lambda t: t**2, 3)  # an int time is cast to a float
     assert float(value) == 9.0 and float(rate) == 6.0 and rate.dtype == jnp.float64
+
+
+# ---------------------------------------------------------------------------- gauge response
+
+
+def test_gauge_response_is_the_first_order_change_of_the_output():
+    model = small_node(jax.random.key(0), rtol=1e-12)
+    x = jax.random.normal(jax.random.key(1), (3, 3))
+    free = gj.LieDeformationGauge(3, 1.0, key=jax.random.key(2), boundary="free")
+    g = free.sample(jax.random.key(3))
+    dx, stats = gj.gauge_response(model, free, g, x)
+    assert dx.shape == x.shape and stats.num_steps.shape == (3,)
+    # against a central difference of the finite action (O(h^2) = 1e-6, solves to 1e-12)
+    h = 1e-3
+
+    def moved(s):
+        return jax.vmap(free.act(jax.tree.map(lambda a: s * a, g), model))(x)
+
+    central = (moved(h) - moved(-h)) / (2 * h)
+    assert float(jnp.max(jnp.abs(dx))) > 1e-2  # a real response: the generator is free
+    np.testing.assert_allclose(dx, central, atol=1e-6)
+    # the sweep's first-order lane reports the same numbers (both ask the model)
+    lane = gj.sweep_lane(model, free, x)
+    key = jax.random.key(4)
+    dx_lane = gj.gauge_response(model, free, free.sample(key), x)[0]
+    assert float(lane(key)["max_abs"]) == float(jnp.max(jnp.abs(dx_lane)))
+    # a model without solves answers by a jvp: a linear map moved along a rescaling
+    mlp = eqx.nn.MLP(3, 2, 4, 1, activation=jax.nn.relu, key=jax.random.key(5))
+    rescaling = gj.RescalingGauge.from_model(mlp)
+    direction = jax.tree.map(jnp.ones_like, rescaling.identity())
+    dy, none = gj.gauge_response(mlp, rescaling, direction, x)
+    assert none is None and float(jnp.max(jnp.abs(dy))) < 1e-14  # ReLU: a symmetry
+    # a generator vanishing at t0 and t1 is a symmetry: the response is solver noise
+    vanishing = gj.LieDeformationGauge(3, 1.0, key=jax.random.key(2))
+    g0 = vanishing.sample(jax.random.key(3))
+    dx0 = gj.gauge_response(model, vanishing, g0, x)[0]
+    assert float(jnp.max(jnp.abs(dx0))) < 1e-6
+    # the field it solves: (F, D_p F dp + D_y F dy) of the moved field
+    field = gj.gauge_sensitivity(model, free, g)
+    y, dy = x[0], jnp.ones(3)
+    f, df = field(0.3, (y, dy), None)
+    np.testing.assert_array_equal(f, model.field(0.3, y, None))
+    expected = jax.jvp(
+        lambda a, y_: free.act(a, model).field(0.3, y_, None), (free.identity(), y), (g, dy)
+    )[1]
+    np.testing.assert_allclose(df, expected, rtol=1e-14, atol=1e-15)

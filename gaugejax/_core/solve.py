@@ -293,3 +293,14 @@ class SensitivityField(eqx.Module):
     def __call__(self, t, state, args):
         y, dy = state
         return jax.jvp(lambda p, y_: self.fn(p, t, y_, args), (self.p, y), (self.dp, dy))
+
+
+class MovedField(eqx.Module):
+    """`(a, t, y, args) -> moved(a).field(t, y, args)`: the field of a path of models as a
+    function of the path's parameter `a` (e.g. `moved(a) = gauge.act(a, model)`), the `fn` of
+    a `SensitivityField`. A Module, so equal structures share one compiled solve."""
+
+    moved: Callable
+
+    def __call__(self, a, t, y, args):
+        return self.moved(a).field(t, y, args)

@@ -14,6 +14,7 @@ from jaxtyping import Array, ArrayLike, Float, Key, PRNGKeyArray, PyTree, Shaped
 
 from .._core.correspondence import affine_propagator
 from .._core.numerics import quadrature
+from .._core.solve import MovedField, SensitivityField, SolveStats
 from ..gauges.base import AbstractGauge
 from ..gauges.rescaling import (  # re-exported: its one home is the rescaling module
     rescaling_conserved_quantity as rescaling_conserved_quantity,
@@ -26,6 +27,7 @@ from ..models.linear import (
     PiecewiseLinearBasis,
 )
 from ..models.linearize import check_affine, describe_field, linear_field, not_affine
+from ..models.solved import observe_tangent
 from .gauge_fixing import canonical_gauge
 
 
@@ -59,6 +61,56 @@ def gradient_orbit_cosines(
     grad = _flat_params(eqx.filter_grad(loss_fn)(model))
     tangents = jax.vmap(lambda k: orbit_tangent(gauge, model, k))(keys)
     return tangents @ grad / (jnp.linalg.norm(tangents, axis=1) * jnp.linalg.norm(grad))
+
+
+class _Acted(eqx.Module):
+    """`a -> gauge.act(a, model)`: the gauge orbit through `model` as a path of models (a
+    Module, so equal structures share one compiled solve)."""
+
+    gauge: Any
+    model: Any
+
+    def __call__(self, a):
+        return self.gauge.act(a, self.model)
+
+
+def gauge_sensitivity(model: Any, gauge: AbstractGauge, direction: PyTree) -> SensitivityField:
+    """The forward sensitivity field of a neural ODE along a gauge direction at the identity:
+    `SensitivityField(MovedField(a -> gauge.act(a, model)), gauge.identity(), direction)`, on
+    states `(y, dy)`. Solved from `(x0, 0)` it gives `gauge_response`; as a field it serves
+    cost analyses and solves of one's own.
+
+    **Arguments:**
+
+    - `model`: a neural ODE, e.g. `gj.NeuralODE`.
+    - `gauge`: a family acting on it, e.g. `gj.LieDeformationGauge`.
+    - `direction`: a tangent at the identity, shaped like an element (e.g. `gauge.sample(key)`
+      for a family whose identity is zero).
+
+    **Returns:** a `gj.SensitivityField`.
+    """
+    return SensitivityField(MovedField(_Acted(gauge, model)), gauge.identity(), direction)
+
+
+def gauge_response(
+    model: Any, gauge: AbstractGauge, direction: PyTree, inputs: PyTree
+) -> tuple[PyTree, SolveStats | None]:
+    """The first-order change of the model's outputs when the gauge moves it along `direction`
+    from the identity: `d/ds model_s(x)` at s = 0 for `model_s = gauge.act(identity + s
+    direction, model)`, for a batch of inputs. It is what a first-order sweep measures per
+    sample, asked of the model itself (`observe_tangent`): for a neural ODE the forward
+    sensitivity system of `gauge_sensitivity`, solved under the model's own error control (a
+    jvp through an adaptive solve would choose its steps for the outputs alone); for other
+    models a jvp. Zero (to solver tolerance) exactly when the direction is a symmetry to first
+    order.
+
+    **Arguments:** `model`, `gauge`, `direction` as `gauge_sensitivity`; `inputs`: a batch of
+    inputs (leading axis).
+
+    **Returns:** `(d_outputs, stats)`: the response, shaped like the outputs, and the
+    `SolveStats` of the solves (None for a model without solves).
+    """
+    return observe_tangent(model, _Acted(gauge, model), gauge.identity(), direction, inputs)
 
 
 def _fingerprint(model, linear, t1, tolerances) -> tuple[Array, Array]:
@@ -421,14 +473,7 @@ def function_space_cosines(
 
     def one(key):
         direction = jax.tree.map(jnp.subtract, gauge.sample(key), identity)
-
-        def fn(a, t, y, args):
-            return gauge.act(a, model).field(t, y, args)
-
-        def response(x):
-            return model.solve_tangent(x, jnp.zeros_like(x), fn, identity, direction)[0][1]
-
-        d_out = jax.vmap(response)(inputs)
+        d_out = gauge_response(model, gauge, direction, inputs)[0]
         d_loss = jax.jvp(loss, (outputs,), (d_out,))[1]
 
         def field_tangent(t):

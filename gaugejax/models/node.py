@@ -12,7 +12,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
 from .._core._types import Args, ScalarLike, SpacetimeGenerator, State, VectorField
 from .._core.calculus import time_array, tree_sub
-from .._core.solve import SensitivityField, SolveStats
+from .._core.solve import MovedField, SensitivityField, SolveStats
 from .options import SolveOptions
 from .solved import AbstractSolvedModel
 
@@ -206,12 +206,9 @@ class AbstractNeuralODE(AbstractSolvedModel):
         sensitivity system of the moved field (`solve_tangent`), under error control: a jvp
         through an adaptive solve would choose its steps for the primal alone."""
 
-        def fn(a, t, y, args):
-            return moved(a).field(t, y, args)
-
         def one(x):
             zero = jax.tree.map(jnp.zeros_like, x)
-            (_, dx), stats = self.solve_tangent(x, zero, fn, p, dp)
+            (_, dx), stats = self.solve_tangent(x, zero, MovedField(moved), p, dp)
             return dx, stats
 
         return jax.vmap(one)(inputs)
