@@ -41,6 +41,7 @@ from ._core.correspondence import (
     LiftedGauge as LiftedGauge,
     affine_propagator as affine_propagator,
     discretize as discretize,
+    discretize_many as discretize_many,
     euler_discretize as euler_discretize,
     lift as lift,
     wilson_line as wilson_line,
@@ -95,6 +96,7 @@ from ._fixing.orbits import (
     gauge_sensitivity as gauge_sensitivity,
     linear_node_fingerprint as linear_node_fingerprint,
     parameter_spread as parameter_spread,
+    ray_deviations as ray_deviations,
     seed_spread as seed_spread,
 )
 from ._fixing.teleport import (

@@ -156,13 +156,7 @@ def test_lie_deformation_finite_scale_is_second_order(setup):
     gauge = gj.LieDeformationGauge(D, 1.0, key=getkey(), amplitude=0.5)
     g = gauge.sample(getkey())
     scales = [0.2, 0.1, 0.05, 0.025]
-    ref = jax.vmap(model)(x)
-    devs = [
-        float(
-            jnp.max(jnp.abs(jax.vmap(gauge.act(jax.tree.map(lambda a: s * a, g), model))(x) - ref))
-        )
-        for s in scales
-    ]
+    devs = gj.ray_deviations(model, gauge, g, x, scales)
     assert 1.8 < gj.loglog_slope(scales, devs) < 2.2, devs
 
 

@@ -1,6 +1,7 @@
 """The shared helpers, one home each: the eager-or-traced value check, the propagator field
 (and the propagator over an empty interval), Gauss-Legendre quadrature, the log-log slope, the
-time derivative, the gauge response (the forward sensitivity system along a gauge direction)."""
+time derivative, the gauge response (the forward sensitivity system along a gauge direction),
+and the API of convergence studies (`discretize_many`, `ray_deviations`)."""
 
 import equinox as eqx
 import jax
@@ -225,3 +226,46 @@ def test_gauge_response_is_the_first_order_change_of_the_output():
         lambda a, y_: free.act(a, model).field(0.3, y_, None), (free.identity(), y), (g, dy)
     )[1]
     np.testing.assert_allclose(df, expected, rtol=1e-14, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------- API for studies
+
+
+def test_discretize_many_equals_discretize_for_each_number_of_layers():
+    counts = [1, 3, 4]
+    many = gj.discretize_many(_w, _b, 1.0, counts)
+    assert [W.shape for W, _ in many] == [(n, 3, 3) for n in counts]
+    for n, (W, b) in zip(counts, many, strict=True):
+        W1, b1 = gj.discretize(_w, _b, 1.0, n)
+        np.testing.assert_allclose(W, W1, rtol=0, atol=1e-14)
+        np.testing.assert_allclose(b, b1, rtol=0, atol=1e-14)
+    # the product of the layers is the propagator over [0, 1] (Eq. 32)
+    U = np.linalg.multi_dot(list(many[1][0][::-1]))
+    np.testing.assert_allclose(U, gj.wilson_line(_w, 1.0, 0.0), atol=1e-9)
+    with pytest.raises(ValueError, match="at least one"):
+        gj.discretize_many(_w, _b, 1.0, [])
+    with pytest.raises(ValueError, match="num_layers"):
+        gj.discretize_many(_w, _b, 1.0, [2, 0])
+
+
+def test_ray_deviations_measure_the_order_of_a_symmetry():
+    model = small_node(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, 3))
+    scales = jnp.asarray([0.2, 0.1, 0.05, 0.025])
+    orders = {}
+    for boundary in ("vanishing", "free"):
+        gauge = gj.LieDeformationGauge(3, 1.0, key=jax.random.key(2), boundary=boundary)
+        g = gauge.sample(jax.random.key(3))
+        devs = gj.ray_deviations(model, gauge, g, x, scales)
+        assert devs.shape == (4,)
+        # each entry is the finite deviation at that scale (here g_s = s g: identity is zero)
+        moved = gauge.act(jax.tree.map(lambda a: 0.1 * a, g), model)
+        expected = jnp.max(jnp.abs(jax.vmap(moved)(x) - jax.vmap(model)(x)))
+        np.testing.assert_allclose(devs[1], expected, rtol=1e-12)
+        orders[boundary] = gj.loglog_slope(scales, devs)
+    # Thm 2.1: a vanishing generator moves the output at O(s^2), a free one at O(s)
+    assert abs(orders["vanishing"] - 2) < 0.2 and abs(orders["free"] - 1) < 0.2, orders
+    # the identity itself (s = 0) deviates by rounding only (its field is evaluated wrapped)
+    gauge = gj.LieDeformationGauge(3, 1.0, key=jax.random.key(2))
+    zero = gj.ray_deviations(model, gauge, gauge.sample(jax.random.key(3)), x, [0.0])
+    assert float(zero[0]) < 1e-14

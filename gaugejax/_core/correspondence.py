@@ -10,7 +10,7 @@ it Eq. 22 and the covariance Eq. 46 fail (see the README and `experiments/linear
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import diffrax
 import equinox as eqx
@@ -241,6 +241,45 @@ def discretize(
     return jax.vmap(lambda a, z: affine_propagator(w, b, z, a, rtol=rtol, atol=atol))(
         edges[:-1], edges[1:]
     )
+
+
+def discretize_many(
+    w: MatrixFn,
+    b: VectorFn,
+    t1: float,
+    layer_counts: Sequence[int],
+    *,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+) -> list[tuple[Float[Array, "N d d"], Float[Array, "N d"]]]:
+    """`discretize` for several numbers of layers at once (a convergence study in N): every
+    layer of every N in one vmapped solve, so one compiled program instead of one per N.
+
+    **Arguments:** `w`, `b`, `t1`, `rtol`, `atol` as `discretize`; `layer_counts`: positive
+    ints.
+
+    **Returns:** one `(weights (N, d, d), biases (N, d))` per entry of `layer_counts`, equal to
+    `discretize(w, b, t1, N)` up to the batching of the solves.
+
+    **Raises:** `ValueError` for an empty `layer_counts`, a count that is not a positive int,
+    or `t1 <= 0`.
+    """
+    counts = list(layer_counts)
+    if not counts:
+        raise ValueError("`layer_counts` must name at least one number of layers.")
+    for n in counts:
+        _check_layers(t1, n)
+    edges = [jnp.linspace(0.0, float(t1), n + 1) for n in counts]
+    starts = jnp.concatenate([e[:-1] for e in edges])
+    ends = jnp.concatenate([e[1:] for e in edges])
+    Ws, bs = _layers(w, b, starts, ends, rtol, atol)
+    splits = np.cumsum(counts)[:-1]
+    return list(zip(jnp.split(Ws, splits), jnp.split(bs, splits), strict=True))
+
+
+@eqx.filter_jit
+def _layers(w, b, starts, ends, rtol, atol):
+    return jax.vmap(lambda a, z: affine_propagator(w, b, z, a, rtol=rtol, atol=atol))(starts, ends)
 
 
 def euler_discretize(

@@ -113,6 +113,46 @@ def gauge_response(
     return observe_tangent(model, _Acted(gauge, model), gauge.identity(), direction, inputs)
 
 
+@eqx.filter_jit
+def _ray(model, gauge, element, inputs, scales):
+    identity = gauge.identity()
+    reference = jax.vmap(model)(inputs)
+
+    def one(s):
+        g = jax.tree.map(lambda e, i: i + s * (e - i), element, identity)
+        return jnp.max(jnp.abs(jax.vmap(gauge.act(g, model))(inputs) - reference))
+
+    return jax.lax.map(one, scales)
+
+
+def ray_deviations(
+    model: Any,
+    gauge: AbstractGauge,
+    element: PyTree,
+    inputs: Float[ArrayLike, "n ..."],
+    scales: Sequence[float] | Float[ArrayLike, " k"],
+) -> Float[Array, " k"]:
+    """The output deviation along the ray of elements `g_s = identity + s (element - identity)`:
+    `max |model_s(x) - model(x)|` over `inputs` for each scale s, with
+    `model_s = gauge.act(g_s, model)`, in one compiled program (the scales traced). For a family
+    whose elements are linear coordinates at the identity (e.g. the coefficients of a
+    `LieDeformationGauge` generator) `g_s = s element`; `gj.loglog_slope(scales, deviations)`
+    is then the order at which the element's direction is a symmetry (2 for a first-order
+    symmetry, Thm 2.1; 1 for a direction that moves the output).
+
+    **Arguments:**
+
+    - `model`: any model `gauge` acts on, called on one input (`vmap`ped over `inputs`).
+    - `gauge`: the family.
+    - `element`: the element the ray points to (s = 1).
+    - `inputs`: a batch of inputs (leading axis).
+    - `scales`: the values of s.
+
+    **Returns:** one deviation per scale.
+    """
+    return _ray(model, gauge, element, jnp.asarray(inputs), jnp.asarray(scales))
+
+
 def _fingerprint(model, linear, t1, tolerances) -> tuple[Array, Array]:
     return affine_propagator(linear.weight, linear.bias, t1, model.t0, **tolerances)
 
