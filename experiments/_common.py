@@ -1,5 +1,6 @@
-"""What every experiment shares: claim rows, the config lock and output files, slopes, and the
-threaded check runner (`_training.TrainingRun` is the training experiments' scaffold)."""
+"""What every experiment shares: claim rows, the config lock and output files, Markdown tables,
+the threaded check runner and its figures (`_training.TrainingRun` is the training experiments'
+scaffold)."""
 
 import concurrent.futures
 import contextvars
@@ -110,6 +111,32 @@ def slope(xs, ys) -> float:
 
 def in_band(value, target, band) -> bool:
     return bool(abs(value - target) <= band)
+
+
+def below(id_, text, equation, measured, bound, detail="", *, ok=True, tolerance=None) -> dict:
+    """A claim row that `measured` stays below `bound` (and `ok`, any further condition);
+    `tolerance` is the row's description of the bound, `< bound` unless given."""
+    ok = ok and measured < bound
+    return claim(id_, text, equation, measured, ok, tolerance or f"< {bound:g}", detail)
+
+
+def above(id_, text, equation, measured, bound, detail="", *, ok=True, tolerance=None) -> dict:
+    """A claim row that `measured` exceeds `bound` (a negative control moves the output)."""
+    ok = ok and measured > bound
+    return claim(id_, text, equation, measured, ok, tolerance or f"> {bound:g}", detail)
+
+
+def slope_claim(id_, text, equation, slope, target, band, detail="", *, ok=True) -> dict:
+    """A claim row on a convergence order: `slope` (e.g. `gj.loglog_slope`) within `band` of
+    `target`, and `ok` (any further condition of the claim)."""
+    ok = ok and in_band(slope, target, band)
+    return claim(id_, text, equation, slope, ok, f"slope {target:g} +- {band}", detail)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    """A Markdown table's lines: the header, its rule, one line per row (cells as `str`)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
 def validate_checks(selected: Sequence[str], checks: Sequence[tuple[str, Callable]]) -> None:
@@ -271,6 +298,29 @@ def small_multiples_figure(path: Path, panels, *, xlabel: str, title: str) -> Pa
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), sharex=True)
     small_multiples(np.atleast_1d(axes), panels, xlabel=xlabel)
     fig.suptitle(title)
+    fig.tight_layout()
+    path = io.save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def loglog_figure(path: Path, panels, *, title: str | None = None, ticks=False) -> Path:
+    """A row of log-log panels written to `path` (call with `PLOT_LOCK` held): `panels` =
+    `[(title, xlabel, ylabel, [(label, xs, ys), ...]), ...]`, the series of a panel drawn
+    "o-", "s--", "^:" (values floored at 1e-17); with `ticks`, the x values run are the ticks."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4), squeeze=False)
+    for ax, (name, xlabel, ylabel, series) in zip(axes[0], panels, strict=True):
+        for (label, xs, ys), style in zip(series, ("o-", "s--", "^:"), strict=False):
+            ax.loglog(xs, np.maximum(np.asarray(ys, dtype=float), 1e-17), style, label=label)
+        ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        plain_log_ticks(ax)
+        if ticks:
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path = io.save_figure(fig, path)
     plt.close(fig)

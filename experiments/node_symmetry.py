@@ -16,9 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import io
 
-from ._common import claim, histogram_figure, in_band, pyplot, run_checks, slope, validate_checks
+from ._common import (
+    above,
+    below,
+    claim,
+    histogram_figure,
+    in_band,
+    loglog_figure,
+    run_checks,
+    slope_claim,
+    validate_checks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,16 +59,9 @@ class Config:
 
 PRESETS = {
     "default": {},
-    "smoke": {
-        "dim": 3,
-        "width": 16,
-        "num_inputs": 4,
-        "num_samples": 8,
-        "chunk_size": 8,
-        "num_points": 4,
-        "scales": [0.08, 0.04, 0.02],
-    },
-}
+    "smoke": {"dim": 3, "width": 16, "num_inputs": 4, "num_samples": 8, "chunk_size": 8,
+              "num_points": 4, "scales": [0.08, 0.04, 0.02]},
+}  # fmt: skip
 
 
 class _Setup(eqx.Module):
@@ -69,8 +71,10 @@ class _Setup(eqx.Module):
     ys: jax.Array
 
 
-def _scaled(g, a):
-    return jax.tree.map(lambda x: a * x, g)
+def _field_gap(a, b, setup):
+    """max |a - b| over the setup's points (t, y) of two fields `(t, y, args) -> dy/dt`."""
+    gap = jax.vmap(lambda t, y: jnp.max(jnp.abs(a(t, y, None) - b(t, y, None))))
+    return jnp.max(gap(setup.ts, setup.ys))
 
 
 def check_lie_bracket(cfg, key, setup):
@@ -96,16 +100,10 @@ def check_lie_bracket(cfg, key, setup):
         jnp.max(jnp.abs(jax.vmap(gj.lie_bracket(u, v))(zs[:, :2]) - jax.vmap(by_hand)(zs[:, :2])))
     )
     err = max(err_linear, err_nonlinear)
-    row = claim(
-        "lie_bracket",
-        "Lie bracket by two jvps equals closed forms "
-        "([Az, Bz] = (BA - AB) z; a nonlinear pair by hand)",
-        "Eq. 9 (L_eps F)",
-        err,
-        err < cfg.identity_tolerance,
-        f"< {cfg.identity_tolerance:g}",
-        f"linear {err_linear:.2e}, nonlinear {err_nonlinear:.2e}",
-    )
+    row = below("lie_bracket", "Lie bracket by two jvps equals closed forms "
+                "([Az, Bz] = (BA - AB) z; a nonlinear pair by hand)", "Eq. 9 (L_eps F)", err,
+                cfg.identity_tolerance,
+                f"linear {err_linear:.2e}, nonlinear {err_nonlinear:.2e}")  # fmt: skip
     return [row], {"linear": err_linear, "nonlinear": err_nonlinear}
 
 
@@ -126,15 +124,9 @@ def check_eq16(cfg, key, setup):
         return jnp.max(jnp.abs(gj.deform(F, eps, s)(t, y, None) - eq16))
 
     err = float(jnp.max(jax.jit(jax.vmap(one))(setup.ts, setup.ys)))
-    row = claim(
-        "eq16",
-        "deform with a spatial generator equals Eq. 16 term by term "
-        "(F + DF eps - D eps F - d_t eps)",
-        "Eq. 13-16",
-        err,
-        err < cfg.identity_tolerance,
-        f"< {cfg.identity_tolerance:g}",
-    )
+    text = "deform with a spatial generator equals Eq. 16 term by term "
+    text += "(F + DF eps - D eps F - d_t eps)"
+    row = below("eq16", text, "Eq. 13-16", err, cfg.identity_tolerance)
     return [row], {"error": err}
 
 
@@ -150,26 +142,15 @@ def check_deform_vs_finite(cfg, key, setup):
             e0, ey = eps(s, y)
             return s + h * e0, y + h * ey
 
-        finite = gj.spacetime_pullback(F, chart)
-        inf = gj.deform(F, eps, h)
-        return jnp.max(
-            jax.vmap(lambda t, y: jnp.max(jnp.abs(finite(t, y, None) - inf(t, y, None))))(
-                setup.ts, setup.ys
-            )
-        )
+        return _field_gap(gj.spacetime_pullback(F, chart), gj.deform(F, eps, h), setup)
 
     gaps = [float(gap(jnp.asarray(h))) for h in cfg.scales]
-    p = slope(cfg.scales, gaps)
-    row = claim(
-        "deform_vs_finite",
-        "deform(F, (eps0, eps_y), h) is the first-order expansion of the finite spacetime "
-        "diffeomorphism (t, x) = (s, y) + h eps: the gap is O(h^2)",
-        "Eq. 9 + Sec. 2.2 rescaling",
-        p,
-        in_band(p, 2.0, cfg.slope_band),
-        f"slope 2 +- {cfg.slope_band}",
-        "gaps " + ", ".join(f"{g:.1e}" for g in gaps),
-    )
+    p = gj.loglog_slope(cfg.scales, gaps)
+    row = slope_claim("deform_vs_finite",
+                      "deform(F, (eps0, eps_y), h) is the first-order expansion of the finite "
+                      "spacetime diffeomorphism (t, x) = (s, y) + h eps: the gap is O(h^2)",
+                      "Eq. 9 + Sec. 2.2 rescaling", p, 2.0, cfg.slope_band,
+                      "gaps " + ", ".join(f"{g:.1e}" for g in gaps))  # fmt: skip
     return [row], {"scales": list(cfg.scales), "gaps": gaps, "slope": p}
 
 
@@ -184,33 +165,20 @@ def check_thm21(cfg, key, setup):
     res_free = gj.sweep(model, free, x, key=k2, **kw)
 
     # finite s: O(s^2) for vanishing generators, O(s) for free ones
-    ref = jax.vmap(model)(x)
-
-    @eqx.filter_jit
-    def deviation(gauge, g, a):
-        return jnp.max(jnp.abs(jax.vmap(gauge.act(_scaled(g, a), model))(x) - ref))
-
-    def deviations(gauge, g):
-        return [float(deviation(gauge, g, jnp.asarray(s))) for s in cfg.scales]
-
-    dev_van = deviations(van, van.sample(k3))
-    dev_free = deviations(free, free.sample(k3))
-    p_van, p_free = slope(cfg.scales, dev_van), slope(cfg.scales, dev_free)
+    dev_van, dev_free = (
+        gj.ray_deviations(model, gauge, gauge.sample(k3), x, cfg.scales).tolist()
+        for gauge in (van, free)
+    )
+    p_van, p_free = gj.loglog_slope(cfg.scales, dev_van), gj.loglog_slope(cfg.scales, dev_free)
 
     # necessity: measured response = DPhi(z) v(0, z) - v(T, Phi(z)), v = eps_y - F eps0
     gs = jax.vmap(free.sample)(jax.random.split(k4, 4))
 
-    def fn(a, t, y, args):
-        return free.act(a, model).field(t, y, args)
-
     @jax.jit
-    def necessity(g):
-        def one(z):
-            measured = model.solve_tangent(z, jnp.zeros_like(z), fn, free.identity(), g)[0][1]
-            predicted = gj.first_order_response(model, free.generator(g), z)
-            return jnp.max(jnp.abs(measured - predicted)), jnp.max(jnp.abs(measured))
-
-        return jax.vmap(one)(x)
+    def necessity(g):  # per input: the error of the prediction, the size of the response
+        measured = gj.gauge_response(model, free, g, x)[0]
+        predicted = jax.vmap(lambda z: gj.first_order_response(model, free.generator(g), z))(x)
+        return jnp.max(jnp.abs(measured - predicted), axis=1), jnp.max(jnp.abs(measured), axis=1)
 
     errs, sizes = jax.vmap(necessity)(gs)
     nec_err, nec_size = float(jnp.max(errs)), float(jnp.min(sizes))
@@ -218,58 +186,30 @@ def check_thm21(cfg, key, setup):
     s_van = res_van.summary()
     s_free = res_free.summary()
     rows = [
-        claim(
-            "thm21_sufficiency",
-            "Generators vanishing at t=0 and t=T leave the output unchanged at first order "
-            f"(max over {res_van.num_samples} random generators x {len(x)} inputs)",
-            "Thm 2.1, Eq. 11-12",
-            s_van["max_abs_max"],
-            s_van["max_abs_max"] < cfg.tolerance and not s_van["failures"],
-            f"< {cfg.tolerance:g} (rtol {cfg.rtol:g})",
-            f"median {s_van['max_abs_median']:.1e}; failures {s_van['failures'] or 'none'}",
-        ),
-        claim(
-            "thm21_control",
-            "Negative control: generators that do not vanish at the boundary move the output "
-            "at first order (min over samples)",
-            "Thm 2.1 (necessity)",
-            float(res_free.max_abs.min()),
-            float(res_free.max_abs.min()) > 100 * cfg.tolerance,
-            f"> {100 * cfg.tolerance:g}",
-            f"median {s_free['max_abs_median']:.2e}",
-        ),
-        claim(
-            "thm21_second_order",
-            "Finite deformation by a vanishing generator changes the output at O(s^2)",
-            "Thm 2.1",
-            p_van,
-            in_band(p_van, 2.0, cfg.slope_band),
-            f"slope 2 +- {cfg.slope_band}",
-            f"free generator slope {p_free:.2f}",
-        ),
-        claim(
-            "thm21_necessity",
-            "For a non-vanishing generator the first-order response equals "
-            "DPhi(z) v(0,z) - v(T, Phi(z)), v = eps_y - F eps0",
-            "Thm 2.1 (Cartan formula step)",
-            nec_err,
-            nec_err < cfg.tolerance and nec_size > 100 * cfg.tolerance,
-            f"< {cfg.tolerance:g}",
-            f"smallest response {nec_size:.2e}",
-        ),
-    ]
-    data = {
-        "first_order_vanishing": res_van.max_abs,
-        "first_order_free": res_free.max_abs,
-        "sweep_vanishing": s_van,
-        "sweep_free": s_free,
-        "scales": list(cfg.scales),
-        "finite_vanishing": dev_van,
-        "finite_free": dev_free,
-        "slope_vanishing": p_van,
-        "slope_free": p_free,
-        "necessity_error": nec_err,
-    }
+        below("thm21_sufficiency",
+              "Generators vanishing at t=0 and t=T leave the output unchanged at first order "
+              f"(max over {res_van.num_samples} random generators x {len(x)} inputs)",
+              "Thm 2.1, Eq. 11-12", s_van["max_abs_max"], cfg.tolerance,
+              f"median {s_van['max_abs_median']:.1e}; failures {s_van['failures'] or 'none'}",
+              ok=not s_van["failures"], tolerance=f"< {cfg.tolerance:g} (rtol {cfg.rtol:g})"),
+        above("thm21_control",
+              "Negative control: generators that do not vanish at the boundary move the output "
+              "at first order (min over samples)", "Thm 2.1 (necessity)",
+              float(res_free.max_abs.min()), 100 * cfg.tolerance,
+              f"median {s_free['max_abs_median']:.2e}"),
+        slope_claim("thm21_second_order",
+                    "Finite deformation by a vanishing generator changes the output at O(s^2)",
+                    "Thm 2.1", p_van, 2.0, cfg.slope_band, f"free generator slope {p_free:.2f}"),
+        below("thm21_necessity",
+              "For a non-vanishing generator the first-order response equals "
+              "DPhi(z) v(0,z) - v(T, Phi(z)), v = eps_y - F eps0", "Thm 2.1 (Cartan formula step)",
+              nec_err, cfg.tolerance, f"smallest response {nec_size:.2e}",
+              ok=nec_size > 100 * cfg.tolerance),
+    ]  # fmt: skip
+    data = {"first_order_vanishing": res_van.max_abs, "first_order_free": res_free.max_abs,
+            "sweep_vanishing": s_van, "sweep_free": s_free, "scales": list(cfg.scales),
+            "finite_vanishing": dev_van, "finite_free": dev_free, "slope_vanishing": p_van,
+            "slope_free": p_free, "necessity_error": nec_err}  # fmt: skip
     return rows, data
 
 
@@ -291,67 +231,47 @@ def check_finite_families(cfg, key, setup):
     num_free = max(cfg.num_samples // 8, 2)
     keys = jax.random.split(k3, num_free)
 
-    @jax.jit
-    def spatial_free(k):
-        g = sp_free.sample(k)
-        new = jax.vmap(sp_free.act(g, model))(x)
-        inv = sp_free.to_map(sp_free.inverse(g))
-        predicted = jax.vmap(lambda z: inv(one, z))(ref)
-        return jnp.max(jnp.abs(new - predicted)), jnp.max(jnp.abs(new - ref))
+    def violating(family, predict):
+        """Per sample of a boundary-violating family: the error of the predicted new output,
+        and the change of the output."""
 
-    @jax.jit
-    def reparam_free(k):
-        g = tr_free.sample(k)
-        new = jax.vmap(tr_free.act(g, model))(x)
+        def one(k):
+            g = family.sample(k)
+            new = jax.vmap(family.act(g, model))(x)
+            return jnp.max(jnp.abs(new - predict(g))), jnp.max(jnp.abs(new - ref))
+
+        return (np.asarray(a) for a in jax.jit(jax.vmap(one))(keys))
+
+    def spatial(g):  # psi_T^-1 of the old output
+        return jax.vmap(lambda z: sp_free.to_map(sp_free.inverse(g))(one, z))(ref)
+
+    def reparam(g):  # the old trajectory at tau(T)
+        controller = model.stepsize_controller
         tau_T = tr_free.to_map(g)(one)
-        predicted = jax.vmap(
-            lambda z: gj.solve(
-                model.field, z, t1=tau_T, stepsize_controller=model.stepsize_controller
-            )[0]
+        return jax.vmap(
+            lambda z: gj.solve(model.field, z, t1=tau_T, stepsize_controller=controller)[0]
         )(x)
-        return jnp.max(jnp.abs(new - predicted)), jnp.max(jnp.abs(new - ref))
 
-    for name, what, res, free_fn, eq, label in [
-        (
-            "spatial",
-            "spatial diffeomorphisms psi_t",
-            res_sp,
-            spatial_free,
-            "Eq. 13-16",
-            "psi_T^-1(Phi(z))",
-        ),
-        ("reparam", "time reparametrisations tau", res_tr, reparam_free, "Eq. 17-20", "x(tau(T))"),
-    ]:
+    for name, what, res, free, eq, label in [
+        ("spatial", "spatial diffeomorphisms psi_t", res_sp, (sp_free, spatial), "Eq. 13-16",
+         "psi_T^-1(Phi(z))"),
+        ("reparam", "time reparametrisations tau", res_tr, (tr_free, reparam), "Eq. 17-20",
+         "x(tau(T))"),
+    ]:  # fmt: skip
         s = res.summary()
-        err, change = (np.asarray(a) for a in jax.vmap(free_fn)(keys))
+        err, change = violating(*free)
         rows += [
-            claim(
-                f"finite_{name}",
-                f"Finite {what} with boundary conditions leave x(T) unchanged "
-                f"({s['num_samples']} samples, exact field transformation)",
-                eq,
-                s["max_abs_max"],
-                s["max_abs_max"] < cfg.tolerance and not s["failures"],
-                f"< {cfg.tolerance:g}",
-                f"median {s['max_abs_median']:.1e}, median steps {s['num_steps_median']:.0f}, "
-                f"noise floor {s['noise_floor']:.1e}",
-            ),
-            claim(
-                f"finite_{name}_violating",
-                f"Boundary-violating maps change x(T) (min change {change.min():.2e}) "
-                f"exactly to {label}",
-                eq,
-                float(err.max()),
-                float(err.max()) < cfg.tolerance and float(change.min()) > 100 * cfg.tolerance,
-                f"< {cfg.tolerance:g}",
-            ),
-        ]
-        data[name] = {
-            "deviation": res.max_abs,
-            "summary": s,
-            "violating_error": err,
-            "violating_change": change,
-        }
+            below(f"finite_{name}", f"Finite {what} with boundary conditions leave x(T) unchanged "
+                  f"({s['num_samples']} samples, exact field transformation)", eq,
+                  s["max_abs_max"], cfg.tolerance,
+                  f"median {s['max_abs_median']:.1e}, median steps {s['num_steps_median']:.0f}, "
+                  f"noise floor {s['noise_floor']:.1e}", ok=not s["failures"]),
+            below(f"finite_{name}_violating", "Boundary-violating maps change x(T) (min change "
+                  f"{change.min():.2e}) exactly to {label}", eq, float(err.max()), cfg.tolerance,
+                  ok=float(change.min()) > 100 * cfg.tolerance),
+        ]  # fmt: skip
+        data[name] = {"deviation": res.max_abs, "summary": s, "violating_error": err,
+                      "violating_change": change}  # fmt: skip
     return rows, data
 
 
@@ -370,8 +290,7 @@ def check_eq20(cfg, key, setup):
 
     def printed(h):
         def field(t, y, args):
-            f = F(t, y, args)
-            dtF = jax.jvp(lambda t_: F(t_, y, args), (t,), (jnp.ones_like(t),))[1]
+            f, dtF = gj.time_derivative(lambda t_: F(t_, y, args), t)
             return f + h * (f * e0(t) + dtF * e0(t))
 
         return field
@@ -379,39 +298,28 @@ def check_eq20(cfg, key, setup):
     @jax.jit
     def gaps(h):
         exact = gj.reparametrize(F, lambda s: s + h * e0(s))
-
-        def at(field):
-            return jnp.max(
-                jax.vmap(lambda t, y: jnp.max(jnp.abs(field(t, y, None) - exact(t, y, None))))(
-                    setup.ts, setup.ys
-                )
-            )
-
         ref = jax.vmap(model)(x)
 
         def out_dev(field):
             return jnp.max(jnp.abs(jax.vmap(model.with_field(field))(x) - ref))
 
-        return at(derived(h)), at(printed(h)), out_dev(derived(h)), out_dev(printed(h))
+        fields = derived(h), printed(h)
+        return *(_field_gap(f, exact, setup) for f in fields), *(out_dev(f) for f in fields)
 
     vals = np.array([[float(v) for v in gaps(jnp.asarray(h))] for h in cfg.scales])
-    p = [slope(cfg.scales, vals[:, i]) for i in range(4)]
+    p = [gj.loglog_slope(cfg.scales, vals[:, i]) for i in range(4)]
     ok = in_band(p[0], 2.0, cfg.slope_band) and in_band(p[1], 1.0, cfg.slope_band)
     rows = [
         claim(
-            "eq20_verdict",
-            "Eq. 20: the time reparametrisation t = s + h e0(s) gives "
+            "eq20_verdict", "Eq. 20: the time reparametrisation t = s + h e0(s) gives "
             "F' = F + h (e0' F + e0 d_t F) "
             "(derived; field gap O(h^2)), not the printed F + h (F e0 + d_t F e0) (gap O(h))",
-            "Eq. 17-20",
-            p[0],
-            ok,
+            "Eq. 17-20", p[0], ok,
             f"derived slope 2 +- {cfg.slope_band}; printed slope 1 +- {cfg.slope_band}",
             f"printed-form slope {p[1]:.2f}. Output level (e0 vanishing at 0, T): derived changes "
             f"x(T) at slope {p[2]:.2f}, printed at slope {p[3]:.2f}. Verdict: the printed Eq. 20 "
-            "is not dimensionally consistent; the derived form is right.",
-        )
-    ]
+            "is not dimensionally consistent; the derived form is right."),
+    ]  # fmt: skip
     data = {
         "scales": list(cfg.scales),
         "field_gap_derived": vals[:, 0],
@@ -428,32 +336,25 @@ def check_jvp_through_solve(cfg, key, setup):
     k1, k2 = jax.random.split(key)
     model, x = setup.model, setup.inputs
     gauge = gj.LieDeformationGauge(cfg.dim, cfg.t1, key=k1, amplitude=cfg.amplitude)
-    gs = jax.vmap(gauge.sample)(jax.random.split(k2, 8))
+    keys = jax.random.split(k2, 8)
     fwd = model.with_options(adjoint=diffrax.ForwardMode())
 
-    def fn(a, t, y, args):
-        return gauge.act(a, model).field(t, y, args)
-
     @jax.jit
-    def both(g):
-        through = jax.jvp(lambda a: jax.vmap(gauge.act(a, fwd))(x), (gauge.identity(),), (g,))[1]
-        sens = jax.vmap(
-            lambda z: model.solve_tangent(z, jnp.zeros_like(z), fn, gauge.identity(), g)[0][1]
-        )(x)
-        return jnp.max(jnp.abs(through)), jnp.max(jnp.abs(sens))
+    def jvp_through(g):  # what a user writes: a jvp through the adaptive solve
+        out = jax.jvp(lambda a: jax.vmap(gauge.act(a, fwd))(x), (gauge.identity(),), (g,))[1]
+        return jnp.max(jnp.abs(out))
 
-    through, sens = (float(jnp.max(a)) for a in jax.vmap(both)(gs))
-    row = claim(
-        "jvp_through_solve",
-        "First-order responses need error control on the tangent: a jvp through an adaptive "
-        "solve (ForwardMode) chooses steps for the primal only",
-        "method (DESIGN Sec. 3)",
-        sens,
-        sens < cfg.tolerance,
-        f"sensitivity system < {cfg.tolerance:g}",
+    through = float(jnp.max(jax.vmap(jvp_through)(jax.vmap(gauge.sample)(keys))))
+    # the sweep's lane: the sensitivity system, under error control
+    sens = float(jnp.max(jax.vmap(gj.sweep_lane(model, gauge, x))(keys)["max_abs"]))
+    row = below(
+        "jvp_through_solve", "First-order responses need error control on the tangent: a jvp "
+        "through an adaptive solve (ForwardMode) chooses steps for the primal only",
+        "method (DESIGN Sec. 3)", sens, cfg.tolerance,
         f"jvp through diffeqsolve: {through:.2e}; sensitivity system: {sens:.2e} "
         f"(same 8 vanishing generators, rtol {cfg.rtol:g})",
-    )
+        tolerance=f"sensitivity system < {cfg.tolerance:g}",
+    )  # fmt: skip
     return [row], {"jvp_through_solve": through, "sensitivity": sens}
 
 
@@ -492,68 +393,48 @@ def run(config: Config, run_dir: Path) -> dict:
 
 def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     """Figures from saved `results.json` content: convergence slopes and sweep histograms."""
-    plt = pyplot()
     fig_dir = Path(fig_dir)
     out = []
-    if not {"deform_vs_finite", "thm21", "eq20"} <= results.keys():
-        return out + _sweep_figure(results, fig_dir, config)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    d = results["deform_vs_finite"]
-    axes[0].loglog(d["scales"], d["gaps"], "o-", label=f"deform vs finite (slope {d['slope']:.2f})")
-    axes[0].set_title("Lie deformation = 1st order of finite diffeo")
-    t = results["thm21"]
-    axes[1].loglog(
-        t["scales"],
-        t["finite_vanishing"],
-        "o-",
-        label=f"vanishing eps (slope {t['slope_vanishing']:.2f})",
-    )
-    axes[1].loglog(
-        t["scales"], t["finite_free"], "s--", label=f"free eps (slope {t['slope_free']:.2f})"
-    )
-    axes[1].set_title("Thm 2.1: |x'(T) - x(T)| vs s")
-    e = results["eq20"]
-    axes[2].loglog(
-        e["scales"], e["field_gap_derived"], "o-", label=f"derived (slope {e['slopes'][0]:.2f})"
-    )
-    axes[2].loglog(
-        e["scales"],
-        e["field_gap_printed"],
-        "s--",
-        label=f"printed Eq. 20 (slope {e['slopes'][1]:.2f})",
-    )
-    axes[2].set_title("Eq. 20: field gap to exact reparametrisation")
-    for ax in axes:
-        ax.set_xlabel("scale s")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("max abs gap")
-    out.append(io.save_figure(fig, fig_dir / "convergence.png"))
-    plt.close(fig)
+    if {"deform_vs_finite", "thm21", "eq20"} <= results.keys():
+        d, t, e = (results[k] for k in ("deform_vs_finite", "thm21", "eq20"))
+        series = [
+            [(f"deform vs finite (slope {d['slope']:.2f})", d["scales"], d["gaps"])],
+            [
+                (f"vanishing eps (slope {t['slope_vanishing']:.2f})", t["scales"],
+                 t["finite_vanishing"]),
+                (f"free eps (slope {t['slope_free']:.2f})", t["scales"], t["finite_free"]),
+            ],
+            [
+                (f"derived (slope {e['slopes'][0]:.2f})", e["scales"], e["field_gap_derived"]),
+                (f"printed Eq. 20 (slope {e['slopes'][1]:.2f})", e["scales"],
+                 e["field_gap_printed"]),
+            ],
+        ]  # fmt: skip
+        titles = [
+            "Lie deformation = 1st order of finite diffeo",
+            "Thm 2.1: |x'(T) - x(T)| vs s",
+            "Eq. 20: field gap to exact reparametrisation",
+        ]
+        panels = [(t_, "scale s", "max abs gap", s_) for t_, s_ in zip(titles, series, strict=True)]
+        out.append(loglog_figure(fig_dir / "convergence.png", panels))
     return out + _sweep_figure(results, fig_dir, config)
 
 
 def _sweep_figure(results, fig_dir, config) -> list[Path]:
-    series = []
-    if "thm21" in results:
-        t = results["thm21"]
-        series += [
-            ("Lie, vanishing (1st order)", t["first_order_vanishing"]),
-            ("Lie, free (1st order)", t["first_order_free"]),
+    t, f = results.get("thm21", {}), results.get("finite_families", {})
+    series = [
+        (label, data[key])
+        for label, data, key in [
+            ("Lie, vanishing (1st order)", t, "first_order_vanishing"),
+            ("Lie, free (1st order)", t, "first_order_free"),
+            ("spatial diffeo (finite)", f.get("spatial", {}), "deviation"),
+            ("time reparam (finite)", f.get("reparam", {}), "deviation"),
         ]
-    if "finite_families" in results:
-        f = results["finite_families"]
-        series += [
-            ("spatial diffeo (finite)", f["spatial"]["deviation"]),
-            ("time reparam (finite)", f["reparam"]["deviation"]),
-        ]
+        if key in data
+    ]
     if not series:
         return []
-    path = histogram_figure(
-        fig_dir / "sweeps.png",
-        series,
-        xlabel="log10 max |deviation| per gauge sample",
-        title="Gauge sweeps on a tanh-MLP neural ODE (float64)",
-        tolerance=config.tolerance,
-    )
-    return [path]
+    title = "Gauge sweeps on a tanh-MLP neural ODE (float64)"
+    xlabel = "log10 max |deviation| per gauge sample"
+    path = fig_dir / "sweeps.png"
+    return [histogram_figure(path, series, xlabel=xlabel, title=title, tolerance=config.tolerance)]
