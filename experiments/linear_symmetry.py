@@ -13,15 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import io
 
 from ._common import (
+    above,
+    below,
     claim,
     in_band,
-    plain_log_ticks,
-    pyplot,
+    loglog_figure,
     run_checks,
-    slope,
+    slope_claim,
     small_multiples_figure,
     validate_checks,
 )
@@ -65,16 +65,9 @@ class Config:
 
 PRESETS = {
     "default": {},
-    "smoke": {
-        "dim": 3,
-        "num_inputs": 4,
-        "num_samples": 8,
-        "chunk_size": 8,
-        "layer_counts": [1, 2, 4, 8],
-        "magnus_steps": [8, 16, 32],
-        "hidden_width": 8,
-    },
-}
+    "smoke": {"dim": 3, "num_inputs": 4, "num_samples": 8, "chunk_size": 8,
+              "layer_counts": [1, 2, 4, 8], "magnus_steps": [8, 16, 32], "hidden_width": 8},
+}  # fmt: skip
 
 
 class _Setup(eqx.Module):
@@ -114,56 +107,36 @@ def check_wilson(cfg, key, setup):
         ]
         for order in (2, 4)
     }
-    p2, p4 = (-slope(cfg.magnus_steps, magnus[o]) for o in (2, 4))
-    nodes, weights = np.polynomial.legendre.leggauss(40)
-    ts, ws = 0.5 * T * (nodes + 1), 0.5 * T * weights
-    integrand = jax.jit(jax.vmap(lambda t: gj.wilson_line(w, 0.0, t) @ b(t)))(jnp.asarray(ts))
-    closed = jax.vmap(lambda z: ref @ (z + jnp.tensordot(jnp.asarray(ws), integrand, axes=1)))(
-        setup.inputs
-    )
+    p2, p4 = (-gj.loglog_slope(cfg.magnus_steps, magnus[o]) for o in (2, 4))
+    # Eq. 22's integral by 40-point Gauss-Legendre quadrature
+    integral = gj.quadrature(lambda t: gj.wilson_line(w, 0.0, t) @ b(t), 0.0, T, 40)
+    closed = jax.vmap(lambda z: ref @ (z + integral))(setup.inputs)
     eq22 = _max(closed - jax.vmap(model)(setup.inputs))
     forward = gj.wilson_line(w, 0.8 * T, 0.2 * T)
     propagator = _max(gj.wilson_line(w, 0.2 * T, 0.8 * T) @ forward - jnp.eye(cfg.dim))
     printed = _max(gj.wilson_line(lambda t: -w(t), 0.2 * T, 0.8 * T) @ forward - jnp.eye(cfg.dim))
     rows = [
-        claim(
-            "wilson_constant",
-            "Wilson line of a constant w is expm(w (t1 - t2)), for both orders of the times",
-            "Eq. 23",
-            const,
-            const < 1e-10,
-            "< 1e-10",
-        ),
+        below("wilson_constant",
+              "Wilson line of a constant w is expm(w (t1 - t2)), for both orders of the times",
+              "Eq. 23", const, 1e-10),
         claim(
             "wilson_magnus",
             "Magnus integrators of order 2 (a product of small exponentials) and 4 converge to the "
-            "Wilson line at their orders",
-            "Eq. 23",
-            p4,
+            "Wilson line at their orders", "Eq. 23", p4,
             in_band(p2, 2, cfg.slope_band) and in_band(p4, 4, cfg.slope_band),
             f"slopes 2 and 4 +- {cfg.slope_band}",
             f"order-2 slope {p2:.2f}; order-4 error at {cfg.magnus_steps[-1]} steps "
-            f"{magnus[4][-1]:.1e}",
-        ),
-        claim(
-            "eq22",
-            "Closed form x(T) = W_{T:0}(x0 + int W_{0:t} b dt) equals the solved linear ODE",
-            "Eq. 22",
-            eq22,
-            eq22 < cfg.tolerance,
-            f"< {cfg.tolerance:g}",
-        ),
-        claim(
-            "eq23_verdict",
-            "Eq. 23 for t1 < t2 must be the reverse-ordered exponential of -w (the inverse "
-            "propagator, Eq. 22's W(-w)); as printed (+w) it does not invert the forward line",
-            "Eq. 22-23",
-            propagator,
-            propagator < 1e-9 and printed > 1e-2,
-            "propagator: |W_{a:b} W_{b:a} - 1| < 1e-9; printed form: > 1e-2",
-            f"printed form: |W W - 1| = {printed:.2e}",
-        ),
-    ]
+            f"{magnus[4][-1]:.1e}"),
+        below("eq22",
+              "Closed form x(T) = W_{T:0}(x0 + int W_{0:t} b dt) equals the solved linear ODE",
+              "Eq. 22", eq22, cfg.tolerance),
+        claim("eq23_verdict",
+              "Eq. 23 for t1 < t2 must be the reverse-ordered exponential of -w (the inverse "
+              "propagator, Eq. 22's W(-w)); as printed (+w) it does not invert the forward line",
+              "Eq. 22-23", propagator, propagator < 1e-9 and printed > 1e-2,
+              "propagator: |W_{a:b} W_{b:a} - 1| < 1e-9; printed form: > 1e-2",
+              f"printed form: |W W - 1| = {printed:.2e}"),
+    ]  # fmt: skip
     data = {"magnus_steps": list(cfg.magnus_steps), "magnus2": magnus[2], "magnus4": magnus[4]}
     return rows, data
 
@@ -205,33 +178,20 @@ def check_linear_gauge(cfg, key, setup):
     s = {k: r.summary() for k, r in res.items()}
     worst = max(v["max_abs_max"] for v in s.values())
     rows = [
-        claim(
-            "eq25",
-            f"Linear gauge transformations with G(0)=G(T)=1, c(0)=c(T)=0 leave x(T) unchanged "
-            f"({cfg.num_samples} expm and {cfg.num_samples} Cayley samples)",
-            "Eq. 24-25",
-            worst,
-            worst < cfg.tolerance and not any(v["failures"] for v in s.values()),
-            f"< {cfg.tolerance:g} (rtol {cfg.rtol:g})",
-            f"expm {s['expm']['max_abs_max']:.1e}, Cayley {s['cayley']['max_abs_max']:.1e}",
-        ),
-        claim(
-            "eq25_violating",
-            f"With G(T) != 1 the output changes (by {change:.2e}) exactly to G(T)^-1 x(T)",
-            "Eq. 24-25",
-            pred_err,
-            pred_err < cfg.tolerance and change > 1e-2,
-            f"< {cfg.tolerance:g}",
-        ),
-        claim(
+        claim("eq25",
+              f"Linear gauge transformations with G(0)=G(T)=1, c(0)=c(T)=0 leave x(T) unchanged "
+              f"({cfg.num_samples} expm and {cfg.num_samples} Cayley samples)", "Eq. 24-25",
+              worst, worst < cfg.tolerance and not any(v["failures"] for v in s.values()),
+              f"< {cfg.tolerance:g} (rtol {cfg.rtol:g})",
+              f"expm {s['expm']['max_abs_max']:.1e}, Cayley {s['cayley']['max_abs_max']:.1e}"),
+        below("eq25_violating",
+              f"With G(T) != 1 the output changes (by {change:.2e}) exactly to G(T)^-1 x(T)",
+              "Eq. 24-25", pred_err, cfg.tolerance, ok=change > 1e-2),
+        below(
             "eq46",
             "Wilson lines are covariant: W(w')_{t1:t2} = G(t1)^-1 W(w)_{t1:t2} G(t2), both orders",
-            "Eq. 46",
-            cov,
-            cov < cfg.tolerance,
-            f"< {cfg.tolerance:g}",
-        ),
-    ]
+            "Eq. 46", cov, cfg.tolerance),
+    ]  # fmt: skip
     data = {f"deviation_{k}": r.max_abs for k, r in res.items()}
     return rows, data
 
@@ -267,18 +227,14 @@ def check_eq27(cfg, key, setup):
 
     hs = [0.04, 0.02, 0.01]
     vals = np.array([[float(v) for v in gaps(h)] for h in hs])
-    p_minus, p_plus = slope(hs, vals[:, 0]), slope(hs, vals[:, 1])
-    row = claim(
-        "eq27",
-        "The time reparametrisation is the linear gauge G = 1 + eps w, c = eps b: its field "
-        "equals reparametrize(t = s - eps(s)) to O(eps^2)",
-        "Eq. 26-27",
-        p_minus,
-        in_band(p_minus, 2, cfg.slope_band) and in_band(p_plus, 1, cfg.slope_band),
-        f"slope 2 +- {cfg.slope_band}",
-        f"with t = s + eps(s) instead: slope {p_plus:.2f} (the sign convention of Eq. 24 "
-        "maps the new variable into the old one)",
-    )
+    p_minus, p_plus = gj.loglog_slope(hs, vals[:, 0]), gj.loglog_slope(hs, vals[:, 1])
+    row = slope_claim(
+        "eq27", "The time reparametrisation is the linear gauge G = 1 + eps w, c = eps b: its "
+        "field equals reparametrize(t = s - eps(s)) to O(eps^2)", "Eq. 26-27", p_minus, 2,
+        cfg.slope_band, f"with t = s + eps(s) instead: slope {p_plus:.2f} (the sign convention "
+        "of Eq. 24 maps the new variable into the old one)",
+        ok=in_band(p_plus, 1, cfg.slope_band),
+    )  # fmt: skip
     return [row], {"scales": hs, "gap_minus": vals[:, 0], "gap_plus": vals[:, 1]}
 
 
@@ -286,24 +242,19 @@ def check_discrete(cfg, key, setup):
     model, x, T = setup.model, setup.inputs, cfg.t1
     w, b = model.weight, model.bias
     ref = jax.vmap(model)(x)
-    # Eq. 32 for every N at once: all layers of all N in one vmapped solve (what `discretize`
-    # does for one N), so one compilation instead of one per N
-    edges = [np.linspace(0.0, T, N + 1) for N in cfg.layer_counts]
-    starts = jnp.asarray(np.concatenate([e_[:-1] for e_ in edges]))
-    ends = jnp.asarray(np.concatenate([e_[1:] for e_ in edges]))
-    Ws, bs = jax.jit(jax.vmap(lambda a, z: gj.affine_propagator(w, b, z, a)))(starts, ends)
-    splits = np.cumsum(cfg.layer_counts)[:-1]
-    exact, euler = [], []
-    for N, Wn, bn in zip(cfg.layer_counts, np.split(Ws, splits), np.split(bs, splits), strict=True):
-        exact.append(_max(jax.vmap(gj.LinearNet(jnp.asarray(Wn), jnp.asarray(bn)))(x) - ref))
-        euler.append(_max(jax.vmap(gj.LinearNet(*gj.euler_discretize(w, b, T, N)))(x) - ref))
+    # Eq. 32 for every N at once (one compiled solve), against Euler
+    layers = gj.discretize_many(w, b, T, cfg.layer_counts)
+    exact = [_max(jax.vmap(gj.LinearNet(*net))(x) - ref) for net in layers]
+    euler = [
+        _max(jax.vmap(gj.LinearNet(*gj.euler_discretize(w, b, T, N)))(x) - ref)
+        for N in cfg.layer_counts
+    ]
     # and `discretize` itself, for the theorem's N, agrees with the batched layers
-    start = int(np.sum(cfg.layer_counts[: list(cfg.layer_counts).index(cfg.theorem_layers)]))
     direct = gj.discretize(w, b, T, cfg.theorem_layers)
-    batched_gap = _max(direct[0] - Ws[start : start + cfg.theorem_layers])
+    batched_gap = _max(direct[0] - layers[list(cfg.layer_counts).index(cfg.theorem_layers)][0])
     # Euler's 1/N rate is asymptotic: fit it where N >= 4 (N = 1, 2 are pre-asymptotic)
     tail = [i for i, N in enumerate(cfg.layer_counts) if N >= 4]
-    p_euler = slope([cfg.layer_counts[i] for i in tail], [euler[i] for i in tail])
+    p_euler = gj.loglog_slope([cfg.layer_counts[i] for i in tail], [euler[i] for i in tail])
     k1, k2 = jax.random.split(key)
     N = cfg.theorem_layers
     net = gj.LinearNet(*direct)
@@ -321,38 +272,25 @@ def check_discrete(cfg, key, setup):
     except ValueError:
         refused = True
     rows = [
-        claim(
-            "eq32",
-            "The integrated relation (Wilson line per layer + integrated bias) reproduces x(T) "
-            f"exactly for every N in {list(cfg.layer_counts)}; Euler does not",
-            "Eq. 31-32",
-            max(exact),
-            max(exact) < cfg.tolerance and in_band(p_euler, -1, 0.2) and batched_gap < 1e-12,
-            f"< {cfg.tolerance:g}; Euler slope (N >= 4) -1 +- 0.2",
-            f"Euler error {euler[0]:.2e} (N={cfg.layer_counts[0]}) to {euler[-1]:.2e} "
-            f"(N={cfg.layer_counts[-1]}), slope {p_euler:.2f}; discretize vs batched layers "
-            f"{batched_gap:.1e}",
-        ),
-        claim(
-            "eq33",
-            f"Discrete gauges (G_n, c_n) with fixed ends leave the linear network's output "
-            f"unchanged ({cfg.num_samples} samples, N={N})",
-            "Eq. 33-34",
-            float(res.max_rel.max()),
-            float(res.max_rel.max()) < cfg.identity_tolerance,
-            f"relative < {cfg.identity_tolerance:g}",
-        ),
-        claim(
-            "thm31",
-            "Theorem 3.1: the lifted continuous gauge, discretised, equals the discrete gauge of "
-            "the discretised network; a G_n with det < 0 is refused (no lift exists in GL+)",
-            "Thm 3.1, Eq. 46",
-            thm,
-            thm < cfg.tolerance and refused,
-            f"< {cfg.tolerance:g}",
-            f"det < 0 refused: {refused}",
-        ),
-    ]
+        claim("eq32",
+              "The integrated relation (Wilson line per layer + integrated bias) reproduces x(T) "
+              f"exactly for every N in {list(cfg.layer_counts)}; Euler does not", "Eq. 31-32",
+              max(exact),
+              max(exact) < cfg.tolerance and in_band(p_euler, -1, 0.2) and batched_gap < 1e-12,
+              f"< {cfg.tolerance:g}; Euler slope (N >= 4) -1 +- 0.2",
+              f"Euler error {euler[0]:.2e} (N={cfg.layer_counts[0]}) to {euler[-1]:.2e} "
+              f"(N={cfg.layer_counts[-1]}), slope {p_euler:.2f}; discretize vs batched layers "
+              f"{batched_gap:.1e}"),
+        below("eq33",
+              f"Discrete gauges (G_n, c_n) with fixed ends leave the linear network's output "
+              f"unchanged ({cfg.num_samples} samples, N={N})", "Eq. 33-34",
+              float(res.max_rel.max()), cfg.identity_tolerance,
+              tolerance=f"relative < {cfg.identity_tolerance:g}"),
+        below("thm31",
+              "Theorem 3.1: the lifted continuous gauge, discretised, equals the discrete gauge of "
+              "the discretised network; a G_n with det < 0 is refused (no lift exists in GL+)",
+              "Thm 3.1, Eq. 46", thm, cfg.tolerance, f"det < 0 refused: {refused}", ok=refused),
+    ]  # fmt: skip
     data = {"layers": list(cfg.layer_counts), "exact": exact, "euler": euler, "eq33": res.max_rel}
     return rows, data
 
@@ -378,25 +316,15 @@ def check_rescaling(cfg, key, setup):
     exact = max(exact, float(res_mlp.max_rel.max()))
     broken = min(float(out[a].max_abs.min()) for a in ("tanh", "gelu"))
     rows = [
-        claim(
-            "eq29_relu",
-            "Positive per-neuron rescaling leaves ReLU and leaky-ReLU networks unchanged "
-            "(gaugejax FeedforwardNet and eqx.nn.MLP)",
-            "Eq. 29-30",
-            exact,
-            exact < cfg.identity_tolerance,
-            f"relative < {cfg.identity_tolerance:g}",
-        ),
-        claim(
-            "eq29_broken",
-            "Negative control: for tanh and GELU (not positively homogeneous) the same rescaling "
-            "changes the output (min over samples)",
-            "Eq. 30",
-            broken,
-            broken > 1e-3,
-            "> 1e-3",
-        ),
-    ]
+        below("eq29_relu",
+              "Positive per-neuron rescaling leaves ReLU and leaky-ReLU networks unchanged "
+              "(gaugejax FeedforwardNet and eqx.nn.MLP)", "Eq. 29-30", exact,
+              cfg.identity_tolerance, tolerance=f"relative < {cfg.identity_tolerance:g}"),
+        above("eq29_broken",
+              "Negative control: for tanh and GELU (not positively homogeneous) the same rescaling "
+              "changes the output (min over samples)", "Eq. 30", broken, 1e-3,
+              tolerance="> 1e-3"),
+    ]  # fmt: skip
     return rows, data
 
 
@@ -422,26 +350,17 @@ def check_cnn_gnn(cfg, key, setup):
     exact = max(float(np.max(devs[n])) for n in (*pools, "gnn"))
     broken = float(np.min(devs["instance_norm"]))
     rows = [
-        claim(
-            "eq52_cnn",
-            "Per-channel filter rescaling of consecutive conv layers leaves a ReLU CNN unchanged "
-            "with no pooling and with L_1, L_2, L_inf pooling; likewise a graph-convolution pair",
-            "App. C, Eq. 49-52",
-            exact,
-            exact < cfg.identity_tolerance,
-            f"relative < {cfg.identity_tolerance:g}",
-            ", ".join(f"{n} {float(np.max(devs[n])):.1e}" for n in (*pools, "gnn")),
-        ),
-        claim(
-            "eq52_norm",
-            "Negative control: inserting a per-channel (instance) normalisation breaks the "
-            "rescaling symmetry (min relative change over samples)",
-            "App. C",
-            broken,
-            broken > 1e-2,
-            "> 1e-2",
-        ),
-    ]
+        below("eq52_cnn",
+              "Per-channel filter rescaling of consecutive conv layers leaves a ReLU CNN unchanged "
+              "with no pooling and with L_1, L_2, L_inf pooling; likewise a graph-convolution pair",
+              "App. C, Eq. 49-52", exact, cfg.identity_tolerance,
+              ", ".join(f"{n} {float(np.max(devs[n])):.1e}" for n in (*pools, "gnn")),
+              tolerance=f"relative < {cfg.identity_tolerance:g}"),
+        above("eq52_norm",
+              "Negative control: inserting a per-channel (instance) normalisation breaks the "
+              "rescaling symmetry (min relative change over samples)", "App. C", broken, 1e-2,
+              tolerance="> 1e-2"),
+    ]  # fmt: skip
     return rows, devs
 
 
@@ -464,36 +383,20 @@ def run(config: Config, run_dir: Path) -> dict:
 
 def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     """Figures from saved `results.json` content."""
-    plt = pyplot()
     fig_dir = Path(fig_dir)
     out = []
     if {"discrete", "wilson"} <= results.keys():
-        out.append(_discretisation_figure(plt, results, fig_dir))
+        out.append(_discretisation_figure(results, fig_dir))
     groups = [
-        (
-            "Eq. 25 linear gauges (abs)",
-            [
-                ("expm", "linear_gauge", "deviation_expm"),
-                ("Cayley", "linear_gauge", "deviation_cayley"),
-            ],
-        ),
+        ("Eq. 25 linear gauges (abs)", [("expm", "linear_gauge", "deviation_expm"),
+                                        ("Cayley", "linear_gauge", "deviation_cayley")]),
         ("Eq. 33 discrete gauges (rel)", [("Eq. 33", "discrete", "eq33")]),
-        (
-            "Eq. 29 rescaling (rel)",
-            [
-                ("ReLU net", "rescaling", "relu"),
-                ("eqx.nn.MLP", "rescaling", "eqx_mlp"),
-                ("tanh: broken", "rescaling", "tanh"),
-            ],
-        ),
-        (
-            "App. C CNN rescaling (rel)",
-            [
-                ("L_inf pooling", "cnn_gnn", "Linf"),
-                ("instance norm: broken", "cnn_gnn", "instance_norm"),
-            ],
-        ),
-    ]
+        ("Eq. 29 rescaling (rel)", [("ReLU net", "rescaling", "relu"),
+                                    ("eqx.nn.MLP", "rescaling", "eqx_mlp"),
+                                    ("tanh: broken", "rescaling", "tanh")]),
+        ("App. C CNN rescaling (rel)", [("L_inf pooling", "cnn_gnn", "Linf"),
+                                        ("instance norm: broken", "cnn_gnn", "instance_norm")]),
+    ]  # fmt: skip
     panels = [
         (title, [(label, results[check][entry]) for label, check, entry in entries])
         for title, entries in groups
@@ -511,25 +414,24 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     return out
 
 
-def _discretisation_figure(plt, results, fig_dir) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    d = results["discrete"]
-    axes[0].loglog(d["layers"], d["euler"], "s--", label="Euler: w_n = 1 + Delta w(n Delta)")
-    axes[0].loglog(d["layers"], np.maximum(d["exact"], 1e-17), "o-", label="integrated (Eq. 32)")
-    axes[0].set_xlabel("number of layers N")
-    axes[0].set_ylabel("max |x_N - x(T)|")
-    axes[0].set_title("Linear network from a linear neural ODE")
-    w = results["wilson"]
-    axes[1].loglog(w["magnus_steps"], w["magnus2"], "s--", label="Magnus order 2")
-    axes[1].loglog(w["magnus_steps"], w["magnus4"], "o-", label="Magnus order 4")
-    axes[1].set_xlabel("steps")
-    axes[1].set_ylabel("max |W - W_ref|")
-    axes[1].set_title("Wilson line: Magnus vs adaptive diffrax")
-    for ax, ticks in zip(axes, (d["layers"], w["magnus_steps"]), strict=True):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        plain_log_ticks(ax)
-        ax.set_xticks(ticks, [str(n) for n in ticks])  # the values run, not powers of ten
-    path = io.save_figure(fig, fig_dir / "discretisation.png")
-    plt.close(fig)
-    return path
+def _discretisation_figure(results, fig_dir) -> Path:
+    d, w = results["discrete"], results["wilson"]
+    layers = [
+        ("Euler: w_n = 1 + Delta w(n Delta)", d["layers"], d["euler"]),
+        ("integrated (Eq. 32)", d["layers"], d["exact"]),
+    ]
+    magnus = [
+        ("Magnus order 2", w["magnus_steps"], w["magnus2"]),
+        ("Magnus order 4", w["magnus_steps"], w["magnus4"]),
+    ]
+    panels = [
+        (
+            "Linear network from a linear neural ODE",
+            "number of layers N",
+            "max |x_N - x(T)|",
+            layers,
+        ),
+        ("Wilson line: Magnus vs adaptive diffrax", "steps", "max |W - W_ref|", magnus),
+    ]
+    # the values run are the ticks, not powers of ten
+    return loglog_figure(fig_dir / "discretisation.png", panels, ticks=True)
