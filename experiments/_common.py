@@ -104,11 +104,6 @@ def write_outputs(run_dir: Path, results: dict, records: list[dict], plot, confi
     return saved, figures
 
 
-def slope(xs, ys) -> float:
-    """Least-squares slope of log(ys) against log(xs)."""
-    return float(np.polyfit(np.log(np.asarray(xs)), np.log(np.asarray(ys)), 1)[0])
-
-
 def in_band(value, target, band) -> bool:
     return bool(abs(value - target) <= band)
 

@@ -15,7 +15,18 @@ import numpy as np
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import claim, histogram_figure, in_band, pyplot, run_checks, slope, validate_checks
+from ._common import (
+    above,
+    below,
+    claim,
+    histogram_figure,
+    in_band,
+    loglog_figure,
+    pyplot,
+    run_checks,
+    slope_claim,
+    validate_checks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,34 +110,20 @@ def check_table(cfg, key, setup):
     printed = [k for k in table if k.split("/")[1] == "printed"]
     exact = max(worst[k] for k in exact_keys)
     rows = [
-        claim(
-            "eq36_derived",
-            "With A B^T = alpha I: ReLU and identity attention are invariant for every alpha "
-            f"in {list(cfg.alphas)}, softmax for alpha = 1 ({cfg.num_samples} random A each)",
-            "Eq. 35-37",
-            exact,
-            exact < cfg.identity_tolerance,
-            f"relative < {cfg.identity_tolerance:g}",
-        ),
-        claim(
-            "eq36_softmax_alpha",
-            "Softmax attention is not invariant for alpha != 1 (min relative change)",
-            "Eq. 37",
-            min(best[k] for k in broken_soft),
-            min(best[k] for k in broken_soft) > 1e-3,
-            "> 1e-3",
-        ),
-        claim(
-            "eq36_verdict",
-            "The printed Eq. 36 (A B = alpha I) does not leave Eq. 35 invariant for general A "
-            "(min relative change over samples, every activation and alpha); the derived "
-            "condition A B^T = alpha I does",
-            "Eq. 36",
-            min(best[k] for k in printed),
-            min(best[k] for k in printed) > 1e-3 and exact < cfg.identity_tolerance,
-            "printed: > 1e-3",
-        ),
-    ]
+        below("eq36_derived",
+              "With A B^T = alpha I: ReLU and identity attention are invariant for every alpha "
+              f"in {list(cfg.alphas)}, softmax for alpha = 1 ({cfg.num_samples} random A each)",
+              "Eq. 35-37", exact, cfg.identity_tolerance,
+              tolerance=f"relative < {cfg.identity_tolerance:g}"),
+        above("eq36_softmax_alpha",
+              "Softmax attention is not invariant for alpha != 1 (min relative change)", "Eq. 37",
+              min(best[k] for k in broken_soft), 1e-3, tolerance="> 1e-3"),
+        above("eq36_verdict",
+              "The printed Eq. 36 (A B = alpha I) does not leave Eq. 35 invariant for general A "
+              "(min relative change over samples, every activation and alpha); the derived "
+              "condition A B^T = alpha I does", "Eq. 36", min(best[k] for k in printed), 1e-3,
+              ok=exact < cfg.identity_tolerance, tolerance="printed: > 1e-3"),
+    ]  # fmt: skip
     return rows, {"table": table}
 
 
@@ -190,38 +187,25 @@ def check_multihead(cfg, key, setup):
         and scale[(False, False, 0.0)] > 1e-3
     )
     rows = [
-        claim(
-            "multihead",
-            "Multi-head attention: per-head A_h, alpha_h and the value/output mixing "
-            "(Wv_h M_h, M_h^-1 Wo_h) leave ReLU multi-head attention unchanged, also with the "
-            "residual and LayerNorm (both act outside the heads)",
-            "Eq. 37 per head",
-            exact,
-            exact < cfg.identity_tolerance,
-            f"relative < {cfg.identity_tolerance:g}",
-        ),
-        claim(
-            "layernorm_residual",
-            "An output scale Wo -> 3 Wo is a symmetry only with LayerNorm and no residual "
-            "(relative change shown for LN eps = 1e-12); the residual breaks it",
-            "Sec. 4 (beyond the paper)",
-            scale[(False, True, 1e-12)],
-            ok_scale,
-            "< 1e-9 with LN, > 1e-3 otherwise",
-            f"LN eps 1e-5: {scale[(False, True, 1e-5)]:.1e}; residual + LN: "
-            f"{scale[(True, True, 1e-12)]:.2e}; no LN: {scale[(False, False, 0.0)]:.2e}",
-        ),
-        claim(
-            "wqk_merge",
-            "Merging W_qk = Wq Wk^T computes the same attention and is invariant under the "
-            "GL(d) part of the gauge",
-            "footnote 10",
-            merged_err,
-            merged_err < cfg.identity_tolerance and merged_inv < cfg.identity_tolerance,
-            f"relative < {cfg.identity_tolerance:g}",
-            f"W_qk change under the gauge {merged_inv:.1e}",
-        ),
-    ]
+        below("multihead",
+              "Multi-head attention: per-head A_h, alpha_h and the value/output mixing "
+              "(Wv_h M_h, M_h^-1 Wo_h) leave ReLU multi-head attention unchanged, also with the "
+              "residual and LayerNorm (both act outside the heads)", "Eq. 37 per head", exact,
+              cfg.identity_tolerance, tolerance=f"relative < {cfg.identity_tolerance:g}"),
+        claim("layernorm_residual",
+              "An output scale Wo -> 3 Wo is a symmetry only with LayerNorm and no residual "
+              "(relative change shown for LN eps = 1e-12); the residual breaks it",
+              "Sec. 4 (beyond the paper)", scale[(False, True, 1e-12)], ok_scale,
+              "< 1e-9 with LN, > 1e-3 otherwise",
+              f"LN eps 1e-5: {scale[(False, True, 1e-5)]:.1e}; residual + LN: "
+              f"{scale[(True, True, 1e-12)]:.2e}; no LN: {scale[(False, False, 0.0)]:.2e}"),
+        below("wqk_merge",
+              "Merging W_qk = Wq Wk^T computes the same attention and is invariant under the "
+              "GL(d) part of the gauge", "footnote 10", merged_err, cfg.identity_tolerance,
+              f"W_qk change under the gauge {merged_inv:.1e}",
+              ok=merged_inv < cfg.identity_tolerance,
+              tolerance=f"relative < {cfg.identity_tolerance:g}"),
+    ]  # fmt: skip
     return rows, {k: v for k, v in devs.items()}
 
 
@@ -247,16 +231,12 @@ def check_cubic(cfg, key, setup):
         return jnp.max(jnp.abs(xe - (W @ x0 + eps * jnp.einsum("ijkl,j,k,l->i", Lam, x0, x0, x0))))
 
     errs = [float(err(jnp.asarray(s))) for s in cfg.scales]
-    p = slope(cfg.scales, errs)
-    row = claim(
-        "eq38",
-        "The cubic neural ODE's solution agrees with W_{T:0} x0 + Lambda x0^3 up to O(lambda^2)",
-        "Eq. 38",
-        p,
-        in_band(p, 2, cfg.slope_band),
-        f"slope 2 +- {cfg.slope_band}",
+    p = gj.loglog_slope(cfg.scales, errs)
+    row = slope_claim(
+        "eq38", "The cubic neural ODE's solution agrees with W_{T:0} x0 + Lambda x0^3 up to "
+        "O(lambda^2)", "Eq. 38", p, 2, cfg.slope_band,
         "errors " + ", ".join(f"{e:.1e}" for e in errs),
-    )
+    )  # fmt: skip
     return [row], {"scales": list(cfg.scales), "errors": errs}
 
 
@@ -267,7 +247,7 @@ def check_attention_node(cfg, key, setup):
         float(jnp.max(jnp.abs(gj.attention_as_node(Wq, Wk, Wv, scale=s)(x) - (x + s * h))))
         for s in cfg.scales
     ]
-    p = slope(cfg.scales, errs)
+    p = gj.loglog_slope(cfg.scales, errs)
     node = gj.attention_as_node(Wq, Wk, Wv, scale=cfg.scales[0])
     eq41 = float(
         jnp.max(jnp.abs(gj.attention(x, *node.weights(), "identity") - h)) / jnp.max(jnp.abs(h))
@@ -285,34 +265,23 @@ def check_attention_node(cfg, key, setup):
     q0, k0, v0 = node.weights()
     alpha_gap = max(float(jnp.max(jnp.abs(kk - 2.0 * k0))), float(jnp.max(jnp.abs(v - v0 / 2.0))))
     rows = [
-        claim(
-            "eq39_42",
-            f"Attention without activation is an integrated neural ODE: {cfg.num_tokens} tokens "
-            "(index structure of Eq. 42), instantaneous cubic nonlinearity, W_{T:0} = 1; the "
-            "output is x + attention(x) + O(lambda^2)",
-            "Eq. 39-42",
-            p,
-            in_band(p, 2, cfg.slope_band) and eq41 < cfg.identity_tolerance,
-            f"slope 2 +- {cfg.slope_band}; Eq. 41 weights exact",
-            f"Eq. 41 weights reproduce attention to {eq41:.1e} (relative)",
-        ),
-        claim(
-            "diffeo_to_gauge",
-            "A spatial diffeomorphism G(t) with G(0) = G(T) = 1 changes the Eq. 41 weights by "
-            "the attention gauge with alpha = 1, A = G(t0)^-T, B = G(t0) (so A B^T = 1, not "
-            "the printed A B = 1), and leaves the output unchanged; alpha is the "
-            "lambda -> lambda/alpha, lambda~ -> alpha lambda~ redundancy",
-            "Sec. 4.2",
-            corr,
-            corr < cfg.tolerance
-            and outputs < cfg.tolerance
-            and printed_gap > 1e-3
-            and alpha_gap < cfg.identity_tolerance,
-            f"< {cfg.tolerance:g}",
-            f"outputs {outputs:.1e}; printed-condition mismatch {printed_gap:.2e}; "
-            f"alpha part {alpha_gap:.1e}",
-        ),
-    ]
+        claim("eq39_42",
+              f"Attention without activation is an integrated neural ODE: {cfg.num_tokens} tokens "
+              "(index structure of Eq. 42), instantaneous cubic nonlinearity, W_{T:0} = 1; the "
+              "output is x + attention(x) + O(lambda^2)", "Eq. 39-42", p,
+              in_band(p, 2, cfg.slope_band) and eq41 < cfg.identity_tolerance,
+              f"slope 2 +- {cfg.slope_band}; Eq. 41 weights exact",
+              f"Eq. 41 weights reproduce attention to {eq41:.1e} (relative)"),
+        below("diffeo_to_gauge",
+              "A spatial diffeomorphism G(t) with G(0) = G(T) = 1 changes the Eq. 41 weights by "
+              "the attention gauge with alpha = 1, A = G(t0)^-T, B = G(t0) (so A B^T = 1, not "
+              "the printed A B = 1), and leaves the output unchanged; alpha is the "
+              "lambda -> lambda/alpha, lambda~ -> alpha lambda~ redundancy", "Sec. 4.2", corr,
+              cfg.tolerance,
+              f"outputs {outputs:.1e}; printed-condition mismatch {printed_gap:.2e}; "
+              f"alpha part {alpha_gap:.1e}", ok=outputs < cfg.tolerance and printed_gap > 1e-3
+              and alpha_gap < cfg.identity_tolerance),
+    ]  # fmt: skip
     return rows, {"scales": list(cfg.scales), "errors": errs}
 
 
@@ -339,7 +308,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     if "table" in results:
         out.append(_table_figure(plt, results["table"]["table"], fig_dir))
     if {"cubic", "attention_node"} <= results.keys():
-        out.append(_integrated_figure(plt, results, fig_dir))
+        out.append(_integrated_figure(results, fig_dir))
     if "multihead" in results:
         out.append(
             histogram_figure(
@@ -366,21 +335,13 @@ def _table_figure(plt, table, fig_dir) -> Path:
     return path
 
 
-def _integrated_figure(plt, results, fig_dir) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, name, title in [
-        (axes[0], "cubic", "Eq. 38: cubic ODE vs leading order"),
-        (axes[1], "attention_node", "Eq. 39-42: NODE vs x + attention"),
+def _integrated_figure(results, fig_dir) -> Path:
+    panels = []
+    for name, title in [
+        ("cubic", "Eq. 38: cubic ODE vs leading order"),
+        ("attention_node", "Eq. 39-42: NODE vs x + attention"),
     ]:
         r = results[name]
-        ax.loglog(
-            r["scales"], r["errors"], "o-", label=f"slope {slope(r['scales'], r['errors']):.2f}"
-        )
-        ax.set_xlabel("lambda scale")
-        ax.set_ylabel("max abs error")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    path = io.save_figure(fig, fig_dir / "integrated.png")
-    plt.close(fig)
-    return path
+        label = f"slope {gj.loglog_slope(r['scales'], r['errors']):.2f}"
+        panels.append((title, "lambda scale", "max abs error", [(label, r["scales"], r["errors"])]))
+    return loglog_figure(fig_dir / "integrated.png", panels)

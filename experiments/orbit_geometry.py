@@ -19,12 +19,12 @@ import gaugejax as gj
 from gaugejax import io, orbits
 
 from ._common import (
-    claim,
-    in_band,
+    above,
+    below,
     plain_log_ticks,
     pyplot,
     run_checks,
-    slope,
+    slope_claim,
     small_multiples,
     validate_checks,
 )
@@ -87,24 +87,15 @@ def _abs_max(a) -> float:
 
 def _cosine_rows(cfg, name, family, equation, invariant, control, control_text, tolerance):
     rows = [
-        claim(
-            f"orthogonal_{name}",
-            f"The gradient of an invariant loss is orthogonal to the gauge orbit: {family} "
-            f"({cfg.num_directions} random orbit tangents)",
-            equation,
-            _abs_max(invariant),
-            _abs_max(invariant) < tolerance,
-            f"max |cos| < {tolerance:g}",
-        ),
-        claim(
-            f"control_{name}",
-            f"Negative control, {control_text}: the gradient gains a component along the orbit",
-            equation,
-            _abs_max(control),
-            _abs_max(control) > cfg.control_min,
-            f"max |cos| > {cfg.control_min:g}",
-        ),
-    ]
+        below(f"orthogonal_{name}",
+              f"The gradient of an invariant loss is orthogonal to the gauge orbit: {family} "
+              f"({cfg.num_directions} random orbit tangents)", equation, _abs_max(invariant),
+              tolerance, tolerance=f"max |cos| < {tolerance:g}"),
+        above(f"control_{name}",
+              f"Negative control, {control_text}: the gradient gains a component along the orbit",
+              equation, _abs_max(control), cfg.control_min,
+              tolerance=f"max |cos| > {cfg.control_min:g}"),
+    ]  # fmt: skip
     data = {"invariant": np.abs(np.asarray(invariant)), "control": np.abs(np.asarray(control))}
     return rows, data
 
@@ -222,31 +213,22 @@ def check_drift(cfg, key, setup):
 
     lrs = list(cfg.learning_rates)
     drifts = [drift(lr) for lr in lrs]
-    fitted = slope(lrs, drifts)
+    fitted = gj.loglog_slope(lrs, drifts)
     middle = lrs[len(lrs) // 2]
     decayed = drift(middle, cfg.decay)
     plain = drifts[len(lrs) // 2]
     rows = [
-        claim(
+        slope_claim(
             "conserved_drift",
             "The rescaling charge |w_in|^2 + b^2 - |w_out|^2 is conserved by gradient flow: "
             f"gradient descent drifts at O(lr) over flow time {cfg.flow_time:g}",
-            "Eq. 30 (Noether)",
-            fitted,
-            in_band(fitted, 1.0, cfg.slope_band),
-            f"slope 1 +- {cfg.slope_band:g}",
-            f"drifts {', '.join(f'{d:.2e}' for d in drifts)} at lr {lrs}",
-        ),
-        claim(
-            "decay_breaks_charge",
-            f"Weight decay {cfg.decay:g} breaks the symmetry: the charge moves O(1), not O(lr)",
-            "Sec. 5",
-            decayed / plain,
-            decayed > 10 * plain,
-            "> 10x the drift without decay",
-            f"{decayed:.2e} vs {plain:.2e} at lr {middle:g}",
-        ),
-    ]
+            "Eq. 30 (Noether)", fitted, 1.0, cfg.slope_band,
+            f"drifts {', '.join(f'{d:.2e}' for d in drifts)} at lr {lrs}"),
+        above("decay_breaks_charge",
+              f"Weight decay {cfg.decay:g} breaks the symmetry: the charge moves O(1), not O(lr)",
+              "Sec. 5", decayed / plain, 10, f"{decayed:.2e} vs {plain:.2e} at lr {middle:g}",
+              tolerance="> 10x the drift without decay"),
+    ]  # fmt: skip
     data = {"lrs": lrs, "drifts": drifts, "slope": fitted, "decayed": decayed, "lr_decay": middle}
     return rows, data
 
