@@ -25,7 +25,7 @@ import numpy as np
 import gaugejax as gj
 from gaugejax import io
 
-from ._common import claim, pyplot, run_checks, validate_checks
+from ._common import claim, markdown_table, pyplot, run_checks, validate_checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +66,9 @@ class Config:
             raise ValueError(
                 f"`head_dim` must be even (the RoPE rows rotate pairs); received {self.head_dim}."
             )
-        for name in ("mlp_depths", "mlp_widths", "mlp_inputs"):
-            values = getattr(self, name)
-            if not values or any(v <= 0 for v in values):
-                raise ValueError(
-                    f"`{name}` must be a non-empty list of ints > 0; received {values}."
-                )
+        for name in ("mlp_depths", "mlp_widths", "mlp_inputs"):  # ints >= 1: `make_config`
+            if not getattr(self, name):
+                raise ValueError(f"`{name}` must be a non-empty list of ints > 0; received [].")
 
 
 PRESETS = {
@@ -95,16 +92,10 @@ def _row(name, model, xs, predicted, gauge, cfg, free=None):
     start = time.perf_counter()
     fn, params = _fn(model)
     found = gj.symmetry_dimension(fn, params, xs)
-    row = {
-        "architecture": name,
-        "predicted": predicted,
-        "discovered": found.dimension,
-        "gap": found.gap,
-        "num_params": found.num_params,
-        "num_outputs": found.num_outputs,
-        "reason": found.reason,
-        "spectrum": (found.singular_values / max(found.singular_values[0], 1e-300)).tolist(),
-    }
+    sv = found.singular_values
+    row = {"architecture": name, "predicted": predicted, "discovered": found.dimension,
+           "gap": found.gap, "num_params": found.num_params, "num_outputs": found.num_outputs,
+           "reason": found.reason, "spectrum": (sv / max(sv[0], 1e-300)).tolist()}  # fmt: skip
     if gauge is not None and found.dimension is not None:
         cmp = gj.compare_symmetries(found, gj.gauge_generators(gauge, model, free))
         row.update(known_rank=cmp.known_rank, max_angle=cmp.max_angle, unexplained=cmp.unexplained)
@@ -119,18 +110,12 @@ def _claims(prefix, rows, cfg, equation):
             continue
         angle = r.get("max_angle", float("nan"))
         ok = r["discovered"] == r["predicted"] and angle < cfg.max_angle
-        out.append(
-            claim(
-                f"{prefix}:{r['architecture']}",
-                f"{r['architecture']}: the Jacobian null space has the predicted dimension "
-                f"{r['predicted']}, spanned by the family's generators",
-                equation,
-                r["discovered"],
-                ok,
-                f"== {r['predicted']}, max angle {angle:.1e} < {cfg.max_angle:g} rad",
-                detail=r["reason"],
-            )
-        )
+        out.append(claim(f"{prefix}:{r['architecture']}",
+                         f"{r['architecture']}: the Jacobian null space has the predicted "
+                         f"dimension {r['predicted']}, spanned by the family's generators",
+                         equation, r["discovered"], ok,
+                         f"== {r['predicted']}, max angle {angle:.1e} < {cfg.max_angle:g} rad",
+                         detail=r["reason"]))  # fmt: skip
     return out
 
 
@@ -214,23 +199,18 @@ def check_relu_mlp(cfg: Config, key, setup):
                 xs = cfg.mlp_spread * jax.random.normal(xk, (n, cfg.mlp_in))
                 row = _row(f"ReLU MLP depth {depth} width {width}, {n} inputs", mlp, xs, None,
                            gauge, cfg)  # fmt: skip
+                excess = None if row["discovered"] is None else row["discovered"] - depth * width
                 row.update(depth=depth, width=width, inputs=n, hidden_units=depth * width)
-                row["excess"] = (
-                    None if row["discovered"] is None else row["discovered"] - depth * width
-                )
+                row["excess"] = excess
                 rows.append(row)
     claims = []
     one = [r for r in rows if r["depth"] == 1]
     if one:
         ok = all(r["excess"] == 0 and r.get("max_angle", 1.0) < cfg.max_angle for r in one)
         claims.append(claim(
-            "census_relu_depth1",
-            "one hidden layer: exactly one symmetric direction per hidden unit (the rescaling), "
-            "for every batch",
-            "Eq. 29-30",
-            max(r["excess"] if r["excess"] is not None else -1 for r in one),
-            ok,
-            "excess == 0",
+            "census_relu_depth1", "one hidden layer: exactly one symmetric direction per hidden "
+            "unit (the rescaling), for every batch", "Eq. 29-30",
+            max(r["excess"] if r["excess"] is not None else -1 for r in one), ok, "excess == 0",
         ))  # fmt: skip
     monotone = True
     for depth in cfg.mlp_depths:
@@ -239,33 +219,22 @@ def check_relu_mlp(cfg: Config, key, setup):
             monotone &= None not in ex and all(a >= b for a, b in zip(ex[:-1], ex[1:], strict=True))
     explained = all(r.get("max_angle", 1.0) < cfg.max_angle for r in rows)
     claims.append(claim(
-        "census_relu_excess",
-        "deeper ReLU MLPs have batch-dependent symmetric directions beyond rescaling (hidden "
-        "symmetries): the excess never grows with more inputs, and rescaling is always inside",
-        "Grigsby et al. 2023",
-        max(r["excess"] for r in rows if r["excess"] is not None),
-        monotone and explained,
-        "excess non-increasing in the number of inputs; rescaling angles < "
-        f"{cfg.max_angle:g} rad",
+        "census_relu_excess", "deeper ReLU MLPs have batch-dependent symmetric directions beyond "
+        "rescaling (hidden symmetries): the excess never grows with more inputs, and rescaling is "
+        "always inside", "Grigsby et al. 2023",
+        max(r["excess"] for r in rows if r["excess"] is not None), monotone and explained,
+        f"excess non-increasing in the number of inputs; rescaling angles < {cfg.max_angle:g} rad",
     ))  # fmt: skip
     return claims, {"rows": rows}
 
 
 def _scale_sweep(name, model, gauge, xs, cfg, key) -> dict:
-    res = gj.sweep(model, gauge, xs, key=key, num_samples=cfg.scale_samples, chunk_size=2)
-    control = res.control_max_rel[np.isfinite(res.control_max_rel)]
-    return {
-        "family": name,
-        "dtype": res.dtype,
-        "verdict": res.verdict,
-        "max_rel": float(np.nanmax(res.max_rel)),
-        "floor": res.floor,
-        "noise_floor_rel": res.noise_floor / res.reference_scale,
-        "control_median": float(np.median(control)) if control.size else None,
-        "reason": res.verdict_reason,
-        "run_s": res.run_time_s,
-        "compile_s": res.compile_time_s,
-    }
+    s = gj.sweep(model, gauge, xs, key=key, num_samples=cfg.scale_samples, chunk_size=2).summary()
+    return {"family": name, "dtype": s["dtype"], "verdict": s["verdict"],
+            "max_rel": s["max_rel_max"], "floor": s["floor"],
+            "noise_floor_rel": s["noise_floor"] / s["reference_scale"],
+            "control_median": s["control_max_rel_median"], "reason": s["verdict_reason"],
+            "run_s": s["run_time_s"], "compile_s": s["compile_time_s"]}  # fmt: skip
 
 
 def check_cnn(cfg: Config, key, setup):
@@ -293,16 +262,13 @@ def check_cnn(cfg: Config, key, setup):
         if r["discovered"] is not None:
             r["excess"] = r["discovered"] - r["predicted"]
     counted = [r for r in rows if r["discovered"] is not None]
-    ok = bool(counted) and all(
-        r["excess"] >= 0 and r.get("max_angle", 1.0) < cfg.max_angle for r in counted
-    )
+    explained = [r["excess"] >= 0 and r.get("max_angle", 1.0) < cfg.max_angle for r in counted]
+    ok = bool(counted) and all(explained)
     claims = [claim(
-        "census_cnn",
-        "ConvNets with L_1 or L_inf pooling: the per-channel rescaling directions (one per hidden "
-        "channel) lie in the Jacobian null space; the excess beyond them is reported",
-        "App. C (Eq. 51)",
-        max((r.get("max_angle", float("nan")) for r in counted), default=float("nan")),
-        ok,
+        "census_cnn", "ConvNets with L_1 or L_inf pooling: the per-channel rescaling directions "
+        "(one per hidden channel) lie in the Jacobian null space; the excess beyond them is "
+        "reported", "App. C (Eq. 51)",
+        max((r.get("max_angle", float("nan")) for r in counted), default=float("nan")), ok,
         f"max angle < {cfg.max_angle:g} rad, null space >= hidden channels; excess "
         + ", ".join(f"{r['excess']}" for r in counted),
     )]  # fmt: skip
@@ -356,18 +322,14 @@ def check_scale(cfg: Config, key, setup):
         if seconds > cfg.scale_census_budget_s:
             break
     claims = [
-        claim(
-            f"scale:{r['id']}:{r['dtype']}",
-            f"{r['family']} ({r['dtype']}): the sweep holds at GPT-2-small sizes and the "
-            "control breaks",
-            "Sec. 4 families at scale",
-            r["max_rel"],
-            r["verdict"] == "holds" and (r["control_median"] or 0.0) > 1e3 * r["floor"],
-            f"verdict holds (max_rel <= 10 x floor {r['floor']:.1e}); control > 1e3 x floor",
-            detail=r["reason"],
-        )
+        claim(f"scale:{r['id']}:{r['dtype']}", f"{r['family']} ({r['dtype']}): the sweep holds "
+              "at GPT-2-small sizes and the control breaks", "Sec. 4 families at scale",
+              r["max_rel"],
+              r["verdict"] == "holds" and (r["control_median"] or 0.0) > 1e3 * r["floor"],
+              f"verdict holds (max_rel <= 10 x floor {r['floor']:.1e}); control > 1e3 x floor",
+              detail=r["reason"])
         for r in sweeps
-    ]
+    ]  # fmt: skip
     within = [r for r in census if r["seconds"] <= cfg.scale_census_budget_s]
     if within:
         top = within[-1]
@@ -408,54 +370,44 @@ def scale_table(results: dict) -> list[str]:
     if "scale" not in results:
         return []
     data = results["scale"]
-    lines = [
-        "",
-        "| family (GPT-2-small sizes) | dtype | verdict | max rel. deviation | floor | "
-        "identity noise (rel.) | control (median rel.) | run s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in data["sweeps"]:
-        control = "-" if r["control_median"] is None else f"{r['control_median']:.1e}"
-        lines.append(
-            f"| {r['family']} | {r['dtype']} | {r['verdict']} | {r['max_rel']:.1e} | "
-            f"{r['floor']:.1e} | {r['noise_floor_rel']:.1e} | {control} | {r['run_s']:.1f} |"
-        )
-    lines += [
-        "",
-        "| matrix-free census: 2-head attention, d_model | params | predicted | discovered | "
-        "matvecs | seconds |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in data["census"]:
-        lines.append(
-            f"| {r['dim']} | {r['num_params']} | {r['predicted']} | {r['discovered']} | "
-            f"{r['num_matvecs']} | {r['seconds']:.1f} |"
-        )
-    return lines
+    header = ["family (GPT-2-small sizes)", "dtype", "verdict", "max rel. deviation", "floor",
+              "identity noise (rel.)", "control (median rel.)", "run s"]  # fmt: skip
+    sweeps = [
+        [r["family"], r["dtype"], r["verdict"], f"{r['max_rel']:.1e}", f"{r['floor']:.1e}",
+         f"{r['noise_floor_rel']:.1e}",
+         "-" if r["control_median"] is None else f"{r['control_median']:.1e}", f"{r['run_s']:.1f}"]
+        for r in data["sweeps"]
+    ]  # fmt: skip
+    header2 = ["matrix-free census: 2-head attention, d_model", "params", "predicted",
+               "discovered", "matvecs", "seconds"]  # fmt: skip
+    census = [
+        [r["dim"], r["num_params"], r["predicted"], r["discovered"], r["num_matvecs"],
+         f"{r['seconds']:.1f}"]
+        for r in data["census"]
+    ]  # fmt: skip
+    return ["", *markdown_table(header, sweeps), "", *markdown_table(header2, census)]
 
 
 def census_table(results: dict) -> list[str]:
     """The census as Markdown rows (also in the `reproduce` report; empty without rows)."""
     if not any(results.get(name, {}).get("rows") for name, _ in CHECKS):
         return []
-    lines = [
-        "| architecture | predicted | discovered | max angle (rad) | unexplained | gap | params |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for name, _ in CHECKS:
         for r in results.get(name, {}).get("rows", []):  # `scale` has its own table
-            angle = r.get("max_angle")
-            cells = [
+            angle, counted = r.get("max_angle"), r["num_params"] is not None
+            rows.append([
                 r["architecture"],
-                "-" if r["predicted"] is None else str(r["predicted"]),
-                "inconclusive" if r["discovered"] is None else str(r["discovered"]),
+                "-" if r["predicted"] is None else r["predicted"],
+                "inconclusive" if r["discovered"] is None else r["discovered"],
                 "-" if angle is None else f"{angle:.1e}",
-                str(r.get("unexplained", "-")),
-                "-" if r["num_params"] is None else f"{r['gap']:.1e}",
-                "-" if r["num_params"] is None else str(r["num_params"]),
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    return lines
+                r.get("unexplained", "-"),
+                f"{r['gap']:.1e}" if counted else "-",
+                r["num_params"] if counted else "-",
+            ])  # fmt: skip
+    header = ["architecture", "predicted", "discovered", "max angle (rad)", "unexplained", "gap",
+              "params"]  # fmt: skip
+    return markdown_table(header, rows)
 
 
 def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
@@ -476,8 +428,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
                     cut = len(s) - r["discovered"]
                     ax.axvline(cut - 0.5, color=line.get_color(), ls=":", lw=0.8)
             ax.axhline(1e-9, color="k", lw=0.6, ls="--")
-            ax.set_xlabel("singular value index (descending)")
-            ax.set_ylabel("sigma / sigma_max")
+            ax.set(xlabel="singular value index (descending)", ylabel="sigma / sigma_max")
             ax.set_title(f"{name}: spectra, cut at the null space (dotted)", fontsize=9)
             ax.legend(fontsize=6)
         fig.suptitle("Jacobian spectra (float64); dashed: null_tol 1e-9", fontsize=10)
@@ -490,9 +441,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
             mine = [r for r in rows if r["depth"] == depth and r["width"] == width]
             ax.plot([r["inputs"] for r in mine], [r["excess"] for r in mine], "o-",
                     label=f"depth {depth}, width {width}")  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_xlabel("number of inputs")
-        ax.set_ylabel("null dimension - hidden units")
+        ax.set(xscale="log", xlabel="number of inputs", ylabel="null dimension - hidden units")
         ax.set_title("ReLU MLPs: symmetric directions beyond rescaling", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
