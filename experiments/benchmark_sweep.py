@@ -1,66 +1,41 @@
 """Benchmark of the sweep engine against the paths a user would write, side by side in one
-process (the project's benchmark protocol: compile once and report compile time apart,
-`block_until_ready`, median of repeats, same solver, step count and precision on every side).
+process (compile once and report compile time apart, `block_until_ready`, median of repeats,
+same solver, step count and precision on every side; the README's Performance section).
 
-Workloads (the design notes' W1-W3, issue 12):
+Workloads:
 
 - `w1`: a linear neural ODE, d = 16, `w(t) = W0 + sin(pi t) W1`, `b(t) = b0 + cos(pi t) b1`,
-  and finite gauges `LinearGauge` (one mode, `G = expm(sin(pi t/T) A)`, `c = sin(pi t/T) c0`),
-  classic RK4 with 100 fixed steps; the deformed ODE is really integrated. `LinearGauge`
-  normalises `A` by its spectral norm (`|A|_2 = rho u`, u ~ U(1/4, 1)) instead of W1's
-  `0.3 N(0, 1)/sqrt(d)`.
+  and finite gauges `LinearGauge` (one mode, `G = expm(sin(pi t/T) A)`, `c = sin(pi t/T) c0`,
+  `|A|_2 = rho u`, u ~ U(1/4, 1)), classic RK4 with 100 fixed steps: the deformed ODE is
+  really integrated.
 - `w2`: a tanh-MLP neural ODE (d = 16, width 64) under infinitesimal Lie deformations with
   boundary-vanishing generators: the first-order output response per sample (zero for a
   symmetry), Tsit5 with 100 fixed steps.
 - `w3`: `w2` with a PID controller at rtol = atol = `w3_rtol`; lane efficiency (mean / max
   steps per lane) and the per-lane step counts are recorded.
 
-Sides (a row per workload, batch size and side):
-
-- `gaugejax`: `gj.sweep` (fixed chunks of `chunk_size`; first-order responses from the forward
-  sensitivity system, under error control).
-- `gaugejax_sharded`: the same sweep under `jax.shard_map` over every device (over a mesh of
-  one on a single GPU: the sharded path's overhead; over N CPU devices with
-  `python -m experiments benchmark_sweep --cpu-devices N`). Its "gaugejax x" column is the
-  unsharded rate over the sharded one.
-- `naive_diffrax`: what a user writes without gaugejax's sweep: `jit(vmap(...))` over all B
-  samples of `diffrax.diffeqsolve` of the transformed model's field (w1), or of `jax.jvp`
-  through that solve (w2, w3: the tangent is then not under error control, and on w3 its error
-  is the solver's, not the symmetry's: compare `max_deviation`).
-- `torchdiffeq` (with the `bench` extra): w1 as batched tensors (`torch.linalg.matrix_exp`,
-  `torch.func.jvp` for dG/dt, `torchdiffeq.odeint` with `method="rk4"`, which is the 3/8 rule,
-  not the classic tableau: per-sample deviations agree to the O(dt^4) truncation, not to
-  rounding); w2/w3 as the hand-written forward sensitivity system on batched tensors (w2:
-  torchdiffeq has no Tsit5, so its fixed-step `rk4` with the same steps; w3: its adaptive
-  `dopri5` at the same tolerances, one step size for the whole batch).
-- `gradsolve` (with the `bench` extra): its fixed-step engines through its problem protocol
-  (w1: classic RK4, per-sample agreement to rounding; w2: fixed-step Tsit5 and a jvp through
-  its scan; w3 is not expressible: the row says why).
+Sides (a row per workload, batch size and side): `gaugejax` (`gj.sweep`, fixed chunks of
+`chunk_size`, first-order responses from the forward sensitivity system under error
+control); `gaugejax_sharded` (the same sweep under `jax.shard_map` over every device: over a
+mesh of one on a single GPU, the sharded path's overhead; over N CPU devices with
+`--cpu-devices N`); and the baselines of `experiments/_baselines.py`: `naive_diffrax`,
+`torchdiffeq` and `gradsolve` (w3 is not expressible there: the row says why).
 
 Known problem (jaxlib 0.10.2, CPU): batched LAPACK kernels wait on XLA:CPU's intra-op pool
-and deadlock when they occupy all of its threads (`gj.configure_cpu_devices`): a vmapped loop
-body with two independent "inner loop -> LU solve" chains on a 2-thread pool (README: a pure-JAX
-reproducer), or one kernel per device on as many CPU devices as threads. The CLI sizes the pool
-(`NPROC`) for two kernels per device; the w1 lane also fuses its weight and bias into one solve
-(`GaugedLinearField`).
+and deadlock when they occupy all of its threads (`gj.configure_cpu_devices`). The CLI sizes
+the pool (`NPROC`) for two kernels per device; the w1 lane fuses its weight and bias into one
+solve (`GaugedLinearField`).
 
-Op count (what each side computes, not one "useful work" for all): the
-FLOPs of one evaluation of the workload's vector field on one sample's M inputs, from XLA's
-cost analysis (`field_flops`), over M, times the side's own field evaluations per sample,
-summed over its M inputs (`gj.count_evaluations` for the JAX sides: 4 per RK4 step, 6 per
-Tsit5 step plus one at the start, rejected steps included on w3; counted calls for torch;
-gradsolve reports none, so its rows use gaugejax's count: `op_count` says which). A side that
-takes fewer steps (w3's naive jvp, torch's RK4 on w2) is credited with fewer FLOPs. The
-ceiling is a measured square matmul on the same device, dtype and precision
-(`matmul_ceiling`, in `env["ceiling"]`); `ceiling_fraction` is the ratio.
-
-This is a benchmark, not a check: it has no claims; rows go to `results.json`, `summary.json`
-(`env`, `rows`, the Markdown `table`) and `figures/throughput.png`.
+Op count (what each side computes, not one "useful work" for all): the FLOPs of one
+evaluation of the workload's vector field on one sample's M inputs, from XLA's cost analysis
+(`field_flops`), over M, times the side's own field evaluations per sample, summed over its M
+inputs (`gj.count_evaluations` for the JAX sides, counted calls for torch; gradsolve reports
+none, so its rows use gaugejax's count: `op_count` says which). The ceiling is a measured
+square matmul on the same device, dtype and precision (`matmul_ceiling`); `ceiling_fraction`
+is the ratio. No claims: rows go to `results.json`, `summary.json` and the figure.
 """
 
 import dataclasses
-import importlib.metadata
-import importlib.util
 import resource
 import statistics
 import time
@@ -78,7 +53,8 @@ from tqdm.auto import tqdm
 import gaugejax as gj
 from gaugejax import PRECISIONS, REDUCED_PRECISIONS, io
 
-from ._common import plain_log_ticks, pyplot
+from . import _baselines
+from ._common import experiment_summary, markdown_table, plain_log_ticks, pyplot
 
 
 WORKLOADS = ("w1", "w2", "w3")
@@ -126,27 +102,16 @@ class Config:
         for name, valid in (("workloads", WORKLOADS), ("sides", SIDES)):
             chosen = getattr(self, name)
             if not chosen or any(v not in valid for v in chosen):
-                raise ValueError(
-                    f"`{name}` must be a non-empty list from {list(valid)}; received "
-                    f"{list(chosen)}."
-                )
-        if not self.batch_sizes or any(
-            isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in self.batch_sizes
-        ):
-            raise ValueError(
-                f"`batch_sizes` must be a non-empty list of ints > 0; received "
-                f"{list(self.batch_sizes)}."
-            )
-        for name in ("chunk_size", "repeats", "w1_dim", "w1_inputs", "w1_steps", "w2_dim",
-                     "w2_width", "w2_inputs", "w2_steps"):  # fmt: skip
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be > 0; received {getattr(self, name)}.")
+                raise ValueError(f"`{name}` must be a non-empty list from {list(valid)}; "
+                                 f"received {list(chosen)}.")  # fmt: skip
+        # sizes and counts >= 1, w3_rtol in [eps, 1), the NONNEGATIVE keys >= 0: `make_config`
+        if not self.batch_sizes:
+            raise ValueError("`batch_sizes` must be a non-empty list of ints > 0; received [].")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"`dtype` must be 'float32' or 'float64'; received {self.dtype!r}.")
         if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"`precision` must be one of {list(PRECISIONS)}; received {self.precision!r}."
-            )
+            raise ValueError(f"`precision` must be one of {list(PRECISIONS)}; "
+                             f"received {self.precision!r}.")  # fmt: skip
         if self.dtype == "float64":  # before a run directory exists or anything is measured
             lacking = sorted({d.platform for d in jax.devices() if not gj.supports_float64(d)})
             if lacking:
@@ -162,36 +127,18 @@ class Config:
                 "~1e-3); 'highest' keeps float32's own floor.",
                 stacklevel=2,
             )
-        if not 0 < self.w3_rtol < 1:
-            raise ValueError(f"`w3_rtol` must be in (0, 1); received {self.w3_rtol}.")
-        if self.torch_threads < 0:
-            raise ValueError(f"`torch_threads` must be >= 0; received {self.torch_threads}.")
 
 
 PRESETS = {
     "default": {},
     # tiny sizes: checks that every side runs and agrees (the suite runs it), not a measurement
-    "smoke": {
-        "batch_sizes": [4],
-        "chunk_size": 2,
-        "repeats": 1,
-        "w1_dim": 3,
-        "w1_steps": 10,
-        "w2_dim": 2,
-        "w2_width": 4,
-        "w2_steps": 10,
-        "w3_rtol": 1e-4,
-        "baseline_max_samples": 4,
-    },
+    "smoke": {"batch_sizes": [4], "chunk_size": 2, "repeats": 1, "w1_dim": 3, "w1_steps": 10,
+              "w2_dim": 2, "w2_width": 4, "w2_steps": 10, "w3_rtol": 1e-4,
+              "baseline_max_samples": 4},
     # on a GPU: python -m experiments benchmark_sweep --config configs/benchmark_sweep/gpu.toml
-    "gpu": {
-        "batch_sizes": [1000, 10000, 100000, 1000000],
-        "chunk_size": 100000,
-        "dtype": "float32",
-        "repeats": 3,
-        "baseline_max_samples": 100000,
-    },
-}
+    "gpu": {"batch_sizes": [1000, 10000, 100000, 1000000], "chunk_size": 100000,
+            "dtype": "float32", "repeats": 3, "baseline_max_samples": 100000},
+}  # fmt: skip
 
 
 class Workload(eqx.Module):
@@ -240,16 +187,8 @@ def _w2_workload(cfg: Config, key, adaptive: bool) -> Workload:
     return Workload(model, gauge, jax.random.normal(kx, (cfg.w2_inputs, cfg.w2_dim)), {})
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _workload(cfg: Config, name: str, key) -> Workload:
+def workload(cfg: Config, name: str, key) -> Workload:
+    """The workload `name` ("w1", "w2", "w3") drawn from `key`, in the config's dtype."""
     w = _w1_workload(cfg, key) if name == "w1" else _w2_workload(cfg, key, name == "w3")
     dtype = jnp.dtype(cfg.dtype)
 
@@ -259,20 +198,11 @@ def _workload(cfg: Config, name: str, key) -> Workload:
     return Workload(cast(w.model), cast(w.gauge), cast(w.inputs), cast(w.arrays))
 
 
-def _sample_keys(key, num_samples: int):
-    """Sample i's key, as `gj.sweep` draws it (`fold_in(key, i)`): every side sees the same
-    gauge elements."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_samples, dtype=jnp.uint32))
-
-
 def _memory() -> dict:
     stats = jax.devices()[0].memory_stats() or {}
-    return {
-        # the device's peak since the process started (None where the backend keeps none, CPU)
-        "peak_memory_bytes": stats.get("peak_bytes_in_use"),
-        # the process's peak resident set (cumulative over the run's rows)
-        "peak_rss_bytes": _peak_rss(),
-    }
+    # the device's peak since the process started (None where the backend keeps none, CPU),
+    # and the process's peak resident set (cumulative over the run's rows)
+    return {"peak_memory_bytes": stats.get("peak_bytes_in_use"), "peak_rss_bytes": _peak_rss()}
 
 
 def _peak_rss() -> int:
@@ -283,21 +213,6 @@ def _peak_rss() -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _deviations(values, steps=None) -> dict:
-    values = np.asarray(values, dtype=float)
-    out = {
-        "max_deviation": float(np.max(values)),
-        "median_deviation": float(np.median(values)),
-    }
-    if steps is not None:
-        steps = np.asarray(steps)
-        out["steps_mean"] = float(np.mean(steps))
-        out["steps_max"] = int(np.max(steps))
-        # the vmapped lanes step together: the batch runs max steps, each lane needs its own
-        out["lane_efficiency"] = float(np.mean(steps) / max(np.max(steps), 1))
-    return out
 
 
 def _gaugejax(
@@ -317,314 +232,24 @@ def _gaugejax(
     ]
     if first.failures():
         raise RuntimeError(f"lanes failed: {first.failures()}")
-    row = {
-        "samples_per_s": num_samples / statistics.median(times),
-        "compile_s": first.compile_time_s,
-        "noise_floor": first.noise_floor,
-        "verdict": first.verdict,
-        "chunk_size": chunk,
-        "num_devices": len(devices),
-        **_deviations(first.max_abs, first.num_steps),
-        # field evaluations per sample (`gj.count_evaluations`: the solver's tableau)
-        "evaluations_mean": float(np.mean(np.asarray(first.num_evaluations))),
-    }
+    # field evaluations per sample: `gj.count_evaluations` (the solver's tableau)
+    row = {"samples_per_s": num_samples / statistics.median(times),
+           "compile_s": first.compile_time_s, "noise_floor": first.noise_floor,
+           "verdict": first.verdict, "chunk_size": chunk, "num_devices": len(devices),
+           **_baselines.deviations(first.max_abs, first.num_steps),
+           "evaluations_mean": float(np.mean(np.asarray(first.num_evaluations)))}  # fmt: skip
     steps, counts = np.unique(np.asarray(first.num_steps), return_counts=True)
     row["steps_histogram"] = {int(a): int(b) for a, b in zip(steps, counts, strict=True)}
     return row, np.asarray(first.max_abs)
 
 
-def _user_solve(model, inputs, forward_mode: bool):
-    """`diffrax.diffeqsolve` of every input as a user writes it (the model's solver, controller
-    and step; `throw=False` so a failed lane shows in the numbers, not as an exception)."""
-
-    def one(x0):
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(model.field),
-            model.solver,
-            model.t0,
-            model.t1,
-            model.dt0,
-            x0,
-            stepsize_controller=model.stepsize_controller,
-            max_steps=model.max_steps,
-            # a jvp through diffeqsolve needs forward mode (diffrax's documented way)
-            adjoint=diffrax.ForwardMode() if forward_mode else diffrax.RecursiveCheckpointAdjoint(),
-            throw=False,
-        )
-        return sol.ys[-1], sol.stats["num_steps"]
-
-    return jax.vmap(one)(inputs)
-
-
-def _evaluations(model, steps):
-    """Field evaluations of solves that took `steps` attempted steps, summed over the inputs."""
-    return jnp.sum(gj.count_evaluations(model.solver, model.stepsize_controller, model.dt0, steps))
-
-
-def _naive_diffrax(cfg: Config, w: Workload, key, num_samples: int, first_order: bool) -> tuple:
-    model, gauge, inputs = w.model, w.gauge, w.inputs
-    keys = _sample_keys(key, num_samples)
-    reference = eqx.filter_jit(lambda m: _user_solve(m, inputs, False)[0])(model)
-
-    def lane(k):
-        g = gauge.sample(k)
-        if first_order:
-            # the response along g at the identity: a jvp through the solve
-            (_, steps), (dout, _) = jax.jvp(
-                lambda a: _user_solve(gauge.act(a, model), inputs, True), (gauge.identity(),), (g,)
-            )
-            return jnp.max(jnp.abs(dout)), jnp.max(steps), _evaluations(model, steps)
-        out, steps = _user_solve(gauge.act(g, model), inputs, False)
-        return jnp.max(jnp.abs(out - reference)), jnp.max(steps), _evaluations(model, steps)
-
-    with jax.default_matmul_precision(cfg.precision):
-        start = time.perf_counter()
-        program = jax.jit(jax.vmap(lane)).lower(keys).compile()
-        compile_s = time.perf_counter() - start
-        rate = num_samples / _median_time(lambda: program(keys), cfg.repeats)
-        dev, steps, evaluations = jax.device_get(program(keys))
-    row = {"samples_per_s": rate, "compile_s": compile_s, **_deviations(dev, steps)}
-    row["evaluations_mean"] = float(np.mean(evaluations))
-    return row, np.asarray(dev)
-
-
-def _torch_setup(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
-    """`(dtype, host array -> tensor, the samples' gauge elements on the host)` of a torch side:
-    the same elements every side draws, torch's thread count as configured."""
-    import torch
-
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    tdtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
-    samples = jax.device_get(jax.vmap(w.gauge.sample)(_sample_keys(key, num_samples)))
-
-    def tensor(a):
-        return torch.from_numpy(np.array(a)).to(tdtype)  # a writable copy
-
-    return tdtype, tensor, samples
-
-
-def _torch_w1(cfg: Config, w: Workload, key, num_samples: int) -> tuple:
-    """W1 in torch as batched tensors, the same gauge elements as the other sides."""
-    import torch
-    import torchdiffeq
-    from torch.func import jvp
-
-    tdtype, tensor, samples = _torch_setup(cfg, w, key, num_samples)
-
-    A, c0 = tensor(samples.A[:, 0]), tensor(samples.c[:, 0])  # the one mode, (B, d, d), (B, d)
-    W0, W1, b0, b1 = (tensor(w.arrays[k]) for k in ("W0", "W1", "b0", "b1"))
-    omega = float(w.gauge.omega[0])
-    x0 = tensor(w.inputs)
-
-    nfe = [0]
-
-    def field_of(A, c0):
-        def field(t, y):  # y: (B, n, d) in the gauge's coordinates, x = G y + c
-            nfe[0] += 1
-            s, ds = torch.sin(omega * t), omega * torch.cos(omega * t)
-            G, dG = jvp(torch.linalg.matrix_exp, (s * A,), (ds * A,))
-            c, dc = s * c0, ds * c0
-            Wt = W0 + torch.sin(torch.pi * t) * W1
-            bt = b0 + torch.cos(torch.pi * t) * b1
-            x = y @ G.transpose(1, 2) + c[:, None, :]
-            rhs = x @ Wt.T + bt - y @ dG.transpose(1, 2) - dc[:, None, :]
-            return torch.linalg.solve(G, rhs.transpose(1, 2)).transpose(1, 2)
-
-        return field
-
-    ts = torch.tensor([0.0, 1.0], dtype=tdtype)
-    options = {"step_size": 1.0 / cfg.w1_steps}
-
-    def solve(A, c0):
-        y0 = x0.expand(A.shape[0], *x0.shape).contiguous()
-        return torchdiffeq.odeint(field_of(A, c0), y0, ts, method="rk4", options=options)[-1]
-
-    with torch.no_grad():
-        reference = solve(torch.zeros_like(A[:1]), torch.zeros_like(c0[:1]))[0]
-        solve(A[:2], c0[:2])  # warm-up (no compilation to report: torch runs eagerly)
-        times = []
-        for _ in range(cfg.repeats):
-            nfe[0] = 0
-            start = time.perf_counter()
-            out = solve(A, c0)
-            times.append(time.perf_counter() - start)
-        dev = (out - reference).abs().amax(dim=(1, 2)).numpy()
-    row = {
-        "samples_per_s": num_samples / statistics.median(times),
-        "compile_s": None,
-        # each call evaluates every sample's M inputs: the per-sample count, summed over them
-        "evaluations_mean": float(nfe[0] * x0.shape[0]),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        **_deviations(dev),
-    }
-    return row, dev
-
-
-def _torch_w2(cfg: Config, w: Workload, key, num_samples: int, adaptive: bool) -> tuple:
-    """W2/W3 in torch as batched tensors, the same generators as the other sides: the forward
-    sensitivity system written by hand, `y' = F(t, y)`, `dy' = DF(t, y) dy + L_g(t, y)` with
-    `L_g = (L_eps F_hat)^y - F (L_eps F_hat)^t` (`gj.deform`'s first-order term, from two
-    `torch.func.jvp`s), integrated by `torchdiffeq.odeint` on the (B, M, d) state. torchdiffeq
-    has no Tsit5: W2 uses its fixed-step `rk4` (the 3/8 rule) with the same steps, so per-sample
-    values agree to the truncation error, not to rounding; W3 its adaptive `dopri5` at the same
-    rtol = atol, whose controller takes one step size for the whole batch (an RMS norm over
-    every sample), not one per lane; its field evaluations (`nfe`) are counted."""
-    import torch
-    import torchdiffeq
-    from torch.func import jvp
-
-    tdtype, tensor, samples = _torch_setup(cfg, w, key, num_samples)
-
-    mlp = w.model.field.mlp
-    layers = [(tensor(lin.weight), tensor(lin.bias)) for lin in mlp.layers]
-    out_scale = float(w.model.field.out_scale)
-    U, v = tensor(w.gauge.features.U), tensor(w.gauge.features.v)
-    omega, phase = tensor(w.gauge.omega), tensor(w.gauge.phase)
-    Wy, a0 = tensor(samples.Wy), tensor(samples.a0)  # (B, K, d, m), (B, K, m)
-    x0 = tensor(w.inputs)
-
-    def F(t, y):  # t: (B, M), y: (B, M, d); eqx.nn.MLP on [t, y], tanh, then out_scale
-        h = torch.cat([t[..., None], y], dim=-1)
-        for i, (W, b) in enumerate(layers):
-            h = h @ W.T + b
-            h = torch.tanh(h) if i < len(layers) - 1 else h
-        return out_scale * h
-
-    def eps(t, y):  # the generator (eps0, eps_y) of each sample
-        modes = torch.sin(omega * t[..., None] + phase)  # (B, M, K)
-        phi = torch.tanh(y @ U.T + v)  # (B, M, m)
-        eps_y = torch.einsum("bnk,bkdm,bnm->bnd", modes, Wy, phi)
-        eps0 = torch.einsum("bnk,bkm,bnm->bn", modes, a0, phi)
-        return eps0, eps_y
-
-    nfe = [0]
-
-    def field(t, state):
-        y, dy = state
-        nfe[0] += 1
-        tt = t.expand(y.shape[:-1]).clone()  # jvp writes into its primal: no aliasing
-        f = F(tt, y)
-        (e0, ey), (de0, dey) = jvp(eps, (tt, y), (torch.ones_like(tt), f))
-        _, dF_eps = jvp(F, (tt, y), (e0, ey))
-        _, dF_dy = jvp(lambda y_: F(tt, y_), (y,), (dy,))
-        # lie_t = -de0, lie_y = dF_eps - dey: the deformation's first-order term
-        return f, dF_dy + (dF_eps - dey) + f * de0[..., None]
-
-    ts = torch.tensor([0.0, 1.0], dtype=tdtype)
-    if adaptive:
-        options = dict(method="dopri5", rtol=cfg.w3_rtol, atol=cfg.w3_rtol)
-    else:
-        options = dict(method="rk4", options={"step_size": 1.0 / cfg.w2_steps})
-
-    def solve(n):
-        y0 = x0.expand(n, *x0.shape).contiguous()
-        _, dy = torchdiffeq.odeint(field, (y0, torch.zeros_like(y0)), ts, **options)
-        return dy[-1]
-
-    with torch.no_grad():
-        solve(num_samples)  # warm-up (every sample's generator; torch runs eagerly)
-        times, counts = [], []
-        for _ in range(cfg.repeats):
-            nfe[0] = 0
-            start = time.perf_counter()
-            out = solve(num_samples)
-            times.append(time.perf_counter() - start)
-            counts.append(nfe[0])
-        dev = out.abs().amax(dim=(1, 2)).numpy()
-    row = {
-        "samples_per_s": num_samples / statistics.median(times),
-        "compile_s": None,
-        "method": options["method"],
-        "batch_evaluations": int(counts[-1]),
-        "evaluations_mean": float(counts[-1] * x0.shape[0]),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        **_deviations(dev),
-    }
-    return row, dev
-
-
-def _gradsolve(cfg: Config, w: Workload, key, num_samples: int, first_order: bool) -> tuple:
-    """gradsolve's fixed-step engines on the same transformed fields: its problem protocol (an
-    object with `name`, `dim`, `t0`, `t1`, `is_stiff`, `f_jax(t, y, p)`), the M inputs of a
-    sample stacked into one state of M * d, the flattened gauge element as the trajectory's
-    parameters. W1: `fixed_step_explicit.solve_jax` (classic RK4, the tableau of `gj.RK4`);
-    W2: `fixed_step_tsit5.solve_jax` with `jax.jvp` along the element at the identity. Both
-    are called under one `jax.jit` (gradsolve's own `solve` jits a fresh lambda per call, so
-    every call would recompile), sampling in the program as on the naive side."""
-    from gradsolve.solvers import fixed_step_explicit, fixed_step_tsit5
-    from jax.flatten_util import ravel_pytree
-
-    model, gauge, inputs = w.model, w.gauge, w.inputs
-    m, d = inputs.shape
-    _, unravel = ravel_pytree(gauge.identity())
-    engine = fixed_step_tsit5 if first_order else fixed_step_explicit
-    steps = cfg.w2_steps if first_order else cfg.w1_steps
-
-    class Problem:  # gradsolve's protocol has no base class
-        name = "gaugejax_benchmark"
-        dim = m * d
-        # arrays of the workload's dtype: gradsolve's scan starts from `jnp.asarray(t0)`, and
-        # a float64 time would promote a float32 workload
-        t0, t1 = np.asarray(model.t0, inputs.dtype), np.asarray(model.t1, inputs.dtype)
-        is_stiff = False
-
-        def f_jax(self, t, y, p):
-            moved = gauge.act(unravel(p), model)
-            return jax.vmap(lambda x: moved.field(t, x, None))(y.reshape(m, d)).reshape(-1)
-
-    problem = Problem()
-    keys = _sample_keys(key, num_samples)
-    y0 = jnp.broadcast_to(inputs.reshape(-1), (num_samples, m * d))
-    reference = eqx.filter_jit(lambda mm: _user_solve(mm, inputs, False)[0])(model).reshape(-1)
-
-    def program(keys):
-        flat = jax.vmap(lambda k: ravel_pytree(gauge.sample(k))[0])(keys)
-
-        def solve(ps):
-            return engine.solve_jax(problem, y0, ps, n_steps=steps)
-
-        if first_order:
-            ident = jnp.broadcast_to(ravel_pytree(gauge.identity())[0], flat.shape)
-            dout = jax.jvp(solve, (ident,), (flat,))[1]
-        else:
-            dout = solve(flat) - reference
-        return jnp.max(jnp.abs(dout), axis=1)
-
-    with jax.default_matmul_precision(cfg.precision):
-        start = time.perf_counter()
-        compiled = jax.jit(program).lower(keys).compile()
-        compile_s = time.perf_counter() - start
-        rate = num_samples / _median_time(lambda: compiled(keys), cfg.repeats)
-        dev = np.asarray(jax.device_get(compiled(keys)))
-    row = {
-        "samples_per_s": rate,
-        "compile_s": compile_s,
-        "engine": f"{engine.name} ({steps} steps)",
-        "gradsolve_version": importlib.metadata.version("gradsolve"),
-        **_deviations(dev),
-    }
-    return row, dev
-
-
-def _skip(cfg: Config, name: str, side: str, num_samples: int) -> str | None:
+def skip_reason(cfg: Config, name: str, side: str, num_samples: int) -> str | None:
     """Why a side does not run (None: it runs)."""
-    baseline = not side.startswith("gaugejax")
-    if baseline and cfg.baseline_max_samples and num_samples > cfg.baseline_max_samples:
+    if side.startswith("gaugejax"):
+        return None
+    if cfg.baseline_max_samples and num_samples > cfg.baseline_max_samples:
         return f"skipped: B > baseline_max_samples = {cfg.baseline_max_samples}"
-    if side == "torchdiffeq":
-        missing = [m for m in ("torch", "torchdiffeq") if importlib.util.find_spec(m) is None]
-        if missing:
-            return f"skipped: {', '.join(missing)} not installed (pip install -e '.[bench]')"
-    if side == "gradsolve" and importlib.util.find_spec("gradsolve") is None:
-        return "skipped: gradsolve is not installed (pip install -e '.[bench]')"
-    if side == "gradsolve" and name == "w3":
-        # its adaptive engines record accepted steps for a reverse-mode replay; a forward
-        # sensitivity under error control is not in its interface
-        return "skipped: gradsolve has no error-controlled forward sensitivity (w3)"
-    return None
+    return _baselines.unavailable(side, name)
 
 
 def field_flops(cfg: Config, name: str, w: Workload, key) -> float:
@@ -643,10 +268,7 @@ def field_flops(cfg: Config, name: str, w: Workload, key) -> float:
             return jax.vmap(lambda x: moved.field(t, x, None))(xs)
 
     else:
-        gauge, model = w.gauge, w.model
-        sensitivity = gj.SensitivityField(
-            lambda a, t, y, args: gauge.act(a, model).field(t, y, args), gauge.identity(), g
-        )
+        sensitivity = gj.gauge_sensitivity(w.model, w.gauge, g)
 
         def evaluate(xs):
             return jax.vmap(lambda x: sensitivity(t, (x, x), None))(xs)
@@ -667,9 +289,24 @@ def matmul_ceiling(cfg: Config) -> dict:
     with jax.default_matmul_precision(cfg.precision):
         program = jax.jit(lambda x: x @ x).lower(a).compile()
     jax.block_until_ready(program(a))
-    seconds = _median_time(lambda: program(a), max(cfg.repeats, 5))
+    seconds = _baselines.median_time(lambda: program(a), max(cfg.repeats, 5))
     return {"flop_per_s": 2.0 * n**3 / seconds, "n": n, "dtype": cfg.dtype,
             "precision": cfg.precision}  # fmt: skip
+
+
+def run_side(cfg: Config, name: str, w: Workload, side: str, key, num_samples: int) -> tuple:
+    """`(row, per_sample)` of one side on the workload `name` (drawn as `w`), sample i's gauge
+    element from `fold_in(key, i)` on every side: the side's measured numbers and its
+    per-sample deviations."""
+    if side.startswith("gaugejax"):
+        return _gaugejax(cfg, w, key, num_samples, side != "gaugejax")
+    if side == "naive_diffrax":
+        return _baselines.naive_diffrax(cfg, w, key, num_samples, name != "w1")
+    if side == "torchdiffeq" and name == "w1":
+        return _baselines.torch_w1(cfg, w, key, num_samples)
+    if side == "torchdiffeq":
+        return _baselines.torch_w2(cfg, w, key, num_samples, name == "w3")
+    return _baselines.gradsolve(cfg, w, key, num_samples, name != "w1")
 
 
 def measure(
@@ -678,26 +315,17 @@ def measure(
     """One row per side for workload `name` at `num_samples` samples; with `ceiling` (FLOP/s)
     every row also gets `flop_per_s` and `ceiling_fraction` (module docstring: the op count)."""
     kw, ks = jax.random.split(key)
-    w = _workload(cfg, name, kw)
+    w = workload(cfg, name, kw)
     rows, base = [], None
     for side in cfg.sides:
         row = {"workload": name, "num_samples": num_samples, "side": side, "dtype": cfg.dtype}
         row["precision"] = cfg.precision
-        reason = _skip(cfg, name, side, num_samples)
+        reason = skip_reason(cfg, name, side, num_samples)
         if reason is not None:
             rows.append({**row, "status": reason})
             continue
         try:
-            if side.startswith("gaugejax"):
-                data, per_sample = _gaugejax(cfg, w, ks, num_samples, side != "gaugejax")
-            elif side == "naive_diffrax":
-                data, per_sample = _naive_diffrax(cfg, w, ks, num_samples, name != "w1")
-            elif side == "torchdiffeq" and name == "w1":
-                data, per_sample = _torch_w1(cfg, w, ks, num_samples)
-            elif side == "torchdiffeq":
-                data, per_sample = _torch_w2(cfg, w, ks, num_samples, name == "w3")
-            else:
-                data, per_sample = _gradsolve(cfg, w, ks, num_samples, name != "w1")
+            data, per_sample = run_side(cfg, name, w, side, ks, num_samples)
         except Exception as e:  # a side that fails (e.g. out of memory) is a row, not a crash
             rows.append({**row, "status": f"failed: {type(e).__name__}: {str(e)[:300]}"})
             continue
@@ -736,30 +364,19 @@ def _table(rows: list[dict]) -> list[str]:
     def fmt(v, spec):
         return format(v, spec) if isinstance(v, int | float) else "-"
 
-    lines = [
-        "| workload | B | side | samples/s | gaugejax x | compile s | max deviation | "
-        "vs gaugejax | lane eff. | GFLOP/s | of ceiling | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        cells = [
-            r["workload"],
-            str(r["num_samples"]),
-            r["side"],
-            fmt(r.get("samples_per_s"), ".1f"),
-            fmt(r.get("gaugejax_speedup"), ".2f"),
-            fmt(r.get("compile_s"), ".2f"),
-            fmt(r.get("max_deviation"), ".2e"),
-            fmt(r.get("max_diff_vs_gaugejax"), ".1e"),
-            fmt(r.get("lane_efficiency"), ".2f"),
-            fmt(r["flop_per_s"] / 1e9 if r.get("flop_per_s") else None, ".3g"),
-            fmt(r["ceiling_fraction"] * 100 if r.get("ceiling_fraction") else None, ".2g") + "%"
-            if r.get("ceiling_fraction")
-            else "-",
-            r["status"],
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    header = ["workload", "B", "side", "samples/s", "gaugejax x", "compile s", "max deviation",
+              "vs gaugejax", "lane eff.", "GFLOP/s", "of ceiling", "status"]  # fmt: skip
+    cells = [
+        [r["workload"], r["num_samples"], r["side"], fmt(r.get("samples_per_s"), ".1f"),
+         fmt(r.get("gaugejax_speedup"), ".2f"), fmt(r.get("compile_s"), ".2f"),
+         fmt(r.get("max_deviation"), ".2e"), fmt(r.get("max_diff_vs_gaugejax"), ".1e"),
+         fmt(r.get("lane_efficiency"), ".2f"),
+         fmt(r["flop_per_s"] / 1e9 if r.get("flop_per_s") else None, ".3g"),
+         fmt(r["ceiling_fraction"] * 100, ".2g") + "%" if r.get("ceiling_fraction") else "-",
+         r["status"]]
+        for r in rows
+    ]  # fmt: skip
+    return markdown_table(header, cells)
 
 
 def run(config: Config, run_dir: Path) -> dict:
@@ -770,11 +387,8 @@ def run(config: Config, run_dir: Path) -> dict:
     env = io.env_info()
     env["ceiling"] = matmul_ceiling(config)
     keys = jax.random.split(jax.random.key(config.seed), len(config.workloads))
-    cases = [
-        (name, key, b)
-        for name, key in zip(config.workloads, keys, strict=True)
-        for b in config.batch_sizes
-    ]
+    cases = [(name, key, b) for name, key in zip(config.workloads, keys, strict=True)
+             for b in config.batch_sizes]  # fmt: skip
     rows = []
     for name, key, b in tqdm(cases, desc="benchmark_sweep"):
         for row in measure(config, name, key, b, env["ceiling"]["flop_per_s"]):
@@ -786,15 +400,8 @@ def run(config: Config, run_dir: Path) -> dict:
     for line in table:
         tqdm.write(line)
     figures = plot(io.read_json(run_dir / "results.json"), run_dir / "figures", config)
-    return {
-        "experiment": "benchmark_sweep",
-        "claims": [],
-        "env": env,
-        "rows": rows,
-        "table": table,
-        "figures": [str(Path(f).relative_to(run_dir)) for f in figures],
-        "wall_time_s": time.perf_counter() - start,
-    }
+    return experiment_summary("benchmark_sweep", [], figures, run_dir, start, env=env, rows=rows,
+                              table=table)  # fmt: skip
 
 
 def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
@@ -814,13 +421,8 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
             rates = [r["samples_per_s"] for r in mine]
             ax.bar(range(len(mine)), rates, color=[f"C{SIDES.index(s)}" for s in sides])
             for i, r in enumerate(mine):
-                ax.annotate(
-                    f"{r['samples_per_s']:.0f}/s\ndev {r['max_deviation']:.1e}",
-                    (i, r["samples_per_s"]),
-                    ha="center",
-                    va="bottom",
-                    fontsize=8,
-                )
+                label = f"{r['samples_per_s']:.0f}/s\ndev {r['max_deviation']:.1e}"
+                ax.annotate(label, (i, r["samples_per_s"]), ha="center", va="bottom", fontsize=8)
             ax.set_xticks(range(len(mine)), sides, fontsize=8, rotation=20, ha="right")
             ax.set_ylim(min(rates) / 3, max(rates) * 4)
             ax.set_title(f"{name} (B = {config.batch_sizes[0]})")

@@ -1,6 +1,7 @@
 """Experiments layer: configs, presets, CLI, run directories, the report."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -375,13 +376,13 @@ def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
     assert rows["w2", "gaugejax"]["evaluations_mean"] == 8 * (6 * 10 + 1)  # Tsit5 (FSAL)
     # past baseline_max_samples only gaugejax runs; the gpu preset's TOML is its embedded one
     capped = dataclasses.replace(cfg, baseline_max_samples=2)
-    assert benchmark_sweep._skip(capped, "w1", "naive_diffrax", 4).startswith("skipped: B >")
-    assert benchmark_sweep._skip(capped, "w1", "gaugejax", 4) is None
+    assert benchmark_sweep.skip_reason(capped, "w1", "naive_diffrax", 4).startswith("skipped: B >")
+    assert benchmark_sweep.skip_reason(capped, "w1", "gaugejax", 4) is None
     # a side whose package is missing is a row that says so (whatever this environment has)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(benchmark_sweep.importlib.util, "find_spec", lambda name: None)
-        missing = benchmark_sweep._skip(cfg, "w1", "gradsolve", 4)
-        torch_missing = benchmark_sweep._skip(cfg, "w1", "torchdiffeq", 4)
+        mp.setattr(importlib.util, "find_spec", lambda name: None)
+        missing = benchmark_sweep.skip_reason(cfg, "w1", "gradsolve", 4)
+        torch_missing = benchmark_sweep.skip_reason(cfg, "w1", "torchdiffeq", 4)
     assert missing.startswith("skipped: gradsolve is not installed")
     assert "torch, torchdiffeq not installed" in torch_missing
     gpu = load_config(benchmark_sweep.Config, ROOT / "configs" / "benchmark_sweep" / "gpu.toml")
@@ -581,10 +582,10 @@ def test_benchmark_torchdiffeq_side_integrates_the_same_gauged_w1():
     assert torch_row["samples_per_s"] > 0 and torch_row["compile_s"] is None
     # the comparison can fail: torch on other gauge elements (another key) differs per sample
     # by more than the deviation itself (the bound the agreement above meets)
-    w = benchmark_sweep._workload(cfg, "w1", jax.random.split(jax.random.key(0))[0])
+    w = benchmark_sweep.workload(cfg, "w1", jax.random.split(jax.random.key(0))[0])
     ks = jax.random.split(jax.random.key(0))[1]
-    _, ours_per_sample = benchmark_sweep._gaugejax(cfg, w, ks, 4, False)
-    _, other = benchmark_sweep._torch_w1(cfg, w, jax.random.fold_in(ks, 7), 4)
+    _, ours_per_sample = benchmark_sweep.run_side(cfg, "w1", w, "gaugejax", ks, 4)
+    _, other = benchmark_sweep.run_side(cfg, "w1", w, "torchdiffeq", jax.random.fold_in(ks, 7), 4)
     assert abs(other - ours_per_sample).max() > ours["max_deviation"]
 
 
@@ -599,16 +600,16 @@ def test_benchmark_torchdiffeq_w2_is_the_same_sensitivity_system():
     import jax
 
     cfg = make_config(benchmark_sweep.Config, {**benchmark_sweep.PRESETS["smoke"], "w2_steps": 20})
-    w = benchmark_sweep._workload(cfg, "w2", jax.random.key(1))
+    w = benchmark_sweep.workload(cfg, "w2", jax.random.key(1))
     control = benchmark_sweep.Workload(w.model, w.gauge.control(), w.inputs, {})
     ks = jax.random.key(2)
-    _, naive = benchmark_sweep._naive_diffrax(cfg, control, ks, 4, True)
-    row, ported = benchmark_sweep._torch_w2(cfg, control, ks, 4, False)
+    _, naive = benchmark_sweep.run_side(cfg, "w2", control, "naive_diffrax", ks, 4)
+    row, ported = benchmark_sweep.run_side(cfg, "w2", control, "torchdiffeq", ks, 4)
     assert naive.min() > 0.1 and row["method"] == "rk4" and row["batch_evaluations"] == 80
     np.testing.assert_allclose(ported, naive, rtol=1e-5)
-    _, symmetric = benchmark_sweep._torch_w2(cfg, w, ks, 4, False)
+    _, symmetric = benchmark_sweep.run_side(cfg, "w2", w, "torchdiffeq", ks, 4)
     assert symmetric.max() < 1e-6
-    adaptive, _ = benchmark_sweep._torch_w2(cfg, w, ks, 4, True)
+    adaptive, _ = benchmark_sweep.run_side(cfg, "w3", w, "torchdiffeq", ks, 4)
     # dopri5 at the smoke rtol 1e-4, one step size for the whole batch: measured 2.5e-3
     assert adaptive["method"] == "dopri5" and adaptive["batch_evaluations"] > 6
     assert adaptive["max_deviation"] < 1e-2
@@ -639,10 +640,10 @@ def test_benchmark_gradsolve_side_integrates_the_same_fields():
     assert 1e-12 < deviation["w1"] < 1e-3
     w3 = benchmark_sweep.measure(cfg, "w3", jax.random.key(0), 4)[1]
     assert w3["status"].startswith("skipped: gradsolve has no error-controlled")
-    w = benchmark_sweep._workload(cfg, "w1", jax.random.split(jax.random.key(0))[0])
+    w = benchmark_sweep.workload(cfg, "w1", jax.random.split(jax.random.key(0))[0])
     ks = jax.random.split(jax.random.key(0))[1]
-    _, ours_per_sample = benchmark_sweep._gaugejax(cfg, w, ks, 4, False)
-    _, other = benchmark_sweep._gradsolve(cfg, w, jax.random.fold_in(ks, 7), 4, False)
+    _, ours_per_sample = benchmark_sweep.run_side(cfg, "w1", w, "gaugejax", ks, 4)
+    _, other = benchmark_sweep.run_side(cfg, "w1", w, "gradsolve", jax.random.fold_in(ks, 7), 4)
     assert abs(other - ours_per_sample).max() > ours_per_sample.max() / 10
 
 
