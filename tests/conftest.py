@@ -1,6 +1,8 @@
 """Tests run in float64 on the CPU with strict dtype promotion (set here, never on import)."""
 
 import os
+import shutil
+import tempfile
 
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -16,6 +18,31 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# One persistent compilation cache per test session, shared by its xdist workers: a program
+# that both workers build (the same small models, gauges and solver settings recur across
+# files, and `--dist worksteal` spreads a file's tests over both) is compiled once and read
+# from disk by the other worker. Every program is cached, however short its compile (nearly all
+# of them compile in < 0.1 s). The controller (or a run without xdist) makes the folder, passes
+# it to the workers in the environment and removes it at the end, so no run reads another
+# run's programs. `GAUGEJAX_TEST_JAX_CACHE=` (empty) runs without it.
+_CACHE_ENV = "GAUGEJAX_TEST_JAX_CACHE"
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput") and _CACHE_ENV not in os.environ:
+        config._gaugejax_jax_cache = tempfile.mkdtemp(prefix="gaugejax-test-jax-cache-")
+        os.environ[_CACHE_ENV] = config._gaugejax_jax_cache  # inherited by the workers
+    if os.environ.get(_CACHE_ENV):
+        jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    owned = getattr(config, "_gaugejax_jax_cache", None)
+    if owned:
+        shutil.rmtree(owned, ignore_errors=True)
 
 
 @pytest.fixture
@@ -43,7 +70,8 @@ def small_node(key, dim=3, rtol=1e-8):
 
 
 class CompileCounter:
-    """Counts XLA backend compilations (jax.monitoring events) while active."""
+    """Counts XLA backend compilations (jax.monitoring events) while active. A program read from
+    the session's persistent compilation cache counts too (the event spans the cache lookup)."""
 
     _active: list = []
     _registered = False
