@@ -211,6 +211,42 @@ def _out(model, inputs):
     return gj.default_observable(model, inputs)[0]
 
 
+# The contract's operations as compiled programs, one per family and structure (eager, every
+# operation compiles on its own: 445 programs for the tangent test, 199 for sampling)
+@eqx.filter_jit
+def _sample(gauge, key):
+    return gauge.sample(key)
+
+
+@eqx.filter_jit
+def _samples(gauge, keys):
+    return jax.vmap(gauge.sample)(keys)
+
+
+def _moved(gauge, model, v):
+    """`a -> act(identity + a v, model)`: the curve whose velocity at 0 is the tangent."""
+
+    def moved(a):
+        g = jax.tree.map(lambda e, d: e + a * d, gauge.identity(), v)
+        return gauge.act(g, model)
+
+    return moved
+
+
+@eqx.filter_jit
+def _field_tangents(gauge, model, v, t, y):
+    """The tangent field at `(t, y)`, and the jvp of the moved field there."""
+    moved = _moved(gauge, model, v)
+    expected = jax.jvp(lambda a: moved(a).field(t, y, None), (0.0,), (1.0,))[1]
+    return gauge.tangent(model, v).field(t, y, None), expected
+
+
+@eqx.filter_jit
+def _parameter_tangents(gauge, model, v):
+    """The tangent, and the jvp of the moved model's parameters."""
+    return gauge.tangent(model, v), eqx.filter_jvp(_moved(gauge, model, v), (0.0,), (1.0,))[1]
+
+
 def _close(a, b, tol):
     a, b = np.asarray(a), np.asarray(b)
     scale = max(float(np.max(np.abs(b))), 1e-300)
@@ -230,7 +266,7 @@ def test_identity_compose_inverse(case):
     ref = _out(model, x)
     ok, err = _close(_out(gauge.act(gauge.identity(), model), x), ref, c.tol)
     assert ok, f"identity moves the outputs by {err:.2e}"
-    g1, g2 = gauge.sample(k[2]), gauge.sample(k[3])
+    g1, g2 = _sample(gauge, k[2]), _sample(gauge, k[3])
     if c.finite:  # an infinitesimal family composes to first order only (its Lie algebra)
         both = _out(gauge.act(gauge.compose(g1, g2), model), x)
         ok, err = _close(both, _out(gauge.act(g2, gauge.act(g1, model)), x), c.tol)
@@ -256,27 +292,20 @@ def test_identity_compose_inverse(case):
 
 def test_tangent_is_the_jvp_of_act(case):
     c, gauge, model, x, k = case
-    v = jax.tree.map(jnp.subtract, gauge.sample(k[2]), gauge.identity())
-    tangent = gauge.tangent(model, v)
-
-    def moved(a):
-        g = jax.tree.map(lambda e, d: e + a * d, gauge.identity(), v)
-        return gauge.act(g, model)
-
+    v = jax.tree.map(jnp.subtract, _sample(gauge, k[2]), gauge.identity())
     if isinstance(gauge, gj.AbstractPermutationGauge):
         # a finite group: no direction to move along, a zero tangent shaped like the model
         # (the identity test shows that its elements do move the parameters)
+        tangent = gauge.tangent(model, v)
         arrays = eqx.filter(model, eqx.is_inexact_array)
         assert jax.tree.structure(tangent) == jax.tree.structure(arrays)
         assert all(not np.any(np.asarray(t)) for t in jax.tree.leaves(tangent))
     elif isinstance(gauge, gj.AbstractFieldGauge):
-        t, y = jnp.asarray(0.37), x[0]
-        expected = jax.jvp(lambda a: moved(a).field(t, y, None), (0.0,), (1.0,))[1]
-        got = tangent.field(t, y, None)
+        got, expected = _field_tangents(gauge, model, v, jnp.asarray(0.37), x[0])
         np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)  # same jvp, reordered
         assert float(jnp.max(jnp.abs(got))) > 1e-6  # not vacuous
     else:
-        expected = eqx.filter_jvp(moved, (0.0,), (1.0,))[1]
+        tangent, expected = _parameter_tangents(gauge, model, v)
         # filter_jvp gives None for an output that does not depend on the element (e.g. a
         # layer norm's gain); the contract's tangent holds zeros there
         is_none = lambda x: x is None  # noqa: E731
@@ -295,11 +324,10 @@ def test_tangent_is_the_jvp_of_act(case):
 def test_sample_under_jit_and_vmap(case):
     _, gauge, _, _, k = case
     keys = jax.random.split(k[4], 3)
-    batched = jax.vmap(gauge.sample)(keys)
-    # one jitted program for every key (eager sampling would compile op by op: 24 s of suite)
-    jitted = eqx.filter_jit(gauge.sample)
+    batched = _samples(gauge, keys)  # vmapped (one program; eager would compile op by op)
     for i in range(3):
-        for a, b in zip(jax.tree.leaves(jitted(keys[i])), jax.tree.leaves(batched), strict=True):
+        single = _sample(gauge, keys[i])  # one jitted program for every key
+        for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(batched), strict=True):
             np.testing.assert_allclose(a, b[i], rtol=1e-14, atol=1e-15)
     # samples differ between keys (a constant 'sample' would pass the comparison above)
     leaves = jax.tree.leaves(batched)
