@@ -147,19 +147,44 @@ def _report_without_timings(text: str) -> str:
     return re.sub(r"^(## \w+) \(\d+ s\)$", r"\1", text, flags=re.M)
 
 
-def test_reproduce_writes_the_report_and_resumes_an_interrupted_run(tmp_path):
+def _cli(args: list[str], capfd) -> tuple[int, str, str]:
+    """`python -m experiments ARGS` run in this process: `(exit code, stdout, stderr)`. The
+    CLI's compilation cache is the test session's (`tests/conftest.py`; none when it is off),
+    and the thread-pool size it sets for a fresh process (`NPROC`, read only when JAX starts)
+    is not left behind for the subprocesses of later tests."""
+    from experiments.__main__ import main
+
+    nproc, cache = os.environ.get("NPROC"), os.environ.get("GAUGEJAX_JAX_CACHE")
+    os.environ["GAUGEJAX_JAX_CACHE"] = os.environ.get("GAUGEJAX_TEST_JAX_CACHE", "")
+    try:
+        try:
+            code = main(args)
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    finally:
+        for name, value in (("NPROC", nproc), ("GAUGEJAX_JAX_CACHE", cache)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_reproduce_writes_the_report_and_resumes_an_interrupted_run(tmp_path, capfd):
     """`reproduce` through the CLI at the smoke preset (selected checks): the claims land in
     report.md with the checks left out and every disagreement with its evidence row; an
     interrupted run (one experiment unfinished, its last check not saved) resumed with
-    `--resume` keeps the finished experiments and ends with the same report."""
-    env = dict(os.environ, GAUGEJAX_JAX_CACHE=str(tmp_path / "cache"))
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments", "reproduce", "--config",
-         "configs/reproduce/smoke.toml", *PLUMBING, "--out", str(tmp_path / "runs")],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+    `--resume` keeps the finished experiments and ends with the same report. Both runs in this
+    process (`_cli`): the interruption is simulated, not a signal (a killed CLI and its resume:
+    `test_killed_gauge_fixing_resumes_to_the_same_files`)."""
+    code, out, err = _cli(
+        ["reproduce", "--config", str(ROOT / "configs" / "reproduce" / "smoke.toml"), *PLUMBING,
+         "--out", str(tmp_path / "runs")],
+        capfd,
     )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "[1/4] node_symmetry: 1 checks" in out.stderr
+    assert code == 0, out[-2000:] + err[-3000:]
+    assert "[1/4] node_symmetry: 1 checks" in err
     (run_dir,) = (tmp_path / "runs" / "reproduce").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     ids = [c["id"] for c in summary["claims"]]
@@ -188,35 +213,20 @@ def test_reproduce_writes_the_report_and_resumes_an_interrupted_run(tmp_path):
                  "summary.json"):  # fmt: skip
         (run_dir / name).unlink()
     io.write_json(run_dir / "status.json", {"experiment": "reproduce", "status": "interrupted"})
-    again = subprocess.run(
-        [sys.executable, "-m", "experiments", "reproduce", "--resume", str(run_dir)],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "linear_symmetry: kept from the interrupted run" in again.stderr
-    assert "[1/4] node_symmetry: 1 checks" in again.stderr
+    code, _, err = _cli(["reproduce", "--resume", str(run_dir)], capfd)
+    assert code == 0, err[-3000:]
+    assert "linear_symmetry: kept from the interrupted run" in err
+    assert "[1/4] node_symmetry: 1 checks" in err
     assert io.read_json(run_dir / "status.json")["status"] == "complete"
     resumed = (run_dir / "report.md").read_text()
     assert _report_without_timings(resumed) == _report_without_timings(report)
 
 
-def test_cli_rejects_unknown_key_with_exit_code(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments",
-            "node_symmetry",
-            "nonsense=1",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 2
-    assert "unknown config key(s) ['nonsense']" in out.stderr and "valid keys" in out.stderr
+def test_cli_rejects_unknown_key_with_exit_code(tmp_path, capfd):
+    code, _, err = _cli(["node_symmetry", "nonsense=1", "--out", str(tmp_path)], capfd)
+    assert code == 2  # argparse's usage error: the exit status of `python -m experiments`
+    assert "unknown config key(s) ['nonsense']" in err and "valid keys" in err
+    assert not (tmp_path / "node_symmetry").exists()
 
 
 def test_cli_lists_experiments_and_their_keys(capsys):

@@ -133,9 +133,10 @@ def test_sweep_lane_is_the_function_the_sweep_vmaps(node, getkey):
     model, x = node
     gauge = gj.SpatialDiffeoGauge(D, 1.0, key=getkey())
     key = getkey()
-    res = gj.sweep(model, gauge, x, key=key, num_samples=4, chunk_size=2)
+    # (chunks of 2, 3 per block: the programs of test_results_do_not_depend_on_chunking)
+    res = gj.sweep(model, gauge, x, key=key, num_samples=6, chunk_size=2, chunks_per_block=3)
     lane = gj.sweep_lane(model, gauge, x)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(4, dtype=jnp.uint32))
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(6, dtype=jnp.uint32))
     assert res.ok.all()  # solved lanes: a failed lane's NaN would match any NaN below
     looped = np.array([eqx.filter_jit(lane)(k)["max_abs"] for k in keys])
     vmapped = np.asarray(eqx.filter_jit(eqx.filter_vmap(lane))(keys)["max_abs"])
@@ -191,6 +192,22 @@ def test_sweep_validation(node, getkey):
         gj.sweep(model, gauge, x, key=jnp.zeros(3), num_samples=4)
 
 
+def sharded_case(**layout) -> dict:
+    """The sweep of `test_sharded_and_multihost_sweeps_match_single_device` on one layout
+    (`devices=` or `mesh=`), as JSON-ready per-sample results; its child processes run it too.
+    Chunks of 2 lanes, 3 per block: the programs of `test_results_do_not_depend_on_chunking`'s
+    second sweep (the same model, gauge and input shapes) on one device."""
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(3), 4)
+    model = small_node(k1, 3)
+    x = jax.random.normal(k2, (3, 3))
+    gauge = gj.SpatialDiffeoGauge(3, 1.0, key=k3)
+    res = gj.sweep(model, gauge, x, key=k4, num_samples=20, chunk_size=2, chunks_per_block=3,
+                   **layout)  # fmt: skip
+    assert res.failures() == {}, res.failures()  # every lane solved: its max_abs is a deviation
+    return {"n": len(jax.devices()), "dev": res.num_devices, "max_abs": res.max_abs.tolist(),
+            "steps": res.num_steps.tolist(), "processes": jax.process_count()}  # fmt: skip
+
+
 SWEEP_SCRIPT = """
 import jax, json, sys
 jax.config.update("jax_enable_x64", True)
@@ -202,26 +219,17 @@ if sys.argv[1] == "hosts":  # one of two processes, each with 2 fake CPU devices
     layout = dict(mesh=jax.make_mesh((2, 2), ("data", "replica")), mesh_axis="data")
 else:
     layout = dict(devices=jax.devices()[: int(sys.argv[1])])
-import gaugejax as gj
-from tests.conftest import small_node
-key = jax.random.key(3)
-k1, k2, k3, k4 = jax.random.split(key, 4)
-model = small_node(k1, 3)
-x = jax.random.normal(k2, (3, 3))
-gauge = gj.SpatialDiffeoGauge(3, 1.0, key=k3)
-res = gj.sweep(model, gauge, x, key=k4, num_samples=20, chunk_size=2, chunks_per_block=2,
-               **layout)
-assert res.failures() == {}, res.failures()  # every lane solved: its max_abs is a deviation
-print(json.dumps({"n": len(jax.devices()), "dev": res.num_devices, "max_abs": res.max_abs.tolist(),
-                  "steps": res.num_steps.tolist(), "processes": jax.process_count()}))
+from tests.test_sweep import sharded_case
+print(json.dumps(sharded_case(**layout)))
 """
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fake_devices(n: int) -> dict:
     # a thread pool for two LAPACK kernels per device (gaugejax.devices: 4 devices on 2 threads
-    # can deadlock, and sweep refuses that configuration)
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    # can deadlock, and sweep refuses that configuration); the suite's own XLA_FLAGS kept
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())
     return dict(env, JAX_PLATFORMS="cpu", NPROC=str(2 * n + 1))
 
 
@@ -274,12 +282,12 @@ def test_sharded_and_multihost_sweeps_match_single_device():
     of one process, and by two processes joined by `jax.distributed` (2 fake CPU devices each,
     gloo collectives) through a caller's 2 x 2 mesh whose "data" axis spans the processes
     (`mesh=`, `mesh_axis=`): each host runs the samples of its devices and receives all of them.
-    The four processes run at once (one reference serves both comparisons)."""
+    The three processes run at once while this one computes the single-device reference (one
+    reference serves both comparisons)."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     runs = {
-        "1": ("1",),  # devices[:1] of the 4 fake devices
         "4": ("4",),
         "host0": ("hosts", f"localhost:{port}", "0"),
         "host1": ("hosts", f"localhost:{port}", "1"),
@@ -295,11 +303,11 @@ def test_sharded_and_multihost_sweeps_match_single_device():
         )
         for name, args in runs.items()
     }
+    single = sharded_case(devices=jax.devices()[:1])
     outs = {name: p.communicate(timeout=300) for name, p in procs.items()}
     for name, p in procs.items():
         assert p.returncode == 0, (name, outs[name][1][-3000:])
     res = {name: json.loads(out.strip().splitlines()[-1]) for name, (out, _) in outs.items()}
-    single = res["1"]
     assert single["dev"] == 1 and res["4"]["n"] == 4 and res["4"]["dev"] == 4
     for name in ("4", "host0", "host1"):
         np.testing.assert_allclose(res[name]["max_abs"], single["max_abs"], rtol=0, atol=1e-15)
@@ -396,7 +404,8 @@ gauge = gj.LinearGauge(16, 1.0, num_modes=1)
 x = jax.random.normal(k[1], (8, 16))
 print("threads", gj.intra_op_threads(), flush=True)
 out = []
-for devices in (jax.devices()[:1], jax.devices()[:2]):
+# "flags": the 2-device sweep alone (it is refused before it compiles)
+for devices in (jax.devices()[:1], jax.devices()[:2])[sys.argv[1] == "flags":]:
     res = gj.sweep(model, gauge, x, key=k[2], num_samples=32, chunk_size=8, chunks_per_block=1,
                    devices=devices, control_samples=0)
     assert res.failures() == {}, res.failures()

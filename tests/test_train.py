@@ -1,6 +1,5 @@
 """Training loop: optimisation, regularisers, one compilation, checkpoints, exact resume."""
 
-import json
 import os
 import signal
 import subprocess
@@ -95,36 +94,38 @@ def test_training_reduces_loss_compiles_once_and_logs_terms(tmp_path):
     assert fresh.num_compilations == 1
 
 
+ADAM = optax.adam(1e-2)  # one object: the in-process runs below share one compiled chunk
+
+
+def resumable_run(run_dir, on_chunk=None):
+    """The run that `test_killed_run_resumes_to_the_same_result` kills and resumes (its child
+    process runs it too)."""
+    model, batch_fn, loss_fn = problem()
+    return gj.train(loss_fn, model, ADAM, batch_fn, key=jax.random.key(2), num_steps=300,
+                    steps_per_chunk=10, checkpoint_every=10, run_dir=run_dir,
+                    config={"lr": 1e-2, "steps": 300}, on_chunk=on_chunk)  # fmt: skip
+
+
 SCRIPT = """
-import sys, time, json
-import jax, jax.numpy as jnp, numpy as np, optax
+import sys, time
+import jax
 jax.config.update("jax_enable_x64", True)
 sys.path.insert(0, {root!r})
-from tests.test_train import problem
-import gaugejax as gj
-model, batch_fn, loss_fn = problem()
-res = gj.train(loss_fn, model, optax.adam(1e-2), batch_fn, key=jax.random.key(2), num_steps=300,
-               steps_per_chunk=10, checkpoint_every=10, run_dir=sys.argv[1],
-               config={{"lr": 1e-2, "steps": 300}}, on_chunk=lambda s, m: time.sleep(0.05))
-np.save(sys.argv[1] + "/final.npy", np.asarray(res.model.weight))
-print(json.dumps({{"resumed_from": res.resumed_from}}))
+from tests.test_train import resumable_run
+resumable_run(sys.argv[1], on_chunk=lambda s, m: time.sleep(0.05))
 """
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
+    """SIGKILL mid-run (a child process, killed once its first checkpoint is written), then the
+    same run resumes from the checkpoint it left: the same final weights, bit for bit, as an
+    uninterrupted run, and each step logged once. The uninterrupted and the resumed run run in
+    this process (the same XLA program as the child's)."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(root=str(ROOT)))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-
-    def run(d):
-        out = subprocess.run(
-            [sys.executable, str(script), str(d)], env=env, capture_output=True, text=True
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    # the uninterrupted reference (another process: its chunks are the same XLA program)
-    assert run(tmp_path / "a")["resumed_from"] is None
+    reference = resumable_run(tmp_path / "a")
+    assert reference.resumed_from is None
     b = tmp_path / "b"
     proc = subprocess.Popen(
         [sys.executable, str(script), str(b)],
@@ -134,14 +135,16 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     )
     deadline = time.time() + 120
     while not (b / "checkpoints" / "LATEST").exists() and time.time() < deadline:
+        assert proc.poll() is None, f"the child exited ({proc.returncode}) before a checkpoint"
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = int((b / "checkpoints" / "LATEST").read_text()[5:13])
     assert 0 < killed_at < 300  # really interrupted mid-run
-    resumed = run(b)["resumed_from"]
-    assert resumed is not None and resumed >= killed_at
-    np.testing.assert_array_equal(np.load(b / "final.npy"), np.load(tmp_path / "a" / "final.npy"))
+    resumed = resumable_run(b)
+    assert resumed.resumed_from is not None and resumed.resumed_from >= killed_at
+    np.testing.assert_array_equal(resumed.model.weight, reference.model.weight)
+    np.testing.assert_array_equal(resumed.model.bias, reference.model.bias)
     steps = [r["step"] for r in gj.io.read_jsonl(b / "metrics.jsonl")]
     assert steps == list(range(300))
 
