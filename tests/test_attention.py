@@ -185,7 +185,7 @@ def test_multi_head_residual_and_layer_norm(att):
         scaled = eqx.tree_at(lambda m: m.Wo, mh, 3.0 * mh.Wo)
         changes[(residual, ln, eps)] = rel(scaled(x), mh(x))
     assert changes[(False, True, 1e-12)] < 1e-9
-    assert 1e-9 < changes[(False, True, 1e-5)] < 1e-3
+    assert 1e-5 < changes[(False, True, 1e-5)] < 1e-4  # measured 5.4e-5
     assert changes[(True, True, 1e-12)] > 1e-3 and changes[(False, False, 0.0)] > 1e-3
 
 

@@ -343,19 +343,24 @@ def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
         for side in ("gaugejax", "naive_diffrax"):
             r = rows[w, side]
             assert r["status"] == "ok" and r["num_samples"] == 4 and r["dtype"] == "float64"
-            assert r["compile_s"] > 0 and r["samples_per_s"] > 0
+            # a compile, not a reused program (gaugejax's sweep reports 0.0 for one; a
+            # cached call returns in microseconds); measured 1.5 - 9 s and 130 - 780 samples/s
+            # on the loaded 2-core machine (timings: bounds for any machine, not pinned)
+            assert r["compile_s"] > 1e-3 and r["samples_per_s"] > 1
     # W1: RK4 with 10 steps on a gauge-transformed linear ODE, O(dt^4): well above 0, and the
     # naive diffeqsolve of the same transformed field gives the same numbers
-    assert 1e-12 < rows["w1", "gaugejax"]["max_deviation"] < 1e-3
+    assert 5e-5 < rows["w1", "gaugejax"]["max_deviation"] < 5e-4  # measured 1.8e-4
     assert rows["w1", "naive_diffrax"]["max_diff_vs_gaugejax"] < 1e-14
-    # W2 (10 fixed Tsit5 steps): the response is the truncation error (measured 6e-9), and the
-    # sensitivity system and the jvp through the fixed-step solve agree to rounding
-    assert rows["w2", "gaugejax"]["max_deviation"] < 1e-6
+    # W2 (10 fixed Tsit5 steps): the response is the truncation error (measured 6.0e-9), and
+    # the sensitivity system and the jvp through the fixed-step solve agree to rounding
+    assert 1e-9 < rows["w2", "gaugejax"]["max_deviation"] < 5e-8
     assert rows["w2", "naive_diffrax"]["max_diff_vs_gaugejax"] < 1e-14
     # W3 (adaptive): the tangent under error control stays near rtol; the jvp through the
-    # adaptive solve does not (measured 4e-7 vs 3e-2 at the smoke sizes with rtol 1e-6)
-    assert rows["w3", "gaugejax"]["max_deviation"] < 1e-3
-    assert 0 < rows["w3", "gaugejax"]["lane_efficiency"] <= 1
+    # adaptive solve does not (measured 7.4e-5 vs 2.4e-2 at the smoke sizes)
+    assert 1e-5 < rows["w3", "gaugejax"]["max_deviation"] < 5e-4
+    assert rows["w3", "naive_diffrax"]["max_deviation"] > 5e-3
+    # measured 1.0: the 4 lanes take the same number of steps
+    assert 0.9 < rows["w3", "gaugejax"]["lane_efficiency"] <= 1
     assert sum(rows["w3", "gaugejax"]["steps_histogram"].values()) == 4
     table = (tmp_path / "table.md").read_text()
     assert table.count("\n") == 2 + 6 and "| w3 | 4 | naive_diffrax |" in table
@@ -587,7 +592,9 @@ def test_benchmark_torchdiffeq_side_integrates_the_same_gauged_w1():
     rows = benchmark_sweep.measure(cfg, "w1", jax.random.key(0), 4)
     ours, torch_row = rows
     assert ours["status"] == torch_row["status"] == "ok", torch_row["status"]
-    assert 1e-12 < torch_row["max_deviation"] < 1e-3
+    # ours measured 3.7e-5 (without torch too); torch's within a decade of it
+    assert 1e-5 < ours["max_deviation"] < 1e-4
+    assert ours["max_deviation"] / 10 < torch_row["max_deviation"] < 10 * ours["max_deviation"]
     assert torch_row["max_diff_vs_gaugejax"] < ours["max_deviation"]
     assert torch_row["samples_per_s"] > 0 and torch_row["compile_s"] is None
     # the comparison can fail: torch on other gauge elements (another key) differs per sample
@@ -647,7 +654,7 @@ def test_benchmark_gradsolve_side_integrates_the_same_fields():
         assert theirs["max_diff_vs_gaugejax"] < 1e-13 and theirs["samples_per_s"] > 0
         assert "fixed_step" in theirs["engine"]
         deviation[name] = ours["max_deviation"]
-    assert 1e-12 < deviation["w1"] < 1e-3
+    assert 1e-5 < deviation["w1"] < 1e-4  # measured 3.7e-5 (the truncation error of 10 steps)
     w3 = benchmark_sweep.measure(cfg, "w3", jax.random.key(0), 4)[1]
     assert w3["status"].startswith("skipped: gradsolve has no error-controlled")
     w = benchmark_sweep.workload(cfg, "w1", jax.random.split(jax.random.key(0))[0])

@@ -123,7 +123,8 @@ def test_tiny_run_writes_every_number_and_resumes_to_them(tmp_path):
     arms = results["moons"]["arms"]
     assert sorted(arms) == ["none", "uniform_motion+kinetic"]
     for row in arms.values():
-        assert 0.0 <= row["accuracy"] <= 1.0 and row["evaluations"] > 0
+        # measured: accuracy 1.0 and 19 evaluations per example (3 Dopri5 steps) in both arms
+        assert row["accuracy"] >= 0.95 and 10 < row["evaluations"] < 40
         assert row["failed_solves"] == 0 and row["train_step_s"] > 0
         assert set(row["regularizer_sizes"]) == {"kinetic", "jacobian", "uniform_motion"}
         assert [c["step"] for c in row["nfe_curve"]] == [10, 20]

@@ -85,7 +85,7 @@ def test_results_do_not_depend_on_chunking(node, getkey):
     s = a.summary()
     assert s["dtype"] == "float64" and s["precision"] == "highest"
     assert s["num_ok"] == 10 and s["compile_time_s"] > 0 and s["run_time_s"] > 0
-    assert 0 < s["lane_efficiency"] <= 1
+    assert 0.5 < s["lane_efficiency"] <= 1  # measured 0.86
     assert s["noise_floor"] < 1e-12
     json.dumps(s)
 
@@ -171,7 +171,8 @@ def test_failing_lanes_are_reported_not_raised(node, getkey):
         model, FieldScaling(nan_below=0.5), x, key=getkey(), num_samples=16, chunk_size=4
     )
     failed = sum(nan.failures().values())
-    assert 0 < failed < 16
+    # measured: 6 of the 16 draws fall below 0.5 (NaN elements: "singular_gauge")
+    assert nan.failures() == {"singular_gauge": 6}
     assert nan.ok.sum() == 16 - failed
     assert np.isfinite(nan.max_abs[nan.ok]).all()
 
@@ -264,7 +265,7 @@ def test_mesh_memory_and_float64_are_checked_before_a_block_runs(getkey):
         with pytest.raises(ValueError, match="`chunk_size` = 32 needs about") as refused:
             gj.sweep(mlp, gauge, x, **kw)
         fits = int(re.search(r"fits is about (\d+)", str(refused.value)).group(1))
-        assert 1 <= fits < 32
+        assert 5 <= fits <= 15  # measured 9
         small = gj.sweep(mlp, gauge, x, **{**kw, "chunk_size": fits})
         np.testing.assert_array_equal(small.max_abs, plain.max_abs)
         with pytest.raises(ValueError, match="needs about"):
@@ -434,7 +435,7 @@ def test_sharded_w1_on_two_cpu_devices_makes_progress_or_refuses():
     found = re.search(r"devices 2 max_abs (\S+) diff (\S+)", out)
     assert found, out[-2000:]
     # RK4 with 100 steps on the transformed field: truncation-level deviations, not rounding
-    assert 1e-12 < float(found.group(1)) < 1e-6
+    assert 1e-10 < float(found.group(1)) < 1e-8  # measured 1.4e-9
     assert float(found.group(2)) == 0.0  # each sample's numbers do not depend on its device
     small_pool = dict(_fake_devices(2), NPROC="2")
     code, out, err, hung = run_until_idle([sys.executable, "-c", W1_SHARDED_SCRIPT, "flags"],

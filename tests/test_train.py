@@ -187,7 +187,7 @@ def test_divergence_stops_at_the_last_good_state(tmp_path):
         _run(tmp_path, optax.sgd(lr), num_steps=100)
     err = info.value
     # measured: the objective overflows at step 46; the checkpoint of step 40 is the last one
-    assert 20 < err.step < 100
+    assert 40 < err.step < 60
     last = f"step_{10 * (err.step // 10):08d}.eqx"
     assert f"LATEST still names {last}" in str(err) and "objective is inf" in str(err)
     assert (tmp_path / "checkpoints" / "LATEST").read_text() == last
