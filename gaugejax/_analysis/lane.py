@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
 from .._core.solve import NOT_COUNTED, SolveStats, SolveStatus, status_code
-from ..gauges.base import AbstractParameterGauge
 from ..models.solved import observe, observe_tangent
 
 
@@ -170,8 +169,7 @@ def lane(plan: Plan, sample_key, params, inputs, reference, scale) -> dict[str, 
     moved = gauge.act(g, model)
     out, stats = plan.observable(moved, inputs)
     growth = None
-    if isinstance(gauge, AbstractParameterGauge):
-        # field families wrap the field with their own arrays: no parameter is rescaled
+    if gauge.rescales_parameters:
         tiny = jnp.finfo(scale.dtype).tiny
         growth = param_size(moved) / jnp.maximum(param_size(model), tiny)
     return lane_metrics(jax.tree.map(jnp.subtract, out, reference), scale, stats, g, growth)

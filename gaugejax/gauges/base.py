@@ -59,9 +59,14 @@ class AbstractGauge(eqx.Module):
 
     Class variable `infinitesimal`: True for families defined to first order only (a sweep
     then checks the first-order response of the observable, not a finite deviation).
+    Class variable `rescales_parameters`: True for families whose elements can change the size
+    of the model's parameters (a sweep then reports each lane's growth `|moved| / |model|`);
+    the abstract refinements below set it (field families wrap the field, permutations keep
+    every norm).
     """
 
     infinitesimal: eqx.AbstractClassVar[bool]
+    rescales_parameters: eqx.AbstractClassVar[bool]
 
     @abc.abstractmethod
     def check_model(self, model: Any) -> None:
@@ -100,6 +105,8 @@ class AbstractParameterGauge(AbstractGauge):
     """A family that moves a model's parameters. `tangent` is `d/da act(identity + a v)` at
     a = 0 by `eqx.filter_jvp`: the parameter tangent, with zeros where the family does not act.
     """
+
+    rescales_parameters = True
 
     def tangent(self, model: Any, direction: PyTree) -> Any:
         """The parameter tangent along `direction` (an element of the Lie algebra).

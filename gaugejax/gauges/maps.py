@@ -86,6 +86,7 @@ class AbstractFieldGauge(AbstractGauge):
 
     t1: eqx.AbstractVar[float]
     acts_on: eqx.AbstractClassVar[type]
+    rescales_parameters = False  # the field is wrapped: no parameter moves
 
     def check_model(self, model: Any) -> None:
         """Raise `TypeError` unless `model` is a neural ODE of kind `acts_on`, `ValueError` unless

@@ -41,6 +41,7 @@ class AbstractPermutationGauge(AbstractGauge):
     """A finite family of permutations. Its Lie algebra is {0}: `tangent` is zero."""
 
     infinitesimal = False
+    rescales_parameters = False  # a permutation keeps every norm
 
     def tangent(self, model: Any, direction: Any) -> Any:
         """Zeros shaped like the model's inexact arrays (a finite group has no directions).
