@@ -507,21 +507,22 @@ def test_cli_interrupt_stops_within_seconds_and_marks_the_run(tmp_path):
     assert not (run_dir / "checks" / "lie_bracket.json").exists()  # cancelled, never started
 
 
-def test_killed_gauge_fixing_resumes_to_the_same_files(tmp_path):
+def test_killed_gauge_fixing_resumes_to_the_same_files(tmp_path, capfd):
     """SIGKILL while the second lambda trains (its first checkpoint written, not its last), then
     `--resume`: the finished lambda is kept, the other continues from its checkpoint, and every
     file but timing fields equals an uninterrupted run's: checkpoints, logs (each step once),
-    results and the figure byte for byte. The three runs share one compilation cache, so they
-    run the same executables (and the second and third skip most compilation)."""
-    cmd = [sys.executable, "-m", "experiments", "gauge_fixing", "--config",
-           "configs/gauge_fixing/smoke.toml", "num_steps=50", "steps_per_chunk=10",
-           "arms=[]"]  # fmt: skip
-    env = dict(os.environ, GAUGEJAX_JAX_CACHE=str(tmp_path / "cache"))
-    full = subprocess.run(
-        [*cmd, "--out", str(tmp_path / "full")], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert full.returncode in (0, 1), full.stderr[-3000:]  # 1: a claim failed at this size
-    assert "gauge_fixing: 100%" in full.stderr and "100/100" in full.stderr  # training progress
+    results and the figure byte for byte. The uninterrupted run is the CLI in this process
+    (`_cli`); the killed run and its resume are processes (a kill is what is tested). All three
+    share the session's compilation cache, so they run the same executables (and the two
+    processes read them from disk instead of compiling)."""
+    args = ["gauge_fixing", "--config", "configs/gauge_fixing/smoke.toml", "num_steps=50",
+            "steps_per_chunk=10", "arms=[]"]  # fmt: skip
+    code, _, err = _cli([*args, "--out", str(tmp_path / "full")], capfd)
+    assert code in (0, 1), err[-3000:]  # 1: a claim failed at this size
+    assert "gauge_fixing: 100%" in err and "100/100" in err  # training progress
+    cache = os.environ.get("GAUGEJAX_TEST_JAX_CACHE") or str(tmp_path / "cache")
+    env = dict(os.environ, GAUGEJAX_JAX_CACHE=cache)
+    cmd = [sys.executable, "-m", "experiments", *args]
     proc = subprocess.Popen(
         [*cmd, "--out", str(tmp_path / "part")], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -540,7 +541,7 @@ def test_killed_gauge_fixing_resumes_to_the_same_files(tmp_path):
         [sys.executable, "-m", "experiments", "gauge_fixing", "--resume", str(run_dir)],
         cwd=ROOT, env=env, capture_output=True, text=True,
     )  # fmt: skip
-    assert resumed.returncode == full.returncode, resumed.stderr[-3000:]
+    assert resumed.returncode == code, resumed.stderr[-3000:]
     assert io.read_json(run_dir / "status.json")["status"] == "complete"
     (full_dir,) = tmp_path.glob("full/gauge_fixing/*")
     a, b = _files(full_dir), _files(run_dir)

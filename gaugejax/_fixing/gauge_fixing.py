@@ -7,7 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from .._core.calculus import time_derivative
 from .._core.numerics import quadrature
@@ -96,7 +96,7 @@ class CanonicalBias(eqx.Module):
 
 
 def canonical_gauge(
-    M: Float[Array, "d d"], m: Float[Array, " d"], t1: float
+    M: Float[ArrayLike, "d d"], m: Float[ArrayLike, " d"], t1: float
 ) -> tuple[CanonicalWeight, CanonicalBias]:
     """The uniform-motion representative `(w, b)` of the orbit of linear neural ODEs with I/O map
     `x -> M x + m` on [0, T]: trajectories `x(t) = x0 + (t/T)(M x0 + m - x0)` are straight lines,
