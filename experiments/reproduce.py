@@ -60,8 +60,9 @@ class Config:
     )
     checks: tuple[str, ...] = ()
     # experiments run concurrently on this many threads (1: one after another, so each
-    # experiment's wall time in the report is its own)
-    workers: int = 1
+    # experiment's wall time in the report is its own). 2: the training experiments run one
+    # compiled program at a time on one core, so a second experiment fills the other core
+    workers: int = 2
 
     def __post_init__(self):
         if isinstance(self.workers, bool) or self.workers < 1:
