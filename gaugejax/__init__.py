@@ -127,6 +127,7 @@ from ._infra.train import (
     read_checkpoint as read_checkpoint,
     stack_models as stack_models,
     train as train,
+    trainable as trainable,
     unstack_model as unstack_model,
 )
 from .gauges import (

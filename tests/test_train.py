@@ -442,3 +442,38 @@ def test_stacked_members_train_as_if_alone():
         gj.unstack_model(stack, 3)
     with pytest.raises(TypeError):
         gj.stack_models(lambda k: eqx.nn.Linear(3, 3, key=k), jax.random.key(0))
+
+
+def test_solve_options_are_never_trained():
+    """Array-valued solve options (a fixed-step `dt0`, PID tolerances) are not trainable leaves:
+    the field learns, the options stay bitwise as given. The loss does depend on them (its
+    gradient with respect to `dt0` is not zero), so training every inexact array would move
+    them (Adam by about its learning rate a step, whatever the gradient's size): 4 RK4 steps
+    would become another number of steps, another model (measured with every inexact array
+    trained: `dt0` 0.25 -> 0.104 in these 4 Adam steps)."""
+    import diffrax
+
+    key = jax.random.split(jax.random.key(0), 3)
+    field = gj.MLPField(2, 8, 1, key=key[0])
+    x = jax.random.normal(key[1], (16, 2))
+    target = jnp.flip(x, axis=1)
+
+    def loss_fn(model, batch):
+        return jnp.mean((jax.vmap(model)(batch) - target) ** 2)
+
+    fixed = gj.NeuralODE(field, t1=1.0, solver=gj.RK4(), dt0=jnp.asarray(0.25),
+                         stepsize_controller=diffrax.ConstantStepSize())  # fmt: skip
+    adaptive = gj.NeuralODE(field, t1=1.0, stepsize_controller=diffrax.PIDController(
+        rtol=jnp.asarray(1e-6), atol=jnp.asarray(1e-6)))  # fmt: skip
+    grad = eqx.filter_grad(loss_fn)(fixed, x)
+    # measured 5.6e-7: the truncation error of 4 RK4 steps changes with the step
+    assert 1e-7 < abs(float(grad.solve_options.dt0)) < 5e-6
+    for model in (fixed, adaptive):
+        res = gj.train(loss_fn, model, optax.adam(0.05), lambda k: x, key=key[2], num_steps=4,
+                       steps_per_chunk=2)  # fmt: skip
+        assert res.history[-1]["loss"] < res.history[0]["loss"]
+        assert not bool(eqx.tree_equal(res.model.field, model.field))  # the field learned
+        assert bool(eqx.tree_equal(res.model.solve_options, model.solve_options))  # bitwise
+    spec = gj.trainable(adaptive)
+    assert spec.solve_options is False  # the whole subtree, a prefix of the model
+    assert jax.tree.leaves(spec.field) == [eqx.is_inexact_array(a) for a in jax.tree.leaves(field)]

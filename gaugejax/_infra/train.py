@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,7 @@ import optax
 from jaxtyping import Array, Key, PRNGKeyArray, PyTree, UInt32
 from tqdm.auto import tqdm
 
+from .._core.options import SolveOptions
 from . import io
 
 
@@ -295,6 +297,32 @@ def _run_chunk(spec: _Spec, p, state, first_step, key, num_steps, weights):
     return jax.lax.scan(step, init, jnp.arange(spec.steps_per_chunk))
 
 
+_SOLVER_PARTS = (
+    SolveOptions,
+    diffrax.AbstractSolver,
+    diffrax.AbstractStepSizeController,
+    diffrax.AbstractAdjoint,
+)
+
+
+def trainable(model: PyTree) -> PyTree[bool]:
+    """The filter of what `train` trains: every inexact array of `model` except the solve
+    options' (a `SolveOptions`, and any diffrax solver, step-size controller or adjoint the
+    model holds itself). Array-valued options (a traced `dt0`, tolerances) are how the model
+    is solved, not what it computes: a gradient step on them would make another model
+    silently (fewer fixed steps, a negative `dt0`).
+
+    **Arguments:** `model`: any PyTree (an equinox Module).
+
+    **Returns:** a filter spec for `eqx.partition`, a prefix of `model`'s structure: False for
+    each solve-options subtree, `eqx.is_inexact_array(leaf)` for every other leaf.
+    """
+    is_part = lambda x: isinstance(x, _SOLVER_PARTS)  # noqa: E731
+    return jax.tree.map(
+        lambda x: False if is_part(x) else eqx.is_inexact_array(x), model, is_leaf=is_part
+    )
+
+
 def train(
     loss_fn: Callable[[Any, PyTree], jax.Array],
     model: Any,
@@ -321,7 +349,8 @@ def train(
     - `loss_fn`: data loss `(model, batch) -> scalar`, or `-> (scalar, {name: scalar})` whose
       terms the regularisers with no `fn` weight (so that terms computed in one pass, e.g.
       regularisers integrated in the same solve as the prediction, are not computed twice);
-      `model`: an equinox PyTree (its inexact arrays are trained).
+      `model`: an equinox PyTree (its inexact arrays are trained, its solve options never:
+      see `trainable`).
     - `optimizer`: any optax `GradientTransformation`.
     - `batch_fn`: `key -> batch`, called inside the jitted step with `fold_in(key, step)`.
     - `key`, `num_steps`: base key and total steps.
@@ -382,7 +411,7 @@ def train(
     # weights are traced: runs that differ only in them share one compiled chunk
     weights = {name: jnp.asarray(float(w)) for name, (w, _) in regularizers.items()}
     fns = tuple((name, fn) for name, (_, fn) in regularizers.items())
-    params, static = eqx.partition(model, eqx.is_inexact_array)
+    params, static = eqx.partition(model, trainable(model))
     spec = _Spec(loss_fn, fns, optimizer, batch_fn, static, steps_per_chunk)
     opt_state = optimizer.init(params)
     # what else fixes the result: a resume must match it (the optimiser only through the
@@ -428,7 +457,7 @@ def train(
         out = hook(step, eqx.combine(params, static), opt_state)
         if out is None:
             return
-        new_params, new_static = eqx.partition(out[0], eqx.is_inexact_array)
+        new_params, new_static = eqx.partition(out[0], trainable(out[0]))
         # the same tree, shapes and dtypes: the compiled chunk and the checkpoints fit it
         if _signature((new_params, out[1])) != _signature((params, opt_state)) or not (
             eqx.tree_equal(new_static, static)

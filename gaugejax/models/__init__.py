@@ -1,5 +1,6 @@
 """Models whose parameter redundancies gaugejax studies."""
 
+from .._core.options import SolveOptions as SolveOptions
 from .classifier import (
     ODEClassifier as ODEClassifier,
     adaptive as adaptive,
@@ -38,7 +39,6 @@ from .node import (
     NeuralODE as NeuralODE,
     first_order_response as first_order_response,
 )
-from .options import SolveOptions as SolveOptions
 from .solved import AbstractSolvedModel as AbstractSolvedModel
 from .transformer import (
     BlockAttention as BlockAttention,

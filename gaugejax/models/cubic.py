@@ -9,9 +9,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._core.correspondence import propagate, wilson_line
+from .._core.options import TOLERANCE_FACTOR
 from .._core.solve import solve
 from .linear import GaugedWeight
-from .options import TOLERANCE_FACTOR
 from .solved import AbstractSolvedModel, tangent_by_jvp
 
 

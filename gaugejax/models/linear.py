@@ -12,8 +12,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._core._types import Args, ScalarLike
 from .._core.calculus import time_derivative
+from .._core.options import SolveOptions
 from .node import AbstractNeuralODE, NeuralODE, check_interval, solve_options_from
-from .options import SolveOptions
 
 
 # ---------------------------------------------------------------------------- time bases

@@ -12,8 +12,8 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
 from .._core._types import Args, ScalarLike, SpacetimeGenerator, State, VectorField
 from .._core.calculus import time_array, tree_sub
+from .._core.options import SolveOptions
 from .._core.solve import MovedField, SensitivityField, SolveStats
-from .options import SolveOptions
 from .solved import AbstractSolvedModel
 
 

@@ -15,8 +15,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from .._core._types import Args, ScalarLike, State, VectorField
-from .._core.solve import SolveStats, solve
+from ._types import Args, ScalarLike, State, VectorField
+from .solve import SolveStats, solve
 
 
 # the tighter re-solve: tolerances 1000x smaller (floored at 4 eps), or a step 8x smaller
