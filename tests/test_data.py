@@ -63,7 +63,7 @@ def test_bad_input_names_the_argument_and_the_valid_values():
         gj.load_dataset("moons", test_fraction=1.0)
     with pytest.raises(ValueError, match="`num_samples` must be an int >= 8; received 4"):
         gj.load_dataset("moons", num_samples=4)
-    with pytest.raises(ValueError, match="`noise` must be >= 0; received -0.1"):
+    with pytest.raises(ValueError, match="`noise` must be a finite number >= 0; received -0.1"):
         gj.load_dataset("circles", noise=-0.1)
     data = gj.load_dataset("moons", num_samples=16)
     with pytest.raises(ValueError, match="`batch_size` must be a positive int; received 0"):

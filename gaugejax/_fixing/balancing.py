@@ -11,6 +11,7 @@ its fixed point every per-unit Noether charge `|incoming|^2 + bias^2 - |outgoing
 """
 
 import functools
+import math
 from typing import Any
 
 import equinox as eqx
@@ -53,7 +54,8 @@ class BalanceResult(eqx.Module):
     - `scales`: the gauge element (one positive vector per hidden layer) mapping the input
       model to the balanced one.
     - `num_iterations`: the sweeps over the layers that ran.
-    - `converged`: whether the last sweep changed every factor by less than `tol` (relative).
+    - `converged`: whether the last sweep changed every factor by less than `tol` (relative)
+      and every weight and bias is finite (a NaN weight has no minimum-norm point).
     - `max_charge`: the largest per-unit charge of the balanced model relative to that unit's
       norm, `max_j |Q_j| / (|incoming_j|^2 + bias_j^2 + |outgoing_j|^2)` (in [0, 1]; 0 at an
       exact balance), over the units with nonzero incoming and outgoing weights (the others
@@ -140,6 +142,8 @@ def balance(
     gauge = orbit_gauge(model, gauge, "balance", "has no orbit to balance along")
     if not isinstance(max_iterations, int) or max_iterations < 1:
         raise ValueError(f"`max_iterations` must be an int >= 1; received {max_iterations!r}.")
+    if not (isinstance(tol, int | float) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"`tol` must be a finite number > 0; received {tol!r}.")
     gauge.check_model(model)
     weights, biases = chain_view(model, chain_kind(model, "balance"))
     dtype = weights[0].dtype
@@ -159,10 +163,16 @@ def balance(
         live = (incoming > 0) & (outgoing > 0)
         total = jnp.where(live, incoming + outgoing, 1.0)
         charges.append(jnp.max(jnp.where(live, jnp.abs(incoming - outgoing) / total, 0.0)))
+
+    def all_finite(tree):
+        return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
     return BalanceResult(
         model=balanced,
         scales=scales,
         num_iterations=sweeps,
-        converged=change < tol,
+        # a non-finite weight has no minimum-norm point: its unit's factor stays 1 (its norms
+        # compare False with 0, as a dead unit's), so the change alone would say converged
+        converged=(change < tol) & all_finite((weights, biases)),
         max_charge=jnp.max(jnp.stack(charges)),
     )

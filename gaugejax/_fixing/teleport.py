@@ -226,7 +226,7 @@ def teleport(
     control family (`compensate=False`, which changes the function), a negative `num_steps`,
     an unknown `objective` (the valid ones are `TELEPORT_OBJECTIVES`), a `learning_rate` or
     `max_log_step` that is not finite and > 0 (at run time, through `eqx.error_if`, when it is
-    traced), and as
+    traced), a `batch` with a non-finite entry (likewise), and as
     `RescalingGauge.check_model` for a model without the symmetry (e.g. a tanh MLP); all before
     anything is compiled.
     """
@@ -244,6 +244,13 @@ def teleport(
         )
     if not isinstance(maximize, bool):
         raise TypeError(f"`maximize` must be a bool; received {maximize!r}.")
+    inexact = jax.tree.leaves(eqx.filter(batch, eqx.is_inexact_array))
+    if inexact:  # a NaN example makes every objective NaN, and then every step's factors
+        batch = check_value(
+            batch,
+            lambda: jnp.stack([~jnp.all(jnp.isfinite(x)) for x in inexact]),
+            "`batch` must hold finite values only; it has a NaN or infinite entry.",
+        )
     dtype = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))[0].dtype
     lr = _positive("learning_rate", learning_rate, dtype)
     clip = _positive("max_log_step", max_log_step, dtype)

@@ -8,6 +8,7 @@ metrics every experiment uses live here too: `cross_entropy`, `accuracy` (of log
 `classification_loss` (of a model on a batch, the loss `gj.train` takes).
 """
 
+import math
 from collections.abc import Callable
 
 import equinox as eqx
@@ -145,7 +146,8 @@ def load_dataset(
     **Returns:** a `Dataset` in JAX's default float dtype (float64 with x64 on).
 
     **Raises:** `ValueError` for an unknown name (listing the valid ones), a `test_fraction`
-    outside (0, 1), a `num_samples` below 8 or a negative `noise`; before anything is loaded.
+    outside (0, 1), a `num_samples` below 8, a negative or non-finite `noise` (before anything
+    is loaded), or a `noise` so large that the standardised features overflow.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; valid data sets are {list(DATASETS)}.")
@@ -155,8 +157,8 @@ def load_dataset(
         raise ValueError(f"`test_fraction` must be in (0, 1); received {test_fraction!r}.")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 8:
         raise ValueError(f"`num_samples` must be an int >= 8; received {num_samples!r}.")
-    if not noise >= 0:
-        raise ValueError(f"`noise` must be >= 0; received {noise!r}.")
+    if not 0 <= noise < math.inf:
+        raise ValueError(f"`noise` must be a finite number >= 0; received {noise!r}.")
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
 
@@ -164,6 +166,11 @@ def load_dataset(
     index = np.arange(len(y))
     train, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=y)
     scaler = StandardScaler().fit(x[train])
+    if not np.all(np.isfinite(scaler.transform(x))):  # the variance overflowed
+        raise ValueError(
+            f"`noise` must keep the standardised features finite; received {noise!r}, whose "
+            "samples overflow the variance (noise of order 1 is the generated sets' scale)."
+        )
     dtype = jnp.zeros(()).dtype
     as_x = lambda a: jnp.asarray(a, dtype=dtype)  # noqa: E731
     return Dataset(

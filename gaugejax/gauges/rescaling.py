@@ -267,7 +267,8 @@ class RescalingGauge(AbstractParameterGauge):
       control (`control()`): only the incoming weights and biases are scaled, which changes
       the function.
 
-    **Raises:** `ValueError` for empty or non-positive widths.
+    **Raises:** `ValueError` for empty or non-positive widths, or a `log_scale` that is not
+    finite.
     """
 
     widths: tuple[int, ...] = eqx.field(static=True)
@@ -288,7 +289,13 @@ class RescalingGauge(AbstractParameterGauge):
         if not widths or not all(int(w) == w and w > 0 for w in widths):
             raise ValueError(f"`widths` must be a non-empty tuple of ints > 0; received {widths}.")
         self.widths = tuple(int(w) for w in widths)
-        self.log_scale = float(log_scale) if isinstance(log_scale, int | float) else log_scale
+        # a NaN or infinite scale would make every sample NaN (or overflow exp) in the sweep
+        self.log_scale = check_value(
+            float(log_scale) if isinstance(log_scale, int | float) else log_scale,
+            lambda: ~jnp.isfinite(log_scale),
+            "`log_scale` must be a finite number;",
+            received=lambda: f"received {log_scale!r}.",
+        )
         self.require_symmetry = bool(require_symmetry)
         self.compensate = bool(compensate)
 
