@@ -120,6 +120,7 @@ from ._infra.devices import (
     pool_threads_for as pool_threads_for,
     supports_float64 as supports_float64,
 )
+from ._infra.io import RunLocked as RunLocked
 from ._infra.train import (
     StackedLoss as StackedLoss,
     TrainingDiverged as TrainingDiverged,

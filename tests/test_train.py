@@ -477,3 +477,34 @@ def test_solve_options_are_never_trained():
     spec = gj.trainable(adaptive)
     assert spec.solve_options is False  # the whole subtree, a prefix of the model
     assert jax.tree.leaves(spec.field) == [eqx.is_inexact_array(a) for a in jax.tree.leaves(field)]
+
+
+def test_a_run_directory_has_one_writer(tmp_path):
+    """A second process training into a run directory is refused, naming the holder's pid (two
+    writers interleaved checkpoints and logged every step twice); once the holder is gone, its
+    stale lock file does not block the run, and a finished run leaves the lock file empty."""
+    model, batch_fn, loss_fn = problem()
+    lock = tmp_path / "train.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode())\n"
+         "print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(gj.RunLocked, match=f"process {holder.pid} holds train.lock"):
+            gj.train(loss_fn, model, optax.sgd(0.1), batch_fn, key=jax.random.key(0),
+                     num_steps=4, steps_per_chunk=2, run_dir=tmp_path)  # fmt: skip
+        assert not (tmp_path / "metrics.jsonl").exists()  # refused before writing anything
+    finally:
+        holder.kill()
+        holder.wait()
+    res = gj.train(loss_fn, model, optax.sgd(0.1), batch_fn, key=jax.random.key(0), num_steps=4,
+                   steps_per_chunk=2, run_dir=tmp_path)  # fmt: skip
+    assert len(res.history) == 4 and lock.read_bytes() == b""
+    # in this process too: an open lock (another writer's) refuses a second
+    with gj.io.run_lock(lock), pytest.raises(gj.RunLocked, match=f"process {os.getpid()}"):
+        gj.train(loss_fn, model, optax.sgd(0.1), batch_fn, key=jax.random.key(0), num_steps=4,
+                 steps_per_chunk=2, run_dir=tmp_path)  # fmt: skip

@@ -6,7 +6,9 @@ place with `os.replace`, so a killed run never leaves a truncated file. Files re
 data (`write_json_checked`) also carry a sha256 over their bytes, so a corrupted one is refused.
 """
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import math
@@ -122,6 +124,43 @@ def read_json_checked(path: str | os.PathLike) -> Any:
             "written): refusing to read it."
         )
     return json.loads(raw)["data"]
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the lock of a run directory (`run_lock`)."""
+
+
+@contextlib.contextmanager
+def run_lock(path: str | os.PathLike):
+    """Hold an exclusive lock on the file `path` (created with its folder) while the block
+    runs: the one process allowed to write a run directory. The lock is the kernel's
+    (`fcntl.flock`), so a killed holder releases it with its last file descriptor, and a
+    stale lock file never blocks a resume. The holder's pid is in the file while it holds it
+    (so a refusal names it), and the file is empty after a release.
+
+    **Raises:** `RunLocked` when another process (or another open lock in this one) holds it,
+    naming the holder's pid.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunLocked(
+                f"{path.parent} is in use: process {holder} holds {path.name}; wait for it to "
+                "finish (or stop it) before writing this run directory."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield path
+        finally:  # emptied on release: a finished run's files do not depend on its pid
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:

@@ -27,6 +27,7 @@ JSONL metrics, atomic checkpoints and exact resume.
   if alone, in one compiled program.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import io as _io
@@ -359,7 +360,8 @@ def train(
       `run_dir`); the final state is always checkpointed when `run_dir` is given.
     - `regularizers`: `{name: (weight, fn(model, batch))}`, or `{name: (weight, None)}` for the
       term `name` that `loss_fn` returns; each logged separately.
-    - `run_dir`: where `metrics.jsonl` and `checkpoints/` go; an existing `LATEST` there is
+    - `run_dir`: where `metrics.jsonl` and `checkpoints/` go, locked while training (one
+      process writes a run directory: a second is refused); an existing `LATEST` there is
       resumed (rows of `metrics.jsonl` from the resumed step on, or all of them when there is
       no checkpoint, are dropped: each step is logged once). `config`: JSON-able dict recorded
       in checkpoints and compared on resume.
@@ -381,7 +383,8 @@ def train(
     (another config, key, step count, regulariser weights or optimiser state structure; a
     damaged checkpoint or `LATEST`; checkpoints without `LATEST`). `TrainingDiverged` at the
     first step whose loss or updated parameters are not finite (that step is not applied, no
-    checkpoint is written after it, and its `result` holds the last good state).
+    checkpoint is written after it, and its `result` holds the last good state). `RunLocked`
+    when another process trains in `run_dir`, naming it.
     """
     for name, value in (("num_steps", num_steps), ("steps_per_chunk", steps_per_chunk)):
         if not isinstance(value, int) or value <= 0:
@@ -423,109 +426,133 @@ def train(
         "weights": {name: float(w) for name, w in weights.items()},
         "optimizer_state": str(jax.tree.structure(opt_state)),
     }
-    start_step, resumed_from = 0, None
-    ckpt_dir = Path(run_dir) / "checkpoints" if run_dir is not None else None
-    latest = _latest(ckpt_dir) if ckpt_dir is not None else None
-    if latest is not None:
-        start_step, (params, opt_state) = read_checkpoint(latest, (params, opt_state), config, run)
-        resumed_from = start_step
-    metrics_path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
-    history = []
-    if metrics_path is not None and metrics_path.exists():
-        # drop the records past the state we start from: they are redone (a run killed before
-        # its first checkpoint restarts at step 0 and must not log its steps twice)
-        kept = [r for r in io.read_jsonl(metrics_path) if r["step"] < start_step]
-        io.atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        history = [r for r in kept if "loss" in r]  # the whole run's log, not this process's
-    compilations = 0
-    start = time.perf_counter()
-
-    def result() -> TrainResult:  # the state reached so far
-        return TrainResult(
-            model=eqx.combine(params, static),
-            opt_state=opt_state,
-            history=history,
-            resumed_from=resumed_from,
-            num_compilations=compilations,
-            seconds=time.perf_counter() - start,
-        )
-
-    def call_hook(step):
-        nonlocal params, opt_state
-        if hook is None or step % hook_every:
-            return
-        out = hook(step, eqx.combine(params, static), opt_state)
-        if out is None:
-            return
-        new_params, new_static = eqx.partition(out[0], trainable(out[0]))
-        # the same tree, shapes and dtypes: the compiled chunk and the checkpoints fit it
-        if _signature((new_params, out[1])) != _signature((params, opt_state)) or not (
-            eqx.tree_equal(new_static, static)
-        ):
-            raise ValueError(
-                f"the hook at step {step} returned a model or optimiser state of another "
-                "structure; it must return (model, opt_state) shaped like its arguments, or None."
+    # one writer per run directory: a second process training into it is refused (two
+    # writers interleave checkpoints and log every step twice)
+    with (
+        io.run_lock(Path(run_dir) / "train.lock")
+        if run_dir is not None
+        else contextlib.nullcontext()
+    ):
+        start_step, resumed_from = 0, None
+        ckpt_dir = Path(run_dir) / "checkpoints" if run_dir is not None else None
+        latest = _latest(ckpt_dir) if ckpt_dir is not None else None
+        if latest is not None:
+            start_step, (params, opt_state) = read_checkpoint(
+                latest, (params, opt_state), config, run
             )
-        params, opt_state = new_params, out[1]
-
-    bar = tqdm(total=num_steps, initial=start_step, disable=not progress, desc="train")
-    step = start_step
-    call_hook(step)  # step 0, or where a resumed run starts (the checkpoint is pre-hook)
-    while step < num_steps:
-        t0 = time.perf_counter()
-        # optax mixes int32 step counts with floats (Adam's bias correction): trace the step
-        # under standard promotion even where a caller (e.g. a test suite) set "strict"
-        with jax.numpy_dtype_promotion("standard"):
-            traces = getattr(_TRACES, "count", 0)
-            (params, opt_state, bad), metrics = _run_chunk(
-                spec, params, opt_state, jnp.asarray(step), key, jnp.asarray(num_steps), weights
-            )
-            compilations += getattr(_TRACES, "count", 0) - traces
-        metrics, bad = jax.device_get((metrics, bad))
-        seconds = (time.perf_counter() - t0) / steps_per_chunk
-        n = min(steps_per_chunk, num_steps - step)
-        if bad >= 0:
-            n = int(bad) - step  # the steps before the divergence
-        records = [
-            {"step": step + i, **{k: float(v[i]) for k, v in metrics.items()}, "seconds": seconds}
-            for i in range(n)
-        ]
-        history += records
-        if run_dir is not None:
-            for r in records:
-                io.append_jsonl(Path(run_dir) / "metrics.jsonl", r)
-        step += n
-        if bad >= 0:
-            bar.close()
-            total = float(metrics["total"][n])
-            cause = (
-                f"the objective is {total}"
-                if not math.isfinite(total)
-                else f"the objective is finite ({total:.3e}) but the updated parameters are not"
-            )
-            if run_dir is not None:  # numbers only: a flag, the step, what was finite
-                io.append_jsonl(
-                    Path(run_dir) / "metrics.jsonl",
-                    {"step": step, "diverged": 1, "objective_finite": int(math.isfinite(total))},
-                )
-            pointer = ckpt_dir / "LATEST" if ckpt_dir is not None else None
-            kept = pointer.read_text().strip() if pointer is not None and pointer.exists() else None
-            raise TrainingDiverged(step, cause, result(), kept)
-        if ckpt_dir is not None and (
-            step == num_steps or (checkpoint_every and step % checkpoint_every == 0)
-        ):
-            name = f"step_{step:08d}.eqx"
+            resumed_from = start_step
+        metrics_path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+        history = []
+        if metrics_path is not None and metrics_path.exists():
+            # drop the records past the state we start from: they are redone (a run killed before
+            # its first checkpoint restarts at step 0 and must not log its steps twice)
+            kept = [r for r in io.read_jsonl(metrics_path) if r["step"] < start_step]
             io.atomic_write_bytes(
-                ckpt_dir / name, _checkpoint_bytes(step, config, run, (params, opt_state))
+                metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode()
             )
-            io.atomic_write_bytes(ckpt_dir / "LATEST", name.encode())
-        bar.update(n)
-        bar.set_postfix(loss=f"{records[-1]['loss']:.3e}", step_s=f"{seconds:.1e}")
-        if on_chunk is not None:
-            on_chunk(step, records[-1])
-        call_hook(step)
-    bar.close()
-    return result()
+            history = [r for r in kept if "loss" in r]  # the whole run's log, not this process's
+        compilations = 0
+        start = time.perf_counter()
+
+        def result() -> TrainResult:  # the state reached so far
+            return TrainResult(
+                model=eqx.combine(params, static),
+                opt_state=opt_state,
+                history=history,
+                resumed_from=resumed_from,
+                num_compilations=compilations,
+                seconds=time.perf_counter() - start,
+            )
+
+        def call_hook(step):
+            nonlocal params, opt_state
+            if hook is None or step % hook_every:
+                return
+            out = hook(step, eqx.combine(params, static), opt_state)
+            if out is None:
+                return
+            new_params, new_static = eqx.partition(out[0], trainable(out[0]))
+            # the same tree, shapes and dtypes: the compiled chunk and the checkpoints fit it
+            if _signature((new_params, out[1])) != _signature((params, opt_state)) or not (
+                eqx.tree_equal(new_static, static)
+            ):
+                raise ValueError(
+                    f"the hook at step {step} returned a model or optimiser state of another "
+                    "structure; it must return (model, opt_state) shaped like its arguments, "
+                    "or None."
+                )
+            params, opt_state = new_params, out[1]
+
+        bar = tqdm(total=num_steps, initial=start_step, disable=not progress, desc="train")
+        step = start_step
+        call_hook(step)  # step 0, or where a resumed run starts (the checkpoint is pre-hook)
+        while step < num_steps:
+            t0 = time.perf_counter()
+            # optax mixes int32 step counts with floats (Adam's bias correction): trace the step
+            # under standard promotion even where a caller (e.g. a test suite) set "strict"
+            with jax.numpy_dtype_promotion("standard"):
+                traces = getattr(_TRACES, "count", 0)
+                (params, opt_state, bad), metrics = _run_chunk(
+                    spec, params, opt_state, jnp.asarray(step), key, jnp.asarray(num_steps), weights
+                )
+                compilations += getattr(_TRACES, "count", 0) - traces
+            metrics, bad = jax.device_get((metrics, bad))
+            seconds = (time.perf_counter() - t0) / steps_per_chunk
+            n = min(steps_per_chunk, num_steps - step)
+            if bad >= 0:
+                n = int(bad) - step  # the steps before the divergence
+            records = [
+                {
+                    "step": step + i,
+                    **{k: float(v[i]) for k, v in metrics.items()},
+                    "seconds": seconds,
+                }
+                for i in range(n)
+            ]
+            history += records
+            if run_dir is not None:
+                for r in records:
+                    io.append_jsonl(Path(run_dir) / "metrics.jsonl", r)
+            step += n
+            if bad >= 0:
+                bar.close()
+                total = float(metrics["total"][n])
+                cause = (
+                    f"the objective is {total}"
+                    if not math.isfinite(total)
+                    else f"the objective is finite ({total:.3e}) but the updated parameters are not"
+                )
+                if run_dir is not None:  # numbers only: a flag, the step, what was finite
+                    io.append_jsonl(
+                        Path(run_dir) / "metrics.jsonl",
+                        {
+                            "step": step,
+                            "diverged": 1,
+                            "objective_finite": int(math.isfinite(total)),
+                        },
+                    )
+                pointer = ckpt_dir / "LATEST" if ckpt_dir is not None else None
+                kept = (
+                    pointer.read_text().strip()
+                    if pointer is not None and pointer.exists()
+                    else None
+                )
+                raise TrainingDiverged(step, cause, result(), kept)
+            if ckpt_dir is not None and (
+                step == num_steps or (checkpoint_every and step % checkpoint_every == 0)
+            ):
+                name = f"step_{step:08d}.eqx"
+                io.atomic_write_bytes(
+                    ckpt_dir / name, _checkpoint_bytes(step, config, run, (params, opt_state))
+                )
+                io.atomic_write_bytes(ckpt_dir / "LATEST", name.encode())
+            bar.update(n)
+            bar.set_postfix(loss=f"{records[-1]['loss']:.3e}", step_s=f"{seconds:.1e}")
+            if on_chunk is not None:
+                on_chunk(step, records[-1])
+            call_hook(step)
+        bar.close()
+        return result()
 
 
 def stack_models(
