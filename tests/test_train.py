@@ -267,7 +267,12 @@ def test_resume_with_other_run_settings_is_refused(tmp_path):
         _run(tmp_path, num_steps=40)
     with pytest.raises(ValueError, match="optimizer_state"):
         _run(tmp_path, optimizer=optax.adam(1e-2))
+    # the same optimiser with another learning rate: its state has the same structure, its
+    # first update of a probe gradient (sum -0.12 = -lr x 12 parameters) does not
+    with pytest.raises(ValueError, match=r"optimizer_probe: \['-0.12', '0.0012'\] -> \['-1.2',"):
+        _run(tmp_path, optimizer=optax.sgd(1e-1))
     assert _run(tmp_path).resumed_from == 20  # the same run resumes
+    assert _run(tmp_path, optimizer=optax.sgd(1e-2)).resumed_from == 20  # another object
 
 
 def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):

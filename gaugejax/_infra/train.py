@@ -324,6 +324,18 @@ def trainable(model: PyTree) -> PyTree[bool]:
     )
 
 
+def _optimizer_probe(optimizer, params, opt_state) -> list[str]:
+    """What an optax optimiser does, as far as a resume can check it: its first update of an
+    all-ones gradient at `params`, summarised by the sum and the sum of squares of the update
+    (a learning rate, a schedule's first value, weight decay or momentum settings of another
+    kind change them). Six significant digits: the same optimiser on another machine agrees."""
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 step counts with floats
+        ones = jax.tree.map(jnp.ones_like, params)
+        update = jax.tree.leaves(optimizer.update(ones, opt_state, params)[0])
+        sums = [sum(float(jnp.sum(u**p)) for u in update) for p in (1, 2)]
+    return [f"{v:.6g}" for v in sums]
+
+
 def train(
     loss_fn: Callable[[Any, PyTree], jax.Array],
     model: Any,
@@ -380,7 +392,8 @@ def train(
     **Raises:** `ValueError` for non-positive sizes, negative regulariser weights, a
     checkpoint or hook interval that is not a multiple of the chunk (or a `hook_every`
     without a `hook`), a hook that returns a state of another structure, or a refused resume
-    (another config, key, step count, regulariser weights or optimiser state structure; a
+    (another config, key, step count, regulariser weights, optimiser state structure or
+    optimiser: its first update of a probe gradient, e.g. another learning rate; a
     damaged checkpoint or `LATEST`; checkpoints without `LATEST`). `TrainingDiverged` at the
     first step whose loss or updated parameters are not finite (that step is not applied, no
     checkpoint is written after it, and its `result` holds the last good state). `RunLocked`
@@ -417,14 +430,15 @@ def train(
     params, static = eqx.partition(model, trainable(model))
     spec = _Spec(loss_fn, fns, optimizer, batch_fn, static, steps_per_chunk)
     opt_state = optimizer.init(params)
-    # what else fixes the result: a resume must match it (the optimiser only through the
-    # structure of its state: another learning rate of the same optimiser is not seen)
+    # what else fixes the result: a resume must match it (the optimiser through the structure
+    # of its state and its first update of a probe gradient: another learning rate is seen)
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     run = {
         "num_steps": num_steps,
         "key": jax.device_get(jax.random.key_data(key) if typed else key).tolist(),
         "weights": {name: float(w) for name, w in weights.items()},
         "optimizer_state": str(jax.tree.structure(opt_state)),
+        "optimizer_probe": _optimizer_probe(optimizer, params, opt_state),
     }
     # one writer per run directory: a second process training into it is refused (two
     # writers interleave checkpoints and log every step twice)
