@@ -513,3 +513,32 @@ def test_a_run_directory_has_one_writer(tmp_path):
     with gj.io.run_lock(lock), pytest.raises(gj.RunLocked, match=f"process {os.getpid()}"):
         gj.train(loss_fn, model, optax.sgd(0.1), batch_fn, key=jax.random.key(0), num_steps=4,
                  steps_per_chunk=2, run_dir=tmp_path)  # fmt: skip
+
+
+def test_a_diverging_neural_ode_stops_at_the_last_good_chunk(tmp_path):
+    """A neural ODE trained at lr 1e-2 for 10 steps, then 1e6: its field blows up and the
+    adaptive solver reaches `max_steps` inside the compiled chunk (before, an
+    `EquinoxRuntimeError` escaped `train`). It stops as `TrainingDiverged` at the chunk's first
+    step (10), with that state finite in `.result`, the solver's message in the cause and
+    `LATEST` at step 10."""
+    import diffrax
+
+    key = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(key[1], (16, 2))
+    pid = diffrax.PIDController(rtol=1e-6, atol=1e-6)
+    model = gj.NeuralODE(gj.MLPField(2, 8, 1, key=key[0]), t1=1.0, max_steps=64,
+                         stepsize_controller=pid)  # fmt: skip
+
+    def loss_fn(m, batch):
+        return jnp.mean((jax.vmap(m)(batch) - jnp.flip(batch, axis=1)) ** 2)
+
+    lr = optax.piecewise_constant_schedule(1e-2, {10: 1e8})
+    with pytest.raises(gj.TrainingDiverged, match=r"diverged at step 10: .*max_steps") as info:
+        gj.train(loss_fn, model, optax.sgd(lr), lambda k: x, key=key[2], num_steps=30,
+                 steps_per_chunk=5, run_dir=tmp_path, checkpoint_every=5)  # fmt: skip
+    err = info.value
+    assert err.latest == "step_00000010.eqx" and len(err.result.history) == 10
+    assert all(
+        np.all(np.isfinite(a))
+        for a in jax.tree.leaves(eqx.filter(err.result.model, eqx.is_inexact_array))
+    )

@@ -396,7 +396,9 @@ def train(
     optimiser: its first update of a probe gradient, e.g. another learning rate; a
     damaged checkpoint or `LATEST`; checkpoints without `LATEST`). `TrainingDiverged` at the
     first step whose loss or updated parameters are not finite (that step is not applied, no
-    checkpoint is written after it, and its `result` holds the last good state). `RunLocked`
+    checkpoint is written after it, and its `result` holds the last good state); also when the
+    model raises inside a compiled chunk (`eqx.EquinoxRuntimeError`, e.g. a neural ODE's solver
+    at `max_steps` as its field blows up), at the chunk's first step. `RunLocked`
     when another process trains in `run_dir`, naming it.
     """
     for name, value in (("num_steps", num_steps), ("steps_per_chunk", steps_per_chunk)):
@@ -504,13 +506,35 @@ def train(
             t0 = time.perf_counter()
             # optax mixes int32 step counts with floats (Adam's bias correction): trace the step
             # under standard promotion even where a caller (e.g. a test suite) set "strict"
-            with jax.numpy_dtype_promotion("standard"):
-                traces = getattr(_TRACES, "count", 0)
-                (params, opt_state, bad), metrics = _run_chunk(
-                    spec, params, opt_state, jnp.asarray(step), key, jnp.asarray(num_steps), weights
+            try:
+                with jax.numpy_dtype_promotion("standard"):
+                    traces = getattr(_TRACES, "count", 0)
+                    (new_params, new_opt_state, bad), metrics = _run_chunk(
+                        spec, params, opt_state, jnp.asarray(step), key, jnp.asarray(num_steps),
+                        weights,
+                    )  # fmt: skip
+                    compilations += getattr(_TRACES, "count", 0) - traces
+                metrics, bad = jax.device_get((metrics, bad))
+            except eqx.EquinoxRuntimeError as e:
+                # a check inside the model failed in this chunk: for a neural ODE, a solver
+                # that reached max_steps or a non-finite state as its field blew up. The state
+                # of the chunk's start is the last one known good
+                bar.close()
+                # the message equinox puts after the traceback, e.g. "The maximum number of
+                # solver steps was reached."
+                tag = "EquinoxRuntimeError: "
+                lines = [ln.split(tag, 1)[1] for ln in str(e).splitlines() if tag in ln]
+                first = lines[0] if lines else str(e).strip().splitlines()[0]
+                cause = (
+                    f"the model raised inside the compiled steps {step}..."
+                    f"{min(step + steps_per_chunk, num_steps) - 1} ({first.strip()}); for a "
+                    "neural ODE, its solver failed as the field grew (raise max_steps only if "
+                    "the field is merely stiff)"
                 )
-                compilations += getattr(_TRACES, "count", 0) - traces
-            metrics, bad = jax.device_get((metrics, bad))
+                pointer = ckpt_dir / "LATEST" if ckpt_dir is not None else None
+                kept = pointer.read_text().strip() if pointer and pointer.exists() else None
+                raise TrainingDiverged(step, cause, result(), kept) from e
+            params, opt_state = new_params, new_opt_state
             seconds = (time.perf_counter() - t0) / steps_per_chunk
             n = min(steps_per_chunk, num_steps - step)
             if bad >= 0:
