@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._config import load_config, make_config, to_dict
+from ._config import load_config, make_config, presets, to_dict
 
 
 def _listing(experiments: dict) -> str:
@@ -31,8 +31,7 @@ def _experiment_help(name: str, module) -> str:
     checks = [c for c, _ in getattr(module, "CHECKS", [])]
     if checks:
         lines += ["", f"checks (select with 'checks=[...]'): {', '.join(checks)}"]
-    presets = sorted(getattr(module, "PRESETS", {}))
-    lines += ["", f"presets: {', '.join(presets)} (configs/{name}/<preset>.toml)"]
+    lines += ["", f"presets: {', '.join(presets(name))} (configs/{name}/<preset>.toml)"]
     return "\n".join(lines)
 
 

@@ -126,5 +126,21 @@ def load_config(
     return make_config(cls, values)
 
 
+# the presets' one home: configs/<experiment>/<preset>.toml at the repository root
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def presets(name: str) -> dict[str, dict[str, Any]]:
+    """Preset name -> the values of `configs/<name>/<preset>.toml`, for the experiment `name`
+    (`default.toml` holds the embedded defaults, as a test checks).
+
+    **Raises:** `ValueError` naming the folder when it holds no TOML file.
+    """
+    files = sorted((CONFIGS / name).glob("*.toml"))
+    if not files:
+        raise ValueError(f"no presets for `{name}`: {CONFIGS / name} holds no *.toml file.")
+    return {f.stem: tomllib.loads(f.read_text()) for f in files}
+
+
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)

@@ -53,12 +53,6 @@ class Config:
         validate_checks(self.checks, CHECKS)
 
 
-PRESETS = {
-    "default": {},
-    "smoke": {"num_tokens": 4, "num_sequences": 3, "num_samples": 8, "chunk_size": 8},
-}
-
-
 class _Setup(eqx.Module):
     x: jax.Array
     Wq: jax.Array

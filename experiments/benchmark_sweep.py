@@ -129,18 +129,6 @@ class Config:
             )
 
 
-PRESETS = {
-    "default": {},
-    # tiny sizes: checks that every side runs and agrees (the suite runs it), not a measurement
-    "smoke": {"batch_sizes": [4], "chunk_size": 2, "repeats": 1, "w1_dim": 3, "w1_steps": 10,
-              "w2_dim": 2, "w2_width": 4, "w2_steps": 10, "w3_rtol": 1e-4,
-              "baseline_max_samples": 4},
-    # on a GPU: python -m experiments benchmark_sweep --config configs/benchmark_sweep/gpu.toml
-    "gpu": {"batch_sizes": [1000, 10000, 100000, 1000000], "chunk_size": 100000,
-            "dtype": "float32", "repeats": 3, "baseline_max_samples": 100000},
-}  # fmt: skip
-
-
 class Workload(eqx.Module):
     """One workload: the model, the gauge family, the inputs, and its raw arrays (for the
     torch side)."""

@@ -89,11 +89,6 @@ class Config:
 
 REGULARIZERS = ("eq45", "rotation_covariant", "uniform_motion", "kinetic")
 
-PRESETS = {
-    "default": {},
-    "smoke": {"num_seeds": 4, "lambdas": [0.0, 0.1], "num_steps": 200, "num_test": 16},
-}
-
 
 def _task(cfg: Config, key):
     kM, km = jax.random.split(key)

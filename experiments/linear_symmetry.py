@@ -63,13 +63,6 @@ class Config:
             )
 
 
-PRESETS = {
-    "default": {},
-    "smoke": {"dim": 3, "num_inputs": 4, "num_samples": 8, "chunk_size": 8,
-              "layer_counts": [1, 2, 4, 8], "magnus_steps": [8, 16, 32], "hidden_width": 8},
-}  # fmt: skip
-
-
 class _Setup(eqx.Module):
     model: gj.LinearNODE
     inputs: jax.Array

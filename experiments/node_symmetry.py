@@ -57,13 +57,6 @@ class Config:
         validate_checks(self.checks, CHECKS)
 
 
-PRESETS = {
-    "default": {},
-    "smoke": {"dim": 3, "width": 16, "num_inputs": 4, "num_samples": 8, "chunk_size": 8,
-              "num_points": 4, "scales": [0.08, 0.04, 0.02]},
-}  # fmt: skip
-
-
 class _Setup(eqx.Module):
     model: gj.NeuralODE
     inputs: jax.Array

@@ -123,21 +123,6 @@ class Config:
             )
 
 
-PRESETS = {
-    "default": {},
-    "smoke": {
-        "train_steps": 100,
-        "num_inputs": 8,
-        "families": ["diffeo", "composed"],
-        "num_samples": 64,
-        "num_features": 16,
-        "proxies": ["adaptive"],
-        "optimise_inputs": 16,
-        "optimise_steps": 50,
-    },
-}
-
-
 def _at(node: gj.NeuralODE, rtol: float, atol: float) -> gj.NeuralODE:
     # array tolerances: the measuring and the tight model share every compiled program
     pid = diffrax.PIDController(rtol=jnp.asarray(rtol), atol=jnp.asarray(atol))

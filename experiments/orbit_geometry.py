@@ -63,17 +63,6 @@ class Config:
             )
 
 
-PRESETS = {
-    "default": {},
-    "smoke": {
-        "num_data": 16,
-        "num_directions": 4,
-        "num_knots": 16,
-        "learning_rates": [0.002, 0.001],
-    },
-}
-
-
 class _Setup(eqx.Module):
     x: jax.Array
     y: jax.Array

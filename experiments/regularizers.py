@@ -94,23 +94,6 @@ class Config:
             )
 
 
-PRESETS = {
-    "default": {},
-    "smoke": {
-        "datasets": ["moons"],
-        "arms": ["none", "kinetic", "uniform_motion+kinetic"],
-        "num_seeds": 2,
-        "width": 16,
-        "num_steps": 150,
-        "steps_per_chunk": 50,
-        "learning_rate": 1e-2,
-        "batch_size": 32,
-        "trajectory_examples": 20,
-        "moons_samples": 200,
-    },
-}
-
-
 def _program_terms(arm: str) -> tuple[str, ...]:
     """An arm's terms plus the kinetic one: arms that differ only by it share one compiled
     program (3 per data set, not 6). Its integrand is one sum of squares per evaluation, and at

@@ -23,7 +23,7 @@ from . import (
     teleportation,
 )
 from ._common import BAR_POSITION, validate_checks
-from ._config import make_config, to_dict
+from ._config import make_config, presets, to_dict
 
 
 # the experiments `reproduce` can run, in report order (the benchmark is run on its own)
@@ -89,28 +89,7 @@ class Config:
         return out
 
 
-# The smoke preset is the one-minute end-to-end run: every experiment, the cheaper checks (all
-# experiments at smoke sizes and every check take about two minutes on 2 CPU cores, almost all
-# of it XLA compilation; `checks=[]` runs them all).
-SMOKE_CHECKS = (
-    "node_symmetry.lie_bracket",
-    "node_symmetry.eq16",
-    "node_symmetry.deform_vs_finite",
-    "node_symmetry.eq20",
-    "linear_symmetry.eq27",
-    "linear_symmetry.wilson",
-    "attention_symmetry.cubic",
-    "attention_symmetry.attention_node",
-    "orbit_geometry.mlp",
-    "orbit_geometry.drift",
-    "symmetry_census.linear_net",
-    "symmetry_census.relu_mlp",
-)
 EXPENSIVE_FIRST = ("regularizers", "node_symmetry", "gauge_fixing", "orbit_cost")
-PRESETS = {
-    "default": {},
-    "smoke": {"preset": "smoke", "checks": list(SMOKE_CHECKS), "workers": 2},
-}
 
 
 # (evidence row id, what the numerics say), in the paper's order; the README says the same
@@ -172,7 +151,7 @@ def _left_out(config: Config) -> list[str]:
             continue
         # the selection, else the preset's own choice (e.g. the census leaves `scale` out)
         chosen = (
-            selection.get(name) or make_config(module.Config, module.PRESETS[config.preset]).checks
+            selection.get(name) or make_config(module.Config, presets(name)[config.preset]).checks
         )
         out += [f"{name}.{check}" for check, _ in module.CHECKS if chosen and check not in chosen]
     return out
@@ -255,12 +234,12 @@ def run(config: Config, run_dir: Path) -> dict:
     configs = {}
     for name in config.experiments:
         module = REPRODUCIBLE[name]
-        if config.preset not in module.PRESETS:
+        found = presets(name)
+        if config.preset not in found:
             raise ValueError(
-                f"`preset` must be one of {sorted(module.PRESETS)} for {name}; "
-                f"received {config.preset!r}."
+                f"`preset` must be one of {sorted(found)} for {name}; received {config.preset!r}."
             )
-        values = dict(module.PRESETS[config.preset])
+        values = dict(found[config.preset])
         if name in selection:
             values["checks"] = list(selection[name])
         configs[name] = make_config(module.Config, values)

@@ -71,13 +71,6 @@ class Config:
                 raise ValueError(f"`{name}` must be a non-empty list of ints > 0; received [].")
 
 
-PRESETS = {
-    "default": {},
-    "scale": {"checks": ["scale"], "workers": 1},
-    "smoke": {"mlp_depths": [1, 2], "mlp_widths": [4], "mlp_inputs": [50, 2000]},
-}
-
-
 def _fn(model):
     params, static = eqx.partition(model, eqx.is_inexact_array)
 

@@ -88,18 +88,6 @@ class Config:
             )
 
 
-PRESETS = {
-    "default": {},
-    "smoke": {
-        "width": 16,
-        "num_steps": 100,
-        "teleport_every": 50,
-        "steps_per_chunk": 50,
-        "teleport_batch_size": 256,
-    },
-}
-
-
 # ---------------------------------------------------------------------------- model and moves
 
 
