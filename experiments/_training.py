@@ -19,7 +19,9 @@ from pathlib import Path
 import optax
 from tqdm.auto import tqdm
 
-from ._common import BAR_POSITION, experiment_summary, lock_config, write_outputs
+from gaugejax import io
+
+from ._common import BAR_POSITION, experiment_summary, write_outputs
 
 
 @functools.cache
@@ -46,7 +48,7 @@ class TrainingRun:
     def __init__(self, name: str, config, run_dir: str | Path, total_steps: int):
         self.name, self.config, self.dir = name, config, Path(run_dir)
         self.start = time.perf_counter()
-        lock_config(self.dir / "run_config.json", name, config)
+        io.lock_config(self.dir / "run_config.json", config, name)
         self.done = 0
         # its line is the one `reproduce` gives this thread (experiments may run side by side)
         self.bar = tqdm(

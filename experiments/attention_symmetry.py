@@ -13,20 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import io
-
-from ._common import (
-    above,
-    below,
+from gaugejax import (
     claim,
+    claim_above as above,
+    claim_below as below,
+    claim_slope as slope_claim,
     histogram_figure,
     in_band,
+    io,
     loglog_figure,
     pyplot,
-    run_checks,
-    slope_claim,
     validate_checks,
 )
+
+from ._common import run_checks
 
 
 @dataclasses.dataclass(frozen=True)

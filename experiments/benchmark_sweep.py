@@ -51,10 +51,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import gaugejax as gj
-from gaugejax import PRECISIONS, REDUCED_PRECISIONS, io
+from gaugejax import PRECISIONS, REDUCED_PRECISIONS, io, markdown_table, plain_log_ticks, pyplot
 
 from . import _baselines
-from ._common import experiment_summary, markdown_table, plain_log_ticks, pyplot
+from ._common import experiment_summary
 
 
 WORKLOADS = ("w1", "w2", "w3")

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import io
+from gaugejax import claim, io, pyplot
 
-from ._common import check_choices, check_one_of, claim, pyplot
+from ._common import check_choices, check_one_of
 from ._training import TrainingRun, optimizer
 
 

@@ -13,18 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-
-from ._common import (
-    above,
-    below,
+from gaugejax import (
     claim,
+    claim_above as above,
+    claim_below as below,
+    claim_slope as slope_claim,
     in_band,
     loglog_figure,
-    run_checks,
-    slope_claim,
     small_multiples_figure,
     validate_checks,
 )
+
+from ._common import run_checks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,18 +16,19 @@ import numpy as np
 import optax
 
 import gaugejax as gj
-from gaugejax import io, orbits
-
-from ._common import (
-    above,
-    below,
+from gaugejax import (
+    claim_above as above,
+    claim_below as below,
+    claim_slope as slope_claim,
+    io,
+    orbits,
     plain_log_ticks,
     pyplot,
-    run_checks,
-    slope_claim,
     small_multiples,
     validate_checks,
 )
+
+from ._common import run_checks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import io
+from gaugejax import claim, io, pyplot
 
-from ._common import check_choices, claim, pyplot
+from ._common import check_choices
 from ._training import TrainingRun, optimizer
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gaugejax import io
+from gaugejax import io, validate_checks
 
 from . import (
     attention_symmetry,
@@ -22,7 +22,7 @@ from . import (
     symmetry_census,
     teleportation,
 )
-from ._common import BAR_POSITION, validate_checks
+from ._common import BAR_POSITION
 from ._config import make_config, presets, to_dict
 
 

@@ -23,9 +23,9 @@ import jax
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import io
+from gaugejax import claim, io, markdown_table, pyplot, validate_checks
 
-from ._common import claim, markdown_table, pyplot, run_checks, validate_checks
+from ._common import run_checks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,12 +8,33 @@ entry points and tests do that.
 from importlib.metadata import version as _version
 
 from . import gauges as gauges, models as models
+from ._analysis.claims import (
+    CLAIM_VERDICTS as CLAIM_VERDICTS,
+    claim as claim,
+    claim_above as claim_above,
+    claim_below as claim_below,
+    claim_slope as claim_slope,
+    in_band as in_band,
+    markdown_table as markdown_table,
+    run_checks as run_checks,
+    validate_checks as validate_checks,
+)
 from ._analysis.discovery import (
     SymmetryComparison as SymmetryComparison,
     SymmetryDimension as SymmetryDimension,
     compare_symmetries as compare_symmetries,
     gauge_generators as gauge_generators,
     symmetry_dimension as symmetry_dimension,
+)
+from ._analysis.figures import (
+    PLOT_LOCK as PLOT_LOCK,
+    histogram_figure as histogram_figure,
+    log_histogram as log_histogram,
+    loglog_figure as loglog_figure,
+    plain_log_ticks as plain_log_ticks,
+    pyplot as pyplot,
+    small_multiples as small_multiples,
+    small_multiples_figure as small_multiples_figure,
 )
 from ._analysis.sweep import (
     PRECISIONS as PRECISIONS,

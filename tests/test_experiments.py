@@ -720,7 +720,7 @@ def test_symmetry_census_scale_check_at_tiny_sizes(tmp_path):
 def test_an_aim_missed_is_reported_with_its_number_not_failed(tmp_path):
     """A target beyond the paper (`aim=True`) that is not met is "missed": the report says so
     with its measured value and lists it; a paper claim that does not hold is "FAIL"."""
-    from experiments._common import claim
+    from gaugejax import claim
 
     missed = claim("nfe_cut", "2x fewer evaluations", "RNODE", 1.6, False, ">= 2", aim=True)
     failed = claim("eq99", "a claim", "Eq. 99", 0.5, False, "< 0.1")

@@ -6,6 +6,7 @@ place with `os.replace`, so a killed run never leaves a truncated file. Files re
 data (`write_json_checked`) also carry a sha256 over their bytes, so a corrupted one is refused.
 """
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -81,6 +82,27 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def lock_config(path: str | os.PathLike, config: Any, name: str = "run") -> None:
+    """Make a run directory belong to one config: the first call writes `config` (a dataclass
+    or anything `jsonable`) to `path`; a later call (a resume) with another config is refused,
+    as it would mix the two configs' numbers.
+
+    **Raises:** `ValueError` naming the directory and `name` when `path` holds another config.
+    """
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    # as it reads back: tuples become lists, NaN a string
+    wanted = json.loads(json.dumps(jsonable(config)))
+    path = Path(path)
+    if not path.exists():
+        write_json(path, wanted)
+    elif read_json(path) != wanted:
+        raise ValueError(
+            f"{path.parent} holds a run of another {name} config: resume it with its own "
+            "config.json, or use a new run directory."
+        )
 
 
 # the last two lines of a checksummed JSON file: the digest of every byte before them
