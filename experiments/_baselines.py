@@ -47,34 +47,10 @@ def unavailable(side: str, workload: str) -> str | None:
     return None
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def sample_keys(key, num_samples: int):
     """Sample i's key, as `gj.sweep` draws it (`fold_in(key, i)`): every side sees the same
     gauge elements."""
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_samples, dtype=jnp.uint32))
-
-
-def deviations(values, steps=None) -> dict:
-    values = np.asarray(values, dtype=float)
-    out = {
-        "max_deviation": float(np.max(values)),
-        "median_deviation": float(np.median(values)),
-    }
-    if steps is not None:
-        steps = np.asarray(steps)
-        out["steps_mean"] = float(np.mean(steps))
-        out["steps_max"] = int(np.max(steps))
-        # the vmapped lanes step together: the batch runs max steps, each lane needs its own
-        out["lane_efficiency"] = float(np.mean(steps) / max(np.max(steps), 1))
-    return out
 
 
 def _user_solve(model, inputs, forward_mode: bool):
@@ -122,12 +98,10 @@ def naive_diffrax(cfg, w, key, num_samples: int, first_order: bool) -> tuple:
         return jnp.max(jnp.abs(out - reference)), jnp.max(steps), _evaluations(model, steps)
 
     with jax.default_matmul_precision(cfg.precision):
-        start = time.perf_counter()
-        program = jax.jit(jax.vmap(lane)).lower(keys).compile()
-        compile_s = time.perf_counter() - start
-        rate = num_samples / median_time(lambda: program(keys), cfg.repeats)
-        dev, steps, evaluations = jax.device_get(program(keys))
-    row = {"samples_per_s": rate, "compile_s": compile_s, **deviations(dev, steps)}
+        timed = gj.time_program(jax.vmap(lane), keys, repeats=cfg.repeats)
+    dev, steps, evaluations = timed.output
+    row = {"samples_per_s": num_samples / timed.median_s, "compile_s": timed.compile_s,
+           **gj.deviation_summary(dev, steps)}  # fmt: skip
     row["evaluations_mean"] = float(np.mean(evaluations))
     return row, np.asarray(dev)
 
@@ -201,7 +175,7 @@ def torch_w1(cfg, w, key, num_samples: int) -> tuple:
         "evaluations_mean": float(nfe[0] * x0.shape[0]),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
-        **deviations(dev),
+        **gj.deviation_summary(dev),
     }
     return row, dev
 
@@ -285,7 +259,7 @@ def torch_w2(cfg, w, key, num_samples: int, adaptive: bool) -> tuple:
         "evaluations_mean": float(counts[-1] * x0.shape[0]),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
-        **deviations(dev),
+        **gj.deviation_summary(dev),
     }
     return row, dev
 
@@ -338,16 +312,13 @@ def gradsolve(cfg, w, key, num_samples: int, first_order: bool) -> tuple:
         return jnp.max(jnp.abs(dout), axis=1)
 
     with jax.default_matmul_precision(cfg.precision):
-        start = time.perf_counter()
-        compiled = jax.jit(program).lower(keys).compile()
-        compile_s = time.perf_counter() - start
-        rate = num_samples / median_time(lambda: compiled(keys), cfg.repeats)
-        dev = np.asarray(jax.device_get(compiled(keys)))
+        timed = gj.time_program(program, keys, repeats=cfg.repeats)
+    dev = np.asarray(timed.output)
     row = {
-        "samples_per_s": rate,
-        "compile_s": compile_s,
+        "samples_per_s": num_samples / timed.median_s,
+        "compile_s": timed.compile_s,
         "engine": f"{engine.name} ({steps} steps)",
         "gradsolve_version": importlib.metadata.version("gradsolve"),
-        **deviations(dev),
+        **gj.deviation_summary(dev),
     }
     return row, dev

@@ -141,6 +141,16 @@ from ._infra.devices import (
     pool_threads_for as pool_threads_for,
     supports_float64 as supports_float64,
 )
+from ._infra.measure import (
+    TimedProgram as TimedProgram,
+    deviation_summary as deviation_summary,
+    matmul_ceiling as matmul_ceiling,
+    median_time as median_time,
+    peak_memory as peak_memory,
+    peak_rss as peak_rss,
+    program_flops as program_flops,
+    time_program as time_program,
+)
 from ._infra.train import (
     StackedLoss as StackedLoss,
     TrainingDiverged as TrainingDiverged,
