@@ -47,12 +47,6 @@ def unavailable(side: str, workload: str) -> str | None:
     return None
 
 
-def sample_keys(key, num_samples: int):
-    """Sample i's key, as `gj.sweep` draws it (`fold_in(key, i)`): every side sees the same
-    gauge elements."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_samples, dtype=jnp.uint32))
-
-
 def _user_solve(model, inputs, forward_mode: bool):
     """`diffrax.diffeqsolve` of every input as a user writes it (the model's solver, controller
     and step; `throw=False` so a failed lane shows in the numbers, not as an exception)."""
@@ -83,7 +77,7 @@ def _evaluations(model, steps):
 
 def naive_diffrax(cfg, w, key, num_samples: int, first_order: bool) -> tuple:
     model, gauge, inputs = w.model, w.gauge, w.inputs
-    keys = sample_keys(key, num_samples)
+    keys = gj.sample_keys(key, num_samples)
     reference = eqx.filter_jit(lambda m: _user_solve(m, inputs, False)[0])(model)
 
     def lane(k):
@@ -114,7 +108,7 @@ def _torch_setup(cfg, w, key, num_samples: int) -> tuple:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     tdtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
-    samples = jax.device_get(jax.vmap(w.gauge.sample)(sample_keys(key, num_samples)))
+    samples = jax.device_get(jax.vmap(w.gauge.sample)(gj.sample_keys(key, num_samples)))
 
     def tensor(a):
         return torch.from_numpy(np.array(a)).to(tdtype)  # a writable copy
@@ -294,7 +288,7 @@ def gradsolve(cfg, w, key, num_samples: int, first_order: bool) -> tuple:
             return jax.vmap(lambda x: moved.field(t, x, None))(y.reshape(m, d)).reshape(-1)
 
     problem = Problem()
-    keys = sample_keys(key, num_samples)
+    keys = gj.sample_keys(key, num_samples)
     y0 = jnp.broadcast_to(inputs.reshape(-1), (num_samples, m * d))
     reference = eqx.filter_jit(lambda mm: _user_solve(mm, inputs, False)[0])(model).reshape(-1)
 

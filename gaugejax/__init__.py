@@ -8,6 +8,7 @@ entry points and tests do that.
 from importlib.metadata import version as _version
 
 from . import gauges as gauges, models as models
+from ._analysis.blocks import sample_keys as sample_keys
 from ._analysis.claims import (
     CLAIM_VERDICTS as CLAIM_VERDICTS,
     claim as claim,

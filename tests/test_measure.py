@@ -3,6 +3,7 @@ the matmul ceiling and the deviation summary, each with its numbers and its refu
 
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,3 +62,16 @@ def test_deviation_summary():
         ValueError, match=r"`steps` must have one entry per value \(2\); received 3"
     ):
         gj.deviation_summary([1.0, 2.0], steps=[1, 2, 3])
+
+
+def test_sample_keys_are_the_sweeps():
+    gauge = gj.RescalingGauge((3,), 0.5)
+    key = jax.random.key(7)
+    keys = gj.sample_keys(key, 4)
+    assert keys.shape == (4,)
+    for i in range(4):  # the element the sweep drew for sample i, bit for bit
+        ours, sweeps = gauge.sample(keys[i]), gj.lane_element(gauge, key, i)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(sweeps), strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"`num_samples` must be an int >= 1; received 0"):
+        gj.sample_keys(key, 0)
