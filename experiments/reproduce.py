@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gaugejax import io, validate_checks
+from gaugejax import claims_table, format_measured, io, validate_checks
 
 from . import (
     attention_symmetry,
@@ -136,12 +136,6 @@ DISAGREEMENTS = [
 ]
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
-    return str(value)
-
-
 def _left_out(config: Config) -> list[str]:
     selection = config.selection()
     out = []
@@ -188,23 +182,7 @@ def write_report(path: Path, claims_by_exp: dict, env: dict, config: Config, wal
         )
     lines.append("")
     for name, summary in claims_by_exp.items():
-        lines += [
-            f"## {name} ({wall[name]:.0f} s)",
-            "",
-            "| claim | equation | measured | tolerance | verdict | detail |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in summary["claims"]:
-            cells = [
-                r["claim"],
-                r["equation"],
-                _fmt(r["measured"]),
-                r["tolerance"],
-                r["verdict"],
-                r["detail"],
-            ]
-            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-        lines.append("")
+        lines += [f"## {name} ({wall[name]:.0f} s)", "", *claims_table(summary["claims"]), ""]
         for fig in summary["figures"]:
             lines.append(f"![{Path(fig).stem}]({name}/{fig})")
         lines.append("")
@@ -216,7 +194,7 @@ def write_report(path: Path, claims_by_exp: dict, env: dict, config: Config, wal
     for row_id, text in DISAGREEMENTS:
         row = by_id.get(row_id)
         evidence = (
-            f"`{row_id}` row: measured {_fmt(row['measured'])} ({row['tolerance']}), "
+            f"`{row_id}` row: measured {format_measured(row['measured'])} ({row['tolerance']}), "
             f"{row['verdict']}"
             if row is not None
             else f"`{row_id}` row: not run at this preset"

@@ -10,11 +10,14 @@ from importlib.metadata import version as _version
 from . import gauges as gauges, models as models
 from ._analysis.blocks import sample_keys as sample_keys
 from ._analysis.claims import (
+    CLAIM_COLUMNS as CLAIM_COLUMNS,
     CLAIM_VERDICTS as CLAIM_VERDICTS,
     claim as claim,
     claim_above as claim_above,
     claim_below as claim_below,
     claim_slope as claim_slope,
+    claims_table as claims_table,
+    format_measured as format_measured,
     in_band as in_band,
     markdown_table as markdown_table,
     run_checks as run_checks,

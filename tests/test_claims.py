@@ -68,6 +68,30 @@ def test_markdown_table():
     ]
 
 
+def test_claims_table_formats_the_measured_values():
+    rows = [
+        gj.claim_below("eq16", "gap | small", "Eq. 16", 3.14159e-12, 1e-10),
+        gj.claim_slope("order", "second order", "Eq. 27", 1.98765, 2, 0.15),
+        gj.claim("count", "dimension", "", 7, True, "== 7"),
+    ]
+    assert gj.claims_table(rows) == [
+        "| claim | equation | measured | tolerance | verdict | detail |",
+        "|---|---|---|---|---|---|",
+        "| gap \\| small | Eq. 16 | 3.14e-12 | < 1e-10 | pass |  |",
+        "| second order | Eq. 27 | 1.99 | slope 2 +- 0.15 | pass |  |",
+        "| dimension |  | 7 | == 7 | pass |  |",
+    ]
+    assert [gj.format_measured(v) for v in (1e-3, 9999.0, 1e4, 0.0, "nan")] == [
+        "0.001",
+        "1e+04",
+        "1.00e+04",
+        "0.00e+00",
+        "nan",
+    ]
+    with pytest.raises(ValueError, match=r"`claims\[0\]` is not a claim row: it lacks \['verdict'"):
+        gj.claims_table([{"claim": "", "equation": "", "measured": 1.0, "tolerance": ""}])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
     scale: float = 1.0

@@ -123,6 +123,35 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def format_measured(value: Any) -> str:
+    """A measured value as a report shows it: floats to 3 significant digits in [1e-3, 1e4),
+    else in scientific notation with 3 digits (deviations of 1e-15 and counts of 1e5 alike);
+    anything else as `str`."""
+    if isinstance(value, float):
+        return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
+    return str(value)
+
+
+CLAIM_COLUMNS = ("claim", "equation", "measured", "tolerance", "verdict", "detail")
+
+
+def claims_table(claims: Sequence[dict]) -> list[str]:
+    """The Markdown table of claim rows: a line per row with its claim, equation, measured
+    value (`format_measured`), tolerance, verdict and detail (a `|` in a cell escaped).
+
+    **Raises:** `ValueError` naming the first row that lacks a column of `CLAIM_COLUMNS`.
+    """
+    for i, row in enumerate(claims):
+        missing = [c for c in CLAIM_COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"`claims[{i}]` is not a claim row: it lacks {missing}.")
+    rows = [
+        [format_measured(r[c]) if c == "measured" else str(r[c]) for c in CLAIM_COLUMNS]
+        for r in claims
+    ]
+    return markdown_table(CLAIM_COLUMNS, [[c.replace("|", "\\|") for c in r] for r in rows])
+
+
 def validate_checks(selected: Sequence[str], checks: Sequence[tuple[str, Callable]]) -> None:
     """Refuse a selection of checks that names an unknown check or one check twice.
 
