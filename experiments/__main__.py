@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._config import load_config, make_config, presets, to_dict
+from ._config import presets
 
 
 def _listing(experiments: dict) -> str:
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_cpu_devices,
         intra_op_threads,
         io,
+        load_config,
+        make_config,
         pool_threads_for,
     )
 
@@ -117,14 +119,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--resume {run_dir}: no readable config.json of {args.name} ({e})")
     else:
         try:
-            config = load_config(module.Config, args.config, args.overrides)
+            config = load_config(
+                module.Config, args.config, args.overrides, source=f"--config {args.config}"
+            )
         except ValueError as e:
             parser.error(str(e))
         try:
             run_dir = io.make_run_dir(args.out, args.name)
         except OSError as e:
             parser.error(f"--out {args.out}: cannot create a run directory there ({e})")
-        io.write_json(run_dir / "config.json", to_dict(config))
+        io.write_json(run_dir / "config.json", dataclasses.asdict(config))
     io.write_json(run_dir / "env.json", io.env_info())
     status = run_dir / "status.json"
     io.write_json(status, {"experiment": args.name, "status": "running"})

@@ -32,28 +32,6 @@ def experiment_summary(
     }
 
 
-def check_one_of(name: str, value, valid) -> None:
-    """`ValueError` naming the config key `name` unless `value` is one of `valid`."""
-    if value not in valid:
-        raise ValueError(f"`{name}` must be one of {list(valid)}; received {value!r}.")
-
-
-def check_choices(name: str, chosen, valid, *, required=(), empty: bool = False) -> None:
-    """`ValueError` naming the config key `name` unless `chosen` names distinct entries of
-    `valid`, every one of `required` among them, and at least one unless `empty`."""
-    chosen = list(chosen)
-    if (
-        (not chosen and not empty)
-        or len(set(chosen)) != len(chosen)
-        or not set(chosen) <= set(valid)
-        or not set(required) <= set(chosen)
-    ):
-        need = f" (including {', '.join(map(repr, required))})" if required else ""
-        raise ValueError(
-            f"`{name}` must name distinct entries of {list(valid)}{need}; received {chosen}."
-        )
-
-
 def write_outputs(run_dir: Path, results: dict, records: list[dict], plot, config):
     """The files a run ends with: `results.json`, `metrics.jsonl` (one line per record, written
     at once: a resumed run does not append them again) and the figures `plot(saved, fig_dir,

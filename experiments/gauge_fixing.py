@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import claim, io, pyplot
+from gaugejax import check_choices, check_one_of, claim, io, pyplot
 
-from ._common import check_choices, check_one_of
 from ._training import TrainingRun, optimizer
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gaugejax import claims_table, format_measured, io, validate_checks
+from gaugejax import claims_table, format_measured, io, make_config, validate_checks
 
 from . import (
     attention_symmetry,
@@ -23,7 +23,7 @@ from . import (
     teleportation,
 )
 from ._common import BAR_POSITION
-from ._config import make_config, presets, to_dict
+from ._config import presets
 
 
 # the experiments `reproduce` can run, in report order (the benchmark is run on its own)
@@ -233,7 +233,7 @@ def run(config: Config, run_dir: Path) -> dict:
         BAR_POSITION.set(order.index(name) % config.workers)
         sub_dir = run_dir / name
         sub_dir.mkdir(parents=True, exist_ok=True)
-        wanted = json.loads(json.dumps(io.jsonable(to_dict(configs[name]))))
+        wanted = json.loads(json.dumps(io.jsonable(dataclasses.asdict(configs[name]))))
         if (sub_dir / "config.json").exists():  # a resumed run: the same config or nothing
             saved = io.read_json(sub_dir / "config.json")
             if saved != wanted:
@@ -245,7 +245,7 @@ def run(config: Config, run_dir: Path) -> dict:
                 summary = io.read_json(sub_dir / "summary.json")
                 say(f"[{number[name]}/{total}] {name}: kept from the interrupted run")
                 return summary, float(summary.get("wall_time_s", 0.0))
-        io.write_json(sub_dir / "config.json", to_dict(configs[name]))
+        io.write_json(sub_dir / "config.json", dataclasses.asdict(configs[name]))
         checks = getattr(configs[name], "checks", ()) or [
             c for c, _ in getattr(REPRODUCIBLE[name], "CHECKS", [])
         ]

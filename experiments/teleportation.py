@@ -35,9 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import TELEPORT_OBJECTIVES, claim, io, pyplot
+from gaugejax import TELEPORT_OBJECTIVES, check_choices, check_one_of, claim, io, pyplot
 
-from ._common import check_choices, check_one_of
 from ._training import TrainingRun, optimizer
 
 

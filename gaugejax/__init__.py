@@ -130,6 +130,12 @@ from ._fixing.teleport import (
     teleport as teleport,
 )
 from ._infra import io as io
+from ._infra.config import (
+    check_choices as check_choices,
+    check_one_of as check_one_of,
+    load_config as load_config,
+    make_config as make_config,
+)
 from ._infra.data import (
     DATASETS as DATASETS,
     Dataset as Dataset,

@@ -25,8 +25,8 @@ from experiments import (
     reproduce,
     symmetry_census,
 )
-from experiments._config import load_config, make_config, presets
-from gaugejax import io
+from experiments._config import presets
+from gaugejax import io, load_config, make_config
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,7 @@ import pytest
 
 import gaugejax as gj
 from experiments import orbit_cost
-from experiments._config import make_config
-from gaugejax import gauge_search as gs, io
+from gaugejax import gauge_search as gs, io, make_config
 from gaugejax.gauges import ComposedElement, ComposedGauge
 
 from .conftest import CompileCounter, small_node

@@ -18,8 +18,7 @@ import pytest
 
 import gaugejax as gj
 from experiments import teleportation
-from experiments._config import load_config, make_config
-from gaugejax import TeleportResult, io, teleport
+from gaugejax import TeleportResult, io, load_config, make_config, teleport
 
 
 # rounding of the rescaled network's sums (see the module docstring)
