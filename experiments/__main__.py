@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from gaugejax import (
         TrainingDiverged,
         configure_cpu_devices,
+        format_claim,
         intra_op_threads,
         io,
         load_config,
@@ -154,10 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     io.write_json(status, {"experiment": args.name, "status": "complete"})
 
     claims = summary.get("claims", [])
-    for c in claims:
-        measured = c["measured"]  # a number, or "nan"/"inf" as JSON keeps them
-        shown = f"{measured:.3g}" if isinstance(measured, int | float) else str(measured)
-        print(f"[{c['verdict']:>6}] {c['id']:<28} measured {shown}  ({c['tolerance']})")
+    for c in claims:  # measured: a number, or "nan"/"inf" as JSON keeps them
+        print(format_claim(c))
     if claims:
         missed = sum(c["verdict"] == "missed" for c in claims)
         aims = f" ({missed} of them aims missed, not failures)" if missed else ""

@@ -324,9 +324,7 @@ def _table_figure(plt, table, fig_dir) -> Path:
     ax.set_xticks(range(len(keys)), keys, rotation=70, fontsize=7)
     ax.set_ylabel("log10 max relative deviation")
     ax.set_title("Attention gauge: activation / condition / alpha (green: symmetry holds)")
-    path = io.save_figure(fig, fig_dir / "attention_table.png")
-    plt.close(fig)
-    return path
+    return io.save_figure(fig, fig_dir / "attention_table.png", close=True)
 
 
 def _integrated_figure(results, fig_dir) -> Path:

@@ -400,6 +400,4 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     device = results["env"]["devices"][0] if results["env"]["devices"] else "?"
     fig.suptitle(f"Gauge-sweep throughput on {device} ({config.dtype})", fontsize=10)
     fig.tight_layout()
-    path = io.save_figure(fig, fig_dir / "throughput.png")
-    plt.close(fig)
-    return [path]
+    return [io.save_figure(fig, fig_dir / "throughput.png", close=True)]

@@ -390,6 +390,4 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     axes[2].set_title(f"w(t) of all seeds: lambda {keys[0]} (blue) vs {keys[-1]} (red)")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-    out = [io.save_figure(fig, fig_dir / "gauge_fixing.png")]
-    plt.close(fig)
-    return out
+    return [io.save_figure(fig, fig_dir / "gauge_fixing.png", close=True)]

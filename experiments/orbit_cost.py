@@ -376,8 +376,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     title = f"Adaptive cost along one gauge orbit (Tsit5, rtol {config.measure_rtol:g})"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out.append(io.save_figure(fig, fig_dir / "nfe_distribution.png"))
-    plt.close(fig)
+    out.append(io.save_figure(fig, fig_dir / "nfe_distribution.png", close=True))
 
     opt = results["optimised"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -408,6 +407,5 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
         ax.legend(fontsize=8)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    out.append(io.save_figure(fig, fig_dir / "gauge_optimisation.png"))
-    plt.close(fig)
+    out.append(io.save_figure(fig, fig_dir / "gauge_optimisation.png", close=True))
     return out

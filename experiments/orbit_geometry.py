@@ -283,6 +283,4 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     plain_log_ticks(ax)
     ax.set_xticks(d["lrs"], [f"{lr:g}" for lr in d["lrs"]], rotation=30)
     fig.suptitle("Gradient against gauge orbit tangents (float64), and the rescaling charge")
-    path = io.save_figure(fig, fig_dir / "orbit_geometry.png")
-    plt.close(fig)
-    return [path]
+    return [io.save_figure(fig, fig_dir / "orbit_geometry.png", close=True)]

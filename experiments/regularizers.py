@@ -383,8 +383,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
         for ax in axes[:, j]:
             ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    out.append(io.save_figure(fig, fig_dir / "regularizers.png"))
-    plt.close(fig)
+    out.append(io.save_figure(fig, fig_dir / "regularizers.png", close=True))
     for name in names:
         entry = results[name]
         if "trajectories" not in entry:
@@ -408,6 +407,5 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
             ax.set_title(f"{arm}\nNFE {nfe:.0f} per example", fontsize=9)
         fig.suptitle(f"{name}: trajectories of seed 0 (colour: class; dot: z(T))")
         fig.tight_layout()
-        out.append(io.save_figure(fig, fig_dir / f"trajectories_{name}.png"))
-        plt.close(fig)
+        out.append(io.save_figure(fig, fig_dir / f"trajectories_{name}.png", close=True))
     return out

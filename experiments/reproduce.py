@@ -2,7 +2,6 @@
 
 import concurrent.futures
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -233,19 +232,12 @@ def run(config: Config, run_dir: Path) -> dict:
         BAR_POSITION.set(order.index(name) % config.workers)
         sub_dir = run_dir / name
         sub_dir.mkdir(parents=True, exist_ok=True)
-        wanted = json.loads(json.dumps(io.jsonable(dataclasses.asdict(configs[name]))))
-        if (sub_dir / "config.json").exists():  # a resumed run: the same config or nothing
-            saved = io.read_json(sub_dir / "config.json")
-            if saved != wanted:
-                raise ValueError(
-                    f"{sub_dir} holds a run of another config; resume it with its own config "
-                    "or start a new run."
-                )
-            if (sub_dir / "summary.json").exists():  # finished before the interruption
-                summary = io.read_json(sub_dir / "summary.json")
-                say(f"[{number[name]}/{total}] {name}: kept from the interrupted run")
-                return summary, float(summary.get("wall_time_s", 0.0))
-        io.write_json(sub_dir / "config.json", dataclasses.asdict(configs[name]))
+        # a resumed run: the same config or nothing (the first run writes it)
+        io.lock_config(sub_dir / "config.json", configs[name], name)
+        if (sub_dir / "summary.json").exists():  # finished before the interruption
+            summary = io.read_json(sub_dir / "summary.json")
+            say(f"[{number[name]}/{total}] {name}: kept from the interrupted run")
+            return summary, float(summary.get("wall_time_s", 0.0))
         checks = getattr(configs[name], "checks", ()) or [
             c for c, _ in getattr(REPRODUCIBLE[name], "CHECKS", [])
         ]

@@ -425,8 +425,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
             ax.set_title(f"{name}: spectra, cut at the null space (dotted)", fontsize=9)
             ax.legend(fontsize=6)
         fig.suptitle("Jacobian spectra (float64); dashed: null_tol 1e-9", fontsize=10)
-        paths.append(io.save_figure(fig, fig_dir / "spectra.png"))
-        plt.close(fig)
+        paths.append(io.save_figure(fig, fig_dir / "spectra.png", close=True))
     if "relu_mlp" in results:
         fig, ax = plt.subplots(figsize=(5.2, 3.8), layout="constrained")
         rows = results["relu_mlp"]["rows"]
@@ -438,6 +437,5 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
         ax.set_title("ReLU MLPs: symmetric directions beyond rescaling", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-        paths.append(io.save_figure(fig, fig_dir / "relu_excess.png"))
-        plt.close(fig)
+        paths.append(io.save_figure(fig, fig_dir / "relu_excess.png", close=True))
     return paths

@@ -422,6 +422,4 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     for ax in axes.flat:
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    out = [io.save_figure(fig, Path(fig_dir) / "teleportation.png")]
-    plt.close(fig)
-    return out
+    return [io.save_figure(fig, Path(fig_dir) / "teleportation.png", close=True)]

@@ -17,6 +17,7 @@ from ._analysis.claims import (
     claim_below as claim_below,
     claim_slope as claim_slope,
     claims_table as claims_table,
+    format_claim as format_claim,
     format_measured as format_measured,
     in_band as in_band,
     markdown_table as markdown_table,

@@ -88,6 +88,14 @@ def test_claims_table_formats_the_measured_values():
         "0.00e+00",
         "nan",
     ]
+    assert gj.format_claim(rows[0]) == (
+        "[  pass] eq16                         measured 3.14e-12  (< 1e-10)"
+    )
+    assert gj.format_claim({**rows[1], "measured": "nan", "verdict": "FAIL"}).startswith(
+        "[  FAIL] order                        measured nan  (slope 2 +- 0.15)"
+    )
+    with pytest.raises(ValueError, match=r"`row` is not a claim row: it lacks \['tolerance'\]"):
+        gj.format_claim({"verdict": "pass", "id": "a", "measured": 1.0})
     with pytest.raises(ValueError, match=r"`claims\[0\]` is not a claim row: it lacks \['verdict'"):
         gj.claims_table([{"claim": "", "equation": "", "measured": 1.0, "tolerance": ""}])
 
@@ -169,6 +177,13 @@ def test_figures_are_written_and_refuse_empty_input(tmp_path):
         tmp_path / "l.png", [("order", "h", "error", [("h^2", hs, [h**2 for h in hs])])], ticks=True
     )
     assert multi.stat().st_size > 1000 and loglog.stat().st_size > 1000
+    plt = gj.pyplot()
+    fig, _ = plt.subplots()
+    kept = io.save_figure(fig, tmp_path / "kept.png")  # open until closed
+    assert fig.number in plt.get_fignums()
+    io.save_figure(fig, tmp_path / "closed.png", close=True)
+    assert fig.number not in plt.get_fignums() and kept.read_bytes()[:4] == b"\x89PNG"
+    assert plt.get_fignums() == []  # the figure helpers leave no figure open
     with pytest.raises(ValueError, match=r"`series` must hold at least one"):
         gj.histogram_figure(tmp_path / "e.png", [], xlabel="", title="")
     with pytest.raises(ValueError, match=r"the series 'control' has no values"):

@@ -132,6 +132,20 @@ def format_measured(value: Any) -> str:
     return str(value)
 
 
+def format_claim(row: dict) -> str:
+    """One claim row as a console line: `[verdict] id measured value (tolerance)`, the value to
+    3 significant digits (or as JSON keeps a non-finite one, e.g. "nan").
+
+    **Raises:** `ValueError` when `row` lacks `verdict`, `id`, `measured` or `tolerance`.
+    """
+    missing = [k for k in ("verdict", "id", "measured", "tolerance") if k not in row]
+    if missing:
+        raise ValueError(f"`row` is not a claim row: it lacks {missing}.")
+    measured = row["measured"]
+    shown = f"{measured:.3g}" if isinstance(measured, int | float) else str(measured)
+    return f"[{row['verdict']:>6}] {row['id']:<28} measured {shown}  ({row['tolerance']})"
+
+
 CLAIM_COLUMNS = ("claim", "equation", "measured", "tolerance", "verdict", "detail")
 
 

@@ -106,8 +106,7 @@ def histogram_figure(
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(8, 4))
         log_histogram(ax, series, xlabel=xlabel, title=title, tolerance=tolerance)
-        path = io.save_figure(fig, path)
-        plt.close(fig)
+        path = io.save_figure(fig, path, close=True)
     return path
 
 
@@ -154,8 +153,7 @@ def small_multiples_figure(
             raise
         fig.suptitle(title)
         fig.tight_layout()
-        path = io.save_figure(fig, path)
-        plt.close(fig)
+        path = io.save_figure(fig, path, close=True)
     return path
 
 
@@ -203,8 +201,7 @@ def loglog_figure(
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-        path = io.save_figure(fig, path)
-        plt.close(fig)
+        path = io.save_figure(fig, path, close=True)
     return path
 
 

@@ -169,13 +169,19 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Save a matplotlib figure atomically as PNG."""
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120, *, close: bool = False) -> Path:
+    """Save a matplotlib figure atomically as PNG; with `close`, close it too (pyplot keeps
+    every open figure: a long run that does not close them holds their memory)."""
     import io as _io
 
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return atomic_write_bytes(path, buf.getvalue())
+    path = atomic_write_bytes(path, buf.getvalue())
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return path
 
 
 def make_run_dir(root: str | os.PathLike, experiment: str) -> Path:
