@@ -46,17 +46,7 @@ class Config:
     those checks, the others run every check; the report lists every check left out)."""
 
     preset: str = "default"
-    experiments: tuple[str, ...] = (
-        "node_symmetry",
-        "linear_symmetry",
-        "attention_symmetry",
-        "gauge_fixing",
-        "orbit_geometry",
-        "symmetry_census",
-        "regularizers",
-        "orbit_cost",
-        "teleportation",
-    )
+    experiments: tuple[str, ...] = tuple(REPRODUCIBLE)  # all of them, in report order
     checks: tuple[str, ...] = ()
     # experiments run concurrently on this many threads (1: one after another, so each
     # experiment's wall time in the report is its own)
