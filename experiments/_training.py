@@ -11,25 +11,15 @@ own directory under the run, from its checkpoint.
 """
 
 import contextlib
-import functools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import optax
 from tqdm.auto import tqdm
 
 from gaugejax import io
 
 from ._common import BAR_POSITION, experiment_summary, write_outputs
-
-
-@functools.cache
-def optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-    """`optax.<name>(learning_rate)`, one object per arguments: `gj.train` keys its compiled
-    chunk on the optimiser object, so the runs of a process (arms, a resumed run, `reproduce`,
-    the tests) that use the same optimiser share their programs."""
-    return getattr(optax, name)(learning_rate)
 
 
 class TrainingRun:

@@ -99,19 +99,13 @@ class Config:
     NONNEGATIVE: ClassVar[tuple[str, ...]] = ("torch_threads", "baseline_max_samples")
 
     def __post_init__(self):
-        for name, valid in (("workloads", WORKLOADS), ("sides", SIDES)):
-            chosen = getattr(self, name)
-            if not chosen or any(v not in valid for v in chosen):
-                raise ValueError(f"`{name}` must be a non-empty list from {list(valid)}; "
-                                 f"received {list(chosen)}.")  # fmt: skip
+        gj.check_choices("workloads", self.workloads, WORKLOADS)
+        gj.check_choices("sides", self.sides, SIDES)
         # sizes and counts >= 1, w3_rtol in [eps, 1), the NONNEGATIVE keys >= 0: `make_config`
         if not self.batch_sizes:
             raise ValueError("`batch_sizes` must be a non-empty list of ints > 0; received [].")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"`dtype` must be 'float32' or 'float64'; received {self.dtype!r}.")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"`precision` must be one of {list(PRECISIONS)}; "
-                             f"received {self.precision!r}.")  # fmt: skip
+        gj.check_one_of("dtype", self.dtype, ("float32", "float64"))
+        gj.check_one_of("precision", self.precision, PRECISIONS)
         if self.dtype == "float64":  # before a run directory exists or anything is measured
             lacking = sorted({d.platform for d in jax.devices() if not gj.supports_float64(d)})
             if lacking:

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import check_choices, check_one_of, claim, io, pyplot
+from gaugejax import check_choices, check_one_of, claim, io, optimizer, pyplot
 
-from ._training import TrainingRun, optimizer
+from ._training import TrainingRun
 
 
 @dataclasses.dataclass(frozen=True)

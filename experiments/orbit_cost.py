@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import check_choices, check_one_of, claim, gauge_search as gs, io, pyplot
+from gaugejax import check_choices, check_one_of, claim, gauge_search as gs, io, optimizer, pyplot
 
-from ._training import TrainingRun, optimizer
+from ._training import TrainingRun
 
 
 FAMILIES = ("diffeo", "reparam", "composed")

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import check_choices, claim, io, pyplot
+from gaugejax import check_choices, claim, io, optimizer, pyplot
 
-from ._training import TrainingRun, optimizer
+from ._training import TrainingRun
 
 
 # arm -> its regularisers (each weighted by the config's `<term>_weight`)

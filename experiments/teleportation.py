@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import TELEPORT_OBJECTIVES, check_choices, check_one_of, claim, io, pyplot
+from gaugejax import TELEPORT_OBJECTIVES, check_choices, check_one_of, claim, io, optimizer, pyplot
 
-from ._training import TrainingRun, optimizer
+from ._training import TrainingRun
 
 
 OPTIMIZERS = ("sgd", "adam")

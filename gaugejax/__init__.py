@@ -166,6 +166,7 @@ from ._infra.train import (
     StackedLoss as StackedLoss,
     TrainingDiverged as TrainingDiverged,
     TrainResult as TrainResult,
+    optimizer as optimizer,
     read_checkpoint as read_checkpoint,
     stack_models as stack_models,
     train as train,
