@@ -71,19 +71,10 @@ class Config:
                 raise ValueError(f"`{name}` must be a non-empty list of ints > 0; received [].")
 
 
-def _fn(model):
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def fn(p, xs):
-        return jax.vmap(eqx.combine(p, static))(xs)
-
-    return fn, params
-
-
 def _row(name, model, xs, predicted, gauge, cfg, free=None):
     """One census row: discovered vs predicted dimension, and the angles to the family."""
     start = time.perf_counter()
-    fn, params = _fn(model)
+    fn, params = gj.module_function(model)
     found = gj.symmetry_dimension(fn, params, xs)
     sv = found.singular_values
     row = {"architecture": name, "predicted": predicted, "discovered": found.dimension,
@@ -303,7 +294,7 @@ def check_scale(cfg: Config, key, setup):
         # 2 d^2 parameters: dim / 2 sequences of 8 tokens give 4 d^2 outputs (a Jacobian with
         # fewer rows than columns would have a null space of its shape, not of the model)
         xs = jax.random.normal(ks[0], (max(dim // 2, 2), 8, dim))
-        fn, params = _fn(model)
+        fn, params = gj.module_function(model)
         t0 = time.perf_counter()
         found = gj.symmetry_dimension(fn, params, xs, method="randomized")
         seconds = time.perf_counter() - t0

@@ -29,6 +29,7 @@ from ._analysis.discovery import (
     SymmetryDimension as SymmetryDimension,
     compare_symmetries as compare_symmetries,
     gauge_generators as gauge_generators,
+    module_function as module_function,
     symmetry_dimension as symmetry_dimension,
 )
 from ._analysis.figures import (
