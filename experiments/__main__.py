@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         load_config,
         make_config,
         pool_threads_for,
+        use_compilation_cache,
     )
 
     from . import EXPERIMENTS
@@ -97,16 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--cpu-devices {n}: {e}")
 
     module = EXPERIMENTS[args.name]
-    # Repeat runs reuse compiled XLA programs (most of a smoke run's time is compilation);
-    # benchmarks opt out, as their compile times must be measured, not read from disk. Every
-    # program is cached, however short its compile: a smoke run compiles ~100 programs of
-    # ~0.05 s each (measured: a cached gauge_fixing smoke run 16.2 s -> 13.2 s).
+    # Repeat runs reuse compiled XLA programs, however short their compile (most of a smoke
+    # run's time is compilation); benchmarks opt out, as their compile times must be measured.
     cache = os.environ.get(
         "GAUGEJAX_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gaugejax", "jax")
     )
     if cache and getattr(module, "PERSISTENT_COMPILE_CACHE", True):
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        use_compilation_cache(cache)
     if args.resume is not None:
         if args.config is not None or args.overrides:
             parser.error(

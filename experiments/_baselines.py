@@ -94,8 +94,11 @@ def naive_diffrax(cfg, w, key, num_samples: int, first_order: bool) -> tuple:
     with jax.default_matmul_precision(cfg.precision):
         timed = gj.time_program(jax.vmap(lane), keys, repeats=cfg.repeats)
     dev, steps, evaluations = timed.output
-    row = {"samples_per_s": num_samples / timed.median_s, "compile_s": timed.compile_s,
-           **gj.deviation_summary(dev, steps)}  # fmt: skip
+    row = {
+        "samples_per_s": num_samples / timed.median_s,
+        "compile_s": timed.compile_s,
+        **gj.deviation_summary(dev, steps),
+    }
     row["evaluations_mean"] = float(np.mean(evaluations))
     return row, np.asarray(dev)
 

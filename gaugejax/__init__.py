@@ -152,6 +152,7 @@ from ._infra.devices import (
     intra_op_threads as intra_op_threads,
     pool_threads_for as pool_threads_for,
     supports_float64 as supports_float64,
+    use_compilation_cache as use_compilation_cache,
 )
 from ._infra.measure import (
     TimedProgram as TimedProgram,

@@ -29,8 +29,9 @@ def test_defaults_then_toml_then_overrides(tmp_path):
     path = tmp_path / "small.toml"
     path.write_text('dim = 6\nscales = [1, 0.5]\nname = "circles"\n')
     cfg = gj.load_config(_Config, path, ["rtol=1e-10", "label=run_a", "seed=3"])
-    assert cfg == _Config(seed=3, dim=6, rtol=1e-10, scales=(1.0, 0.5), name="circles",
-                          label="run_a")  # fmt: skip
+    assert cfg == _Config(
+        seed=3, dim=6, rtol=1e-10, scales=(1.0, 0.5), name="circles", label="run_a"
+    )
     assert isinstance(cfg.scales[0], float)  # TOML's int 1 is the float field's 1.0
     assert gj.make_config(_Config, {"shift": 0, "label": None}).shift == 0.0  # >= 0 allowed
     with pytest.raises(dataclasses.FrozenInstanceError):

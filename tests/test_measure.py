@@ -75,3 +75,17 @@ def test_sample_keys_are_the_sweeps():
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match=r"`num_samples` must be an int >= 1; received 0"):
         gj.sample_keys(key, 0)
+
+
+def test_use_compilation_cache_caches_every_program(tmp_path):
+    config = jax.config
+    before = (config.jax_compilation_cache_dir, config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        assert gj.use_compilation_cache(tmp_path / "xla") == str(tmp_path / "xla")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0  # however short
+        with pytest.raises(ValueError, match=r"`path` must name a folder .*received ''"):
+            gj.use_compilation_cache("")
+    finally:  # the test session's own cache (conftest) again
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
