@@ -1,5 +1,5 @@
-"""gaugejax experiments: each module has a frozen-dataclass `Config`, `PRESETS` (the embedded
-`default` and `smoke` values, mirrored by `configs/<name>/*.toml`) and `run(config, run_dir)`."""
+"""gaugejax experiments: each module has a frozen-dataclass `Config` (its defaults are the
+`default` preset) and `run(config, run_dir)`; its presets are `configs/<name>/*.toml`."""
 
 from . import benchmark_sweep, reproduce
 

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._config import load_config, make_config, to_dict
+from ._config import presets
 
 
 def _listing(experiments: dict) -> str:
@@ -31,8 +31,7 @@ def _experiment_help(name: str, module) -> str:
     checks = [c for c, _ in getattr(module, "CHECKS", [])]
     if checks:
         lines += ["", f"checks (select with 'checks=[...]'): {', '.join(checks)}"]
-    presets = sorted(getattr(module, "PRESETS", {}))
-    lines += ["", f"presets: {', '.join(presets)} (configs/{name}/<preset>.toml)"]
+    lines += ["", f"presets: {', '.join(presets(name))} (configs/{name}/<preset>.toml)"]
     return "\n".join(lines)
 
 
@@ -44,9 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     from gaugejax import (
         TrainingDiverged,
         configure_cpu_devices,
+        format_claim,
         intra_op_threads,
         io,
+        load_config,
+        make_config,
         pool_threads_for,
+        use_compilation_cache,
     )
 
     from . import EXPERIMENTS
@@ -95,16 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--cpu-devices {n}: {e}")
 
     module = EXPERIMENTS[args.name]
-    # Repeat runs reuse compiled XLA programs (most of a smoke run's time is compilation);
-    # benchmarks opt out, as their compile times must be measured, not read from disk. Every
-    # program is cached, however short its compile: a smoke run compiles ~100 programs of
-    # ~0.05 s each (measured: a cached gauge_fixing smoke run 16.2 s -> 13.2 s).
+    # Repeat runs reuse compiled XLA programs, however short their compile (most of a smoke
+    # run's time is compilation); benchmarks opt out, as their compile times must be measured.
     cache = os.environ.get(
         "GAUGEJAX_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gaugejax", "jax")
     )
     if cache and getattr(module, "PERSISTENT_COMPILE_CACHE", True):
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        use_compilation_cache(cache)
     if args.resume is not None:
         if args.config is not None or args.overrides:
             parser.error(
@@ -118,14 +118,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--resume {run_dir}: no readable config.json of {args.name} ({e})")
     else:
         try:
-            config = load_config(module.Config, args.config, args.overrides)
+            config = load_config(
+                module.Config, args.config, args.overrides, source=f"--config {args.config}"
+            )
         except ValueError as e:
             parser.error(str(e))
         try:
             run_dir = io.make_run_dir(args.out, args.name)
         except OSError as e:
             parser.error(f"--out {args.out}: cannot create a run directory there ({e})")
-        io.write_json(run_dir / "config.json", to_dict(config))
+        io.write_json(run_dir / "config.json", dataclasses.asdict(config))
     io.write_json(run_dir / "env.json", io.env_info())
     status = run_dir / "status.json"
     io.write_json(status, {"experiment": args.name, "status": "running"})
@@ -151,10 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     io.write_json(status, {"experiment": args.name, "status": "complete"})
 
     claims = summary.get("claims", [])
-    for c in claims:
-        measured = c["measured"]  # a number, or "nan"/"inf" as JSON keeps them
-        shown = f"{measured:.3g}" if isinstance(measured, int | float) else str(measured)
-        print(f"[{c['verdict']:>6}] {c['id']:<28} measured {shown}  ({c['tolerance']})")
+    for c in claims:  # measured: a number, or "nan"/"inf" as JSON keeps them
+        print(format_claim(c))
     if claims:
         missed = sum(c["verdict"] == "missed" for c in claims)
         aims = f" ({missed} of them aims missed, not failures)" if missed else ""

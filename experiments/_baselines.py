@@ -47,36 +47,6 @@ def unavailable(side: str, workload: str) -> str | None:
     return None
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def sample_keys(key, num_samples: int):
-    """Sample i's key, as `gj.sweep` draws it (`fold_in(key, i)`): every side sees the same
-    gauge elements."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_samples, dtype=jnp.uint32))
-
-
-def deviations(values, steps=None) -> dict:
-    values = np.asarray(values, dtype=float)
-    out = {
-        "max_deviation": float(np.max(values)),
-        "median_deviation": float(np.median(values)),
-    }
-    if steps is not None:
-        steps = np.asarray(steps)
-        out["steps_mean"] = float(np.mean(steps))
-        out["steps_max"] = int(np.max(steps))
-        # the vmapped lanes step together: the batch runs max steps, each lane needs its own
-        out["lane_efficiency"] = float(np.mean(steps) / max(np.max(steps), 1))
-    return out
-
-
 def _user_solve(model, inputs, forward_mode: bool):
     """`diffrax.diffeqsolve` of every input as a user writes it (the model's solver, controller
     and step; `throw=False` so a failed lane shows in the numbers, not as an exception)."""
@@ -107,7 +77,7 @@ def _evaluations(model, steps):
 
 def naive_diffrax(cfg, w, key, num_samples: int, first_order: bool) -> tuple:
     model, gauge, inputs = w.model, w.gauge, w.inputs
-    keys = sample_keys(key, num_samples)
+    keys = gj.sample_keys(key, num_samples)
     reference = eqx.filter_jit(lambda m: _user_solve(m, inputs, False)[0])(model)
 
     def lane(k):
@@ -122,12 +92,13 @@ def naive_diffrax(cfg, w, key, num_samples: int, first_order: bool) -> tuple:
         return jnp.max(jnp.abs(out - reference)), jnp.max(steps), _evaluations(model, steps)
 
     with jax.default_matmul_precision(cfg.precision):
-        start = time.perf_counter()
-        program = jax.jit(jax.vmap(lane)).lower(keys).compile()
-        compile_s = time.perf_counter() - start
-        rate = num_samples / median_time(lambda: program(keys), cfg.repeats)
-        dev, steps, evaluations = jax.device_get(program(keys))
-    row = {"samples_per_s": rate, "compile_s": compile_s, **deviations(dev, steps)}
+        timed = gj.time_program(jax.vmap(lane), keys, repeats=cfg.repeats)
+    dev, steps, evaluations = timed.output
+    row = {
+        "samples_per_s": num_samples / timed.median_s,
+        "compile_s": timed.compile_s,
+        **gj.deviation_summary(dev, steps),
+    }
     row["evaluations_mean"] = float(np.mean(evaluations))
     return row, np.asarray(dev)
 
@@ -140,7 +111,7 @@ def _torch_setup(cfg, w, key, num_samples: int) -> tuple:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     tdtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
-    samples = jax.device_get(jax.vmap(w.gauge.sample)(sample_keys(key, num_samples)))
+    samples = jax.device_get(jax.vmap(w.gauge.sample)(gj.sample_keys(key, num_samples)))
 
     def tensor(a):
         return torch.from_numpy(np.array(a)).to(tdtype)  # a writable copy
@@ -201,7 +172,7 @@ def torch_w1(cfg, w, key, num_samples: int) -> tuple:
         "evaluations_mean": float(nfe[0] * x0.shape[0]),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
-        **deviations(dev),
+        **gj.deviation_summary(dev),
     }
     return row, dev
 
@@ -285,7 +256,7 @@ def torch_w2(cfg, w, key, num_samples: int, adaptive: bool) -> tuple:
         "evaluations_mean": float(counts[-1] * x0.shape[0]),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
-        **deviations(dev),
+        **gj.deviation_summary(dev),
     }
     return row, dev
 
@@ -320,7 +291,7 @@ def gradsolve(cfg, w, key, num_samples: int, first_order: bool) -> tuple:
             return jax.vmap(lambda x: moved.field(t, x, None))(y.reshape(m, d)).reshape(-1)
 
     problem = Problem()
-    keys = sample_keys(key, num_samples)
+    keys = gj.sample_keys(key, num_samples)
     y0 = jnp.broadcast_to(inputs.reshape(-1), (num_samples, m * d))
     reference = eqx.filter_jit(lambda mm: _user_solve(mm, inputs, False)[0])(model).reshape(-1)
 
@@ -338,16 +309,13 @@ def gradsolve(cfg, w, key, num_samples: int, first_order: bool) -> tuple:
         return jnp.max(jnp.abs(dout), axis=1)
 
     with jax.default_matmul_precision(cfg.precision):
-        start = time.perf_counter()
-        compiled = jax.jit(program).lower(keys).compile()
-        compile_s = time.perf_counter() - start
-        rate = num_samples / median_time(lambda: compiled(keys), cfg.repeats)
-        dev = np.asarray(jax.device_get(compiled(keys)))
+        timed = gj.time_program(program, keys, repeats=cfg.repeats)
+    dev = np.asarray(timed.output)
     row = {
-        "samples_per_s": rate,
-        "compile_s": compile_s,
+        "samples_per_s": num_samples / timed.median_s,
+        "compile_s": timed.compile_s,
         "engine": f"{engine.name} ({steps} steps)",
         "gradsolve_version": importlib.metadata.version("gradsolve"),
-        **deviations(dev),
+        **gj.deviation_summary(dev),
     }
     return row, dev

@@ -1,130 +1,22 @@
-"""Experiment configs: frozen dataclasses, TOML presets and `key=value` overrides, validated."""
+"""The experiments' presets: `configs/<name>/<preset>.toml` (configs themselves are frozen
+dataclasses loaded and validated by `gj.load_config`)."""
 
-import dataclasses
-import math
 import tomllib
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (types.UnionType, typing.Union):
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None:
-            return None
-        annotation, origin = options[0], typing.get_origin(options[0])
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key `{name}` expects a list; received {value!r}.")
-        (item, *_) = typing.get_args(annotation) or (Any,)
-        return tuple(_coerce(name, v, item) for v in value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"config key `{name}` expects true/false; received {value!r}.")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"config key `{name}` expects an int; received {value!r}.")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"config key `{name}` expects a number; received {value!r}.")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ValueError(f"config key `{name}` expects a string; received {value!r}.")
-        return value
-    return value
+# the presets' one home: configs/<experiment>/<preset>.toml at the repository root
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ValueError(f"an override must look like key=value; received {text!r}.")
-    key, raw = text.split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare string
-    return key.strip(), value
+def presets(name: str) -> dict[str, dict[str, Any]]:
+    """Preset name -> the values of `configs/<name>/<preset>.toml`, for the experiment `name`
+    (`default.toml` holds the embedded defaults, as a test checks).
 
-
-# the one relative tolerance no float64 solve can go below
-_EPS64 = 2.0**-52
-
-
-def _check_range(name: str, value: Any, annotation: Any, nonnegative: bool) -> None:
-    """Numbers of a config are sizes, counts, tolerances or scales: ints >= 1 (`seed` >= 0),
-    floats finite and > 0 (ints and floats >= 0 for the keys a config lists in `NONNEGATIVE`),
-    and solver
-    tolerances (keys ending in `rtol`) in [eps, 1)."""
-    if isinstance(value, tuple):
-        (item, *_) = typing.get_args(annotation) or (Any,)
-        for v in value:
-            _check_range(name, v, item, nonnegative)
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return
-    if isinstance(value, int) and not isinstance(value, bool) and annotation is int:
-        low = 0 if name == "seed" or nonnegative else 1
-        if value < low:
-            raise ValueError(f"config key `{name}` must be an int >= {low}; received {value!r}.")
-        return
-    if name.endswith("rtol") and not _EPS64 <= value < 1:
-        raise ValueError(
-            f"config key `{name}` is a solver tolerance: it must be in [{_EPS64:.1e}, 1); "
-            f"received {value!r}."
-        )
-    ok = value >= 0 if nonnegative else value > 0
-    if not (math.isfinite(value) and ok):
-        bound = ">= 0" if nonnegative else "> 0"
-        raise ValueError(
-            f"config key `{name}` must be a finite number {bound}; received {value!r}."
-        )
-
-
-def make_config(cls: type, values: dict[str, Any]) -> Any:
-    """Instance of the dataclass `cls` from `values`, rejecting unknown keys, wrong types and
-    values out of range (see `_check_range`) before anything runs."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {unknown} for {cls.__module__}.{cls.__name__}; "
-            f"valid keys are {sorted(fields)}."
-        )
-    hints = typing.get_type_hints(cls)
-    config = cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
-    nonnegative = getattr(cls, "NONNEGATIVE", ())
-    for f in dataclasses.fields(cls):
-        _check_range(f.name, getattr(config, f.name), hints[f.name], f.name in nonnegative)
-    return config
-
-
-def load_config(
-    cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> Any:
-    """The config `cls` from its embedded defaults, then the TOML file `path`, then overrides.
-
-    **Raises:** `ValueError` for an unknown key (listing the valid ones), a wrong type, a value
-    out of range, an override that is not `key=value`, or a config file that cannot be read
-    (missing, a directory, unreadable, not UTF-8 or not TOML), naming the file.
+    **Raises:** `ValueError` naming the folder when it holds no TOML file.
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                values.update(tomllib.load(f))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            detail = f"{type(e).__name__}: {e}"
-            raise ValueError(f"--config {path}: cannot be read as TOML ({detail})") from None
-    for text in overrides:
-        key, value = _parse_override(text)
-        values[key] = value
-    return make_config(cls, values)
-
-
-def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
+    files = sorted((CONFIGS / name).glob("*.toml"))
+    if not files:
+        raise ValueError(f"no presets for `{name}`: {CONFIGS / name} holds no *.toml file.")
+    return {f.stem: tomllib.loads(f.read_text()) for f in files}

@@ -11,23 +11,15 @@ own directory under the run, from its checkpoint.
 """
 
 import contextlib
-import functools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import optax
 from tqdm.auto import tqdm
 
-from ._common import BAR_POSITION, experiment_summary, lock_config, write_outputs
+from gaugejax import io
 
-
-@functools.cache
-def optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-    """`optax.<name>(learning_rate)`, one object per arguments: `gj.train` keys its compiled
-    chunk on the optimiser object, so the runs of a process (arms, a resumed run, `reproduce`,
-    the tests) that use the same optimiser share their programs."""
-    return getattr(optax, name)(learning_rate)
+from ._common import BAR_POSITION, experiment_summary, write_outputs
 
 
 class TrainingRun:
@@ -46,7 +38,7 @@ class TrainingRun:
     def __init__(self, name: str, config, run_dir: str | Path, total_steps: int):
         self.name, self.config, self.dir = name, config, Path(run_dir)
         self.start = time.perf_counter()
-        lock_config(self.dir / "run_config.json", name, config)
+        io.lock_config(self.dir / "run_config.json", config, name)
         self.done = 0
         # its line is the one `reproduce` gives this thread (experiments may run side by side)
         self.bar = tqdm(

@@ -13,20 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import io
-
-from ._common import (
-    above,
-    below,
+from gaugejax import (
     claim,
+    claim_above as above,
+    claim_below as below,
+    claim_slope as slope_claim,
     histogram_figure,
     in_band,
+    io,
     loglog_figure,
     pyplot,
-    run_checks,
-    slope_claim,
     validate_checks,
 )
+
+from ._common import run_checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +51,6 @@ class Config:
 
     def __post_init__(self):
         validate_checks(self.checks, CHECKS)
-
-
-PRESETS = {
-    "default": {},
-    "smoke": {"num_tokens": 4, "num_sequences": 3, "num_samples": 8, "chunk_size": 8},
-}
 
 
 class _Setup(eqx.Module):
@@ -330,9 +324,7 @@ def _table_figure(plt, table, fig_dir) -> Path:
     ax.set_xticks(range(len(keys)), keys, rotation=70, fontsize=7)
     ax.set_ylabel("log10 max relative deviation")
     ax.set_title("Attention gauge: activation / condition / alpha (green: symmetry holds)")
-    path = io.save_figure(fig, fig_dir / "attention_table.png")
-    plt.close(fig)
-    return path
+    return io.save_figure(fig, fig_dir / "attention_table.png", close=True)
 
 
 def _integrated_figure(results, fig_dir) -> Path:

@@ -26,17 +26,17 @@ and deadlock when they occupy all of its threads (`gj.configure_cpu_devices`). T
 the pool (`NPROC`) for two kernels per device; the w1 lane fuses its weight and bias into one
 solve (`GaugedLinearField`).
 
-Op count (what each side computes, not one "useful work" for all): the FLOPs of one
-evaluation of the workload's vector field on one sample's M inputs, from XLA's cost analysis
-(`field_flops`), over M, times the side's own field evaluations per sample, summed over its M
-inputs (`gj.count_evaluations` for the JAX sides, counted calls for torch; gradsolve reports
-none, so its rows use gaugejax's count: `op_count` says which). The ceiling is a measured
-square matmul on the same device, dtype and precision (`matmul_ceiling`); `ceiling_fraction`
-is the ratio. No claims: rows go to `results.json`, `summary.json` and the figure.
+Op count (what each side computes, not one "useful work" for all): the FLOPs of one evaluation
+of the workload's vector field on one sample's M inputs, from XLA's cost analysis
+(`field_flops`: `gj.program_flops`), over M, times the side's own field evaluations per sample,
+summed over its M inputs (`gj.count_evaluations` for the JAX sides, counted calls for torch;
+gradsolve reports none, so its rows use gaugejax's count: `op_count` says which). The ceiling is
+a measured square matmul on the same device, dtype and precision (`gj.matmul_ceiling`);
+`ceiling_fraction` is the ratio. No claims: rows go to `results.json`, `summary.json` and the
+figure.
 """
 
 import dataclasses
-import resource
 import statistics
 import time
 import warnings
@@ -51,10 +51,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import gaugejax as gj
-from gaugejax import PRECISIONS, REDUCED_PRECISIONS, io
+from gaugejax import PRECISIONS, REDUCED_PRECISIONS, io, markdown_table, plain_log_ticks, pyplot
 
 from . import _baselines
-from ._common import experiment_summary, markdown_table, plain_log_ticks, pyplot
+from ._common import experiment_summary
 
 
 WORKLOADS = ("w1", "w2", "w3")
@@ -99,19 +99,13 @@ class Config:
     NONNEGATIVE: ClassVar[tuple[str, ...]] = ("torch_threads", "baseline_max_samples")
 
     def __post_init__(self):
-        for name, valid in (("workloads", WORKLOADS), ("sides", SIDES)):
-            chosen = getattr(self, name)
-            if not chosen or any(v not in valid for v in chosen):
-                raise ValueError(f"`{name}` must be a non-empty list from {list(valid)}; "
-                                 f"received {list(chosen)}.")  # fmt: skip
+        gj.check_choices("workloads", self.workloads, WORKLOADS)
+        gj.check_choices("sides", self.sides, SIDES)
         # sizes and counts >= 1, w3_rtol in [eps, 1), the NONNEGATIVE keys >= 0: `make_config`
         if not self.batch_sizes:
             raise ValueError("`batch_sizes` must be a non-empty list of ints > 0; received [].")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"`dtype` must be 'float32' or 'float64'; received {self.dtype!r}.")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"`precision` must be one of {list(PRECISIONS)}; "
-                             f"received {self.precision!r}.")  # fmt: skip
+        gj.check_one_of("dtype", self.dtype, ("float32", "float64"))
+        gj.check_one_of("precision", self.precision, PRECISIONS)
         if self.dtype == "float64":  # before a run directory exists or anything is measured
             lacking = sorted({d.platform for d in jax.devices() if not gj.supports_float64(d)})
             if lacking:
@@ -127,18 +121,6 @@ class Config:
                 "~1e-3); 'highest' keeps float32's own floor.",
                 stacklevel=2,
             )
-
-
-PRESETS = {
-    "default": {},
-    # tiny sizes: checks that every side runs and agrees (the suite runs it), not a measurement
-    "smoke": {"batch_sizes": [4], "chunk_size": 2, "repeats": 1, "w1_dim": 3, "w1_steps": 10,
-              "w2_dim": 2, "w2_width": 4, "w2_steps": 10, "w3_rtol": 1e-4,
-              "baseline_max_samples": 4},
-    # on a GPU: python -m experiments benchmark_sweep --config configs/benchmark_sweep/gpu.toml
-    "gpu": {"batch_sizes": [1000, 10000, 100000, 1000000], "chunk_size": 100000,
-            "dtype": "float32", "repeats": 3, "baseline_max_samples": 100000},
-}  # fmt: skip
 
 
 class Workload(eqx.Module):
@@ -198,23 +180,6 @@ def workload(cfg: Config, name: str, key) -> Workload:
     return Workload(cast(w.model), cast(w.gauge), cast(w.inputs), cast(w.arrays))
 
 
-def _memory() -> dict:
-    stats = jax.devices()[0].memory_stats() or {}
-    # the device's peak since the process started (None where the backend keeps none, CPU),
-    # and the process's peak resident set (cumulative over the run's rows)
-    return {"peak_memory_bytes": stats.get("peak_bytes_in_use"), "peak_rss_bytes": _peak_rss()}
-
-
-def _peak_rss() -> int:
-    """This address space's peak RSS: VmHWM where Linux reports it (`ru_maxrss` also counts the
-    parent's RSS at fork, which Linux carries across exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _gaugejax(
     cfg: Config, w: Workload, key, num_samples: int, sharded: bool
 ) -> tuple[dict, np.ndarray]:
@@ -236,7 +201,7 @@ def _gaugejax(
     row = {"samples_per_s": num_samples / statistics.median(times),
            "compile_s": first.compile_time_s, "noise_floor": first.noise_floor,
            "verdict": first.verdict, "chunk_size": chunk, "num_devices": len(devices),
-           **_baselines.deviations(first.max_abs, first.num_steps),
+           **gj.deviation_summary(first.max_abs, first.num_steps),
            "evaluations_mean": float(np.mean(np.asarray(first.num_evaluations)))}  # fmt: skip
     steps, counts = np.unique(np.asarray(first.num_steps), return_counts=True)
     row["steps_histogram"] = {int(a): int(b) for a, b in zip(steps, counts, strict=True)}
@@ -274,24 +239,7 @@ def field_flops(cfg: Config, name: str, w: Workload, key) -> float:
             return jax.vmap(lambda x: sensitivity(t, (x, x), None))(xs)
 
     with jax.default_matmul_precision(cfg.precision):
-        cost = jax.jit(evaluate).lower(w.inputs).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost  # older jax: one per module
-    return float(cost["flops"])
-
-
-def matmul_ceiling(cfg: Config) -> dict:
-    """The measured FLOP/s ceiling of the first device: an n x n matmul in the workloads' dtype
-    and precision (n = 1024 on a CPU, 8192 on an accelerator), 2 n^3 FLOPs, median of
-    `repeats` (at least 5) after a compiled warm-up."""
-    device = jax.devices()[0]
-    n = 1024 if device.platform == "cpu" else 8192
-    a = jax.device_put(jnp.ones((n, n), cfg.dtype), device)
-    with jax.default_matmul_precision(cfg.precision):
-        program = jax.jit(lambda x: x @ x).lower(a).compile()
-    jax.block_until_ready(program(a))
-    seconds = _baselines.median_time(lambda: program(a), max(cfg.repeats, 5))
-    return {"flop_per_s": 2.0 * n**3 / seconds, "n": n, "dtype": cfg.dtype,
-            "precision": cfg.precision}  # fmt: skip
+        return gj.program_flops(evaluate, w.inputs)
 
 
 def run_side(cfg: Config, name: str, w: Workload, side: str, key, num_samples: int) -> tuple:
@@ -329,7 +277,7 @@ def measure(
         except Exception as e:  # a side that fails (e.g. out of memory) is a row, not a crash
             rows.append({**row, "status": f"failed: {type(e).__name__}: {str(e)[:300]}"})
             continue
-        row.update(status="ok", **data, **_memory())
+        row.update(status="ok", **data, **gj.peak_memory())  # cumulative over the rows
         if base is None and side == "gaugejax":
             base = per_sample
         elif base is not None:
@@ -385,7 +333,9 @@ def run(config: Config, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     start = time.perf_counter()
     env = io.env_info()
-    env["ceiling"] = matmul_ceiling(config)
+    # the n x n matmul ceiling (n = 1024 on a CPU, 8192 on an accelerator), at least 5 repeats
+    ceiling = gj.matmul_ceiling(config.dtype, config.precision, repeats=max(config.repeats, 5))
+    env["ceiling"] = ceiling
     keys = jax.random.split(jax.random.key(config.seed), len(config.workloads))
     cases = [(name, key, b) for name, key in zip(config.workloads, keys, strict=True)
              for b in config.batch_sizes]  # fmt: skip
@@ -444,6 +394,4 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     device = results["env"]["devices"][0] if results["env"]["devices"] else "?"
     fig.suptitle(f"Gauge-sweep throughput on {device} ({config.dtype})", fontsize=10)
     fig.tight_layout()
-    path = io.save_figure(fig, fig_dir / "throughput.png")
-    plt.close(fig)
-    return [path]
+    return [io.save_figure(fig, fig_dir / "throughput.png", close=True)]

@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import io
+from gaugejax import check_choices, check_one_of, claim, io, optimizer, pyplot
 
-from ._common import check_choices, check_one_of, claim, pyplot
-from ._training import TrainingRun, optimizer
+from ._training import TrainingRun
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +87,6 @@ class Config:
 
 
 REGULARIZERS = ("eq45", "rotation_covariant", "uniform_motion", "kinetic")
-
-PRESETS = {
-    "default": {},
-    "smoke": {"num_seeds": 4, "lambdas": [0.0, 0.1], "num_steps": 200, "num_test": 16},
-}
 
 
 def _task(cfg: Config, key):
@@ -396,6 +390,4 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     axes[2].set_title(f"w(t) of all seeds: lambda {keys[0]} (blue) vs {keys[-1]} (red)")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-    out = [io.save_figure(fig, fig_dir / "gauge_fixing.png")]
-    plt.close(fig)
-    return out
+    return [io.save_figure(fig, fig_dir / "gauge_fixing.png", close=True)]

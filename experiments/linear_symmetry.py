@@ -13,18 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-
-from ._common import (
-    above,
-    below,
+from gaugejax import (
     claim,
+    claim_above as above,
+    claim_below as below,
+    claim_slope as slope_claim,
     in_band,
     loglog_figure,
-    run_checks,
-    slope_claim,
     small_multiples_figure,
     validate_checks,
 )
+
+from ._common import run_checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +61,6 @@ class Config:
                 f"`theorem_layers` ({self.theorem_layers}) must be one of `layer_counts` "
                 f"{list(self.layer_counts)}."
             )
-
-
-PRESETS = {
-    "default": {},
-    "smoke": {"dim": 3, "num_inputs": 4, "num_samples": 8, "chunk_size": 8,
-              "layer_counts": [1, 2, 4, 8], "magnus_steps": [8, 16, 32], "hidden_width": 8},
-}  # fmt: skip
 
 
 class _Setup(eqx.Module):

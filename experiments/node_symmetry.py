@@ -16,18 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-
-from ._common import (
-    above,
-    below,
+from gaugejax import (
     claim,
+    claim_above as above,
+    claim_below as below,
+    claim_slope as slope_claim,
     histogram_figure,
     in_band,
     loglog_figure,
-    run_checks,
-    slope_claim,
     validate_checks,
 )
+
+from ._common import run_checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +55,6 @@ class Config:
 
     def __post_init__(self):
         validate_checks(self.checks, CHECKS)
-
-
-PRESETS = {
-    "default": {},
-    "smoke": {"dim": 3, "width": 16, "num_inputs": 4, "num_samples": 8, "chunk_size": 8,
-              "num_points": 4, "scales": [0.08, 0.04, 0.02]},
-}  # fmt: skip
 
 
 class _Setup(eqx.Module):

@@ -25,10 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import gauge_search as gs, io
+from gaugejax import check_choices, check_one_of, claim, gauge_search as gs, io, optimizer, pyplot
 
-from ._common import check_choices, check_one_of, claim, pyplot
-from ._training import TrainingRun, optimizer
+from ._training import TrainingRun
 
 
 FAMILIES = ("diffeo", "reparam", "composed")
@@ -121,21 +120,6 @@ class Config:
                 "training); the comparison needs measure_rtol <= train_rtol.",
                 stacklevel=2,
             )
-
-
-PRESETS = {
-    "default": {},
-    "smoke": {
-        "train_steps": 100,
-        "num_inputs": 8,
-        "families": ["diffeo", "composed"],
-        "num_samples": 64,
-        "num_features": 16,
-        "proxies": ["adaptive"],
-        "optimise_inputs": 16,
-        "optimise_steps": 50,
-    },
-}
 
 
 def _at(node: gj.NeuralODE, rtol: float, atol: float) -> gj.NeuralODE:
@@ -392,8 +376,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     title = f"Adaptive cost along one gauge orbit (Tsit5, rtol {config.measure_rtol:g})"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out.append(io.save_figure(fig, fig_dir / "nfe_distribution.png"))
-    plt.close(fig)
+    out.append(io.save_figure(fig, fig_dir / "nfe_distribution.png", close=True))
 
     opt = results["optimised"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -424,6 +407,5 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
         ax.legend(fontsize=8)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    out.append(io.save_figure(fig, fig_dir / "gauge_optimisation.png"))
-    plt.close(fig)
+    out.append(io.save_figure(fig, fig_dir / "gauge_optimisation.png", close=True))
     return out

@@ -16,18 +16,19 @@ import numpy as np
 import optax
 
 import gaugejax as gj
-from gaugejax import io, orbits
-
-from ._common import (
-    above,
-    below,
+from gaugejax import (
+    claim_above as above,
+    claim_below as below,
+    claim_slope as slope_claim,
+    io,
+    orbits,
     plain_log_ticks,
     pyplot,
-    run_checks,
-    slope_claim,
     small_multiples,
     validate_checks,
 )
+
+from ._common import run_checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,17 +62,6 @@ class Config:
                 "`learning_rates` must hold at least two values > 0 (a slope needs two); "
                 f"received {list(self.learning_rates)}."
             )
-
-
-PRESETS = {
-    "default": {},
-    "smoke": {
-        "num_data": 16,
-        "num_directions": 4,
-        "num_knots": 16,
-        "learning_rates": [0.002, 0.001],
-    },
-}
 
 
 class _Setup(eqx.Module):
@@ -293,6 +283,4 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     plain_log_ticks(ax)
     ax.set_xticks(d["lrs"], [f"{lr:g}" for lr in d["lrs"]], rotation=30)
     fig.suptitle("Gradient against gauge orbit tangents (float64), and the rescaling charge")
-    path = io.save_figure(fig, fig_dir / "orbit_geometry.png")
-    plt.close(fig)
-    return [path]
+    return [io.save_figure(fig, fig_dir / "orbit_geometry.png", close=True)]

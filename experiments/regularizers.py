@@ -25,10 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import io
+from gaugejax import check_choices, claim, io, optimizer, pyplot
 
-from ._common import check_choices, claim, pyplot
-from ._training import TrainingRun, optimizer
+from ._training import TrainingRun
 
 
 # arm -> its regularisers (each weighted by the config's `<term>_weight`)
@@ -92,23 +91,6 @@ class Config:
                 f"`num_steps` ({self.num_steps}) must be a multiple of `steps_per_chunk` "
                 f"({self.steps_per_chunk}): the NFE curve reads a checkpoint per chunk."
             )
-
-
-PRESETS = {
-    "default": {},
-    "smoke": {
-        "datasets": ["moons"],
-        "arms": ["none", "kinetic", "uniform_motion+kinetic"],
-        "num_seeds": 2,
-        "width": 16,
-        "num_steps": 150,
-        "steps_per_chunk": 50,
-        "learning_rate": 1e-2,
-        "batch_size": 32,
-        "trajectory_examples": 20,
-        "moons_samples": 200,
-    },
-}
 
 
 def _program_terms(arm: str) -> tuple[str, ...]:
@@ -401,8 +383,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
         for ax in axes[:, j]:
             ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    out.append(io.save_figure(fig, fig_dir / "regularizers.png"))
-    plt.close(fig)
+    out.append(io.save_figure(fig, fig_dir / "regularizers.png", close=True))
     for name in names:
         entry = results[name]
         if "trajectories" not in entry:
@@ -426,6 +407,5 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
             ax.set_title(f"{arm}\nNFE {nfe:.0f} per example", fontsize=9)
         fig.suptitle(f"{name}: trajectories of seed 0 (colour: class; dot: z(T))")
         fig.tight_layout()
-        out.append(io.save_figure(fig, fig_dir / f"trajectories_{name}.png"))
-        plt.close(fig)
+        out.append(io.save_figure(fig, fig_dir / f"trajectories_{name}.png", close=True))
     return out

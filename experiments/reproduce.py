@@ -2,14 +2,13 @@
 
 import concurrent.futures
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gaugejax import io
+from gaugejax import claims_table, format_measured, io, make_config, validate_checks
 
 from . import (
     attention_symmetry,
@@ -22,8 +21,8 @@ from . import (
     symmetry_census,
     teleportation,
 )
-from ._common import BAR_POSITION, validate_checks
-from ._config import make_config, to_dict
+from ._common import BAR_POSITION
+from ._config import presets
 
 
 # the experiments `reproduce` can run, in report order (the benchmark is run on its own)
@@ -47,17 +46,7 @@ class Config:
     those checks, the others run every check; the report lists every check left out)."""
 
     preset: str = "default"
-    experiments: tuple[str, ...] = (
-        "node_symmetry",
-        "linear_symmetry",
-        "attention_symmetry",
-        "gauge_fixing",
-        "orbit_geometry",
-        "symmetry_census",
-        "regularizers",
-        "orbit_cost",
-        "teleportation",
-    )
+    experiments: tuple[str, ...] = tuple(REPRODUCIBLE)  # all of them, in report order
     checks: tuple[str, ...] = ()
     # experiments run concurrently on this many threads (1: one after another, so each
     # experiment's wall time in the report is its own). 2: the training experiments run one
@@ -90,28 +79,7 @@ class Config:
         return out
 
 
-# The smoke preset is the one-minute end-to-end run: every experiment, the cheaper checks (all
-# experiments at smoke sizes and every check take about two minutes on 2 CPU cores, almost all
-# of it XLA compilation; `checks=[]` runs them all).
-SMOKE_CHECKS = (
-    "node_symmetry.lie_bracket",
-    "node_symmetry.eq16",
-    "node_symmetry.deform_vs_finite",
-    "node_symmetry.eq20",
-    "linear_symmetry.eq27",
-    "linear_symmetry.wilson",
-    "attention_symmetry.cubic",
-    "attention_symmetry.attention_node",
-    "orbit_geometry.mlp",
-    "orbit_geometry.drift",
-    "symmetry_census.linear_net",
-    "symmetry_census.relu_mlp",
-)
 EXPENSIVE_FIRST = ("regularizers", "node_symmetry", "gauge_fixing", "orbit_cost")
-PRESETS = {
-    "default": {},
-    "smoke": {"preset": "smoke", "checks": list(SMOKE_CHECKS), "workers": 2},
-}
 
 
 # (evidence row id, what the numerics say), in the paper's order; the README says the same
@@ -158,12 +126,6 @@ DISAGREEMENTS = [
 ]
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
-    return str(value)
-
-
 def _left_out(config: Config) -> list[str]:
     selection = config.selection()
     out = []
@@ -173,7 +135,7 @@ def _left_out(config: Config) -> list[str]:
             continue
         # the selection, else the preset's own choice (e.g. the census leaves `scale` out)
         chosen = (
-            selection.get(name) or make_config(module.Config, module.PRESETS[config.preset]).checks
+            selection.get(name) or make_config(module.Config, presets(name)[config.preset]).checks
         )
         out += [f"{name}.{check}" for check, _ in module.CHECKS if chosen and check not in chosen]
     return out
@@ -210,23 +172,7 @@ def write_report(path: Path, claims_by_exp: dict, env: dict, config: Config, wal
         )
     lines.append("")
     for name, summary in claims_by_exp.items():
-        lines += [
-            f"## {name} ({wall[name]:.0f} s)",
-            "",
-            "| claim | equation | measured | tolerance | verdict | detail |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in summary["claims"]:
-            cells = [
-                r["claim"],
-                r["equation"],
-                _fmt(r["measured"]),
-                r["tolerance"],
-                r["verdict"],
-                r["detail"],
-            ]
-            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-        lines.append("")
+        lines += [f"## {name} ({wall[name]:.0f} s)", "", *claims_table(summary["claims"]), ""]
         for fig in summary["figures"]:
             lines.append(f"![{Path(fig).stem}]({name}/{fig})")
         lines.append("")
@@ -238,7 +184,7 @@ def write_report(path: Path, claims_by_exp: dict, env: dict, config: Config, wal
     for row_id, text in DISAGREEMENTS:
         row = by_id.get(row_id)
         evidence = (
-            f"`{row_id}` row: measured {_fmt(row['measured'])} ({row['tolerance']}), "
+            f"`{row_id}` row: measured {format_measured(row['measured'])} ({row['tolerance']}), "
             f"{row['verdict']}"
             if row is not None
             else f"`{row_id}` row: not run at this preset"
@@ -256,12 +202,12 @@ def run(config: Config, run_dir: Path) -> dict:
     configs = {}
     for name in config.experiments:
         module = REPRODUCIBLE[name]
-        if config.preset not in module.PRESETS:
+        found = presets(name)
+        if config.preset not in found:
             raise ValueError(
-                f"`preset` must be one of {sorted(module.PRESETS)} for {name}; "
-                f"received {config.preset!r}."
+                f"`preset` must be one of {sorted(found)} for {name}; received {config.preset!r}."
             )
-        values = dict(module.PRESETS[config.preset])
+        values = dict(found[config.preset])
         if name in selection:
             values["checks"] = list(selection[name])
         configs[name] = make_config(module.Config, values)
@@ -277,19 +223,12 @@ def run(config: Config, run_dir: Path) -> dict:
         BAR_POSITION.set(order.index(name) % config.workers)
         sub_dir = run_dir / name
         sub_dir.mkdir(parents=True, exist_ok=True)
-        wanted = json.loads(json.dumps(io.jsonable(to_dict(configs[name]))))
-        if (sub_dir / "config.json").exists():  # a resumed run: the same config or nothing
-            saved = io.read_json(sub_dir / "config.json")
-            if saved != wanted:
-                raise ValueError(
-                    f"{sub_dir} holds a run of another config; resume it with its own config "
-                    "or start a new run."
-                )
-            if (sub_dir / "summary.json").exists():  # finished before the interruption
-                summary = io.read_json(sub_dir / "summary.json")
-                say(f"[{number[name]}/{total}] {name}: kept from the interrupted run")
-                return summary, float(summary.get("wall_time_s", 0.0))
-        io.write_json(sub_dir / "config.json", to_dict(configs[name]))
+        # a resumed run: the same config or nothing (the first run writes it)
+        io.lock_config(sub_dir / "config.json", configs[name], name)
+        if (sub_dir / "summary.json").exists():  # finished before the interruption
+            summary = io.read_json(sub_dir / "summary.json")
+            say(f"[{number[name]}/{total}] {name}: kept from the interrupted run")
+            return summary, float(summary.get("wall_time_s", 0.0))
         checks = getattr(configs[name], "checks", ()) or [
             c for c, _ in getattr(REPRODUCIBLE[name], "CHECKS", [])
         ]

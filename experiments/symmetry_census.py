@@ -23,9 +23,9 @@ import jax
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import io
+from gaugejax import claim, io, markdown_table, pyplot, validate_checks
 
-from ._common import claim, markdown_table, pyplot, run_checks, validate_checks
+from ._common import run_checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,26 +71,10 @@ class Config:
                 raise ValueError(f"`{name}` must be a non-empty list of ints > 0; received [].")
 
 
-PRESETS = {
-    "default": {},
-    "scale": {"checks": ["scale"], "workers": 1},
-    "smoke": {"mlp_depths": [1, 2], "mlp_widths": [4], "mlp_inputs": [50, 2000]},
-}
-
-
-def _fn(model):
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def fn(p, xs):
-        return jax.vmap(eqx.combine(p, static))(xs)
-
-    return fn, params
-
-
 def _row(name, model, xs, predicted, gauge, cfg, free=None):
     """One census row: discovered vs predicted dimension, and the angles to the family."""
     start = time.perf_counter()
-    fn, params = _fn(model)
+    fn, params = gj.module_function(model)
     found = gj.symmetry_dimension(fn, params, xs)
     sv = found.singular_values
     row = {"architecture": name, "predicted": predicted, "discovered": found.dimension,
@@ -310,7 +294,7 @@ def check_scale(cfg: Config, key, setup):
         # 2 d^2 parameters: dim / 2 sequences of 8 tokens give 4 d^2 outputs (a Jacobian with
         # fewer rows than columns would have a null space of its shape, not of the model)
         xs = jax.random.normal(ks[0], (max(dim // 2, 2), 8, dim))
-        fn, params = _fn(model)
+        fn, params = gj.module_function(model)
         t0 = time.perf_counter()
         found = gj.symmetry_dimension(fn, params, xs, method="randomized")
         seconds = time.perf_counter() - t0
@@ -432,8 +416,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
             ax.set_title(f"{name}: spectra, cut at the null space (dotted)", fontsize=9)
             ax.legend(fontsize=6)
         fig.suptitle("Jacobian spectra (float64); dashed: null_tol 1e-9", fontsize=10)
-        paths.append(io.save_figure(fig, fig_dir / "spectra.png"))
-        plt.close(fig)
+        paths.append(io.save_figure(fig, fig_dir / "spectra.png", close=True))
     if "relu_mlp" in results:
         fig, ax = plt.subplots(figsize=(5.2, 3.8), layout="constrained")
         rows = results["relu_mlp"]["rows"]
@@ -445,6 +428,5 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
         ax.set_title("ReLU MLPs: symmetric directions beyond rescaling", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-        paths.append(io.save_figure(fig, fig_dir / "relu_excess.png"))
-        plt.close(fig)
+        paths.append(io.save_figure(fig, fig_dir / "relu_excess.png", close=True))
     return paths

@@ -35,10 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
-from gaugejax import TELEPORT_OBJECTIVES, io
+from gaugejax import TELEPORT_OBJECTIVES, check_choices, check_one_of, claim, io, optimizer, pyplot
 
-from ._common import check_choices, check_one_of, claim, pyplot
-from ._training import TrainingRun, optimizer
+from ._training import TrainingRun
 
 
 OPTIMIZERS = ("sgd", "adam")
@@ -86,18 +85,6 @@ class Config:
                 f"`steps_per_chunk` must divide `teleport_every`={self.teleport_every} (a "
                 f"checkpoint per chunk); received {self.steps_per_chunk}."
             )
-
-
-PRESETS = {
-    "default": {},
-    "smoke": {
-        "width": 16,
-        "num_steps": 100,
-        "teleport_every": 50,
-        "steps_per_chunk": 50,
-        "teleport_batch_size": 256,
-    },
-}
 
 
 # ---------------------------------------------------------------------------- model and moves
@@ -435,6 +422,4 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     for ax in axes.flat:
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    out = [io.save_figure(fig, Path(fig_dir) / "teleportation.png")]
-    plt.close(fig)
-    return out
+    return [io.save_figure(fig, Path(fig_dir) / "teleportation.png", close=True)]

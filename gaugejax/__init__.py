@@ -8,12 +8,39 @@ entry points and tests do that.
 from importlib.metadata import version as _version
 
 from . import gauges as gauges, models as models
+from ._analysis.blocks import sample_keys as sample_keys
+from ._analysis.claims import (
+    CLAIM_COLUMNS as CLAIM_COLUMNS,
+    CLAIM_VERDICTS as CLAIM_VERDICTS,
+    claim as claim,
+    claim_above as claim_above,
+    claim_below as claim_below,
+    claim_slope as claim_slope,
+    claims_table as claims_table,
+    format_claim as format_claim,
+    format_measured as format_measured,
+    in_band as in_band,
+    markdown_table as markdown_table,
+    run_checks as run_checks,
+    validate_checks as validate_checks,
+)
 from ._analysis.discovery import (
     SymmetryComparison as SymmetryComparison,
     SymmetryDimension as SymmetryDimension,
     compare_symmetries as compare_symmetries,
     gauge_generators as gauge_generators,
+    module_function as module_function,
     symmetry_dimension as symmetry_dimension,
+)
+from ._analysis.figures import (
+    PLOT_LOCK as PLOT_LOCK,
+    histogram_figure as histogram_figure,
+    log_histogram as log_histogram,
+    loglog_figure as loglog_figure,
+    plain_log_ticks as plain_log_ticks,
+    pyplot as pyplot,
+    small_multiples as small_multiples,
+    small_multiples_figure as small_multiples_figure,
 )
 from ._analysis.sweep import (
     PRECISIONS as PRECISIONS,
@@ -105,6 +132,12 @@ from ._fixing.teleport import (
     teleport as teleport,
 )
 from ._infra import io as io
+from ._infra.config import (
+    check_choices as check_choices,
+    check_one_of as check_one_of,
+    load_config as load_config,
+    make_config as make_config,
+)
 from ._infra.data import (
     DATASETS as DATASETS,
     Dataset as Dataset,
@@ -119,12 +152,24 @@ from ._infra.devices import (
     intra_op_threads as intra_op_threads,
     pool_threads_for as pool_threads_for,
     supports_float64 as supports_float64,
+    use_compilation_cache as use_compilation_cache,
 )
 from ._infra.io import RunLocked as RunLocked
+from ._infra.measure import (
+    TimedProgram as TimedProgram,
+    deviation_summary as deviation_summary,
+    matmul_ceiling as matmul_ceiling,
+    median_time as median_time,
+    peak_memory as peak_memory,
+    peak_rss as peak_rss,
+    program_flops as program_flops,
+    time_program as time_program,
+)
 from ._infra.train import (
     StackedLoss as StackedLoss,
     TrainingDiverged as TrainingDiverged,
     TrainResult as TrainResult,
+    optimizer as optimizer,
     read_checkpoint as read_checkpoint,
     stack_models as stack_models,
     train as train,

@@ -93,11 +93,7 @@ def test_relu_mlp_rescaling_is_found_and_the_excess_depends_on_the_batch():
     rescaling generator explains - the batch dependence Grigsby, Lindsey and Rolnick (2023)
     describe."""
     mlp = eqx.nn.MLP(5, 3, 7, 2, activation=jax.nn.relu, key=jax.random.key(2))
-    params, static = eqx.partition(mlp, eqx.is_inexact_array)
-
-    def fn(p, xs):
-        return jax.vmap(eqx.combine(p, static))(xs)
-
+    fn, params = gj.module_function(mlp)
     gens = gj.gauge_generators(gj.RescalingGauge.from_model(mlp), mlp)
     x = jax.random.normal(jax.random.key(102), (2000, 5))
     wide = gj.symmetry_dimension(fn, params, 8 * x)
@@ -135,3 +131,18 @@ def test_no_gap_is_inconclusive_and_bad_input_is_refused():
         gj.symmetry_dimension(lambda p, x: jnp.sqrt(p["w"]), {"w": jnp.zeros(3)}, 0.0)
     with pytest.raises(ValueError, match="floating-point"):
         gj.symmetry_dimension(fn, {"w": jnp.arange(3)}, 0.0)
+
+
+def test_module_function_is_the_model_on_a_batch():
+    lin = eqx.nn.Linear(3, 2, key=jax.random.key(0))
+    fn, params = gj.module_function(lin)
+    xs = jnp.arange(12.0, dtype=jnp.float64).reshape(4, 3)
+    np.testing.assert_array_equal(fn(params, xs), jax.vmap(lin)(xs))
+    assert sum(leaf.size for leaf in jax.tree.leaves(params)) == 3 * 2 + 2
+    # varied parameters move the outputs: zero weights leave the bias alone
+    zeroed = eqx.tree_at(lambda m: m.weight, params, jnp.zeros((2, 3)))
+    np.testing.assert_array_equal(fn(zeroed, xs), jnp.broadcast_to(lin.bias, (4, 2)))
+    with pytest.raises(ValueError, match=r"`model` must be an equinox Module; received function"):
+        gj.module_function(lambda x: x)
+    with pytest.raises(ValueError, match=r"has no inexact array to vary"):
+        gj.module_function(eqx.nn.Lambda(jnp.tanh))

@@ -25,22 +25,25 @@ from experiments import (
     reproduce,
     symmetry_census,
 )
-from experiments._config import load_config, make_config
-from gaugejax import io
+from experiments._config import presets
+from gaugejax import io, load_config, make_config
 
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(
-    "name",
-    sorted(EXPERIMENTS),
-)
-@pytest.mark.parametrize("preset", ["default", "smoke"])
-def test_toml_presets_equal_embedded_presets(name, preset):
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_presets_are_the_toml_files_and_default_toml_is_the_embedded_default(name):
     module = EXPERIMENTS[name]
-    from_toml = load_config(module.Config, ROOT / "configs" / name / f"{preset}.toml")
-    assert from_toml == make_config(module.Config, module.PRESETS[preset])
+    found = presets(name)
+    assert {"default", "smoke"} <= set(found)
+    assert set(found) == {p.stem for p in (ROOT / "configs" / name).glob("*.toml")}
+    # the embedded defaults (the dataclass's) are the default run; default.toml says the same
+    assert make_config(module.Config, found["default"]) == module.Config()
+    for values in found.values():  # every preset is a valid config
+        make_config(module.Config, values)
+    with pytest.raises(ValueError, match=r"no presets for `nope`: .*configs/nope holds no"):
+        presets("nope")
 
 
 def test_config_validation_names_the_problem():
@@ -288,7 +291,7 @@ def test_reproduce_config_validation():
     with pytest.raises(ValueError, match="twice"):
         make_config(attention_symmetry.Config, {"checks": ["cubic", "cubic"]})
     # the smoke preset's selection is valid and covers every experiment
-    smoke = make_config(reproduce.Config, reproduce.PRESETS["smoke"])
+    smoke = make_config(reproduce.Config, presets("reproduce")["smoke"])
     with_checks = {n for n in smoke.experiments if hasattr(EXPERIMENTS[n], "CHECKS")}
     assert set(smoke.selection()) == with_checks and "gauge_fixing" not in with_checks
 
@@ -317,7 +320,7 @@ def test_reproduce_runs_a_selection_and_lists_what_it_left_out(tmp_path):
     assert json.loads((tmp_path / "node_symmetry" / "summary.json").read_text())["figures"] == []
     # a lone check reproduces the number it has in a run of both (its key does not change)
     alone = make_config(
-        node_symmetry.Config, {**node_symmetry.PRESETS["smoke"], "checks": ["eq16"]}
+        node_symmetry.Config, {**presets("node_symmetry")["smoke"], "checks": ["eq16"]}
     )
     rows = node_symmetry.run(alone, tmp_path / "alone")["claims"]
     assert rows[0]["measured"] == summary["claims"][1]["measured"]
@@ -401,8 +404,8 @@ def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
     assert missing.startswith("skipped: gradsolve is not installed")
     assert "torch, torchdiffeq not installed" in torch_missing
     gpu = load_config(benchmark_sweep.Config, ROOT / "configs" / "benchmark_sweep" / "gpu.toml")
-    assert gpu == make_config(benchmark_sweep.Config, benchmark_sweep.PRESETS["gpu"])
-    with pytest.raises(ValueError, match="`workloads` must be"):
+    assert gpu == make_config(benchmark_sweep.Config, presets("benchmark_sweep")["gpu"])
+    with pytest.raises(ValueError, match=r"`workloads` must name distinct entries of .*\[.w4.\]"):
         make_config(benchmark_sweep.Config, {"workloads": ["w4"]})
     with pytest.raises(ValueError, match="batch_sizes"):
         make_config(benchmark_sweep.Config, {"batch_sizes": [0]})
@@ -442,7 +445,7 @@ def test_an_interrupted_experiment_resumes_to_the_same_files(tmp_path):
     file but timings equals an uninterrupted run's (figures byte for byte)."""
     cfg = make_config(
         node_symmetry.Config,
-        {**node_symmetry.PRESETS["smoke"], "checks": ["lie_bracket", "eq16"], "workers": 1},
+        {**presets("node_symmetry")["smoke"], "checks": ["lie_bracket", "eq16"], "workers": 1},
     )
     full, part = tmp_path / "full", tmp_path / "part"
     for d in (full, part):
@@ -617,7 +620,9 @@ def test_benchmark_torchdiffeq_w2_is_the_same_sensitivity_system():
     pytest.importorskip("torchdiffeq")
     import jax
 
-    cfg = make_config(benchmark_sweep.Config, {**benchmark_sweep.PRESETS["smoke"], "w2_steps": 20})
+    cfg = make_config(
+        benchmark_sweep.Config, {**presets("benchmark_sweep")["smoke"], "w2_steps": 20}
+    )
     w = benchmark_sweep.workload(cfg, "w2", jax.random.key(1))
     control = benchmark_sweep.Workload(w.model, w.gauge.control(), w.inputs, {})
     ks = jax.random.key(2)
@@ -671,7 +676,7 @@ def test_symmetry_census_smoke_writes_the_table_and_its_claims(tmp_path):
     depth 1 without excess, the ConvNets' rescaling; the table and both figures are written."""
     cfg = make_config(
         symmetry_census.Config,
-        {**symmetry_census.PRESETS["smoke"], "checks": ["linear_net", "relu_mlp", "cnn"]},
+        {**presets("symmetry_census")["smoke"], "checks": ["linear_net", "relu_mlp", "cnn"]},
     )
     summary = symmetry_census.run(cfg, tmp_path)
     claims = {c["id"]: c for c in summary["claims"]}
@@ -698,7 +703,7 @@ def test_symmetry_census_scale_check_at_tiny_sizes(tmp_path):
     attention finds its 2 (2 k^2) = 16 dimensions (k = 2); the census table gets both tables."""
     cfg = make_config(
         symmetry_census.Config,
-        {**symmetry_census.PRESETS["scale"], "scale_dim": 12, "scale_heads": 3,
+        {**presets("symmetry_census")["scale"], "scale_dim": 12, "scale_heads": 3,
          "scale_tokens": 4, "scale_samples": 2, "scale_dtypes": ["float32"],
          "scale_census_dims": [8]},
     )  # fmt: skip
@@ -716,7 +721,7 @@ def test_symmetry_census_scale_check_at_tiny_sizes(tmp_path):
 def test_an_aim_missed_is_reported_with_its_number_not_failed(tmp_path):
     """A target beyond the paper (`aim=True`) that is not met is "missed": the report says so
     with its measured value and lists it; a paper claim that does not hold is "FAIL"."""
-    from experiments._common import claim
+    from gaugejax import claim
 
     missed = claim("nfe_cut", "2x fewer evaluations", "RNODE", 1.6, False, ">= 2", aim=True)
     failed = claim("eq99", "a claim", "Eq. 99", 0.5, False, "< 0.1")

@@ -14,8 +14,7 @@ import pytest
 
 import gaugejax as gj
 from experiments import regularizers
-from experiments._config import make_config
-from gaugejax import io
+from gaugejax import io, make_config
 
 
 TINY = {

@@ -542,3 +542,18 @@ def test_a_diverging_neural_ode_stops_at_the_last_good_chunk(tmp_path):
         np.all(np.isfinite(a))
         for a in jax.tree.leaves(eqx.filter(err.result.model, eqx.is_inexact_array))
     )
+
+
+def test_optimizer_is_one_object_per_arguments_and_refuses_bad_input():
+    adam = gj.optimizer("adam", 1e-3)
+    assert gj.optimizer("adam", 1e-3) is adam  # one object: `train` reuses its compiled chunk
+    assert gj.optimizer("adam", 2e-3) is not adam and gj.optimizer("sgd", 1e-3) is not adam
+    # the transformation optax builds: sgd's step is -lr * grad
+    sgd = gj.optimizer("sgd", 0.5)
+    grads = {"w": jnp.array([0.5, 0.25], dtype=jnp.float64)}
+    step, _ = sgd.update(grads, sgd.init(grads))
+    np.testing.assert_array_equal(step["w"], [-0.25, -0.125])
+    with pytest.raises(ValueError, match=r"`name` must be an optax optimiser, e.g. 'adam'"):
+        gj.optimizer("adamw2", 1e-3)
+    with pytest.raises(ValueError, match=r"`learning_rate` must be a finite number > 0; received"):
+        gj.optimizer("sgd", 0.0)

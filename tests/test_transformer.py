@@ -43,12 +43,7 @@ def test_rope_pairings_are_relative_rotations():
 
 
 def _census(model, xs):
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def fn(p, x):
-        return jax.vmap(eqx.combine(p, static))(x)
-
-    return gj.symmetry_dimension(fn, params, xs)
+    return gj.symmetry_dimension(*gj.module_function(model), xs)
 
 
 H = 2

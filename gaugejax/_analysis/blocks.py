@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from jaxtyping import PyTree
+from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
 from .._infra.devices import check_cpu_pool, free_memory_bytes
@@ -47,12 +47,30 @@ def gather(out: PyTree) -> PyTree:
     return multihost_utils.process_allgather(out, tiled=True)
 
 
+def sample_keys(key: PRNGKeyArray, num_samples: int) -> Array:
+    """The keys a sweep draws its samples from: sample i's is `jax.random.fold_in(key, i)`.
+    Another implementation drawing its gauge elements from these sees the same elements as
+    `sweep(..., key=key)`, sample for sample (as the benchmark's baselines do).
+
+    **Returns:** `num_samples` keys (a leading axis).
+
+    **Raises:** `ValueError` when `num_samples` is not an int >= 1.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"`num_samples` must be an int >= 1; received {num_samples!r}.")
+    return _fold(key, jnp.arange(num_samples, dtype=jnp.uint32))
+
+
+def _fold(key, indices):
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+
+
 def run_block(plan: Plan, indices, key, params, inputs, reference, scale):
     """The metrics of the lanes `indices` (sample i drawn from `fold_in(key, i)`), in chunks of
     `plan.chunk_size` vmapped lanes, split over the plan's mesh when it has one."""
 
     def body(indices, key, params, inputs, reference, scale):
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+        keys = _fold(key, indices)  # as `sample_keys`, for these lanes
         return jax.lax.map(
             lambda k: lane(plan, k, params, inputs, reference, scale),
             keys,

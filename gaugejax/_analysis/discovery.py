@@ -129,6 +129,25 @@ def _orthonormal_columns(a: np.ndarray, rtol: float) -> np.ndarray:
     return u[:, :r]
 
 
+def module_function(model: Any) -> tuple[Callable[[PyTree, Any], PyTree], PyTree]:
+    """An equinox Module as the `(fn, params)` that `symmetry_dimension` reads: `params` its
+    inexact arrays (the coordinates), `fn(params, xs)` the model applied to each example of
+    the batch `xs` (vmapped over the leading axis), every other leaf held fixed.
+
+    **Raises:** `ValueError` when `model` is not an equinox Module or has no inexact array.
+    """
+    if not isinstance(model, eqx.Module):
+        raise ValueError(f"`model` must be an equinox Module; received {type(model).__name__}.")
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    if not jax.tree.leaves(params):
+        raise ValueError(f"`model` ({type(model).__name__}) has no inexact array to vary.")
+
+    def fn(p, xs):
+        return jax.vmap(eqx.combine(p, static))(xs)
+
+    return fn, params
+
+
 def symmetry_dimension(
     fn: Callable[[PyTree, Any], PyTree],
     params: PyTree,

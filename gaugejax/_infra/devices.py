@@ -172,3 +172,23 @@ def _compiles_float64(platform: str) -> bool:
     except Exception:  # the backend refuses F64 (its message varies by backend and version)
         return False
     return True
+
+
+def use_compilation_cache(path: str | os.PathLike) -> str:
+    """Cache every compiled XLA program of this process in the folder `path`: a later process
+    running the same programs reads them from disk instead of compiling them again. JAX caches
+    only programs whose compile took at least a second by default; a research run compiles
+    many short ones (a smoke run of an experiment: ~100 programs of ~0.05 s each; measured, a
+    cached gauge_fixing smoke run 16.2 s -> 13.2 s), so here every program is cached. Leave it
+    off where compile times are measured (they would be read from disk).
+
+    **Returns:** the folder, as JAX's config holds it.
+
+    **Raises:** `ValueError` when `path` is empty.
+    """
+    folder = os.fspath(path)
+    if not folder:
+        raise ValueError("`path` must name a folder for the compilation cache; received ''.")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return folder

@@ -7,6 +7,7 @@ data (`write_json_checked`) also carry a sha256 over their bytes, so a corrupted
 """
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import hashlib
@@ -83,6 +84,27 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def lock_config(path: str | os.PathLike, config: Any, name: str = "run") -> None:
+    """Make a run directory belong to one config: the first call writes `config` (a dataclass
+    or anything `jsonable`) to `path`; a later call (a resume) with another config is refused,
+    as it would mix the two configs' numbers.
+
+    **Raises:** `ValueError` naming the directory and `name` when `path` holds another config.
+    """
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    # as it reads back: tuples become lists, NaN a string
+    wanted = json.loads(json.dumps(jsonable(config)))
+    path = Path(path)
+    if not path.exists():
+        write_json(path, wanted)
+    elif read_json(path) != wanted:
+        raise ValueError(
+            f"{path.parent} holds a run of another {name} config: resume it with its own "
+            "config.json, or use a new run directory."
+        )
 
 
 # the last two lines of a checksummed JSON file: the digest of every byte before them
@@ -186,13 +208,19 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Save a matplotlib figure atomically as PNG."""
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120, *, close: bool = False) -> Path:
+    """Save a matplotlib figure atomically as PNG; with `close`, close it too (pyplot keeps
+    every open figure: a long run that does not close them holds their memory)."""
     import io as _io
 
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return atomic_write_bytes(path, buf.getvalue())
+    path = atomic_write_bytes(path, buf.getvalue())
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return path
 
 
 def make_run_dir(root: str | os.PathLike, experiment: str) -> Path:

@@ -29,6 +29,7 @@ JSONL metrics, atomic checkpoints and exact resume.
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io as _io
 import json
@@ -334,6 +335,29 @@ def _optimizer_probe(optimizer, params, opt_state) -> list[str]:
         update = jax.tree.leaves(optimizer.update(ones, opt_state, params)[0])
         sums = [sum(float(jnp.sum(u**p)) for u in update) for p in (1, 2)]
     return [f"{v:.6g}" for v in sums]
+
+
+def optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+    """`optax.<name>(learning_rate)`, one object per arguments: `train` keys its compiled chunk
+    on the optimiser object, so the runs of a process that build their optimiser here (arms,
+    a resumed run, repeated calls) share their compiled programs, where a fresh
+    `optax.adam(...)` per run would compile again.
+
+    **Raises:** `ValueError` when `name` is not an optax optimiser or `learning_rate` is not a
+    finite number > 0.
+    """
+    if not (isinstance(name, str) and callable(getattr(optax, name, None))):
+        raise ValueError(f"`name` must be an optax optimiser, e.g. 'adam'; received {name!r}.")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(
+            f"`learning_rate` must be a finite number > 0; received {learning_rate!r}."
+        )
+    return _optimizer(name, learning_rate)
+
+
+@functools.cache
+def _optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+    return getattr(optax, name)(learning_rate)
 
 
 def train(
