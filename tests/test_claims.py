@@ -142,6 +142,11 @@ def test_run_checks_keys_selection_and_resume(tmp_path):
     again, _, _ = gj.run_checks(_checks(calls), tmp_path / "full", key=key, config=_Config())
     assert again == claims and sorted(calls) == ["mean", "norm"]
     assert io.read_json(tmp_path / "full" / "checks" / "config.json") == {"scale": 1.0}
+    # a saved check edited by hand (a failed claim turned into a pass) is refused on resume
+    saved = tmp_path / "full" / "checks" / "norm.json"
+    saved.write_text(saved.read_text().replace('"pass"', '"FAIL"'))
+    with pytest.raises(ValueError, match=r"norm.json"):
+        gj.run_checks(_checks(calls), tmp_path / "full", key=key, config=_Config())
 
 
 def test_run_checks_refuses_bad_input(tmp_path):

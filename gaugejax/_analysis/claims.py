@@ -203,8 +203,9 @@ def run_checks(
     (single-threaded), so `workers` threads run them side by side, `expensive_first` first.
 
     Each finished check is saved at once to `run_dir/checks/<name>.json` (rows, data,
-    seconds; atomically); a check whose file exists is loaded instead of run, so a killed run
-    continued in the same directory runs only what was left. The directory belongs to one
+    seconds; atomically, with a sha256 over its bytes: a hand-edited or damaged file is
+    refused, not read as a result); a check whose file exists is loaded instead of run, so a
+    killed run continued in the same directory runs only what was left. The directory belongs to one
     `config` (saved beside the checks): another config is refused, as it would mix numbers.
 
     **Arguments:**
@@ -242,12 +243,13 @@ def run_checks(
         (check_name, check), check_key = item
         saved = cache / f"{check_name}.json"
         if saved.exists():  # finished by an earlier, interrupted run in this directory
-            done = io.read_json(saved)
+            # checksummed: a hand-edited or damaged file is refused, never read as a result
+            done = io.read_json_checked(saved)
             return done["rows"], done["data"], done["seconds"]
         t0 = time.perf_counter()
         rows, data = check(check_key)
         elapsed = time.perf_counter() - t0
-        io.write_json(saved, {"rows": rows, "data": data, "seconds": elapsed})
+        io.write_json_checked(saved, {"rows": rows, "data": data, "seconds": elapsed})
         return rows, data, elapsed
 
     items = list(zip(checks, keys, strict=True))
