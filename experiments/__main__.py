@@ -4,7 +4,9 @@
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from ._config import presets
@@ -33,6 +35,10 @@ def _experiment_help(name: str, module) -> str:
         lines += ["", f"checks (select with 'checks=[...]'): {', '.join(checks)}"]
     lines += ["", f"presets: {', '.join(presets(name))} (configs/{name}/<preset>.toml)"]
     return "\n".join(lines)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,13 +134,29 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             parser.error(f"--out {args.out}: cannot create a run directory there ({e})")
         io.write_json(run_dir / "config.json", dataclasses.asdict(config))
-    io.write_json(run_dir / "env.json", io.env_info())
+    env = io.env_info()
+    if args.resume is not None and (run_dir / "env.json").exists():
+        # each part of a resumed run keeps its record (date, commit, versions, devices)
+        earlier = io.read_json(run_dir / "env.json")
+        env["earlier_parts"] = [*earlier.pop("earlier_parts", []), earlier]
+    io.write_json(run_dir / "env.json", env)
     status = run_dir / "status.json"
-    io.write_json(status, {"experiment": args.name, "status": "running"})
+
+    def set_status(value: str, **extra) -> None:
+        try:
+            io.write_json(status, {"experiment": args.name, "status": value, **extra})
+        except OSError as e:  # e.g. a full disk: say so; the run does not read as complete
+            print(f"could not record status {value!r} in {status} ({e}); the run is not "
+                  f"complete: resume it with --resume {run_dir}", file=sys.stderr)  # fmt: skip
+
+    set_status("running")
+    # SIGTERM (a scheduler, `kill`) stops a run as Ctrl-C does: finished work kept, resumable
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         summary = module.run(config, run_dir)
     except KeyboardInterrupt:
-        io.write_json(status, {"experiment": args.name, "status": "interrupted"})
+        set_status("interrupted")
         print(
             f"interrupted; finished work is kept in {run_dir}. Resume with: python -m experiments "
             f"{args.name} --resume {run_dir}",
@@ -142,15 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except TrainingDiverged as e:  # stopped cleanly: the last good checkpoint is kept
-        io.write_json(status, {"experiment": args.name, "status": "diverged", "step": int(e.step)})
+        set_status("diverged", step=int(e.step))
         print(f"{e}\nThe run stopped in {run_dir}; nothing after step {e.step} was written.",
               file=sys.stderr)  # fmt: skip
         return 3
     except BaseException:
-        io.write_json(status, {"experiment": args.name, "status": "failed"})
+        set_status("failed")
         raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     io.write_json(run_dir / "summary.json", summary)
-    io.write_json(status, {"experiment": args.name, "status": "complete"})
+    set_status("complete")
 
     claims = summary.get("claims", [])
     for c in claims:  # measured: a number, or "nan"/"inf" as JSON keeps them

@@ -56,7 +56,27 @@ class Config:
     def __post_init__(self):
         if isinstance(self.workers, bool) or self.workers < 1:
             raise ValueError(f"`workers` must be an int >= 1; received {self.workers!r}.")
-        self.selection()  # validates
+        self.experiment_configs()  # validates every part before a run directory exists
+
+    def experiment_configs(self) -> dict:
+        """`{experiment: its Config}` at `preset`, restricted to the selected checks.
+
+        **Raises:** `ValueError` for an unknown experiment or check, or a preset an experiment
+        does not have (naming the ones it has).
+        """
+        selection = self.selection()
+        configs = {}
+        for name in self.experiments:
+            found = presets(name)
+            if self.preset not in found:
+                raise ValueError(
+                    f"`preset` must be one of {sorted(found)} for {name}; received {self.preset!r}."
+                )
+            values = dict(found[self.preset])
+            if name in selection:
+                values["checks"] = list(selection[name])
+            configs[name] = make_config(REPRODUCIBLE[name].Config, values)
+        return configs
 
     def selection(self) -> dict[str, tuple[str, ...]]:
         """`{experiment: checks}` for the experiments that `checks` restricts."""
@@ -196,21 +216,9 @@ def write_report(path: Path, claims_by_exp: dict, env: dict, config: Config, wal
 
 def run(config: Config, run_dir: Path) -> dict:
     """Run each experiment at `config.preset` in `run_dir/<name>/`; write `report.md`."""
-    selection = config.selection()
     run_dir = Path(run_dir)
     env = io.env_info()
-    configs = {}
-    for name in config.experiments:
-        module = REPRODUCIBLE[name]
-        found = presets(name)
-        if config.preset not in found:
-            raise ValueError(
-                f"`preset` must be one of {sorted(found)} for {name}; received {config.preset!r}."
-            )
-        values = dict(found[config.preset])
-        if name in selection:
-            values["checks"] = list(selection[name])
-        configs[name] = make_config(module.Config, values)
+    configs = config.experiment_configs()
 
     total = len(config.experiments)
     number = {name: i + 1 for i, name in enumerate(config.experiments)}

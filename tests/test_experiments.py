@@ -103,6 +103,21 @@ def test_cli_refuses_bad_paths_in_one_line_before_any_directory(
     assert not (out / "node_symmetry").exists()
 
 
+def test_reproduce_refuses_a_bad_preset_before_any_directory(tmp_path, capsys, monkeypatch):
+    """`reproduce preset=bogus` is a usage error naming the presets an experiment has, before
+    the run directory exists (it created the directory, then failed with a traceback)."""
+    from experiments.__main__ import main
+
+    monkeypatch.setenv("GAUGEJAX_JAX_CACHE", "")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--out", str(tmp_path), "preset=bogus"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "`preset` must be one of ['default', 'smoke'] for node_symmetry; received 'bogus'" in err
+    assert not (tmp_path / "reproduce").exists()
+    assert make_config(reproduce.Config, {"preset": "smoke"}).preset == "smoke"
+
+
 def test_atomic_writes_and_jsonl(tmp_path):
     io.write_json(tmp_path / "a.json", {"x": float("nan"), "y": [1, 2]})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": "nan", "y": [1, 2]}
@@ -419,8 +434,9 @@ def _files(root: Path) -> dict[str, bytes]:
     }
 
 
-# timing fields, and the checksum of a file that holds one (it covers the timing too)
-TIMINGS = ("seconds", "wall_time_s", "date_utc", "sha256")
+# timing fields, the checksum of a file that holds one (it covers the timing too), and the
+# records of a resumed run's earlier parts (env.json)
+TIMINGS = ("seconds", "wall_time_s", "date_utc", "sha256", "earlier_parts")
 
 
 def _without_timings(name: str, data: bytes):
@@ -469,8 +485,10 @@ def test_an_interrupted_experiment_resumes_to_the_same_files(tmp_path):
         node_symmetry.run(other, part)
 
 
-def test_cli_interrupt_stops_within_seconds_and_marks_the_run(tmp_path):
-    """SIGINT while a check runs: the CLI exits within 10 s (the checks not started are
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_cli_interrupt_stops_within_seconds_and_marks_the_run(tmp_path, signum):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler, `kill`) while a check runs: the CLI exits within
+    10 s (the checks not started are
     cancelled), status "interrupted", nothing claimed, and it says how to resume (resuming to
     the same files: `test_an_interrupted_experiment_resumes_to_the_same_files` for checks,
     `test_killed_gauge_fixing_resumes_to_the_same_files` through the CLI). The child starts
@@ -496,13 +514,13 @@ def test_cli_interrupt_stops_within_seconds_and_marks_the_run(tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     time.sleep(1.0)  # inside thm21 (about 10 s at smoke size)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     sent = time.monotonic()
     while proc.poll() is None and time.monotonic() - sent < 60:
         try:
             proc.wait(timeout=2.0)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert time.monotonic() - sent < 10 and proc.returncode == 130, err[-2000:]
     (run_dir,) = tmp_path.glob("node_symmetry/*")
@@ -554,6 +572,9 @@ def test_killed_gauge_fixing_resumes_to_the_same_files(tmp_path, capfd):
         assert _without_timings(name, a[name]) == _without_timings(name, b[name]), name
     steps = [r["step"] for r in io.read_jsonl(run_dir / "lambda_0.1" / "metrics.jsonl")]
     assert steps == list(range(50))
+    # the killed part's record is kept beside the resumed part's
+    (killed,) = io.read_json(run_dir / "env.json")["earlier_parts"]
+    assert killed["x64"] is True and killed["date_utc"] <= io.env_info()["date_utc"]
 
 
 def test_benchmark_cli_shards_over_one_cpu_device_per_core(tmp_path):
