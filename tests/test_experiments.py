@@ -167,7 +167,7 @@ def _report_without_timings(text: str) -> str:
 
 def _cli(args: list[str], capfd) -> tuple[int, str, str]:
     """`python -m experiments ARGS` run in this process: `(exit code, stdout, stderr)`. The
-    CLI's compilation cache is the test session's (`tests/conftest.py`; none when it is off),
+    CLI's compilation cache is the test session's (`tests/conftest.py`; none by default),
     and the thread-pool size it sets for a fresh process (`NPROC`, read only when JAX starts)
     is not left behind for the subprocesses of later tests."""
     from experiments.__main__ import main
@@ -534,9 +534,9 @@ def test_killed_gauge_fixing_resumes_to_the_same_files(tmp_path, capfd):
     `--resume`: the finished lambda is kept, the other continues from its checkpoint, and every
     file but timing fields equals an uninterrupted run's: checkpoints, logs (each step once),
     results and the figure byte for byte. The uninterrupted run is the CLI in this process
-    (`_cli`); the killed run and its resume are processes (a kill is what is tested). All three
-    share the session's compilation cache, so they run the same executables (and the two
-    processes read them from disk instead of compiling)."""
+    (`_cli`); the killed run and its resume are processes (a kill is what is tested), sharing a
+    compilation cache (the resume reads the programs the killed run compiled; with the
+    session's cache, conftest, all three do)."""
     args = ["gauge_fixing", "--config", "configs/gauge_fixing/smoke.toml", "num_steps=50",
             "steps_per_chunk=10", "arms=[]"]  # fmt: skip
     code, _, err = _cli([*args, "--out", str(tmp_path / "full")], capfd)
