@@ -11,6 +11,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 142 s -> 98 s, all passing). The arithmetic is the same IEEE float64; the subprocesses the
 # tests start inherit the setting. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs them fully optimised.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# And XLA:CPU's compiler itself: its classic (non-MLIR) fusion emitters, and the LLVM module
+# code-generated in one piece, not split over threads (the xdist workers already use every
+# core). Measured on the 2-core machine, whole-process CPU seconds: benchmark_sweep's w1 sides
+# 12.0 -> 7.3, the census `scale` check at tiny sizes 21.0 -> 11.6. Still IEEE float64 (no fast
+# math); appended to any XLA_FLAGS of the caller, read when the CPU client starts (after this),
+# inherited by the subprocesses the tests start. GAUGEJAX_TEST_XLA_FLAGS= (empty) drops them.
+COMPILE_FLAGS = os.environ.get(
+    "GAUGEJAX_TEST_XLA_FLAGS",
+    "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1",
+)
+if COMPILE_FLAGS and COMPILE_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COMPILE_FLAGS}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -28,6 +28,8 @@ from experiments import (
 from experiments._config import presets
 from gaugejax import io, load_config, make_config
 
+from .conftest import COMPILE_FLAGS
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -588,7 +590,9 @@ def test_benchmark_cli_shards_over_one_cpu_device_per_core(tmp_path):
            'sides=["gaugejax", "gaugejax_sharded"]']  # fmt: skip
     for extra, devices in (([], cores), (["--cpu-devices", "1"], 1)):
         out = tmp_path / str(devices)
+        # the caller's XLA_FLAGS (a device count) dropped, the suite's compile flags kept
         env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "XLA_FLAGS")}
+        env["XLA_FLAGS"] = COMPILE_FLAGS
         proc = subprocess.run([*cmd, *extra, "--out", str(out)], cwd=ROOT, env=env,
                               capture_output=True, text=True)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
