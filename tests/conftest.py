@@ -3,6 +3,7 @@
 import os
 import shutil
 import tempfile
+from importlib import metadata
 
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -17,9 +18,14 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # 12.0 -> 7.3, the census `scale` check at tiny sizes 21.0 -> 11.6. Still IEEE float64 (no fast
 # math); appended to any XLA_FLAGS of the caller, read when the CPU client starts (after this),
 # inherited by the subprocesses the tests start. GAUGEJAX_TEST_XLA_FLAGS= (empty) drops them.
+# Measured with jaxlib 0.10.x, whose XLA knows both flags (XLA aborts on a flag it does not
+# know): other versions run without them unless GAUGEJAX_TEST_XLA_FLAGS names some.
+_MEASURED = metadata.version("jaxlib").startswith("0.10.")
 COMPILE_FLAGS = os.environ.get(
     "GAUGEJAX_TEST_XLA_FLAGS",
-    "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1",
+    "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+    if _MEASURED
+    else "",
 )
 if COMPILE_FLAGS and COMPILE_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COMPILE_FLAGS}".strip()
