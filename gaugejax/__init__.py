@@ -52,7 +52,12 @@ from ._analysis.sweep import (
     sweep as sweep,
     sweep_lane as sweep_lane,
 )
-from ._analysis.verdict import VERDICTS as VERDICTS, Verdict as Verdict, judge as judge
+from ._analysis.verdict import (
+    VERDICTS as VERDICTS,
+    Recheck as Recheck,
+    Verdict as Verdict,
+    judge as judge,
+)
 from ._core.calculus import (
     DeformedField as DeformedField,
     ReparametrizedField as ReparametrizedField,

@@ -346,7 +346,9 @@ def test_results_are_json(tmp_path):
         parameter_growth=np.ones(2), reference_scale=2.0, noise_floor=0.0,
         solver_floor=float("nan"), floor=1e-15, control_max_rel=np.zeros(0), verdict="holds",
         verdict_reason="", dtype="float64", precision="highest", chunk_size=2, num_devices=1,
-        compile_time_s=0.0, run_time_s=0.0,
+        compile_time_s=0.0, run_time_s=0.0, float_floor=5.7e-14, rounding_floor=5.7e-14,
+        recheck_lanes=np.asarray([0]), recheck_loose_max_rel=np.asarray([0.5]),
+        recheck_max_rel=np.asarray([np.nan]), recheck_floor=1e-11, recheck_how="at rtol 1e-11",
     )  # fmt: skip
     res.save(tmp_path / "s.json")
     json.loads((tmp_path / "s.json").read_text())

@@ -168,9 +168,18 @@ class Runner(NamedTuple):
             reference, noise, solved = observe_reference(plan, params, inputs)
         return reference, float(noise), bool(solved)
 
-    def run(self, plan: Plan, params, inputs, reference, key, num_samples, desc, block=None):
-        """Per-sample metrics of `num_samples` samples (host numpy), compile and run time."""
+    def run(
+        self, plan: Plan, params, inputs, reference, key, num_samples, desc, block=None,
+        indices=None,
+    ):  # fmt: skip
+        """Per-sample metrics of `num_samples` samples (host numpy), compile and run time:
+        samples `0 .. num_samples - 1`, or the sample indices `indices` (rebuilt from their
+        keys, the same elements as in the sweep), in blocks of `block` (default the runner's)."""
         block = self.block if block is None else block
+        # whole blocks: padding lanes draw the next samples, and their results are dropped
+        padded = np.arange(-(-num_samples // block) * block, dtype=np.uint32)
+        if indices is not None:
+            padded[:num_samples] = np.asarray(indices, dtype=np.uint32)
         with jax.default_matmul_precision(plan.precision):
             scale = jnp.max(jnp.abs(flat(reference)))
             if self.mesh is not None:
@@ -187,9 +196,9 @@ class Runner(NamedTuple):
         pieces, run_time = [], 0.0
         blocks = range(-(-num_samples // block))
         for b in tqdm(blocks, desc=desc, unit="block", disable=not self.progress):
-            indices = jax.device_put(np.arange(b * block, (b + 1) * block, dtype=np.uint32), split)
+            lanes = jax.device_put(padded[b * block : (b + 1) * block], split)
             start = time.perf_counter()
-            out = jax.block_until_ready(compiled(indices, *args))
+            out = jax.block_until_ready(compiled(lanes, *args))
             run_time += time.perf_counter() - start
             pieces.append(gather(out))
         merged = {k: np.concatenate([p[k] for p in pieces])[:num_samples] for k in pieces[0]}

@@ -4,9 +4,11 @@
 - the noise floor: the identity element's deviation through the same path (relative);
 - the solver floor: the reference's own solver error, measured by re-solving it with the
   model's tightened copy (`model.tightened`, same structure, so the same compiled programs);
-- the re-check: when the deviation exceeds `HOLD_FACTOR` times the floor, the first samples
-  again at the tight tolerance (solver error shrinks, breaking does not);
-- the control: the family's symmetry-breaking `control()`, through the same program.
+- the re-check: the lanes with the largest deviations and a few random ones, rebuilt from their
+  sample index and re-solved at the tight tolerance (solver error shrinks, breaking does not),
+  whenever the model has a tightened copy;
+- the control: the family's symmetry-breaking `control()`, through the same program (and
+  re-solved at the tight tolerance when the verdict is read there).
 
 The model is asked for its requested accuracy (`requested_accuracy`); nothing here looks at
 model or controller classes.
@@ -20,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
-from ..models.solved import requested_accuracy
+from ..models.solved import expected_shrink, requested_accuracy
 from .blocks import Runner
 from .lane import Plan, flat
 from .sweep_result import good
-from .verdict import FLOAT_FLOOR_ULPS, HOLD_FACTOR, Recheck
+from .verdict import FLOAT_FLOOR_ULPS, Recheck
 
 
 class Tight(NamedTuple):
@@ -39,7 +41,8 @@ class Tight(NamedTuple):
 class Floors(NamedTuple):
     """The reference and the floors of one sweep (relative floors, host floats).
 
-    `note` says how the solver floor was measured (the verdict's floor note); `tight` and
+    `note` says how the solver floor was measured (the verdict's floor note); `missing` names
+    evidence that could not be had (a failed re-solve), empty otherwise; `tight` and
     `tight_reference` are None when there is no solver floor to re-check against.
     """
 
@@ -51,6 +54,7 @@ class Floors(NamedTuple):
     solver_floor: float
     floor: float
     note: str
+    missing: str
     tight: Tight | None
     tight_reference: PyTree | None
 
@@ -72,7 +76,7 @@ def measure_floors(
     tiny, eps = float(jnp.finfo(dtype).tiny), float(jnp.finfo(dtype).eps)
     scale = max(float(jnp.max(jnp.abs(flat(reference)))), tiny)
     float_floor = FLOAT_FLOOR_ULPS * eps
-    solver_floor, tight_reference = 0.0, None
+    solver_floor, tight_reference, missing = 0.0, None, ""
     if tight is not None:
         tight_reference, _, tight_solved = runner.reference(plan, tight.params, inputs)
         gap = float(jnp.max(jnp.abs(flat(tight_reference) - flat(reference))))
@@ -80,7 +84,12 @@ def measure_floors(
             solver_floor = gap / scale
             note = f"solver floor and re-check {tight.how}"
         else:
-            note = f"the re-solve {tight.how} failed (max_steps?): no solver floor"
+            # missing evidence, never a floor of zero: the verdict says so
+            note = f"no solver floor: the reference's re-solve {tight.how} failed"
+            missing = (
+                f"the reference re-solved {tight.how} failed (raise the model's `max_steps`), "
+                "so its own solver error is unknown"
+            )
             solver_floor, tight, tight_reference = float("nan"), None, None
     floor = max(float_floor, 0.0 if math.isnan(solver_floor) else solver_floor, noise / scale)
     if not solved:
@@ -94,9 +103,29 @@ def measure_floors(
         solver_floor,
         floor,
         note,
+        missing,
         tight,
         tight_reference,
     )
+
+
+# the re-check: the lanes with the largest deviations and a few random others
+RECHECK_WORST = 4
+RECHECK_RANDOM = 4
+
+
+def recheck_lanes(merged: dict, key) -> np.ndarray:
+    """The sample indices a re-check re-solves: the `RECHECK_WORST` good lanes with the largest
+    deviations, then `RECHECK_RANDOM` other good lanes drawn from the sweep's `key` (so a
+    planted outlier is always among them, and the rest is not only the worst)."""
+    ok = np.flatnonzero(good(merged))
+    order = ok[np.argsort(-merged["max_rel"][ok], kind="stable")]
+    worst, rest = order[:RECHECK_WORST], order[RECHECK_WORST:]
+    if rest.size:
+        seed = np.asarray(jax.random.key_data(jax.random.fold_in(key, 2**31 - 2))).ravel()
+        picked = np.random.default_rng(seed.astype(np.uint64)).permutation(rest)
+        rest = np.sort(picked[:RECHECK_RANDOM])
+    return np.concatenate([worst, rest]).astype(np.int64)
 
 
 def recheck(
@@ -106,38 +135,44 @@ def recheck(
     inputs: PyTree,
     merged: dict,
     key,
-    num: int,
     block: int,
 ) -> Recheck | None:
-    """The first `num` samples re-solved with the tightened model, when the deviation exceeds
-    `HOLD_FACTOR` times a finite floor and there is a tightened model; else None (also when no
-    sample solved both times).
+    """The lanes of `recheck_lanes` re-solved with the tightened model (rebuilt from their
+    sample index: the same gauge elements), when there is a tightened model and a lane
+    succeeded; else None.
 
-    **Arguments:** `merged`: the sweep's per-sample metrics; `key`: the sweep's key (the same
-    samples are drawn); `num`: samples to re-solve (> 0); `block`: their block size.
+    **Arguments:** `merged`: the sweep's per-sample metrics; `key`: the sweep's key; `block`:
+    the re-check's block size.
+
+    **Returns:** a `Recheck`; a lane whose re-solve failed holds NaN (missing evidence).
     """
-    ok = good(merged)
-    if floors.tight is None or not ok.any() or not math.isfinite(floors.floor):
+    if floors.tight is None or not good(merged).any():
         return None
-    if not float(merged["max_rel"][ok].max()) > HOLD_FACTOR * floors.floor:
-        return None
+    lanes = recheck_lanes(merged, key)
     tight = floors.tight
     again, _, _ = runner.run(
-        plan, tight.params, inputs, floors.tight_reference, key, num, "re-check", block=block
+        plan,
+        tight.params,
+        inputs,
+        floors.tight_reference,
+        key,
+        len(lanes),
+        "re-check",
+        block=block,
+        indices=lanes,
     )
-    both = ok[:num] & good(again)
-    if not both.any():
-        return None
     tight_floor = max(
         floors.float_floor,
         floors.noise / floors.scale,
         requested_accuracy(tight.model, floors.scale),
     )
     return Recheck(
-        loose=float(merged["max_rel"][:num][both].max()),
-        tight=float(again["max_rel"][both].max()),
+        lanes=lanes,
+        loose=merged["max_rel"][lanes].astype(float),
+        tight=np.where(good(again), again["max_rel"], np.nan).astype(float),
         tight_floor=tight_floor,
         how=tight.how,
+        expected_shrink=expected_shrink(tight.model),
     )
 
 

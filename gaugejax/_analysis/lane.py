@@ -38,6 +38,17 @@ def finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def in_dtype(tree: PyTree, dtype) -> PyTree:
+    """`tree` with its floating arrays cast to `dtype` (other leaves unchanged): a sweep runs in
+    its inputs' dtype, whatever dtype a gauge's arrays or samples were made in (e.g. float64
+    under `jax_enable_x64` for a float32 model)."""
+
+    def cast(x):
+        return x.astype(dtype) if eqx.is_inexact_array(x) and x.dtype != dtype else x
+
+    return jax.tree.map(cast, tree)
+
+
 def param_size(tree: PyTree) -> Array:
     """The largest |entry| of the inexact arrays of `tree` (1 when it has none)."""
     leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
@@ -147,7 +158,7 @@ class Plan(NamedTuple):
 def lane(plan: Plan, sample_key, params, inputs, reference, scale) -> dict[str, Array]:
     """The metrics of the gauge sample drawn from `sample_key` (see `lane_metrics`)."""
     model, gauge = eqx.combine(params, plan.static.tree)
-    g = gauge.sample(sample_key)
+    g = in_dtype(gauge.sample(sample_key), scale.dtype)
     if plan.mode == "first_order":
 
         def path(a):
@@ -156,12 +167,13 @@ def lane(plan: Plan, sample_key, params, inputs, reference, scale) -> dict[str, 
         if plan.observable is default_observable:
             # the model's own first-order response (for a neural ODE the forward sensitivity
             # system, under error control)
-            dout, stats = observe_tangent(model, path, gauge.identity(), g, inputs)
+            identity = in_dtype(gauge.identity(), scale.dtype)
+            dout, stats = observe_tangent(model, path, identity, g, inputs)
         else:
             # the observable returns (outputs, stats): has_aux differentiates the outputs only
             _, dout, stats = jax.jvp(
                 lambda a: plan.observable(path(a), inputs),
-                (gauge.identity(),),
+                (in_dtype(gauge.identity(), scale.dtype),),
                 (g,),
                 has_aux=True,
             )
@@ -181,7 +193,8 @@ def observe_reference(plan: Plan, params, inputs):
     reference solve succeeded."""
     model, gauge = eqx.combine(params, plan.static.tree)
     reference, stats = plan.observable(model, inputs)
-    identity = plan.observable(gauge.act(gauge.identity(), model), inputs)[0]
+    dtype = jax.tree.leaves(inputs)[0].dtype
+    identity = plan.observable(gauge.act(in_dtype(gauge.identity(), dtype), model), inputs)[0]
     noise = jnp.max(jnp.abs(flat(identity) - flat(reference)))
     if stats is None:
         return reference, noise, jnp.asarray(True)

@@ -34,11 +34,12 @@ from .lane import (
     Static,
     default_observable as default_observable,
     flat,
+    in_dtype,
     lane,
     observe_reference,
 )
 from .sweep_result import SweepResult as SweepResult, good, status_name as status_name
-from .verdict import judge
+from .verdict import control_clears, judge, rounding_floor, verdict_floor
 
 
 MODES = ("auto", "finite", "first_order")
@@ -189,6 +190,7 @@ def _prepare(model, gauge, inputs, mode, observable, chunk_size, mesh, precision
     # ODE's forward sensitivity system); a custom one is differentiated by a jvp through it.
     differentiated = mode == "first_order" and observable is not default_observable
     model = for_sweep(model, dtype, differentiated=differentiated)
+    gauge = in_dtype(gauge, dtype)  # the gauge's own arrays in the sweep's dtype
     tight, how = tightened(model, dtype)
     if observable is not default_observable and tight is not None:
         # a re-solve of the model says nothing about what a custom observable computes
@@ -305,8 +307,9 @@ def sweep(
       spanning the processes of `jax.distributed`) and the axis of it that the samples are split
       over; the other axes hold replicas. Without `mesh` the sweep builds a one-axis mesh of
       `devices` named `"samples"`.
-    - `control_samples`: samples of the family's symmetry-breaking `control()`, and samples
-      re-solved at a tighter tolerance when the verdict needs them (0: neither).
+    - `control_samples`: samples of the family's symmetry-breaking `control()` (0: none). The
+      re-check (the lanes with the largest deviations and a few random ones, re-solved at a
+      tighter tolerance) runs whenever the model has a tighter solve, whatever this is.
     - `progress`: show a tqdm bar over blocks.
 
     **Returns:** a `SweepResult` with the verdict. Solver failures are reported per lane (NaN
@@ -356,24 +359,48 @@ def sweep(
         plan, prepared.params, inputs, floors.reference, key, num_samples, "sweep"
     )
     ok = good(merged)
-    n = int(min(control_samples, num_samples))  # samples of the re-check and the control
-    again = None
-    if control_samples:
-        # the re-check runs one chunk per device: a few samples, not a block of them
-        again = recheck(runner, plan, floors, inputs, merged, key, n, chunk_size * shards)
+    deviation = float(merged["max_rel"][ok].max()) if ok.any() else float("nan")
+    growth = float(merged["parameter_growth"][ok].max()) if ok.any() else 1.0
+    floor = verdict_floor(floors.floor, growth, floors.eps)
+    # the re-check runs whenever the model has a tighter solve, whatever `control_samples`:
+    # one chunk per device (a few lanes, not a block of them)
+    again = recheck(runner, plan, floors, inputs, merged, key, chunk_size * shards)
+    n = int(min(control_samples, num_samples))  # samples of the control
     control_rel = np.zeros((0,))
     if control is not None:
         control_rel = control_deviations(
             runner, controlled.plan, controlled.params, inputs, floors.reference, key, n
         )
     finite_control = control_rel[np.isfinite(control_rel)]
+    median = float(np.median(finite_control)) if finite_control.size else None
+    if (
+        median is not None
+        and again is not None
+        and controlled.tight is not None
+        and np.isfinite(again.tight).all()
+        and again.within().all()
+        and not control_clears(median, deviation, floor)
+    ):
+        # the verdict will be read at the tight tolerance: the control is re-solved there too
+        control_tight = control_deviations(
+            runner, controlled.plan, controlled.tight.params, inputs, floors.tight_reference, key, n
+        )
+        again = dataclasses.replace(again, control_tight=control_tight)
     result = SweepResult(
         mode=plan.mode,
         reference_scale=floors.scale,
         noise_floor=floors.noise,
         solver_floor=floors.solver_floor,
-        floor=floors.floor,
+        float_floor=floors.float_floor,
+        rounding_floor=rounding_floor(growth, floors.eps) if ok.any() else float("nan"),
+        floor=floor,
         control_max_rel=control_rel,
+        recheck_lanes=again.lanes if again is not None else np.zeros((0,), np.int64),
+        recheck_loose_max_rel=again.loose if again is not None else np.zeros((0,)),
+        recheck_max_rel=again.tight if again is not None else np.zeros((0,)),
+        recheck_floor=again.tight_floor if again is not None else float("nan"),
+        recheck_how=again.how if again is not None else floors.missing or floors.note,
+        control_recheck_max_rel=again.control_tight if again is not None else np.zeros((0,)),
         verdict="",
         verdict_reason="",
         dtype=str(jax.tree.leaves(floors.reference)[0].dtype),
@@ -385,15 +412,16 @@ def sweep(
         **merged,
     )
     verdict = judge(
-        float(merged["max_rel"][ok].max()) if ok.any() else float("nan"),
+        deviation,
         floors.floor,
         num_ok=int(ok.sum()),
         num_samples=num_samples,
         failures=result.failures(),
-        control=float(np.median(finite_control)) if finite_control.size else None,
+        control=median,
         recheck=again,
         floor_note=floors.note,
-        growth=float(merged["parameter_growth"][ok].max()) if ok.any() else 1.0,
+        missing=floors.missing,
+        growth=growth,
         eps=floors.eps,
     )
     return dataclasses.replace(result, verdict=verdict.verdict, verdict_reason=verdict.reason)

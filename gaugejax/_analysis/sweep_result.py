@@ -18,7 +18,7 @@ SUCCESS = int(np.asarray(jax.tree.leaves(SolveStatus.successful)[0]))
 
 # what `SweepResult.save` writes; `load` refuses other formats and versions
 FORMAT = "gaugejax.SweepResult"
-VERSION = 1
+VERSION = 2  # 2: the verdict's floor and its parts, the re-checked lanes
 
 
 def status_name(code: int) -> str:
@@ -43,14 +43,21 @@ class SweepResult:
     `result` the lane's `SolveStatus` code (`status_name` names it). Lanes that failed hold NaN
     deviations.
 
-    Noise and verdict (see `gj.judge`): `noise_floor` is the identity element's absolute
-    deviation through the same path; `solver_floor` the reference's own solver error (relative;
-    NaN when it could not be measured, 0 for models without a solver); `floor` the relative
-    floor judged against; `control_max_rel` the per-sample deviations of the family's
-    symmetry-breaking control (empty without one); `verdict` and `verdict_reason`.
-    `parameter_growth` is, per lane, the largest |parameter| of the transformed model over the
-    model's (1 for first-order sweeps and field families): outputs of such parameters carry
-    that much more rounding, which the verdict's floor includes (`gj.judge`).
+    Noise and verdict (see `gj.judge`): `floor` is the relative floor the verdict judged
+    against (the one its reason names), the largest of its parts: `float_floor` (256 ulp),
+    `solver_floor` (the reference's own solver error, relative; NaN when its re-solve failed,
+    0 for models without a solver), `noise_floor / reference_scale` (`noise_floor` is the
+    identity element's absolute deviation through the same path) and `rounding_floor` (the
+    rounding of the largest transformed parameters, from `parameter_growth`: per lane, the
+    largest |parameter| of the transformed model over the model's, 1 for first-order sweeps
+    and field families). `control_max_rel`: per-sample deviations of the family's
+    symmetry-breaking control (empty without one). The re-check: `recheck_lanes` (sample
+    indices: the largest deviations first, then a few random lanes), their deviations at the
+    model's tolerance (`recheck_loose_max_rel`) and re-solved `recheck_how`
+    (`recheck_max_rel`, NaN where the re-solve failed), against `recheck_floor`;
+    `control_recheck_max_rel` the control re-solved the same way when the verdict was read
+    there (else empty); without a re-check the arrays are empty and `recheck_how` says why.
+    `verdict` and `verdict_reason`.
 
     `save(path)` writes it as checksummed JSON; `SweepResult.load(path)` reads it back equal,
     array dtypes and NaNs included.
@@ -77,6 +84,15 @@ class SweepResult:
     num_devices: int
     compile_time_s: float
     run_time_s: float
+    # the floor's other parts and the re-check (defaults: none measured)
+    float_floor: float = float("nan")
+    rounding_floor: float = float("nan")
+    recheck_lanes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    recheck_loose_max_rel: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    recheck_max_rel: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    recheck_floor: float = float("nan")
+    recheck_how: str = ""
+    control_recheck_max_rel: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
 
     @property
     def num_samples(self) -> int:
@@ -124,8 +140,17 @@ class SweepResult:
                 float(self.parameter_growth[ok].max()) if dev.size else float("nan")
             ),
             "floor": self.floor,
+            "float_floor": self.float_floor,
             "solver_floor": self.solver_floor,
             "noise_floor": self.noise_floor,
+            "rounding_floor": self.rounding_floor,
+            "recheck": {
+                "how": self.recheck_how,
+                "floor": self.recheck_floor,
+                "lanes": [int(i) for i in self.recheck_lanes],
+                "loose_max_rel": [float(x) for x in self.recheck_loose_max_rel],
+                "max_rel": [float(x) for x in self.recheck_max_rel],
+            },
             "control_max_rel_median": float(np.median(control)) if control.size else None,
             "reference_scale": self.reference_scale,
             "num_steps_median": float(np.median(self.num_steps)),

@@ -15,8 +15,9 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
+from ._checks import is_traced
 from ._types import Args, ScalarLike, State, VectorField
-from .solve import SolveStats, solve
+from .solve import SolveStats, check_tolerances, solve
 
 
 # the tighter re-solve: tolerances 1000x smaller (floored at 4 eps), or a step 8x smaller
@@ -103,22 +104,17 @@ class SolveOptions(eqx.Module):
         **Arguments:** `dtype`: the floating dtype the solve runs in.
 
         **Raises:** `ValueError` for a `PIDController` `rtol` or `atol` that is not a finite
-        number >= 0, or an `rtol` in (0, eps of `dtype`). Traced (array) tolerances and other
-        controllers are not checked.
+        number >= 0 (Python numbers and concrete arrays alike), or an `rtol` in (0, eps of
+        `dtype`). Traced tolerances (checked inside `gj.solve`) and other controllers are not
+        checked here.
         """
         controller = self.stepsize_controller
         if not isinstance(controller, diffrax.PIDController):
             return
         eps = float(jnp.finfo(dtype).eps)
-        for name in ("rtol", "atol"):
-            value = getattr(controller, name)
-            if isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0):
-                raise ValueError(
-                    f"the model's `stepsize_controller.{name}` must be a finite number >= 0; "
-                    f"received {value!r}."
-                )
+        check_tolerances(controller, in_graph=False)  # concrete ones, arrays included
         rtol = controller.rtol
-        if isinstance(rtol, (int, float)) and 0 < rtol < eps:
+        if not is_traced(rtol) and 0 < float(jnp.max(jnp.asarray(rtol))) < eps:
             raise ValueError(
                 f"the model's `stepsize_controller.rtol` = {rtol!r} is below the epsilon of "
                 f"{jnp.dtype(dtype).name} ({eps:.2e}): no controller can meet it."
@@ -163,6 +159,20 @@ class SolveOptions(eqx.Module):
             how = f"with dt0 / {STEP_FACTOR} = {float(self.dt0) / STEP_FACTOR:.3g}"
             return self.replace(dt0=dt0), how
         return None, f"no tighter solve for {type(controller).__name__}"
+
+    def expected_shrink(self) -> float:
+        """How much the `tightened` re-solve is expected to shrink a solve's error: `inf` under
+        error control (the tight solve's error is bounded by its tolerances instead), and
+        `STEP_FACTOR ** order` for a fixed step (truncation error `~ dt^order`; the solver's
+        `order`, or 1 when it does not say). The verdict reads a fixed-step re-check with it.
+        """
+        if not isinstance(self.stepsize_controller, diffrax.ConstantStepSize):
+            return math.inf
+        try:
+            order = int(self.solver.order(diffrax.ODETerm(lambda t, y, args: y)))
+        except (AttributeError, TypeError, NotImplementedError):  # no order declared: the least
+            order = 1
+        return float(STEP_FACTOR ** max(order, 1))
 
     def requested_accuracy(self, scale: float) -> float:
         """The relative accuracy these options ask of the solver for outputs of size `scale`:

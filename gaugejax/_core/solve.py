@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int, PyTree
 
-from ._checks import check_like, check_value
+from ._checks import check_like, check_value, is_traced
 from ._types import Args, ScalarLike, State, VectorField
 
 
@@ -182,6 +182,33 @@ def _check_field(field: VectorField, t0: ScalarLike, y0: State, args: Args) -> N
     check_like("`field(t, y, args)` (the output of the vector field)", out, y0)
 
 
+def check_tolerances(
+    controller: diffrax.AbstractStepSizeController, *, in_graph: bool = True
+) -> diffrax.AbstractStepSizeController:
+    """A `PIDController`'s `rtol` and `atol` checked to be finite numbers >= 0: at once when
+    concrete (Python numbers or arrays), inside the compiled program when traced and
+    `in_graph` (`check_value`). Other controllers are returned as they are.
+
+    **Returns:** the controller, with the traced checks attached.
+
+    **Raises:** `ValueError` naming the tolerance and the received value.
+    """
+    if not isinstance(controller, diffrax.PIDController):
+        return controller
+    checked = []
+    for name in ("rtol", "atol"):
+        value = getattr(controller, name)
+        if in_graph or not is_traced(value):
+            value = check_value(
+                value,
+                lambda v=value: ~(jnp.isfinite(jnp.asarray(v)) & (jnp.asarray(v) >= 0)),
+                f"the model's `stepsize_controller.{name}` must be a finite number >= 0;",
+                received=lambda v=value: f"received {np.asarray(v).tolist()!r}.",
+            )
+        checked.append(value)
+    return eqx.tree_at(lambda c: (c.rtol, c.atol), controller, tuple(checked))
+
+
 def _as_time(t):
     if isinstance(t, (int, float)) and not isinstance(t, bool):
         return jnp.asarray(float(t))
@@ -238,6 +265,10 @@ def solve(
     if not isinstance(max_steps, int) or max_steps <= 0:
         raise ValueError(f"`max_steps` must be a positive int; received {max_steps!r}.")
     _check_field(field, t0, y0, args)
+    # invalid tolerances: refused now when concrete; when traced, checked when the program
+    # runs, but only where a failure raises anyway (inside a sweep, `throw=False`, they were
+    # checked on the host before tracing)
+    stepsize_controller = check_tolerances(stepsize_controller, in_graph=throw)
     # Python/NumPy times as arrays: diffeqsolve is jitted and would compile anew for every
     # distinct float value of a static time (weak types keep the promotion of Python floats).
     given = (t0, t1)  # Python floats stay concrete for the check even inside a trace

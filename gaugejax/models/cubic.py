@@ -1,5 +1,6 @@
 """The cubic neural ODE (Eq. 38) and self-attention as an integrated neural ODE (Eq. 39-42)."""
 
+import math
 from collections.abc import Callable
 
 import diffrax
@@ -121,6 +122,10 @@ class AttentionNODE(AbstractSolvedModel):
         """The tolerance: every solve asks rtol = atol = `tolerance`, read as relative."""
         del scale
         return float(self.tolerance)
+
+    def expected_shrink(self) -> float:
+        """`inf`: its solves are under error control (see `requested_accuracy`)."""
+        return math.inf
 
     def weights(self) -> tuple[Float[Array, "d d"], Float[Array, "d d"], Float[Array, "d d"]]:
         """Eq. 41: `Wq = W_{t0:0}^T`, `Wk = (lambda~ W_{t0:0})^T`,

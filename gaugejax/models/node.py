@@ -236,6 +236,10 @@ class AbstractNeuralODE(AbstractSolvedModel):
         """`SolveOptions.requested_accuracy`."""
         return self.solve_options.requested_accuracy(scale)
 
+    def expected_shrink(self) -> float:
+        """`SolveOptions.expected_shrink`."""
+        return self.solve_options.expected_shrink()
+
 
 class _FixedParameters(eqx.Module):
     """`(p, t, y, args) -> field(t, y, args)`: a field with no parameters to move."""

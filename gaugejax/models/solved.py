@@ -10,6 +10,7 @@ sweep engine never looks at model classes.
 """
 
 import abc
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +85,12 @@ class AbstractSolvedModel(eqx.Module):
         **Arguments:** `scale`: the size of the outputs (`max |reference|`, > 0).
         """
 
+    @abc.abstractmethod
+    def expected_shrink(self) -> float:
+        """How much solver error shrinks from this model's solves to its `tightened` ones:
+        `inf` under error control (the tight solve's requested accuracy bounds it), the
+        truncation ratio (e.g. `8 ** order`) for a fixed step."""
+
 
 def tangent_by_jvp(
     observe: Callable[[Any, PyTree], Observation],
@@ -129,6 +136,11 @@ def for_sweep(model: Any, dtype: Any, *, differentiated: bool) -> Any:
 def tightened(model: Any, dtype: Any) -> tuple[Any, str]:
     """`model.tightened(dtype)`; `(None, "no solver")` for a model without solves."""
     return model.tightened(dtype) if _solved(model) else (None, "no solver")
+
+
+def expected_shrink(model: Any) -> float:
+    """`model.expected_shrink()`; `inf` for a model without solves (it has no re-solve)."""
+    return model.expected_shrink() if _solved(model) else math.inf
 
 
 def requested_accuracy(model: Any, scale: float) -> float:
