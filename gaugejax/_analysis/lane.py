@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
+from .._core._checks import reported_checks
 from .._core.solve import NOT_COUNTED, SolveStats, SolveStatus, status_code
 from ..models.solved import observe, observe_tangent
 
@@ -147,7 +148,10 @@ class Plan(NamedTuple):
 def lane(plan: Plan, sample_key, params, inputs, reference, scale) -> dict[str, Array]:
     """The metrics of the gauge sample drawn from `sample_key` (see `lane_metrics`)."""
     model, gauge = eqx.combine(params, plan.static.tree)
-    g = gauge.sample(sample_key)
+    # a bad element fails its lane, never the sweep: the family's traced value checks (factors
+    # > 0 and finite, a matrix not singular) mark it NaN instead of raising at run time
+    with reported_checks():
+        g = gauge.sample(sample_key)
     if plan.mode == "first_order":
 
         def path(a):
@@ -166,7 +170,8 @@ def lane(plan: Plan, sample_key, params, inputs, reference, scale) -> dict[str, 
                 has_aux=True,
             )
         return lane_metrics(dout, scale, stats, g)
-    moved = gauge.act(g, model)
+    with reported_checks():
+        moved = gauge.act(g, model)
     out, stats = plan.observable(moved, inputs)
     growth = None
     if gauge.rescales_parameters:
