@@ -127,3 +127,33 @@ def test_a_sweep_fails_bad_gauge_elements_per_lane():
     with pytest.raises(Exception, match=r"rescaling factors must be > 0 \(and finite\)"):
         jax.block_until_ready(eqx.filter_jit(gauge.act)(bad, mlp))
 
+
+class _Func(eqx.Module):  # diffrax's documentation's field: its state dimension is the MLP's
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, y, args):
+        return self.mlp(y)
+
+
+def test_a_field_family_names_its_dim_and_the_models_interval_type():
+    """A field family of `dim` 3 on a model of state dimension 2 is refused by `check_model`
+    naming both (before: "could not be evaluated on `inputs`" from inside the sweep), and a
+    model with `t1=jnp.asarray(1.0)` is refused naming `t1`, the Python float it must be and
+    what it is (before: a ConcretizationTypeError from `float(t1)` while tracing the sweep)."""
+    k = jax.random.split(jax.random.key(0), 3)
+    model = gj.NeuralODE(_Func(eqx.nn.MLP(2, 2, 8, 1, key=k[0])), t1=1.0)
+    x = jax.random.normal(k[1], (3, 2))
+    for family in (gj.SpatialDiffeoGauge, gj.LieDeformationGauge):
+        wrong = family(3, 1.0, key=k[2])
+        with pytest.raises(ValueError, match=r"has `dim` = 3 .* takes states of dimension 2 "):
+            wrong.check_model(model)
+        with pytest.raises(ValueError, match=r"has `dim` = 3 .* takes states of dimension 2 "):
+            gj.sweep(model, wrong, x, key=k[2], num_samples=2)
+        family(2, 1.0, key=k[2]).check_model(model)  # the right dim is accepted
+    gauge = gj.SpatialDiffeoGauge(2, 1.0, key=k[2])
+    array_t1 = model.with_options(t1=jnp.asarray(1.0))
+    with pytest.raises(TypeError, match=r"the model's `t1` as a Python float .* received Array"):
+        gauge.check_model(array_t1)
+    with pytest.raises(TypeError, match=r"the model's `t1` as a Python float"):
+        gj.sweep(array_t1, gauge, x, key=k[2], num_samples=2)
+    gauge.check_model(model)  # a Python float is accepted
