@@ -2,6 +2,7 @@
 `python -m experiments <name> --resume RUN_DIR` to continue a killed run."""
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
@@ -10,6 +11,10 @@ import threading
 from pathlib import Path
 
 from ._config import presets
+
+
+# the run directory's lock (`gj.io.run_lock`): one process runs in a directory at a time
+RUN_LOCK = "run.lock"
 
 
 def _listing(experiments: dict) -> str:
@@ -47,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     jax.config.update("jax_enable_x64", True)
     from gaugejax import (
-        TrainingDiverged,
+        RunLocked,
         configure_cpu_devices,
-        format_claim,
         intra_op_threads,
         io,
         load_config,
@@ -133,7 +137,24 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = io.make_run_dir(args.out, args.name)
         except OSError as e:
             parser.error(f"--out {args.out}: cannot create a run directory there ({e})")
-        io.write_json(run_dir / "config.json", dataclasses.asdict(config))
+    with contextlib.ExitStack() as held:
+        # before anything is written: a second process (a --resume of a running run) is
+        # refused at once, naming the holder, and leaves the holder's files untouched; the
+        # kernel releases the lock when this process exits, also when it is killed
+        try:
+            held.enter_context(io.run_lock(run_dir / RUN_LOCK))
+        except RunLocked as e:
+            parser.error(f"{'--resume ' + str(run_dir) if args.resume else run_dir}: {e}")
+        if args.resume is None:
+            io.write_json(run_dir / "config.json", dataclasses.asdict(config))
+        return _run(args, module, config, run_dir)
+
+
+def _run(args, module, config, run_dir: Path) -> int:
+    """Run `module` in `run_dir` (its lock held): `env.json`, `status.json`, the run, its
+    `summary.json` and claims printed; the CLI's exit code."""
+    from gaugejax import TrainingDiverged, format_claim, io
+
     env = io.env_info()
     if args.resume is not None and (run_dir / "env.json").exists():
         # each part of a resumed run keeps its record (date, commit, versions, devices)

@@ -56,6 +56,7 @@ class Config:
     measure_rtol: float = 1e-8
     tight_rtol: float = 1e-10
     tight_atol: float = 1e-12
+    measure_max_steps: int = 4096  # solver steps allowed per solve at measure_rtol
     num_inputs: int = 32
     families: tuple[str, ...] = FAMILIES
     num_samples: int = 1000
@@ -101,6 +102,10 @@ class Config:
         for name in ("rho", "max_deviation"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be in (0, 1); received {getattr(self, name)}.")
+        if not (isinstance(self.measure_max_steps, int) and self.measure_max_steps >= 1):
+            raise ValueError(
+                f"`measure_max_steps` must be an int >= 1; received {self.measure_max_steps!r}."
+            )
         if not self.spread_min > 1:
             raise ValueError(
                 f"`spread_min` (max/min NFE along the orbit) must be > 1 (a ratio <= 1 always "
@@ -122,10 +127,10 @@ class Config:
             )
 
 
-def _at(node: gj.NeuralODE, rtol: float, atol: float) -> gj.NeuralODE:
+def _at(node: gj.NeuralODE, rtol: float, atol: float, **options) -> gj.NeuralODE:
     # array tolerances: the measuring and the tight model share every compiled program
     pid = diffrax.PIDController(rtol=jnp.asarray(rtol), atol=jnp.asarray(atol))
-    return node.with_options(stepsize_controller=pid)
+    return node.with_options(stepsize_controller=pid, **options)
 
 
 def _classifier(cfg: Config, key) -> gj.ODEClassifier:
@@ -181,7 +186,9 @@ def run(config: Config, run_dir: Path) -> dict:
                                checkpoint_every=config.steps_per_chunk, run_dir=run_dir / "train",
                                config=cfg_dict, on_chunk=on_chunk)  # fmt: skip
         clf = trained.model
-        measure = _at(clf.node, config.measure_rtol, config.measure_rtol)
+        measure = _at(
+            clf.node, config.measure_rtol, config.measure_rtol, max_steps=config.measure_max_steps
+        )
         tight = _at(clf.node, config.tight_rtol, config.tight_atol)
         inputs = jax.vmap(clf.initial_state)(data.x_test[: config.num_inputs])
         opt_inputs = jax.vmap(clf.initial_state)(data.x_train[: config.optimise_inputs])
@@ -245,9 +252,17 @@ def _sweeps(config: Config, run_dir: Path, tr, measure, families, inputs, k_swee
             )
             result.save(path)
         tr.advance(config.num_samples, f"sweep {name}")
+        nfe = result.num_evaluations[result.ok]
+        if nfe.size == 0:  # nothing to measure: the family's rows fail with the reason
+            sweeps[name] = {
+                "summary": result.summary(),
+                "nfe": nfe,
+                "unsolved": f"no lane of {result.num_samples} solved (failures "
+                f"{result.failures()}; measure_max_steps = {config.measure_max_steps})",
+            }
+            continue
         cheapest = gs.cheapest_lane(result, gauge, key)
         rebuilt = gs.element_cost(measure, gauge, cheapest.element, inputs)
-        nfe = result.num_evaluations[result.ok]
         sweeps[name] = {
             "summary": result.summary(),
             "nfe": nfe,
@@ -313,20 +328,28 @@ def _optimise(config: Config, tr, proxy, models, gauge, inputs, base, ts) -> dic
     }
 
 
-def _claims(cfg: Config, sweeps: dict, optimised: dict, base_nfe: int, accuracy: float) -> list:
-    table = "; ".join(
+def _family_row(n: str, s: dict, base_nfe: int) -> str:
+    if "unsolved" in s:
+        return f"{n}: {s['unsolved']}"
+    return (
         f"{n}: NFE {s['nfe_min']}/{s['nfe_median']:.0f}/{s['nfe_max']} (min/median/max), "
         f"cheapest lane #{s['cheapest']['index']} at {s['cheapest']['num_evaluations']} "
         f"({s['cheapest']['num_evaluations'] / base_nfe:.3f}x, deviation "
         f"{s['cheapest']['max_rel']:.1e}; its rebuilt element "
         f"{s['cheapest']['rebuilt_num_evaluations']}), {100 * s['fraction_cheaper']:.1f}% of "
         "lanes cheaper than the trained model"
-        for n, s in sweeps.items()
     )
-    spread = min(s["spread"] for s in sweeps.values())
+
+
+def _claims(cfg: Config, sweeps: dict, optimised: dict, base_nfe: int, accuracy: float) -> list:
+    table = "; ".join(_family_row(n, s, base_nfe) for n, s in sweeps.items())
+    # a family with no solved lane has no NFE and no deviation: NaN, which fails both rows
+    # (the spread too, although an aim: nothing was measured, so nothing was missed)
+    unsolved = [f"{n}: {s['unsolved']}" for n, s in sweeps.items() if "unsolved" in s]
+    spread = math.nan if unsolved else min(s["spread"] for s in sweeps.values())
     verdicts = {n: s["summary"]["verdict"] for n, s in sweeps.items()}
-    deviation = max(s["summary"]["max_rel_max"] for s in sweeps.values())
-    found = ", ".join(f"{n}: {v}" for n, v in verdicts.items())
+    deviation = math.nan if unsolved else max(s["summary"]["max_rel_max"] for s in sweeps.values())
+    found = "; ".join([", ".join(f"{n}: {v}" for n, v in verdicts.items()), *unsolved])
     rows = [
         claim("orbit_keeps_function", "Every swept family keeps the trained classifier's x(T) "
               f"({cfg.num_samples} samples per family, {cfg.num_inputs} test inputs, rtol "
@@ -337,7 +360,7 @@ def _claims(cfg: Config, sweeps: dict, optimised: dict, base_nfe: int, accuracy:
               f"orbit (max/min NFE over the sampled elements, smallest over {len(sweeps)} "
               "families)", "Sec. 2 (gauge freedom)", spread, spread >= cfg.spread_min,
               f">= {cfg.spread_min:g}", f"trained model NFE {base_nfe}; " + table,
-              aim=True),  # the aims, not claims of the paper
+              aim=not unsolved),  # the aims, not claims of the paper
     ]  # fmt: skip
     for proxy, o in optimised.items():
         ratio, dev, final, tight = o["nfe_ratio"], o["tight"]["max_rel"], o["final"], o["tight"]
@@ -361,14 +384,17 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     fig_dir, out = Path(fig_dir), []
     base, sweeps, inputs = results["base_nfe"], results["sweeps"], config.num_inputs
     fig, axes = plt.subplots(1, len(sweeps), figsize=(4.2 * len(sweeps), 3.6), squeeze=False)
-    all_nfe = np.concatenate([np.asarray(s["nfe"], float) for s in sweeps.values()])
-    lo, hi = min(all_nfe.min(), base), max(all_nfe.max(), base)
+    all_nfe = np.concatenate([np.asarray(s["nfe"], float) for s in sweeps.values()] + [[base]])
+    lo, hi = all_nfe.min(), all_nfe.max()
     step = 6  # Tsit5: 6 evaluations per attempted step (per input)
     bins = np.arange(lo - step / 2, hi + step, step) if hi - lo < 60 * step else 40
     for ax, (name, s) in zip(axes[0], sweeps.items(), strict=True):
         ax.hist(s["nfe"], bins=bins, color="tab:blue", alpha=0.75)
         ax.axvline(base, color="k", ls="--", label=f"trained model ({base})")
-        ax.axvline(s["nfe_min"], color="tab:purple", ls=":", label=f"cheapest ({s['nfe_min']})")
+        if "unsolved" in s:  # an empty histogram, saying why
+            ax.text(0.5, 0.5, "no solved lane", transform=ax.transAxes, ha="center")
+        else:
+            ax.axvline(s["nfe_min"], color="tab:purple", ls=":", label=f"cheapest ({s['nfe_min']})")
         ax.set_title(f"{_LABELS[name]}\n({len(s['nfe'])} samples)", fontsize=9)
         ax.set_xlabel(f"NFE over {inputs} test inputs")
         ax.legend(fontsize=7)
@@ -387,8 +413,9 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     axes[0].set(xlabel="optimiser step", ylabel="proxy / proxy at the trained model",
                 title="Proxy during gauge optimisation")  # fmt: skip
     axes[1].axhline(base, color="k", ls="--", label="trained model")
-    best = min(s["nfe_min"] for s in sweeps.values())
-    axes[1].axhline(best, color="tab:purple", ls=":", label="cheapest sampled element")
+    solved = [s["nfe_min"] for s in sweeps.values() if "unsolved" not in s]
+    if solved:
+        axes[1].axhline(min(solved), color="tab:purple", ls=":", label="cheapest sampled element")
     axes[1].set(xlabel="optimiser step (checkpoints)", ylabel=f"NFE over {inputs} test inputs",
                 title=f"Measured NFE (rtol {config.measure_rtol:g})")  # fmt: skip
     first = next(iter(opt))

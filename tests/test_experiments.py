@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import gaugejax as gj
 from experiments import (
     EXPERIMENTS,
     attention_symmetry,
@@ -240,6 +241,48 @@ def test_reproduce_writes_the_report_and_resumes_an_interrupted_run(tmp_path, ca
     assert io.read_json(run_dir / "status.json")["status"] == "complete"
     resumed = (run_dir / "report.md").read_text()
     assert _report_without_timings(resumed) == _report_without_timings(report)
+
+
+def test_a_run_directory_has_one_process(tmp_path, capfd, monkeypatch):
+    """A run directory is locked by the CLI process running in it (`gj.io.run_lock`): a second
+    one (`--resume` of a running run) is refused at once, naming the holder's pid and host,
+    and writes nothing (before, two processes both ran, interleaving their files). The lock is
+    held for the whole run and released at its end; a stale lock file (a killed holder's pid
+    left in it) does not block a resume. The experiment's run is replaced by a probe: no JAX
+    work."""
+    import platform
+
+    from experiments import node_symmetry
+    from experiments.__main__ import RUN_LOCK
+
+    run_dir = tmp_path / "run"
+    config = dataclasses.asdict(make_config(node_symmetry.Config, {"checks": ["eq20"]}))
+    io.write_json(run_dir / "config.json", config)
+    io.write_json(run_dir / "status.json", {"experiment": "node_symmetry", "status": "running"})
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    held = []
+
+    def probe(cfg, directory):  # what the run sees: its directory locked by this process
+        with pytest.raises(gj.RunLocked):
+            with gj.io.run_lock(directory / RUN_LOCK):
+                pass
+        held.append((directory / RUN_LOCK).read_text())
+        return {"claims": []}
+
+    monkeypatch.setattr(node_symmetry, "run", probe)
+    with gj.io.run_lock(run_dir / RUN_LOCK):  # the first process, still running
+        code, _, err = _cli(["node_symmetry", "--resume", str(run_dir)], capfd)
+        after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != RUN_LOCK}
+    assert code == 2 and held == [], err
+    holder = f"process {os.getpid()} on {platform.node()} holds {RUN_LOCK}"
+    assert f"--resume {run_dir}: {run_dir} is in use: {holder}" in err.strip().splitlines()[-1]
+    assert after == before  # env.json not written, status.json still the holder's
+    (run_dir / RUN_LOCK).write_text("999999999 on a-killed-host")  # a killed holder's file
+    code, out, err = _cli(["node_symmetry", "--resume", str(run_dir)], capfd)
+    assert code == 0, err
+    assert held == [f"{os.getpid()} on {platform.node()}"]
+    assert (run_dir / RUN_LOCK).read_bytes() == b""  # released
+    assert io.read_json(run_dir / "status.json")["status"] == "complete"
 
 
 def test_cli_rejects_unknown_key_with_exit_code(tmp_path, capfd):

@@ -303,6 +303,23 @@ def test_experiment_writes_claims_and_resumes_to_the_same_numbers(tmp_path):
         orbit_cost.run(other, tmp_path)
 
 
+def test_a_sweep_with_no_solved_lane_fails_its_rows_and_resumes(tmp_path):
+    """measure_max_steps = 2: no lane of the orbit's sweep solves (each needs more steps): the
+    run finishes with FAIL rows that say why (not a ValueError from the cheapest lane), and a
+    resume that finds the saved sweep writes the same rows (it crashed again before)."""
+    cfg = make_config(orbit_cost.Config, {**TINY, "measure_max_steps": 2})
+    a = orbit_cost.run(cfg, tmp_path)
+    rows = {c["id"]: c for c in a["claims"]}
+    for name in ("orbit_keeps_function", "orbit_nfe_spread"):  # the spread is no "missed" aim
+        assert rows[name]["verdict"] == "FAIL" and np.isnan(rows[name]["measured"]), rows[name]
+        assert "no lane of 8 solved (failures {'max_steps_reached': 8}" in rows[name]["detail"]
+    assert "sweeps/reparam.json" in {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")}
+    for name in ("results.json", "metrics.jsonl"):  # as a kill after the sweep leaves it
+        (tmp_path / name).unlink()
+    b = orbit_cost.run(cfg, tmp_path)
+    assert _strip(b["claims"]) == _strip(a["claims"])
+
+
 def test_tolerance_warning():
     # (the presets, configs/orbit_cost/*.toml, are checked in tests/test_experiments.py)
     with pytest.warns(UserWarning, match="looser than train_rtol"):
@@ -322,6 +339,7 @@ def test_tolerance_warning():
         ({"num_inputs": 200}, "`num_inputs` must be at most the 125 test"),
         ({"optimise_inputs": 400}, "`optimise_inputs`"),
         ({"num_samples": 0}, "`num_samples` must be an int >= 1"),
+        ({"measure_max_steps": 0}, "`measure_max_steps` must be an int >= 1"),
         ({"tight_rtol": 1e-8}, "`tight_rtol`"),
         ({"spread_min": 1.0}, "`spread_min`"),
         ({"optimise_steps": 30}, "multiple of its chunk"),

@@ -81,6 +81,42 @@ def test_odeterm_is_accepted_as_the_field(user):
     np.testing.assert_allclose(model(x[0]), gj.NeuralODE(raw.func, t1=1.0)(x[0]), rtol=0, atol=0)
 
 
+def _readme_first_example(**options):
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    model = gj.NeuralODE(gj.MLPField(4, 32, 2, key=k1), t1=1.0, **options)
+    return model, jax.random.normal(k2, (8, 4)), gj.SpatialDiffeoGauge(4, 1.0, key=k3), k4
+
+
+def test_default_controller_follows_the_models_dtype():
+    """The README's first example with default options, run in float32 (x64 off), sweeps to
+    "holds": its default controller is rtol = atol = 1e-5 there (measured: deviation 9.4e-6,
+    0.31x the 256-ulp floor 3.05e-5; the control 6.6e-2), where the float64 default 1e-8 was
+    refused. In float64 the default is exactly the old PIDController(rtol=1e-8, atol=1e-8): the
+    same sweep, bit for bit. An explicit rtol 1e-8 in float32 is still refused."""
+    old = diffrax.PIDController(rtol=1e-8, atol=1e-8)
+    with jax.enable_x64(False):
+        model, inputs, gauge, key = _readme_first_example()
+        assert model.stepsize_controller == diffrax.PIDController(rtol=1e-5, atol=1e-5)
+        res = gj.sweep(model, gauge, inputs, key=key, num_samples=64, chunk_size=64)
+        assert res.dtype == "float32" and res.failures() == {}
+        assert res.verdict == "holds", res.verdict_reason
+        assert 1e-6 < np.nanmax(res.max_rel) < 3e-5, res.verdict_reason  # measured 9.4e-6
+        assert model(inputs[0]).dtype == jnp.float32
+        explicit, *_ = _readme_first_example(stepsize_controller=old)
+        with pytest.raises(ValueError, match="rtol` = 1e-08 is below the epsilon of float32"):
+            gj.sweep(explicit, gauge, inputs, key=key, num_samples=8)
+    model, inputs, gauge, key = _readme_first_example()
+    assert model.stepsize_controller == old and type(model.stepsize_controller.rtol) is float
+    default = gj.sweep(model, gauge, inputs, key=key, num_samples=8, control_samples=0)
+    given = gj.sweep(
+        model.with_options(stepsize_controller=old), gauge, inputs, key=key, num_samples=8,
+        control_samples=0,
+    )  # fmt: skip
+    assert default.dtype == "float64" and default.failures() == {}
+    np.testing.assert_array_equal(default.max_rel, given.max_rel)
+    np.testing.assert_array_equal(default.num_steps, given.num_steps)
+
+
 def test_judge_rules():
     """The verdict rule on numbers (gaugejax.verdict), each branch."""
     kw = dict(num_ok=8, num_samples=8, failures={})

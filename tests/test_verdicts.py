@@ -63,6 +63,8 @@ def test_docs_model_at_the_docs_tolerance(family, dtype):
         broken = gj.sweep(model, gauge.control(), x, control_samples=0, **kw)
     assert res.dtype == dtype and res.failures() == {}
     assert res.verdict == "holds", res.verdict_reason
+    assert list(res.summary())[:2] == ["verdict", "verdict_reason"]
+    assert f"the floor {res.floor:.2e}" in res.verdict_reason  # one floor
     assert quiet.verdict == "holds", quiet.verdict_reason
     assert "no symmetry-breaking control" in quiet.verdict_reason
     # the re-check: the worst lane first, every lane shrinking by > 100x into the tight floor

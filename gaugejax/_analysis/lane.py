@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
+from .._core._checks import reported_checks
 from .._core.solve import NOT_COUNTED, SolveStats, SolveStatus, status_code
 from ..models.solved import observe, observe_tangent
 
@@ -158,7 +159,10 @@ class Plan(NamedTuple):
 def lane(plan: Plan, sample_key, params, inputs, reference, scale) -> dict[str, Array]:
     """The metrics of the gauge sample drawn from `sample_key` (see `lane_metrics`)."""
     model, gauge = eqx.combine(params, plan.static.tree)
-    g = in_dtype(gauge.sample(sample_key), scale.dtype)
+    # a bad element fails its lane, never the sweep: the family's traced value checks (factors
+    # > 0 and finite, a matrix not singular) mark it NaN instead of raising at run time
+    with reported_checks():
+        g = in_dtype(gauge.sample(sample_key), scale.dtype)
     if plan.mode == "first_order":
 
         def path(a):
@@ -178,7 +182,8 @@ def lane(plan: Plan, sample_key, params, inputs, reference, scale) -> dict[str, 
                 has_aux=True,
             )
         return lane_metrics(dout, scale, stats, g)
-    moved = gauge.act(g, model)
+    with reported_checks():
+        moved = gauge.act(g, model)
     out, stats = plan.observable(moved, inputs)
     growth = None
     if gauge.rescales_parameters:

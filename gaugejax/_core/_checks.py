@@ -2,7 +2,9 @@
 at trace time) and values, which are checked on the host when concrete and inside the compiled
 program when traced (`check_value`, the one home of that decision)."""
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import equinox as eqx
@@ -29,6 +31,35 @@ def is_traced(tree: Any) -> bool:
     """Whether any leaf of `tree` is a JAX tracer: its value is known only when the compiled
     program runs (under `jit`, `vmap`, `grad`, ...), not now."""
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+# while a sweep lane is traced: traced checks mark their value with NaN instead of raising
+_REPORTED: contextvars.ContextVar[bool] = contextvars.ContextVar("reported_checks", default=False)
+
+
+@contextlib.contextmanager
+def reported_checks() -> Iterator[None]:
+    """While this block traces a function, a traced `check_value` that fails does not raise
+    when the program runs: the floating arrays of its value become NaN instead, for the caller
+    to report. A sweep lane draws and applies its gauge element inside it, so one bad element
+    (a rescaling factor that overflowed to 0 or inf, a singular matrix) fails its lane (NaN
+    outputs: `nonfinite_output`, or `singular_gauge` for a non-finite element) instead of
+    aborting the whole vmapped program with a runtime error. Concrete checks still raise."""
+    token = _REPORTED.set(True)
+    try:
+        yield
+    finally:
+        _REPORTED.reset(token)
+
+
+def _marked(value: T, failed: Any) -> T:
+    bad = jnp.any(failed)
+    return jax.tree.map(
+        lambda x: (
+            jnp.where(bad, jnp.asarray(jnp.nan, x.dtype), x) if eqx.is_inexact_array(x) else x
+        ),
+        value,
+    )
 
 
 def check_value(
@@ -62,12 +93,15 @@ def check_value(
     **Raises:** `error(message)` at once when `failed` is concrete and true. When it is traced,
     the compiled program raises when it runs (an `eqx.EquinoxRuntimeError` under
     `eqx.filter_jit`, a `jax.errors.JaxRuntimeError` under `jax.jit`), its text holding
-    `message`.
+    `message`; inside `reported_checks`, a value holding floating arrays is returned with
+    them NaN instead (nothing raised).
     """
     if callable(failed):
         with jax.ensure_compile_time_eval():
             failed = failed()
     if is_traced(failed):
+        if _REPORTED.get() and any(map(eqx.is_inexact_array, jax.tree.leaves(value))):
+            return _marked(value, failed)
         return eqx.error_if(value, jnp.any(failed), message)
     if bool(np.any(np.asarray(failed))):
         raise error(message if received is None else f"{message} {received()}")

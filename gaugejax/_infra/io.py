@@ -157,11 +157,12 @@ def run_lock(path: str | os.PathLike):
     """Hold an exclusive lock on the file `path` (created with its folder) while the block
     runs: the one process allowed to write a run directory. The lock is the kernel's
     (`fcntl.flock`), so a killed holder releases it with its last file descriptor, and a
-    stale lock file never blocks a resume. The holder's pid is in the file while it holds it
-    (so a refusal names it), and the file is empty after a release.
+    stale lock file never blocks a resume. The holder's pid and host (`"<pid> on <host>"`) are
+    in the file while it holds it (so a refusal names them), and the file is empty after a
+    release.
 
     **Raises:** `RunLocked` when another process (or another open lock in this one) holds it,
-    naming the holder's pid.
+    naming the holder's pid and host.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,7 @@ def run_lock(path: str | os.PathLike):
                 "finish (or stop it) before writing this run directory."
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} on {platform.node() or 'unknown host'}".encode(), 0)
         try:
             yield path
         finally:  # emptied on release: a finished run's files do not depend on its pid

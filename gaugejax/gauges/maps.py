@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from .._core._types import VectorField
+from .._core.options import state_dtype
 from ..models import AbstractNeuralODE
 from .base import AbstractGauge, model_error
 
@@ -89,8 +90,10 @@ class AbstractFieldGauge(AbstractGauge):
     rescales_parameters = False  # the field is wrapped: no parameter moves
 
     def check_model(self, model: Any) -> None:
-        """Raise `TypeError` unless `model` is a neural ODE of kind `acts_on`, `ValueError` unless
-        it integrates over `[0, t1]` of this family."""
+        """Raise `TypeError` unless `model` is a neural ODE of kind `acts_on` whose `t0` and `t1`
+        are Python numbers, `ValueError` unless it integrates over `[0, t1]` of this family and,
+        for a family with a state dimension (`features` of `dim` columns, or `dim`), its field
+        maps states of that dimension to themselves."""
         if not isinstance(model, self.acts_on):
             if self.acts_on is AbstractNeuralODE:
                 expected = "a gaugejax neural ODE (gaugejax.NeuralODE or LinearNODE)"
@@ -107,12 +110,30 @@ class AbstractFieldGauge(AbstractGauge):
                     "(e.g. gj.BasisLinearField or gj.FunctionLinearField(w, b))."
                 )
             raise model_error(self, expected, model, how)
+        for name in ("t0", "t1"):
+            value = getattr(model, name)
+            if not isinstance(value, int | float):  # an array would be traced in a sweep
+                raise TypeError(
+                    f"{type(self).__name__} needs the model's `{name}` as a Python float (the "
+                    "interval is static: the family's boundary conditions are checked against "
+                    f"it); received {value!r}. Build the model with {name}=float({name})."
+                )
         t0, t1 = float(model.t0), float(model.t1)
         if t0 != 0.0 or abs(t1 - float(self.t1)) > 1e-12 * max(1.0, abs(t1)):
             raise ValueError(
                 f"{type(self).__name__} is defined on [0, {float(self.t1)}] (its boundary "
                 f"conditions hold at t = 0 and t = t1 = {float(self.t1)}); the model integrates "
                 f"over [{t0}, {t1}]. Build the gauge with t1={t1} (models must start at t0 = 0)."
+            )
+        features = getattr(self, "features", None)
+        dim = features.U.shape[1] if hasattr(features, "U") else getattr(self, "dim", None)
+        if isinstance(dim, int) and _maps_states(model, dim) is not True:
+            found = [d for d in range(1, 257) if d != dim and _maps_states(model, d) is True]
+            state = f"states of dimension {found[0]}" if len(found) == 1 else "other states"
+            raise ValueError(
+                f"{type(self).__name__} has `dim` = {dim} (it moves states of dimension {dim}); "
+                f"the model's field takes {state} ({_maps_states(model, dim)}). Build the "
+                "gauge with the model's state dimension."
             )
 
     def tangent(self, model: Any, direction: PyTree) -> AbstractNeuralODE:
@@ -174,6 +195,18 @@ class AbstractMapGauge(AbstractFieldGauge):
 
     def compose(self, g1: PyTree, g2: PyTree) -> PyTree:
         return Compose(g1, g2)
+
+
+def _maps_states(model: Any, dim: int) -> bool | str:
+    """True when `model.field` maps a state of shape `(dim,)` to one of that shape (traced
+    only: `jax.eval_shape`), else what it does instead."""
+    y = jax.ShapeDtypeStruct((dim,), state_dtype(model.field))
+    try:
+        out = jax.eval_shape(lambda y: model.field(float(model.t0), y, model.args), y)
+    except Exception as e:  # noqa: BLE001 - any failure means: not a state of this size
+        return f"on a state of shape ({dim},): {type(e).__name__}: {str(e).splitlines()[0]}"
+    shapes = [tuple(x.shape) for x in jax.tree.leaves(out)]
+    return True if shapes == [(dim,)] else f"a state of shape ({dim},) gives shapes {shapes}"
 
 
 class FieldTangent(eqx.Module):

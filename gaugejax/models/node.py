@@ -12,7 +12,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
 from .._core._types import Args, ScalarLike, SpacetimeGenerator, State, VectorField
 from .._core.calculus import time_array, tree_sub
-from .._core.options import SolveOptions
+from .._core.options import SolveOptions, state_dtype
 from .._core.solve import MovedField, SensitivityField, SolveStats
 from .solved import AbstractSolvedModel
 
@@ -97,7 +97,12 @@ class AbstractNeuralODE(AbstractSolvedModel):
 
     @property
     def stepsize_controller(self) -> diffrax.AbstractStepSizeController:
-        return self.solve_options.stepsize_controller
+        # a default (None) controller as it solves the model: for its parameters' dtype
+        return self._options().stepsize_controller
+
+    def _options(self) -> SolveOptions:
+        """The `SolveOptions` for the parameters' dtype (`SolveOptions.for_dtype`)."""
+        return self.solve_options.for_dtype(state_dtype(self))
 
     @property
     def dt0(self) -> float | Float[ArrayLike, "*batch"] | None:
@@ -214,11 +219,13 @@ class AbstractNeuralODE(AbstractSolvedModel):
         return jax.vmap(one)(inputs)
 
     def for_sweep(self, dtype: Any, *, differentiated: bool) -> "AbstractNeuralODE":
-        """Tolerances checked against `dtype`, `throw=False`, `diffrax.ForwardMode()` when the
+        """The default controller resolved for `dtype` (`SolveOptions.for_dtype`), tolerances
+        checked against `dtype`, `throw=False`, `diffrax.ForwardMode()` when the
         sweep differentiates through the solve, and the tolerances and `dt0` traced in the
         parameters' dtype (`SolveOptions.traced`)."""
-        self.solve_options.check_tolerances(dtype)
-        options = self.solve_options.replace(throw=False)
+        options = self.solve_options.for_dtype(dtype)  # a default controller for `dtype`
+        options.check_tolerances(dtype)
+        options = options.replace(throw=False)
         if differentiated:  # a jvp through diffeqsolve needs the forward-mode adjoint
             options = options.replace(adjoint=diffrax.ForwardMode())
         options = options.traced(_param_dtype(self) or jnp.result_type(float))
@@ -227,14 +234,15 @@ class AbstractNeuralODE(AbstractSolvedModel):
     def tightened(self, dtype: Any) -> tuple["AbstractNeuralODE | None", str]:
         """The model with `SolveOptions.tightened` options (tolerances floored at 4 eps of
         `dtype`)."""
-        options, how = self.solve_options.tightened(4 * float(jnp.finfo(dtype).eps))
+        options = self.solve_options.for_dtype(dtype)
+        options, how = options.tightened(4 * float(jnp.finfo(dtype).eps))
         if options is None:
             return None, how
         return eqx.tree_at(lambda m: m.solve_options, self, options), how
 
     def requested_accuracy(self, scale: float) -> float:
         """`SolveOptions.requested_accuracy`."""
-        return self.solve_options.requested_accuracy(scale)
+        return self._options().requested_accuracy(scale)
 
     def expected_shrink(self) -> float:
         """`SolveOptions.expected_shrink`."""
@@ -295,7 +303,8 @@ class NeuralODE(AbstractNeuralODE):
     - `solver`: any diffrax ODE solver (explicit, implicit, reversible; default Tsit5). Field
       evaluations are counted for explicit Runge-Kutta solvers and Euler, and reported as "not
       counted" otherwise.
-    - `stepsize_controller` (default PID, rtol = atol = 1e-8), `dt0`, `max_steps` (4096),
+    - `stepsize_controller` (default PID at rtol = atol = 1e-8 in float64, 1e-5 in float32:
+      `SolveOptions`), `dt0`, `max_steps` (4096),
       `adjoint` (default recursive checkpointing; any diffrax adjoint), `args`: as in
       `diffrax.diffeqsolve`.
     - `throw`: raise on solver failure (default); sweeps set it to False and read the stats.
