@@ -334,6 +334,12 @@ def test_gauge_fixing_config_validation():
 def test_reproduce_config_validation():
     with pytest.raises(ValueError, match=r"unknown experiment\(s\) \['nope'\]"):
         make_config(reproduce.Config, {"experiments": ["nope"]})
+    # the benchmark is not one of reproduce's experiments (it was accepted and ran 9 minutes)
+    with pytest.raises(ValueError, match=r"unknown experiment\(s\) \['benchmark_sweep'\]"):
+        make_config(reproduce.Config, {"experiments": ["benchmark_sweep"]})
+    # a config.json holding `null` (a hand-edited run directory): named, not a TypeError
+    with pytest.raises(ValueError, match=r"config values must be a mapping.*received None"):
+        make_config(reproduce.Config, None)
     with pytest.raises(ValueError, match=r"'experiment.check'.*received 'eq16'"):
         make_config(reproduce.Config, {"checks": ["eq16"]})
     with pytest.raises(ValueError, match=r"received 'gauge_fixing.train'"):

@@ -189,6 +189,9 @@ def test_catastrophic_cancellation_is_inconclusive_not_broken():
         huge = gj.sweep(mlp, HiddenShift(scale), x, key=k[2], num_samples=8, chunk_size=8)
         assert huge.verdict == "inconclusive" and "cancellation" in huge.verdict_reason
         assert huge.failures() == {}  # solved lanes: their numbers are deviations
+        # one floor: the result's is the one the reason names (the rounding floor here)
+        assert huge.floor == huge.rounding_floor > huge.float_floor
+        assert f"the floor {huge.floor:.2e}" in huge.verdict_reason
     assert huge.max_rel.max() > 1e-8 and huge.parameter_growth.min() > 1e11
 
 

@@ -363,8 +363,10 @@ def sweep(
     growth = float(merged["parameter_growth"][ok].max()) if ok.any() else 1.0
     floor = verdict_floor(floors.floor, growth, floors.eps)
     # the re-check runs whenever the model has a tighter solve, whatever `control_samples`:
-    # one chunk per device (a few lanes, not a block of them)
-    again = recheck(runner, plan, floors, inputs, merged, key, chunk_size * shards)
+    # in the sweep's own compiled program when the sweep was one block (no new compile for a
+    # few lanes), else one chunk per device (a few lanes, not a block of them)
+    recheck_block = runner.block if num_samples <= runner.block else chunk_size * shards
+    again = recheck(runner, plan, floors, inputs, merged, key, recheck_block)
     n = int(min(control_samples, num_samples))  # samples of the control
     control_rel = np.zeros((0,))
     if control is not None:

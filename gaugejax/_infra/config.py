@@ -92,7 +92,7 @@ def _check_range(name: str, value: Any, annotation: Any, nonnegative: bool) -> N
         )
 
 
-def make_config(cls: type, values: dict[str, Any]) -> Any:
+def make_config(cls: type, values: Any) -> Any:
     """An instance of the dataclass `cls` from `values` (the other fields at their defaults).
 
     Values are coerced to the fields' annotations (an int where a float belongs, a list where
@@ -101,11 +101,17 @@ def make_config(cls: type, values: dict[str, Any]) -> Any:
     keys ending in `rtol` (solver tolerances) in [2^-52, 1). The class's own `__post_init__`
     may check more (e.g. with `check_one_of`, `check_choices`).
 
-    **Raises:** `ValueError` for an unknown key (listing the valid ones), a wrong type or a
-    value out of range, naming the key and the value received.
+    **Raises:** `ValueError` for `values` that is not a dict (e.g. a `config.json` holding
+    `null`), an unknown key (listing the valid ones), a wrong type or a value out of range,
+    naming the key and the value received.
     """
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise ValueError(f"`cls` must be a dataclass; received {cls!r}.")
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"config values must be a mapping of key to value; received {values!r} "
+            f"({type(values).__name__})."
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
