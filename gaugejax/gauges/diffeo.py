@@ -1,5 +1,7 @@
 """Finite spatial diffeomorphisms `x = psi_t(y) = y + e(t) W tanh(U y + v)` (finite Eq. 13-16)."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -94,7 +96,7 @@ class SpatialDiffeoGauge(AbstractMapGauge):
         rho: float = 0.5,
         boundary: str = "vanishing",
         feature_scale: float = 1.0,
-        observation_times: tuple[float, ...] | None = None,
+        observation_times: Any = None,  # a sequence of floats, or None
     ):
         check_positive("t1", t1)
         check_positive("rho", rho, below=1.0)

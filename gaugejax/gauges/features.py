@@ -1,6 +1,6 @@
 """Random-feature building blocks shared by the neural-ODE gauge families."""
 
-from collections.abc import Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -112,9 +112,7 @@ def _max_abs(poly: np.polynomial.Polynomial, t1: float) -> float:
     return float(np.max(np.abs(poly(points))))
 
 
-def observation_envelope(
-    t1: float, observation_times: Sequence[float] | None
-) -> ObservationEnvelope | None:
+def observation_envelope(t1: float, observation_times: Any) -> ObservationEnvelope | None:
     """The `ObservationEnvelope` vanishing at every observation time inside (0, T), or None
     without observation times (the family keeps x(T) only, as before).
 

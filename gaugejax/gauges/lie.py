@@ -102,7 +102,7 @@ class LieDeformationGauge(AbstractFieldGauge):
         time_component: bool = True,
         amplitude: float = 0.1,
         boundary: str = "vanishing",
-        observation_times: tuple[float, ...] | None = None,
+        observation_times: Any = None,  # a sequence of floats, or None
     ):
         check_positive("t1", t1)
         check_positive("amplitude", amplitude)

@@ -1,5 +1,7 @@
 """Finite time reparametrisations `t = tau(s) = s + sum_k c_k sin(omega_k s)` (finite Eq. 17-20)."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -73,7 +75,7 @@ class TimeReparamGauge(AbstractMapGauge):
         num_modes: int = 3,
         rho: float = 0.5,
         boundary: str = "vanishing",
-        observation_times: tuple[float, ...] | None = None,
+        observation_times: Any = None,  # a sequence of floats, or None
     ):
         check_positive("t1", t1)
         check_positive("rho", rho, below=1.0)

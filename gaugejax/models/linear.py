@@ -2,7 +2,8 @@
 `x_{n+1} = phi(w_n x_n + b_n)` (Eq. 28/31)."""
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import diffrax
 import equinox as eqx
@@ -229,7 +230,7 @@ class LinearNODE(AbstractNeuralODE):
         throw: bool | None = None,
         *,
         solve_options: SolveOptions | None = None,
-        observation_times: Sequence[float] | None = None,
+        observation_times: Any = None,  # a sequence of floats, or None
     ):
         self.field = field
         self.t1 = t1

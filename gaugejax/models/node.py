@@ -2,7 +2,7 @@
 
 import abc
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import diffrax
@@ -71,7 +71,7 @@ MODEL_OPTIONS = ("t1", "t0", "args", "observation_times")
 
 
 def check_observation_times(
-    times: Sequence[float] | None, t0: float, t1: float
+    times: Any, t0: float | int, t1: float | int
 ) -> tuple[float, ...] | None:
     """The observation times `t_1 < ... < t_n` of a trajectory observable, as a tuple of Python
     floats (static: they are where the solve saves, part of the compiled program), or None.
@@ -418,7 +418,7 @@ class NeuralODE(AbstractNeuralODE):
         throw: bool | None = None,
         *,
         solve_options: SolveOptions | None = None,
-        observation_times: Sequence[float] | None = None,
+        observation_times: Any = None,  # a sequence of floats, or None
     ):
         self.field = _as_field(field)
         self.t1 = t1
