@@ -96,19 +96,25 @@ def test_the_model_observes_its_saved_trajectory():
     assert not np.allclose(out[:, -1], got)  # x(0.85) is not x(1)
 
 
+# measured (float64, rtol 1e-8, these keys; floor 2.4e-8): max relative deviation of the
+# trajectory family (1.3x, 1.5x, 10.4x the floor) and min of its boundary-only control
+MEASURED = {"lie": (3.1e-8, 4.9e-2), "spatial": (3.6e-8, 2.0e-2), "time": (2.5e-7, 6.0e-3)}
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_trajectory_families_hold_and_the_boundary_only_family_breaks(name):
-    # measured (float64, rtol 1e-8, this key): max deviation / floor 0.85 to 1.7, floor 7e-8;
-    # boundary-only (x(T)-only) family min deviation 9e-3 (time) to 1.4e-1 (Lie)
+    deviation, breaking = MEASURED[name]
     model, x = _model(), _inputs()
     gauge = FAMILIES[name](jax.random.key(0), observation_times=TS)
     kw = dict(key=jax.random.key(4), num_samples=4, chunk_size=4)
     res = gj.sweep(model, gauge, x, control_samples=4, **kw)
     assert res.verdict == "holds", res.verdict_reason
-    assert res.max_rel.max() <= 30 * res.floor and res.max_rel.max() < 1e-6, res.verdict_reason
+    assert res.max_rel.max() <= 30 * res.floor, res.verdict_reason
+    assert res.max_rel.max() < 10 * deviation, res.verdict_reason
+    # the x(T)-only family (the identity at 0 and T only) moves the interior saved states
     broken = gj.sweep(model, gauge.control(), x, control_samples=0, **kw)
     assert broken.verdict == "broken", broken.verdict_reason
-    assert broken.max_rel.min() > 1e-3, broken.max_rel
+    assert broken.max_rel.min() > max(1e-3, breaking / 10), broken.max_rel
 
 
 def test_first_order_response_at_every_observation_time():
@@ -127,7 +133,8 @@ def test_first_order_response_at_every_observation_time():
 
     kept, moved, predicted = responses(g)
     assert kept.shape == moved.shape == predicted.shape == (2, len(TS), D)
-    # measured: kept 1e-9, moved 1e-1 at the interior times, prediction error 1e-10
-    assert float(jnp.max(jnp.abs(kept))) < 1e-8
+    # measured (rtol 1e-10): kept 4.1e-10; moved 7.6e-2 at the least-moved observation time;
+    # prediction error 5.4e-10
+    assert float(jnp.max(jnp.abs(kept))) < 4e-9
     assert float(jnp.min(jnp.max(jnp.abs(moved), axis=(0, 2)))) > 1e-2
-    np.testing.assert_allclose(moved, predicted, atol=1e-8)
+    np.testing.assert_allclose(moved, predicted, atol=5e-9)
