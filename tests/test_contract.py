@@ -43,6 +43,14 @@ def _x(key):
     return jax.random.normal(key, (2, D))
 
 
+# 5 interior observation times: the model's observable is the saved trajectory there
+TS = (0.15, 0.3, 0.5, 0.7, 0.85)
+
+
+def _trajectory_node(key):
+    return _node(key).with_options(observation_times=TS)
+
+
 def _linear_node(key):
     controller = diffrax.PIDController(rtol=1e-10, atol=1e-10)
     return gj.random_linear_node(D, 1.0, key=key, stepsize_controller=controller)
@@ -129,6 +137,26 @@ CASES = {
     "lie": Case(lambda k: gj.LieDeformationGauge(D, 1.0, key=k), _node, _x, _mlp, 1e-7, False),
     "diffeo": Case(lambda k: gj.SpatialDiffeoGauge(D, 1.0, key=k), _node, _x, _mlp, 1e-7),
     "reparam": Case(lambda k: gj.TimeReparamGauge(1.0), _node, _x, _mlp, 1e-7),
+    # the trajectory families (the identity at every observation time) on a model observing
+    # x(TS); their controls are the boundary-only families (x(T) kept, the trajectory not)
+    "lie_trajectory": Case(
+        lambda k: gj.LieDeformationGauge(D, 1.0, key=k, observation_times=TS),
+        _trajectory_node,
+        _x,
+        _mlp,
+        1e-7,
+        False,
+    ),
+    "diffeo_trajectory": Case(
+        lambda k: gj.SpatialDiffeoGauge(D, 1.0, key=k, observation_times=TS),
+        _trajectory_node,
+        _x,
+        _mlp,
+        1e-7,
+    ),
+    "reparam_trajectory": Case(
+        lambda k: gj.TimeReparamGauge(1.0, observation_times=TS), _trajectory_node, _x, _mlp, 1e-7
+    ),
     "linear_expm": Case(lambda k: gj.LinearGauge(D, 1.0), _linear_node, _x, _node, 1e-7),
     "linear_cayley": Case(
         lambda k: gj.LinearGauge(D, 1.0, kind="cayley"), _linear_node, _x, _node, 1e-7

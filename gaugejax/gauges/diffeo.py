@@ -1,5 +1,7 @@
 """Finite spatial diffeomorphisms `x = psi_t(y) = y + e(t) W tanh(U y + v)` (finite Eq. 13-16)."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -7,8 +9,25 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._core.calculus import pullback
 from ..models import AbstractNeuralODE
-from .features import RandomFeatures, check_boundary, check_positive
+from ..models.node import check_observation_times
+from .features import (
+    ObservationEnvelope,
+    RandomFeatures,
+    check_boundary,
+    check_positive,
+    observation_envelope,
+)
 from .maps import AbstractMapGauge, ComposedMap, InverseMap, lipschitz_normalise
+
+
+def check_trajectory_boundary(boundary: str, observation_times) -> None:
+    """Refuse `observation_times` with `boundary="free"`: a family that moves x(T) cannot keep
+    the trajectory; its control is already the boundary-only family."""
+    if observation_times is not None and check_boundary(boundary) != "vanishing":
+        raise ValueError(
+            "`observation_times` needs `boundary` = 'vanishing' (elements that are the identity "
+            f"at 0, T and every observation time); received boundary={boundary!r}."
+        )
 
 
 def envelope_frequency(t1: float, boundary: str) -> Float[Array, ""]:
@@ -19,14 +38,19 @@ def envelope_frequency(t1: float, boundary: str) -> Float[Array, ""]:
 
 
 class FeatureShift(eqx.Module):
-    """`psi(t, y) = y + sin(omega t) W tanh(U y + v)`."""
+    """`psi(t, y) = y + sin(omega t) q(t) W tanh(U y + v)`, q the `ObservationEnvelope` (1
+    without one)."""
 
     W: Float[Array, "d m"]
     features: RandomFeatures
     omega: Float[Array, ""]
+    envelope: ObservationEnvelope | None = None
 
     def __call__(self, t, y):
-        return y + jnp.sin(self.omega * t) * (self.W @ self.features(y))
+        e = jnp.sin(self.omega * t)
+        if self.envelope is not None:  # None: the x(T) families, their arithmetic unchanged
+            e = e * self.envelope(t)
+        return y + e * (self.W @ self.features(y))
 
 
 class SpatialDiffeoGauge(AbstractMapGauge):
@@ -36,18 +60,30 @@ class SpatialDiffeoGauge(AbstractMapGauge):
     `e(t) = sin(pi t/T)` (`boundary="vanishing"`: psi_0 = psi_T = id, a gauge symmetry) or
     `sin(pi t/(2T))` (`"free"`: psi_T != id, the output changes to `psi_T^-1(Phi(z))`).
 
+    **Observable preserved:** x(T) (`boundary="vanishing"`); with `observation_times`
+    `(t_1, ..., t_n)` the saved trajectory `x(t_1), ..., x(t_n)` of a model observing at those
+    times: `e(t) = sin(pi t/T) q(t)`, `q = prod_i (t - t_i)` normalised to `max |q| = 1` on
+    [0, T], so psi_{t_i} = id too. `control()`: the `"free"` family, or with observation
+    times the boundary-only one (`q = 1`: psi_0 = psi_T = id only), which keeps x(T) and
+    breaks the trajectory.
+
     Invertibility by construction: `Lip_y(psi_t - id) <= |e(t)| |W|_2 |U|_2 <= rho < 1`, so each
     psi_t is a bi-Lipschitz bijection with `D psi_t` invertible (`sigma_min >= 1 - rho`).
     Samples draw `|W|_2 |U|_2` uniformly in `[rho/4, rho]`.
 
     **Arguments:** `dim`, `t1`, `key` (draws U, v), `num_features` (m), `rho` in (0, 1),
-    `boundary`, `feature_scale` (of U).
+    `boundary`, `feature_scale` (of U), `observation_times` (the model's; default None: x(T)).
+
+    **Raises:** `ValueError` for a bad value (naming it), as `check_observation_times`, or
+    `observation_times` with `boundary="free"`.
     """
 
     features: RandomFeatures
     t1: float
     rho: float
     omega: Float[Array, ""]
+    envelope: ObservationEnvelope | None
+    observation_times: tuple[float, ...] | None
     acts_on = AbstractNeuralODE
 
     def __init__(
@@ -60,16 +96,20 @@ class SpatialDiffeoGauge(AbstractMapGauge):
         rho: float = 0.5,
         boundary: str = "vanishing",
         feature_scale: float = 1.0,
+        observation_times: Any = None,  # a sequence of floats, or None
     ):
         check_positive("t1", t1)
         check_positive("rho", rho, below=1.0)
+        check_trajectory_boundary(boundary, observation_times)
         self.features = RandomFeatures(dim, num_features, key=key, scale=feature_scale)
         self.t1 = float(t1)
         self.rho = float(rho)
         self.omega = envelope_frequency(self.t1, boundary)
+        self.envelope = observation_envelope(self.t1, observation_times)
+        self.observation_times = check_observation_times(observation_times, 0.0, self.t1)
 
     def base_map(self, W: Float[Array, "d m"]) -> FeatureShift:
-        return FeatureShift(W, self.features, self.omega)
+        return FeatureShift(W, self.features, self.omega, self.envelope)
 
     def pull(self, field, map_):
         return pullback(field, map_)
@@ -81,8 +121,11 @@ class SpatialDiffeoGauge(AbstractMapGauge):
         return InverseMap(map_)
 
     def control(self) -> "SpatialDiffeoGauge":
-        """The `boundary="free"` family (psi_T != id): it changes the output. Only the envelope
-        frequency (an array) differs, so a sweep of it reuses the compiled program."""
+        """The `boundary="free"` family (psi_T != id): it changes x(T); with observation times
+        the boundary-only family (psi_0 = psi_T = id only): it changes the trajectory. Only
+        arrays differ, so a sweep of it reuses the compiled program."""
+        if self.envelope is not None:
+            return eqx.tree_at(lambda g: g.envelope, self, self.envelope.boundary_only())
         return eqx.tree_at(lambda g: g.omega, self, envelope_frequency(self.t1, "free"))
 
     def sample(self, key: PRNGKeyArray) -> Float[Array, "d m"]:

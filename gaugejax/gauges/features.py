@@ -1,9 +1,14 @@
 """Random-feature building blocks shared by the neural-ODE gauge families."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+import numpy as np
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from ..models.node import check_observation_times
 
 
 BOUNDARIES = ("vanishing", "free")
@@ -65,3 +70,67 @@ class RandomFeatures(eqx.Module):
     @property
     def lipschitz(self) -> Float[Array, ""]:
         return jnp.linalg.norm(self.U, ord=2)
+
+
+class ObservationEnvelope(eqx.Module):
+    """`q(t) = scale * prod_i (t - t_i)` over the interior observation times still `active`.
+
+    Multiplying a family's envelope (which vanishes at 0 and T) by q makes every element the
+    identity at each observation time t_i as well: the gauge group of the saved trajectory
+    `x(t_1), ..., x(t_n)`. `scale` normalises `max |q| = 1` on [0, T] (so Lipschitz and
+    monotonicity bounds that hold for `|envelope| <= 1` still hold); `slope` is `max |q'|` on
+    [0, T] (the time reparametrisation's monotonicity bound needs it). `boundary_only()` is
+    the same shape with q = 1: vanishing at 0 and T only (the trajectory families' control),
+    arrays only, so that a sweep of it reuses the compiled program.
+    """
+
+    times: Float[Array, " n"]
+    active: Bool[Array, " n"]
+    scale: Float[Array, ""]
+    slope: Float[Array, ""]
+
+    def __call__(self, t: Float[Array, ""]) -> Float[Array, ""]:
+        return self.scale * jnp.prod(jnp.where(self.active, t - self.times, 1.0))
+
+    def boundary_only(self) -> "ObservationEnvelope":
+        """q = 1: the envelope vanishes at 0 and T only (x(T) kept, the trajectory not)."""
+        return ObservationEnvelope(
+            self.times,
+            jnp.zeros_like(self.active),
+            jnp.ones_like(self.scale),
+            jnp.zeros_like(self.slope),
+        )
+
+
+def _max_abs(poly: np.polynomial.Polynomial, t1: float) -> float:
+    """`max |poly|` on [0, t1]: at the ends or a real critical point inside (exact up to
+    rounding), with a dense grid as a guard against inaccurate roots."""
+    crit = poly.deriv().roots() if poly.degree() > 0 else np.zeros(0)
+    crit = crit[np.isreal(crit)].real
+    points = np.concatenate([[0.0, t1], crit[(crit >= 0) & (crit <= t1)]])
+    points = np.concatenate([points, np.linspace(0.0, t1, 4097)])
+    return float(np.max(np.abs(poly(points))))
+
+
+def observation_envelope(t1: float, observation_times: Any) -> ObservationEnvelope | None:
+    """The `ObservationEnvelope` vanishing at every observation time inside (0, T), or None
+    without observation times (the family keeps x(T) only, as before).
+
+    **Arguments:** `t1`: the final time T; `observation_times`: strictly increasing in (0, T]
+    (`t_n = T` needs no factor: the family's own envelope vanishes at T).
+
+    **Raises:** as `gaugejax.models.node.check_observation_times`.
+    """
+    times = check_observation_times(observation_times, 0.0, t1)
+    if times is None:
+        return None
+    interior = np.asarray([t for t in times if t < t1], dtype=float)
+    poly = np.polynomial.Polynomial.fromroots(interior)
+    size = _max_abs(poly, t1)
+    slope = _max_abs(poly.deriv(), t1) / size if interior.size else 0.0
+    return ObservationEnvelope(
+        jnp.asarray(interior, dtype=float),
+        jnp.ones(interior.shape, dtype=bool),
+        jnp.asarray(1.0 / size, dtype=float),
+        jnp.asarray(slope, dtype=float),
+    )

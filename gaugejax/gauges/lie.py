@@ -9,7 +9,16 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._core.calculus import deform
 from ..models import AbstractNeuralODE
-from .features import RandomFeatures, check_positive, mode_frequencies, time_modes
+from ..models.node import check_observation_times
+from .diffeo import check_trajectory_boundary
+from .features import (
+    ObservationEnvelope,
+    RandomFeatures,
+    check_positive,
+    mode_frequencies,
+    observation_envelope,
+    time_modes,
+)
 from .maps import AbstractFieldGauge
 
 
@@ -22,15 +31,19 @@ class LieGenerator(eqx.Module):
 
 
 class FeatureGenerator(eqx.Module):
-    """A spacetime generator `(t, y) -> (eps0, eps_y)` built from a `LieGenerator`."""
+    """A spacetime generator `(t, y) -> (eps0, eps_y)` built from a `LieGenerator`; the
+    temporal modes times q(t), the `ObservationEnvelope` (1 without one)."""
 
     features: RandomFeatures
     amplitudes: LieGenerator
     omega: Float[Array, " K"]
     phase: Float[Array, " K"]
+    envelope: ObservationEnvelope | None = None
 
     def __call__(self, t, y):
         m = time_modes(t, self.omega, self.phase)
+        if self.envelope is not None:  # None: the x(T) families, their arithmetic unchanged
+            m = m * self.envelope(t)
         phi = self.features(y)
         eps_y = jnp.einsum("k,kdm,m->d", m, self.amplitudes.Wy, phi)
         eps0 = jnp.einsum("k,km,m->", m, self.amplitudes.a0, phi)
@@ -46,6 +59,14 @@ class LieDeformationGauge(AbstractFieldGauge):
     order, which is all an infinitesimal family means. With `boundary="vanishing"` every
     generator vanishes at t = 0 and t = T (a gauge symmetry); with `"free"` it does not.
 
+    **Observable preserved** (to first order, Thm 2.1): x(T) (`boundary="vanishing"`); with
+    `observation_times` `(t_1, ..., t_n)` the saved trajectory of a model observing at those
+    times: the modes `sin(k pi t/T)` times `q = prod_i (t - t_i)` normalised to `max |q| = 1`
+    on [0, T], so every generator vanishes at 0, T and each t_i (Thm 2.1 generalised: the
+    response at t_i is `DPhi_{t_i}(z) v(0, z) - v(t_i, Phi_{t_i}(z))`). `control()`: the
+    `"free"` family, or with observation times the boundary-only one (`q = 1`), which keeps
+    x(T) and moves the interior saved states.
+
     **Arguments:**
 
     - `dim`: state dimension; `t1`: final time T; `key`: draws the random features.
@@ -53,12 +74,18 @@ class LieDeformationGauge(AbstractFieldGauge):
     - `time_component`: include eps0 (a time reparametrisation part) or keep eps spatial.
     - `amplitude`: standard deviation scale of sampled amplitudes.
     - `boundary`: `"vanishing"` or `"free"`.
+    - `observation_times`: the model's (default None: x(T)).
+
+    **Raises:** `ValueError` for a bad value (naming it), as `check_observation_times`, or
+    `observation_times` with `boundary="free"`.
     """
 
     features: RandomFeatures
     t1: float
     omega: Float[Array, " K"]
     phase: Float[Array, " K"]
+    envelope: ObservationEnvelope | None
+    observation_times: tuple[float, ...] | None
     time_component: bool = eqx.field(static=True)
     amplitude: float
     infinitesimal = True
@@ -75,14 +102,18 @@ class LieDeformationGauge(AbstractFieldGauge):
         time_component: bool = True,
         amplitude: float = 0.1,
         boundary: str = "vanishing",
+        observation_times: Any = None,  # a sequence of floats, or None
     ):
         check_positive("t1", t1)
         check_positive("amplitude", amplitude)
         if not isinstance(num_modes, int) or num_modes <= 0:
             raise ValueError(f"`num_modes` must be a positive int; received {num_modes!r}.")
+        check_trajectory_boundary(boundary, observation_times)
         self.features = RandomFeatures(dim, num_features, key=key)
         self.t1 = float(t1)
         self.omega, self.phase = mode_frequencies(self.t1, num_modes, boundary)
+        self.envelope = observation_envelope(self.t1, observation_times)
+        self.observation_times = check_observation_times(observation_times, 0.0, self.t1)
         self.time_component = bool(time_component)
         self.amplitude = float(amplitude)
 
@@ -92,7 +123,7 @@ class LieDeformationGauge(AbstractFieldGauge):
 
     def generator(self, g: LieGenerator) -> FeatureGenerator:
         """The spacetime generator `(t, y) -> (eps0, eps_y)` of element g."""
-        return FeatureGenerator(self.features, g, self.omega, self.phase)
+        return FeatureGenerator(self.features, g, self.omega, self.phase, self.envelope)
 
     def sample(self, key: PRNGKeyArray) -> LieGenerator:
         m, d = self.features.U.shape
@@ -120,7 +151,10 @@ class LieDeformationGauge(AbstractFieldGauge):
 
     def control(self) -> "LieDeformationGauge":
         """The `boundary="free"` family (`cos(k pi t/T)` modes, not vanishing at 0 and T): its
-        first-order response does not vanish. Only arrays differ, so a sweep of it reuses the
-        compiled program."""
+        first-order response does not vanish; with observation times the boundary-only family
+        (vanishing at 0 and T only), whose response at the interior times does not. Only
+        arrays differ, so a sweep of it reuses the compiled program."""
+        if self.envelope is not None:
+            return eqx.tree_at(lambda g: g.envelope, self, self.envelope.boundary_only())
         omega, phase = mode_frequencies(self.t1, self.num_modes, "free")
         return eqx.tree_at(lambda g: (g.omega, g.phase), self, (omega, phase))

@@ -91,8 +91,9 @@ class AbstractFieldGauge(AbstractGauge):
 
     def check_model(self, model: Any) -> None:
         """Raise `TypeError` unless `model` is a neural ODE of kind `acts_on` whose `t0` and `t1`
-        are Python numbers, `ValueError` unless it integrates over `[0, t1]` of this family and,
-        for a family with a state dimension (`features` of `dim` columns, or `dim`), its field
+        are Python numbers, `ValueError` unless it integrates over `[0, t1]` of this family,
+        observes at the family's `observation_times` (a trajectory family) and, for a family
+        with a state dimension (`features` of `dim` columns, or `dim`), its field
         maps states of that dimension to themselves."""
         if not isinstance(model, self.acts_on):
             if self.acts_on is AbstractNeuralODE:
@@ -124,6 +125,16 @@ class AbstractFieldGauge(AbstractGauge):
                 f"{type(self).__name__} is defined on [0, {float(self.t1)}] (its boundary "
                 f"conditions hold at t = 0 and t = t1 = {float(self.t1)}); the model integrates "
                 f"over [{t0}, {t1}]. Build the gauge with t1={t1} (models must start at t0 = 0)."
+            )
+        times = getattr(self, "observation_times", None)  # a trajectory family's times
+        if times is not None and model.observation_times != times:
+            # elements that are the identity at other times are no symmetry of this model's
+            # observable, and its control would keep x(T) alike
+            raise ValueError(
+                f"{type(self).__name__} is the identity at the observation times {times} (it "
+                "keeps the trajectory saved there); the model observes "
+                f"{model.observation_times or 'x(t1) only'}. Build the model with "
+                f"observation_times={times} (or the gauge with the model's)."
             )
         features = getattr(self, "features", None)
         dim = features.U.shape[1] if hasattr(features, "U") else getattr(self, "dim", None)

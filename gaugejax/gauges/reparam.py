@@ -1,5 +1,7 @@
 """Finite time reparametrisations `t = tau(s) = s + sum_k c_k sin(omega_k s)` (finite Eq. 17-20)."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,9 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._core.calculus import reparametrize
 from ..models import AbstractNeuralODE
-from .features import check_boundary, check_positive
+from ..models.node import check_observation_times
+from .diffeo import check_trajectory_boundary
+from .features import ObservationEnvelope, check_boundary, check_positive, observation_envelope
 from .maps import AbstractMapGauge, ComposedMap, InverseMap, lipschitz_normalise
 
 
@@ -18,13 +22,18 @@ def _frequencies(t1: float, num_modes: int, boundary: str) -> Float[Array, " K"]
 
 
 class SineReparam(eqx.Module):
-    """`tau(s) = s + sum_k c_k sin(omega_k s)`."""
+    """`tau(s) = s + q(s) sum_k c_k sin(omega_k s)`, q the `ObservationEnvelope` (1 without
+    one)."""
 
     c: Float[Array, " K"]
     omega: Float[Array, " K"]
+    envelope: ObservationEnvelope | None = None
 
     def __call__(self, s):
-        return s + jnp.sum(self.c * jnp.sin(self.omega * s))
+        shift = jnp.sum(self.c * jnp.sin(self.omega * s))
+        if self.envelope is not None:  # None: the x(T) families, their arithmetic unchanged
+            shift = self.envelope(s) * shift
+        return s + shift
 
 
 class TimeReparamGauge(AbstractMapGauge):
@@ -34,34 +43,57 @@ class TimeReparamGauge(AbstractMapGauge):
     `omega_k = k pi / T` (`boundary="vanishing"`: tau(0) = 0, tau(T) = T, a gauge symmetry) or
     `omega_k = (k - 1/2) pi / T` (`"free"`: tau(T) != T, the output becomes x(tau(T))).
 
-    Monotonicity by construction: `tau'(s) >= 1 - sum_k |c_k| omega_k >= 1 - rho > 0`; samples
-    draw `sum_k |c_k| omega_k` uniformly in `[rho/4, rho]`.
+    **Observable preserved:** x(T) (`boundary="vanishing"`); with `observation_times`
+    `(t_1, ..., t_n)` the saved trajectory of a model observing at those times:
+    `tau(s) = s + q(s) sum_k c_k sin(omega_k s)`, `q = prod_i (s - t_i)` normalised to
+    `max |q| = 1` on [0, T], so tau(t_i) = t_i too. `control()`: the `"free"` family, or with
+    observation times the boundary-only one (`q = 1`: tau(0) = 0, tau(T) = T only), which
+    keeps x(T) and breaks the trajectory.
 
-    **Arguments:** `t1`, `num_modes` (K), `rho` in (0, 1), `boundary`.
+    Monotonicity by construction: `tau'(s) >= 1 - sum_k |c_k| (omega_k + max |q'|) >= 1 - rho
+    > 0` (`|q| <= 1`; `q' = 0` without observation times); samples draw that sum uniformly in
+    `[rho/4, rho]`.
+
+    **Arguments:** `t1`, `num_modes` (K), `rho` in (0, 1), `boundary`, `observation_times`
+    (the model's; default None: x(T)).
+
+    **Raises:** `ValueError` for a bad value (naming it), as `check_observation_times`, or
+    `observation_times` with `boundary="free"`.
     """
 
     t1: float
     rho: float
     omega: Float[Array, " K"]
+    envelope: ObservationEnvelope | None
+    observation_times: tuple[float, ...] | None
     acts_on = AbstractNeuralODE
 
     def __init__(
-        self, t1: float, *, num_modes: int = 3, rho: float = 0.5, boundary: str = "vanishing"
+        self,
+        t1: float,
+        *,
+        num_modes: int = 3,
+        rho: float = 0.5,
+        boundary: str = "vanishing",
+        observation_times: Any = None,  # a sequence of floats, or None
     ):
         check_positive("t1", t1)
         check_positive("rho", rho, below=1.0)
         if not isinstance(num_modes, int) or num_modes <= 0:
             raise ValueError(f"`num_modes` must be a positive int; received {num_modes!r}.")
+        check_trajectory_boundary(boundary, observation_times)
         self.t1 = float(t1)
         self.rho = float(rho)
         self.omega = _frequencies(self.t1, num_modes, check_boundary(boundary))
+        self.envelope = observation_envelope(self.t1, observation_times)
+        self.observation_times = check_observation_times(observation_times, 0.0, self.t1)
 
     @property
     def num_modes(self) -> int:
         return self.omega.shape[0]
 
     def base_map(self, c: Float[Array, " K"]) -> SineReparam:
-        return SineReparam(c, self.omega)
+        return SineReparam(c, self.omega, self.envelope)
 
     def pull(self, field, map_):
         return reparametrize(field, map_)
@@ -73,8 +105,11 @@ class TimeReparamGauge(AbstractMapGauge):
         return InverseMap(map_)
 
     def control(self) -> "TimeReparamGauge":
-        """The `boundary="free"` family (tau(T) != T): it changes the output. Only the
-        frequencies (an array) differ, so a sweep of it reuses the compiled program."""
+        """The `boundary="free"` family (tau(T) != T): it changes x(T); with observation times
+        the boundary-only family (tau(t_i) != t_i): it changes the trajectory. Only arrays
+        differ, so a sweep of it reuses the compiled program."""
+        if self.envelope is not None:
+            return eqx.tree_at(lambda g: g.envelope, self, self.envelope.boundary_only())
         free = _frequencies(self.t1, self.num_modes, "free")
         return eqx.tree_at(lambda g: g.omega, self, free)
 
@@ -82,7 +117,10 @@ class TimeReparamGauge(AbstractMapGauge):
         kc, kr = jax.random.split(key)
         raw = jax.random.normal(kc, (self.num_modes,)) / jnp.arange(1.0, self.num_modes + 1.0)
         target = self.rho * jax.random.uniform(kr, minval=0.25, maxval=1.0)
-        return lipschitz_normalise(raw, jnp.sum(jnp.abs(raw) * self.omega), target)
+        rate = self.omega
+        if self.envelope is not None:  # |tau' - 1| <= sum_k |c_k| (omega_k + max |q'|)
+            rate = rate + self.envelope.slope
+        return lipschitz_normalise(raw, jnp.sum(jnp.abs(raw) * rate), target)
 
     def identity(self) -> Float[Array, " K"]:
         return jnp.zeros((self.num_modes,))

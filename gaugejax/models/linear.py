@@ -3,6 +3,7 @@
 
 import abc
 from collections.abc import Callable
+from typing import Any
 
 import diffrax
 import equinox as eqx
@@ -13,7 +14,13 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._core._types import Args, ScalarLike
 from .._core.calculus import time_derivative
 from .._core.options import SolveOptions
-from .node import AbstractNeuralODE, NeuralODE, check_interval, solve_options_from
+from .node import (
+    AbstractNeuralODE,
+    NeuralODE,
+    check_interval,
+    check_observation_times,
+    solve_options_from,
+)
 
 
 # ---------------------------------------------------------------------------- time bases
@@ -199,13 +206,15 @@ class GaugedLinearField(AbstractLinearField):
 class LinearNODE(AbstractNeuralODE):
     """A linear neural ODE `dx/dt = w(t) x + b(t)` (Eq. 21): a neural ODE whose field is an
     `AbstractLinearField`. `weight(t)`, `bias(t)` expose the parameters; `__call__(x0)` gives
-    x(t1). The arguments, solve options included, are those of `NeuralODE`."""
+    x(t1). The arguments, solve options and `observation_times` included, are those of
+    `NeuralODE`."""
 
     field: AbstractLinearField
     t1: float
     t0: float
     solve_options: SolveOptions
     args: Args
+    observation_times: tuple[float, ...] | None
 
     def __init__(
         self,
@@ -221,10 +230,12 @@ class LinearNODE(AbstractNeuralODE):
         throw: bool | None = None,
         *,
         solve_options: SolveOptions | None = None,
+        observation_times: Any = None,  # a sequence of floats, or None
     ):
         self.field = field
         self.t1 = t1
         self.t0 = t0
+        self.observation_times = check_observation_times(observation_times, t0, t1)
         self.solve_options = solve_options_from(
             solve_options,
             solver=solver,
@@ -255,7 +266,12 @@ class LinearNODE(AbstractNeuralODE):
         if isinstance(field, AbstractLinearField):
             return eqx.tree_at(lambda m: m.field, self, field)
         return NeuralODE(
-            field, t1=self.t1, t0=self.t0, args=self.args, solve_options=self.solve_options
+            field,
+            t1=self.t1,
+            t0=self.t0,
+            args=self.args,
+            solve_options=self.solve_options,
+            observation_times=self.observation_times,
         )
 
 

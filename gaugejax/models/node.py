@@ -1,6 +1,7 @@
 """Neural ODEs: a vector field integrated by the one `solve` wrapper, with one `SolveOptions`."""
 
 import abc
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -64,12 +65,61 @@ def _param_dtype(tree: PyTree):
     return jnp.result_type(*leaves) if leaves else None
 
 
-# what `with_options` may change besides the `SolveOptions`: the interval and the field's args
-MODEL_OPTIONS = ("t1", "t0", "args")
+# what `with_options` may change besides the `SolveOptions`: the interval, the field's args and
+# the observable's times
+MODEL_OPTIONS = ("t1", "t0", "args", "observation_times")
+
+
+def check_observation_times(
+    times: Any, t0: float | int, t1: float | int
+) -> tuple[float, ...] | None:
+    """The observation times `t_1 < ... < t_n` of a trajectory observable, as a tuple of Python
+    floats (static: they are where the solve saves, part of the compiled program), or None.
+
+    **Arguments:** `times`: a sequence of numbers (list, tuple, NumPy array) or None; `t0`,
+    `t1`: the interval the times must lie in, `(t0, t1]` (x(t0) is the input, not observed).
+
+    **Returns:** the times as a tuple of floats, or None for None.
+
+    **Raises:** `TypeError` for a value that is not a sequence of concrete numbers (a traced
+    array cannot say where to save); `ValueError` for an empty sequence, times that are not
+    strictly increasing (naming the first pair out of order), or a time outside `(t0, t1]`.
+    """
+    if times is None:
+        return None
+    try:
+        if isinstance(times, str):  # iterable, but of characters
+            raise TypeError("a string")
+        values = tuple(float(t) for t in times)
+    except Exception as e:  # noqa: BLE001 - any failure: not a sequence of concrete numbers
+        raise TypeError(
+            "`observation_times` must be a sequence of Python numbers t_1 < ... < t_n in "
+            f"(t0, t1] = ({t0}, {t1}] (static: the times the solve saves at); received "
+            f"{times!r} ({type(e).__name__})."
+        ) from None
+    if not values:
+        raise ValueError(
+            "`observation_times` must hold at least one time in (t0, t1] = "
+            f"({t0}, {t1}] (None observes x(t1) only); received an empty sequence."
+        )
+    for a, b in zip(values[:-1], values[1:], strict=True):
+        if not b > a:
+            raise ValueError(
+                "`observation_times` must be strictly increasing (sorted, no repeats), as "
+                f"diffrax.SaveAt(ts=...) saves them; received {values} ({b} after {a})."
+            )
+    outside = [t for t in values if not (t0 < t <= t1) or not math.isfinite(t)]
+    if outside:
+        raise ValueError(
+            f"`observation_times` must lie in (t0, t1] = ({t0}, {t1}]; received {values} "
+            f"({outside[0]} is outside)."
+        )
+    return values
 
 
 class AbstractNeuralODE(AbstractSolvedModel):
-    """A neural ODE `dx/dt = field(t, x, args)` on `[t0, t1]`; the model output is `x(t1)`.
+    """A neural ODE `dx/dt = field(t, x, args)` on `[t0, t1]`; the model output is `x(t1)`, or
+    the saved trajectory `x(t_1), ..., x(t_n)` for `observation_times` `(t_1, ..., t_n)`.
 
     The abstract base of `NeuralODE` and `LinearNODE`: it declares the fields (as
     `AbstractVar`s: the field, the interval, the field's `args` and one `SolveOptions`) and
@@ -77,8 +127,12 @@ class AbstractNeuralODE(AbstractSolvedModel):
     say how the model changes when its field does (`with_field`). The solve options read
     through as attributes (`model.solver`, `model.stepsize_controller`, `model.dt0`, ...).
 
-    `__call__(x0)` returns `x(t1)` for one input; `vmap` it for batches. `solve(x0)` returns
-    `(x(t1), SolveStats)`; `solve_tangent` the forward sensitivity system.
+    `__call__(x0)` returns the observable for one input (`x(t1)`, or the states at the
+    observation times with a leading time axis); `vmap` it for batches. `solve(x0)` returns
+    `(observable, SolveStats)`; `solve_tangent` the forward sensitivity system at the same
+    times. The observable decides which gauge group a model has: x(t1) is kept by maps that
+    are the identity at t0 and t1, the trajectory only by maps that are the identity at t0 and
+    at every observation time.
     """
 
     field: eqx.AbstractVar[VectorField]
@@ -86,6 +140,7 @@ class AbstractNeuralODE(AbstractSolvedModel):
     t0: eqx.AbstractVar[float]
     solve_options: eqx.AbstractVar[SolveOptions]
     args: eqx.AbstractVar[Args]
+    observation_times: eqx.AbstractVar[tuple[float, ...] | None]
 
     @abc.abstractmethod
     def with_field(self, field: VectorField) -> "AbstractNeuralODE":
@@ -121,8 +176,14 @@ class AbstractNeuralODE(AbstractSolvedModel):
     def throw(self) -> bool:
         return self.solve_options.throw
 
+    def observation_saveat(self) -> diffrax.SaveAt | None:
+        """`diffrax.SaveAt(ts=observation_times)`, or None (x(t1) only) without them."""
+        if self.observation_times is None:
+            return None
+        return diffrax.SaveAt(ts=jnp.asarray(self.observation_times, dtype=float))
+
     def solve(self, x0: State, saveat: diffrax.SaveAt | None = None) -> tuple[State, SolveStats]:
-        """`(x(t1), SolveStats)` for one input `x0`.
+        """`(observable, SolveStats)` for one input `x0`.
 
         **Arguments:**
 
@@ -130,7 +191,8 @@ class AbstractNeuralODE(AbstractSolvedModel):
         - `saveat`: a `diffrax.SaveAt` to return the states at other times of the same
           solve, e.g. `diffrax.SaveAt(ts=ts)` for `x(ts)` with a leading time axis (dense
           interpolation between the solver's own steps: the steps, and so `SolveStats`, are
-          those of the plain solve). Default: `x(t1)` only, without a time axis.
+          those of the plain solve). Default: the model's observable, `x(t1)` without a time
+          axis, or the states at `observation_times` with a leading time axis.
 
         **Returns:** `(states, SolveStats)`.
 
@@ -141,6 +203,8 @@ class AbstractNeuralODE(AbstractSolvedModel):
                 f"`saveat` must be a diffrax.SaveAt (e.g. diffrax.SaveAt(ts=ts)); received "
                 f"{type(saveat).__name__}."
             )
+        if saveat is None:
+            saveat = self.observation_saveat()
         return self.solve_options.solve(
             self.field, x0, t0=self.t0, t1=self.t1, args=self.args, saveat=saveat
         )
@@ -156,7 +220,8 @@ class AbstractNeuralODE(AbstractSolvedModel):
         p: PyTree = None,
         dp: PyTree = None,
     ) -> tuple[tuple[State, State], SolveStats]:
-        """`((x(t1), dx(t1)), stats)` of the forward sensitivity system, under error control.
+        """`((x(t1), dx(t1)), stats)` of the forward sensitivity system, under error control;
+        with `observation_times`, `x` and `dx` at those times (leading time axis).
 
         Without `fn`: the flow's jvp, `dx(t1) = DPhi(x0) dx0`. With `fn(p, t, y, args)` (the
         field as a function of parameters `p`, equal to `self.field` at `p`): the first-order
@@ -170,19 +235,30 @@ class AbstractNeuralODE(AbstractSolvedModel):
             t0=self.t0,
             args=self.args,
             solve_options=self.solve_options,
+            observation_times=self.observation_times,
         )
         return system.solve((x0, dx0))
 
     def with_options(self, **changes: Any) -> "AbstractNeuralODE":
-        """A copy with solve options (`SolveOptions`' names), the interval (`t1`, `t0`) or the
-        field's `args` replaced, e.g. `adjoint=diffrax.ForwardMode()`.
+        """A copy with solve options (`SolveOptions`' names), the interval (`t1`, `t0`), the
+        field's `args` or the `observation_times` replaced, e.g.
+        `adjoint=diffrax.ForwardMode()`.
 
-        **Raises:** `ValueError` for a name that is not an option (listing the valid ones).
+        **Raises:** `ValueError` for a name that is not an option (listing the valid ones);
+        as `check_observation_times` for `observation_times` (checked against the new
+        interval).
         """
         valid = (*MODEL_OPTIONS, *SolveOptions.__dataclass_fields__)
         unknown = sorted(set(changes) - set(valid))
         if unknown:
             raise ValueError(f"unknown option(s) {unknown}; valid options are {list(valid)}.")
+        if "observation_times" in changes or {"t0", "t1"} & set(changes):
+            # tree_at runs no __init__: the times are checked here, against the new interval
+            changes["observation_times"] = check_observation_times(
+                changes.get("observation_times", self.observation_times),
+                float(changes.get("t0", self.t0)),
+                float(changes.get("t1", self.t1)),
+            )
         own = {k: v for k, v in changes.items() if k in MODEL_OPTIONS}
         solve = {k: v for k, v in changes.items() if k not in MODEL_OPTIONS}
         model = self
@@ -201,15 +277,17 @@ class AbstractNeuralODE(AbstractSolvedModel):
     # what a sweep asks (AbstractSolvedModel), answered from the SolveOptions
 
     def observe(self, inputs: PyTree) -> tuple[PyTree, SolveStats]:
-        """`vmap(self.solve)(inputs)`: the outputs and the per-input `SolveStats`."""
+        """`vmap(self.solve)(inputs)`: the observable (x(t1), or the states at
+        `observation_times`, axes `(input, time, ...)`) and the per-input `SolveStats`."""
         return jax.vmap(self.solve)(inputs)
 
     def observe_tangent(
         self, moved: Callable[[PyTree], "AbstractNeuralODE"], p: PyTree, dp: PyTree, inputs
     ) -> tuple[PyTree, SolveStats]:
-        """The first-order change of the outputs along `a -> moved(a)`, solved as the forward
-        sensitivity system of the moved field (`solve_tangent`), under error control: a jvp
-        through an adaptive solve would choose its steps for the primal alone."""
+        """The first-order change of the observable along `a -> moved(a)` (at every observation
+        time), solved as the forward sensitivity system of the moved field (`solve_tangent`),
+        under error control: a jvp through an adaptive solve would choose its steps for the
+        primal alone."""
 
         def one(x):
             zero = jax.tree.map(jnp.zeros_like, x)
@@ -233,7 +311,7 @@ class AbstractNeuralODE(AbstractSolvedModel):
 
     def tightened(self, dtype: Any) -> tuple["AbstractNeuralODE | None", str]:
         """The model with `SolveOptions.tightened` options (tolerances floored at 4 eps of
-        `dtype`)."""
+        `dtype`), observing at the same times."""
         options = self.solve_options.for_dtype(dtype)
         options, how = options.tightened(4 * float(jnp.finfo(dtype).eps))
         if options is None:
@@ -309,11 +387,14 @@ class NeuralODE(AbstractNeuralODE):
       `diffrax.diffeqsolve`.
     - `throw`: raise on solver failure (default); sweeps set it to False and read the stats.
     - `solve_options`: the six options above as one `gj.SolveOptions`, instead of one by one.
+    - `observation_times`: `(t_1, ..., t_n)`, strictly increasing in `(t0, t1]`: the model's
+      observable is then the saved trajectory `x(t_1), ..., x(t_n)`
+      (`diffrax.SaveAt(ts=...)`; sweeps judge every saved state). Default None: `x(t1)`.
 
     An option left out (None) takes its `SolveOptions` default.
 
     **Raises:** `TypeError` for a field that is not callable; `ValueError` for `t1 <= t0`, or
-    `solve_options` together with options given one by one.
+    `solve_options` together with options given one by one; as `check_observation_times`.
     """
 
     field: VectorField
@@ -321,6 +402,7 @@ class NeuralODE(AbstractNeuralODE):
     t0: float
     solve_options: SolveOptions
     args: Args
+    observation_times: tuple[float, ...] | None
 
     def __init__(
         self,
@@ -336,10 +418,12 @@ class NeuralODE(AbstractNeuralODE):
         throw: bool | None = None,
         *,
         solve_options: SolveOptions | None = None,
+        observation_times: Any = None,  # a sequence of floats, or None
     ):
         self.field = _as_field(field)
         self.t1 = t1
         self.t0 = t0
+        self.observation_times = check_observation_times(observation_times, t0, t1)
         self.solve_options = solve_options_from(
             solve_options,
             solver=solver,
@@ -362,8 +446,12 @@ def first_order_response(model, eps: SpacetimeGenerator, z: State) -> State:
     """Predicted `d/ds` of the output under `deform(field, eps, s)` at s = 0 (Thm 2.1, necessity).
 
     For the flow map `Phi` of the model's field from `t0` to `t1` and `v(t, x) = eps_y - F eps0`:
-    `d/ds output = DPhi(z) v(t0, z) - v(t1, Phi(z))`. It vanishes for every `z` when the
-    generator vanishes at `t0` and `t1` (the sufficiency half of Thm 2.1).
+    `d/ds output = DPhi(z) v(t0, z) - v(t1, Phi(z))`. With `observation_times`, the same at
+    every observation time t_i (Thm 2.1 generalised: `DPhi_{t_i}(z) v(t0, z) -
+    v(t_i, Phi_{t_i}(z))`, stacked on a leading time axis). It vanishes for every `z` when the
+    generator vanishes at `t0` and at every observed time: for such a generator it is 0 by
+    construction, so it tests the theorem's boundary condition, not the model; compare it with
+    the measured response (`gauge_response`) of a generator that does not vanish there.
 
     **Arguments:**
 
@@ -390,4 +478,7 @@ def first_order_response(model, eps: SpacetimeGenerator, z: State) -> State:
         return jax.tree.map(lambda ey_, f_: ey_ - f_ * e0, ey, f)
 
     (phi_z, dphi_v0), _ = model.solve_tangent(z, v(model.t0, z))
-    return tree_sub(dphi_v0, v(model.t1, phi_z))
+    if model.observation_times is None:
+        return tree_sub(dphi_v0, v(model.t1, phi_z))
+    times = jnp.asarray(model.observation_times, dtype=float)
+    return tree_sub(dphi_v0, jax.vmap(v)(times, phi_z))
