@@ -381,7 +381,8 @@ def test_reproduce_runs_a_selection_and_lists_what_it_left_out(tmp_path):
         f"node_symmetry.{n}" for n, _ in node_symmetry.CHECKS if n in left
     ]
     report = (tmp_path / "report.md").read_text()
-    assert "checks left out at this preset (5" in report and "`node_symmetry.thm21`" in report
+    assert f"checks left out at this preset ({len(left)}" in report and len(left) == 6
+    assert "`node_symmetry.thm21`" in report and "`node_symmetry.thm21_trajectory`" in report
     # the figures need checks that did not run: none is drawn, and none is claimed
     assert json.loads((tmp_path / "node_symmetry" / "summary.json").read_text())["figures"] == []
     # a lone check reproduces the number it has in a run of both (its key does not change)
