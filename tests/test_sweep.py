@@ -17,53 +17,11 @@ import pytest
 
 import gaugejax as gj
 
+from ._gauges import FieldScaling
 from .conftest import run_until_idle, small_node
 
 
 D = 3
-
-
-class ScaledField(eqx.Module):
-    """Test-only field `g * F` (g a scalar array)."""
-
-    field: object
-    g: jax.Array
-
-    def __call__(self, t, y, args):
-        return self.g * self.field(t, y, args)
-
-
-class FieldScaling(gj.gauges.AbstractParameterGauge):
-    """A deliberately broken 'gauge' (it changes the function): `F -> g F`, g ~ U(0.5, 1.5).
-
-    Samples whose uniform draw falls below `nan_below` are NaN.
-    """
-
-    nan_below: float = 0.0
-    infinitesimal = False
-
-    def check_model(self, model):
-        if not isinstance(model, gj.AbstractNeuralODE):
-            raise TypeError("FieldScaling acts on neural ODEs")
-
-    def control(self):
-        return None
-
-    def sample(self, key):
-        u = jax.random.uniform(key)
-        return jnp.where(u < self.nan_below, jnp.nan, 0.5 + u)
-
-    def act(self, g, model):
-        return model.with_field(ScaledField(model.field, g))
-
-    def identity(self):
-        return jnp.ones(())
-
-    def inverse(self, g):
-        return 1 / g
-
-    def compose(self, g1, g2):
-        return g1 * g2
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 
 import gaugejax as gj
 
+from ._gauges import FieldScaling
 from .conftest import small_node
 
 
@@ -77,40 +78,6 @@ def test_docs_model_at_the_docs_tolerance(family, dtype):
     assert np.all(broken.recheck_max_rel > 0.5 * broken.recheck_loose_max_rel)
 
 
-class PlantedScaling(gj.gauges.AbstractParameterGauge):
-    """`F -> g F` with `g = 1` (exact: the identity) except where the sample's uniform draw is
-    above `above` (g = 1.5: broken) or below `nan_below` (NaN: a failed lane)."""
-
-    above: jax.Array
-    nan_below: jax.Array = eqx.field(default_factory=lambda: jnp.asarray(-1.0))
-    infinitesimal = False
-
-    def check_model(self, model):
-        if not isinstance(model, gj.AbstractNeuralODE):
-            raise TypeError("PlantedScaling acts on neural ODEs")
-
-    def control(self):
-        return None
-
-    def sample(self, key):
-        u = jax.random.uniform(key)
-        g = jnp.where(u > self.above, 1.5, 1.0)
-        return jnp.where(u < self.nan_below, jnp.nan, g)
-
-    def act(self, g, model):
-        field = model.field
-        return model.with_field(lambda t, y, args: g * field(t, y, args))
-
-    def identity(self):
-        return jnp.ones(())
-
-    def inverse(self, g):
-        return 1 / g
-
-    def compose(self, g1, g2):
-        return g1 * g2
-
-
 def draws(key, num):
     return np.asarray(jax.vmap(jax.random.uniform)(gj.sample_keys(key, num)))
 
@@ -125,7 +92,7 @@ def test_a_planted_worst_lane_is_re_solved():
     u = draws(key, 16)
     planted = int(np.argmax(u))
     assert planted >= 8  # the old re-check's lanes were 0..7
-    gauge = PlantedScaling(above=jnp.asarray(np.sort(u)[-2]))
+    gauge = FieldScaling(above=jnp.asarray(np.sort(u)[-2]))
     res = gj.sweep(model, gauge, x, key=key, num_samples=16, chunk_size=16)
     assert res.recheck_lanes[0] == planted and np.argmax(res.max_rel) == planted
     assert res.max_rel[planted] > 1e-2 and np.delete(res.max_rel, planted).max() < 1e-12
@@ -133,7 +100,7 @@ def test_a_planted_worst_lane_is_re_solved():
     assert res.verdict == "broken", res.verdict_reason
     assert f"lane {planted}:" in res.verdict_reason
     exact = gj.sweep(
-        model, PlantedScaling(jnp.asarray(2.0)), x, key=key, num_samples=16, chunk_size=16
+        model, FieldScaling(above=jnp.asarray(2.0)), x, key=key, num_samples=16, chunk_size=16
     )
     assert exact.verdict == "holds", exact.verdict_reason
 
@@ -146,11 +113,15 @@ def test_failed_lanes_count_against_the_verdict():
     key = jax.random.key(5)
     u = np.sort(draws(key, 16))
     kw = dict(key=key, num_samples=16, chunk_size=16)
-    most = gj.sweep(model, PlantedScaling(jnp.asarray(2.0), jnp.asarray(u[-1])), x, **kw)
+    most = gj.sweep(
+        model, FieldScaling(above=jnp.asarray(2.0), nan_below=jnp.asarray(u[-1])), x, **kw
+    )
     assert int(most.ok.sum()) == 1 and most.verdict == "inconclusive", most.verdict_reason
     assert "15 of 16 lanes failed" in most.verdict_reason
     assert "singular_gauge" in most.verdict_reason
-    one = gj.sweep(model, PlantedScaling(jnp.asarray(2.0), jnp.asarray(u[1])), x, **kw)
+    one = gj.sweep(
+        model, FieldScaling(above=jnp.asarray(2.0), nan_below=jnp.asarray(u[1])), x, **kw
+    )
     assert int(one.ok.sum()) == 15 and one.verdict == "holds", one.verdict_reason
     assert "1 of 16 lanes failed" in one.verdict_reason
 
