@@ -11,6 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -408,6 +409,17 @@ def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
     )
     summary = benchmark_sweep.run(cfg, tmp_path)
     rows = {(r["workload"], r["side"]): r for r in io.read_json(tmp_path / "results.json")["rows"]}
+    # the sharded side on this process's device(s): shard_map over a mesh of one device is the
+    # unsharded program, bit for bit (several devices: the same per-sample programs). Checked
+    # here, not in a second CLI process, as its unsharded side is the w1 program `run` just
+    # compiled (kept per process: read, not compiled again)
+    devices = len(jax.devices())
+    both = dataclasses.replace(cfg, sides=("gaugejax", "gaugejax_sharded"))
+    w1_key = jax.random.split(jax.random.key(cfg.seed), len(cfg.workloads))[0]  # as `run`'s
+    unsharded, sharded = benchmark_sweep.measure(both, "w1", w1_key, 4)
+    assert unsharded["compile_s"] == 0.0 and sharded["status"] == "ok"
+    assert sharded["num_devices"] == devices
+    assert sharded["max_diff_vs_gaugejax"] <= (0.0 if devices == 1 else 1e-14)
     assert len(rows) == len(summary["rows"]) == 6
     for w in ("w1", "w2", "w3"):
         for side in ("gaugejax", "naive_diffrax"):
@@ -585,17 +597,18 @@ def test_killed_gauge_fixing_resumes_to_the_same_files(tmp_path, capfd):
     """SIGKILL while the second lambda trains (its first checkpoint written, not its last), then
     `--resume`: the finished lambda is kept, the other continues from its checkpoint, and every
     file but timing fields equals an uninterrupted run's: checkpoints, logs (each step once),
-    results and the figure byte for byte. The uninterrupted run is the CLI in this process
-    (`_cli`); the killed run and its resume are processes (a kill is what is tested), sharing a
-    compilation cache (the resume reads the programs the killed run compiled; with the
-    session's cache, conftest, all three do)."""
+    results and the figure byte for byte. The killed run is a process (a kill is what is
+    tested); the uninterrupted run and the resume are the CLI in this process (`_cli`): the
+    resume reads only what the killed process left on disk, and it runs the programs the
+    uninterrupted run compiled here instead of tracing and compiling them in a third process
+    (measured, the test's CPU 37.7 -> 30.3 s). With the session's compilation cache
+    (conftest) the killed run reads it too."""
     args = ["gauge_fixing", "--config", "configs/gauge_fixing/smoke.toml", "num_steps=50",
             "steps_per_chunk=10", "arms=[]"]  # fmt: skip
     code, _, err = _cli([*args, "--out", str(tmp_path / "full")], capfd)
     assert code in (0, 1), err[-3000:]  # 1: a claim failed at this size
     assert "gauge_fixing: 100%" in err and "100/100" in err  # training progress
-    cache = os.environ.get("GAUGEJAX_TEST_JAX_CACHE") or str(tmp_path / "cache")
-    env = dict(os.environ, GAUGEJAX_JAX_CACHE=cache)
+    env = dict(os.environ, GAUGEJAX_JAX_CACHE=os.environ.get("GAUGEJAX_TEST_JAX_CACHE", ""))
     cmd = [sys.executable, "-m", "experiments", *args]
     proc = subprocess.Popen(
         [*cmd, "--out", str(tmp_path / "part")], cwd=ROOT, env=env,
@@ -611,11 +624,8 @@ def test_killed_gauge_fixing_resumes_to_the_same_files(tmp_path, capfd):
     killed_at = (run_dir / "lambda_0.1" / "checkpoints" / "LATEST").read_text()
     assert killed_at < "step_00000050.eqx" and not (run_dir / "summary.json").exists()
     assert io.read_json(run_dir / "status.json")["status"] == "running"  # as a kill leaves it
-    resumed = subprocess.run(
-        [sys.executable, "-m", "experiments", "gauge_fixing", "--resume", str(run_dir)],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    assert resumed.returncode == code, resumed.stderr[-3000:]
+    resumed, _, err = _cli(["gauge_fixing", "--resume", str(run_dir)], capfd)
+    assert resumed == code, err[-3000:]
     assert io.read_json(run_dir / "status.json")["status"] == "complete"
     (full_dir,) = tmp_path.glob("full/gauge_fixing/*")
     a, b = _files(full_dir), _files(run_dir)
@@ -631,28 +641,42 @@ def test_killed_gauge_fixing_resumes_to_the_same_files(tmp_path, capfd):
 
 def test_benchmark_cli_shards_over_one_cpu_device_per_core(tmp_path):
     """Through the CLI, benchmark_sweep exposes one CPU device per core by default (its sharded
-    side then uses every core) on a pool of 4 (n + 1) threads; `--cpu-devices 1` keeps one.
-    The sharded side computes the unsharded side's numbers (shard_map over a mesh of one
-    device: the same program, bit for bit; over several: the same per-sample programs)."""
+    side then uses every core) on a pool of 4 (n + 1) threads; `--cpu-devices 1` keeps one, on
+    a pool of 8. The sharded side computes the unsharded side's numbers (over several devices:
+    the same per-sample programs; over a mesh of one device, the same program bit for bit:
+    `test_benchmark_sweep_measures_the_same_program_on_every_side`, in process). The
+    `--cpu-devices 1` process checks the devices and the pool the CLI configures, with the
+    experiment's `run` replaced by a recorder: its sweep would repeat that test's programs."""
     cores = len(os.sched_getaffinity(0))
+    # the caller's XLA_FLAGS (a device count) dropped, the suite's compile flags kept
+    env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "XLA_FLAGS")}
+    env["XLA_FLAGS"] = COMPILE_FLAGS
     cmd = [sys.executable, "-m", "experiments", "benchmark_sweep", "--config",
            "configs/benchmark_sweep/smoke.toml", 'workloads=["w1"]',
-           'sides=["gaugejax", "gaugejax_sharded"]']  # fmt: skip
-    for extra, devices in (([], cores), (["--cpu-devices", "1"], 1)):
-        out = tmp_path / str(devices)
-        # the caller's XLA_FLAGS (a device count) dropped, the suite's compile flags kept
-        env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "XLA_FLAGS")}
-        env["XLA_FLAGS"] = COMPILE_FLAGS
-        proc = subprocess.run([*cmd, *extra, "--out", str(out)], cwd=ROOT, env=env,
-                              capture_output=True, text=True)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        (run_dir,) = out.glob("benchmark_sweep/*")
-        _, row = io.read_json(run_dir / "results.json")["rows"]
-        assert row["side"] == "gaugejax_sharded" and row["status"] == "ok"
-        assert row["num_devices"] == devices
-        assert row["max_diff_vs_gaugejax"] <= (0.0 if devices == 1 else 1e-14)
-        pool = io.read_json(run_dir / "env.json")["intra_op_threads"]
-        assert pool >= 4 * (devices + 1)
+           'sides=["gaugejax", "gaugejax_sharded"]', "--out", str(tmp_path / "auto")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "auto").glob("benchmark_sweep/*")
+    _, row = io.read_json(run_dir / "results.json")["rows"]
+    assert row["side"] == "gaugejax_sharded" and row["status"] == "ok"
+    assert row["num_devices"] == cores
+    assert row["max_diff_vs_gaugejax"] <= (0.0 if cores == 1 else 1e-14)
+    assert io.read_json(run_dir / "env.json")["intra_op_threads"] >= 4 * (cores + 1)
+    # `--cpu-devices 1`: the CLI as `python -m experiments` runs it, recording the devices
+    recorder = (
+        "import sys, jax\n"
+        "from experiments import benchmark_sweep\n"
+        "from experiments.__main__ import main\n"
+        "benchmark_sweep.run = lambda cfg, run_dir: {'claims': [], 'devices': len(jax.devices())}\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    one = tmp_path / "one"
+    cmd = [sys.executable, "-c", recorder, "benchmark_sweep", "--cpu-devices", "1", "--out", one]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = one.glob("benchmark_sweep/*")
+    assert io.read_json(run_dir / "summary.json")["devices"] == 1
+    assert io.read_json(run_dir / "env.json")["intra_op_threads"] >= 4 * (1 + 1)
 
 
 def test_benchmark_torchdiffeq_side_integrates_the_same_gauged_w1():
