@@ -192,7 +192,9 @@ def _gaugejax(
     first = gj.sweep(w.model, w.gauge, w.inputs, **kwargs)
     # timing repeats: no control or re-check (the first sweep gave the verdict)
     times = [first.run_time_s] + [
-        gj.sweep(w.model, w.gauge, w.inputs, control_samples=0, **kwargs).run_time_s
+        gj.sweep(
+            w.model, w.gauge, w.inputs, control_samples=0, recheck_samples=0, **kwargs
+        ).run_time_s
         for _ in range(cfg.repeats - 1)
     ]
     if first.failures():

@@ -366,7 +366,7 @@ out = []
 # "flags": the 2-device sweep alone (it is refused before it compiles)
 for devices in (jax.devices()[:1], jax.devices()[:2])[sys.argv[1] == "flags":]:
     res = gj.sweep(model, gauge, x, key=k[2], num_samples=32, chunk_size=8, chunks_per_block=1,
-                   devices=devices, control_samples=0)
+                   devices=devices, control_samples=0, recheck_samples=0)
     assert res.failures() == {}, res.failures()
     out.append(res.max_abs)
 print("devices", len(jax.devices()), "max_abs", float(out[0].max()),

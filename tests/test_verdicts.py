@@ -99,6 +99,12 @@ def test_a_planted_worst_lane_is_re_solved():
     assert res.recheck_max_rel[0] > 0.5 * res.max_rel[planted]
     assert res.verdict == "broken", res.verdict_reason
     assert f"lane {planted}:" in res.verdict_reason
+    # without the re-check (a timing run) the same deviation cannot be judged: named, not broken
+    blind = gj.sweep(model, gauge, x, key=key, num_samples=16, chunk_size=16, recheck_samples=0)
+    assert blind.verdict == "inconclusive" and "recheck_samples=0" in blind.verdict_reason
+    assert blind.recheck_lanes.size == 0
+    with pytest.raises(ValueError, match=r"`recheck_samples` must be an int >= 0; received -1"):
+        gj.sweep(model, gauge, x, key=key, num_samples=16, recheck_samples=-1)
     exact = gj.sweep(
         model, FieldScaling(above=jnp.asarray(2.0)), x, key=key, num_samples=16, chunk_size=16
     )

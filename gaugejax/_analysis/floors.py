@@ -109,22 +109,17 @@ def measure_floors(
     )
 
 
-# the re-check: the lanes with the largest deviations and a few random others
-RECHECK_WORST = 4
-RECHECK_RANDOM = 4
-
-
-def recheck_lanes(merged: dict, key) -> np.ndarray:
-    """The sample indices a re-check re-solves: the `RECHECK_WORST` good lanes with the largest
-    deviations, then `RECHECK_RANDOM` other good lanes drawn from the sweep's `key` (so a
+def recheck_lanes(merged: dict, key, num: int) -> np.ndarray:
+    """The sample indices a re-check re-solves: the `ceil(num / 2)` good lanes with the largest
+    deviations, then up to `num // 2` other good lanes drawn from the sweep's `key` (so a
     planted outlier is always among them, and the rest is not only the worst)."""
     ok = np.flatnonzero(good(merged))
     order = ok[np.argsort(-merged["max_rel"][ok], kind="stable")]
-    worst, rest = order[:RECHECK_WORST], order[RECHECK_WORST:]
+    worst, rest = order[: -(-num // 2)], order[-(-num // 2) :]
     if rest.size:
         seed = np.asarray(jax.random.key_data(jax.random.fold_in(key, 2**31 - 2))).ravel()
         picked = np.random.default_rng(seed.astype(np.uint64)).permutation(rest)
-        rest = np.sort(picked[:RECHECK_RANDOM])
+        rest = np.sort(picked[: num // 2])
     return np.concatenate([worst, rest]).astype(np.int64)
 
 
@@ -135,20 +130,21 @@ def recheck(
     inputs: PyTree,
     merged: dict,
     key,
+    num: int,
     block: int,
 ) -> Recheck | None:
     """The lanes of `recheck_lanes` re-solved with the tightened model (rebuilt from their
     sample index: the same gauge elements), when there is a tightened model and a lane
     succeeded; else None.
 
-    **Arguments:** `merged`: the sweep's per-sample metrics; `key`: the sweep's key; `block`:
-    the re-check's block size.
+    **Arguments:** `merged`: the sweep's per-sample metrics; `key`: the sweep's key; `num`:
+    lanes to re-solve (> 0); `block`: the re-check's block size.
 
     **Returns:** a `Recheck`; a lane whose re-solve failed holds NaN (missing evidence).
     """
     if floors.tight is None or not good(merged).any():
         return None
-    lanes = recheck_lanes(merged, key)
+    lanes = recheck_lanes(merged, key, num)
     tight = floors.tight
     again, _, _ = runner.run(
         plan,

@@ -273,6 +273,7 @@ def sweep(
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "samples",
     control_samples: int = 8,
+    recheck_samples: int = 8,
     progress: bool = False,
 ) -> SweepResult:
     """Check a gauge family on many random samples: jit + vmap, chunked, sharded over devices,
@@ -307,9 +308,11 @@ def sweep(
       spanning the processes of `jax.distributed`) and the axis of it that the samples are split
       over; the other axes hold replicas. Without `mesh` the sweep builds a one-axis mesh of
       `devices` named `"samples"`.
-    - `control_samples`: samples of the family's symmetry-breaking `control()` (0: none). The
-      re-check (the lanes with the largest deviations and a few random ones, re-solved at a
-      tighter tolerance) runs whenever the model has a tighter solve, whatever this is.
+    - `control_samples`: samples of the family's symmetry-breaking `control()` (0: none).
+    - `recheck_samples`: lanes re-solved at a tighter tolerance whenever the model has one
+      (half the largest deviations, half random; whatever `control_samples` is). 0 skips the
+      re-check (timing runs): a deviation above the floor is then "inconclusive", never
+      judged without it.
     - `progress`: show a tqdm bar over blocks.
 
     **Returns:** a `SweepResult` with the verdict. Solver failures are reported per lane (NaN
@@ -331,10 +334,9 @@ def sweep(
     num_samples = _positive_int("num_samples", num_samples)
     chunk_size = _positive_int("chunk_size", chunk_size)
     chunks_per_block = _positive_int("chunks_per_block", chunks_per_block)
-    if isinstance(control_samples, bool) or not isinstance(control_samples, (int, np.integer)):
-        raise ValueError(f"`control_samples` must be an int >= 0; received {control_samples!r}.")
-    if control_samples < 0:
-        raise ValueError(f"`control_samples` must be an int >= 0; received {control_samples!r}.")
+    for name, value in (("control_samples", control_samples), ("recheck_samples", recheck_samples)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"`{name}` must be an int >= 0; received {value!r}.")
     if shard is not None and not isinstance(shard, bool):
         raise ValueError(f"`shard` must be None, True or False; received {shard!r}.")
     devices, mesh, shards = _layout(devices, shard, mesh, mesh_axis)
@@ -366,7 +368,11 @@ def sweep(
     # in the sweep's own compiled program when the sweep was one block (no new compile for a
     # few lanes), else one chunk per device (a few lanes, not a block of them)
     recheck_block = runner.block if num_samples <= runner.block else chunk_size * shards
-    again = recheck(runner, plan, floors, inputs, merged, key, recheck_block)
+    again, missing = None, floors.missing
+    if recheck_samples:
+        again = recheck(runner, plan, floors, inputs, merged, key, recheck_samples, recheck_block)
+    elif floors.tight is not None:
+        missing = "the re-check was not run (recheck_samples=0)"
     n = int(min(control_samples, num_samples))  # samples of the control
     control_rel = np.zeros((0,))
     if control is not None:
@@ -401,7 +407,7 @@ def sweep(
         recheck_loose_max_rel=again.loose if again is not None else np.zeros((0,)),
         recheck_max_rel=again.tight if again is not None else np.zeros((0,)),
         recheck_floor=again.tight_floor if again is not None else float("nan"),
-        recheck_how=again.how if again is not None else floors.missing or floors.note,
+        recheck_how=again.how if again is not None else missing or floors.note,
         control_recheck_max_rel=again.control_tight if again is not None else np.zeros((0,)),
         verdict="",
         verdict_reason="",
@@ -422,7 +428,7 @@ def sweep(
         control=median,
         recheck=again,
         floor_note=floors.note,
-        missing=floors.missing,
+        missing=missing,
         growth=growth,
         eps=floors.eps,
     )
