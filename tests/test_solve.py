@@ -104,6 +104,24 @@ def test_rk4_is_fourth_order():
     assert abs(-gj.loglog_slope(steps, errors(diffrax.Heun())) - 2) < 0.15
 
 
+def test_solve_default_controller_follows_the_state_dtype():
+    """`gj.solve` without a controller solves at the state's default, as `SolveOptions` does:
+    rtol = atol = 1e-5 in float32 (it took 1e-8, below what float32 resolves), 1e-8 in float64
+    (unchanged): the same steps as the explicit controller, and fewer in float32."""
+    field = lambda t, y, args: jnp.tanh(2.0 * y) - y  # noqa: E731
+
+    def steps(y0, controller=None):
+        return int(gj.solve(field, y0, t1=3.0, stepsize_controller=controller)[1].num_steps)
+
+    pid = diffrax.PIDController
+    with jax.enable_x64(False):
+        y32 = jnp.ones(3, jnp.float32)
+        assert steps(y32) == steps(y32, pid(rtol=1e-5, atol=1e-5))
+        assert steps(y32) < steps(y32, pid(rtol=1e-8, atol=1e-8))
+    y64 = jnp.ones(3)
+    assert steps(y64) == steps(y64, pid(rtol=1e-8, atol=1e-8))
+
+
 def test_solve_validation():
     f = lambda t, y, a: -y  # noqa: E731
     with pytest.raises(ValueError, match="t1"):

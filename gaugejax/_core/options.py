@@ -12,50 +12,17 @@ from typing import Any
 
 import diffrax
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from ._checks import is_traced
 from ._types import Args, ScalarLike, State, VectorField
-from .solve import SolveStats, check_tolerances, solve
+from .solve import SolveStats, check_tolerances, default_controller, solve, state_dtype
 
 
 # the tighter re-solve: tolerances 1000x smaller (floored at 4 eps), or a step 8x smaller
 TOLERANCE_FACTOR = 1000
 STEP_FACTOR = 8
-
-
-# The default step-size controller follows the dtype a model is solved in (issue 22): a PID
-# controller at rtol = atol = the decade of 100 eps, never below 1e-8. float64 keeps exactly the
-# 1e-8 it always had (every float64 result unchanged); float32 gets 1e-5. Measured (README's
-# first example in float32, 256 samples, Tsit5): rtol = atol = 1e-4 holds at 12.3x the floor
-# (3.7e-4, near the 30x edge), 1e-5 at 0.31x (9.4e-6, below the 256-ulp floor 3.05e-5; 5.3
-# steps), 1e-6 at 0.018x (7.5 steps) but its re-solve, floored at 4 eps = 4.8e-7, would be
-# only 2x tighter and not measure the solver's error; at 1e-5 it is 21x tighter.
-DEFAULT_TOLERANCE_FLOOR = 1e-8
-
-
-def default_controller(dtype: Any) -> diffrax.PIDController:
-    """The step-size controller of a `SolveOptions` left at its default, for a solve in `dtype`.
-
-    **Arguments:** `dtype`: the floating dtype of the solve.
-
-    **Returns:** `diffrax.PIDController(rtol=tol, atol=tol)`, `tol` the decade of 100 eps of
-    `dtype`, at least 1e-8: 1e-8 in float64, 1e-5 in float32, 1e-2 in float16.
-    """
-    eps = float(jnp.finfo(dtype).eps)
-    tol = max(DEFAULT_TOLERANCE_FLOOR, 10.0 ** math.floor(math.log10(100 * eps)))
-    return diffrax.PIDController(rtol=tol, atol=tol)
-
-
-def state_dtype(tree: PyTree) -> Any:
-    """The floating dtype a solve of `tree` runs in: the least precise of its inexact leaves
-    (the one that bounds the accuracy), or the default float dtype without any."""
-    dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(tree) if eqx.is_inexact_array(x)}
-    if not dtypes:
-        return jnp.dtype(jnp.result_type(float))
-    return max(dtypes, key=lambda d: float(jnp.finfo(d).eps))
 
 
 class SolveOptions(eqx.Module):
