@@ -394,6 +394,16 @@ def sweep(
             runner, controlled.plan, controlled.tight.params, inputs, floors.tight_reference, key, n
         )
         again = dataclasses.replace(again, control_tight=control_tight)
+    # the re-check's evidence (without one, SweepResult's empty defaults)
+    rechecked = {}
+    if again is not None:
+        rechecked = dict(
+            recheck_lanes=again.lanes,
+            recheck_loose_max_rel=again.loose,
+            recheck_max_rel=again.tight,
+            recheck_floor=again.tight_floor,
+            control_recheck_max_rel=again.control_tight,
+        )
     result = SweepResult(
         mode=plan.mode,
         reference_scale=floors.scale,
@@ -403,12 +413,8 @@ def sweep(
         rounding_floor=rounding_floor(growth, floors.eps) if ok.any() else float("nan"),
         floor=floor,
         control_max_rel=control_rel,
-        recheck_lanes=again.lanes if again is not None else np.zeros((0,), np.int64),
-        recheck_loose_max_rel=again.loose if again is not None else np.zeros((0,)),
-        recheck_max_rel=again.tight if again is not None else np.zeros((0,)),
-        recheck_floor=again.tight_floor if again is not None else float("nan"),
-        recheck_how=again.how if again is not None else missing or floors.note,
-        control_recheck_max_rel=again.control_tight if again is not None else np.zeros((0,)),
+        recheck_how=missing or floors.note if again is None else again.how,
+        **rechecked,
         verdict="",
         verdict_reason="",
         dtype=str(jax.tree.leaves(floors.reference)[0].dtype),
