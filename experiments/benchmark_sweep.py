@@ -201,7 +201,8 @@ def _gaugejax(
         raise RuntimeError(f"lanes failed: {first.failures()}")
     # field evaluations per sample: `gj.count_evaluations` (the solver's tableau)
     row = {"samples_per_s": num_samples / statistics.median(times),
-           "compile_s": first.compile_time_s, "noise_floor": first.noise_floor,
+           "compile_s": first.compile_time_s, "num_programs": first.num_programs,
+           "noise_floor": first.noise_floor,
            "verdict": first.verdict, "chunk_size": chunk, "num_devices": len(devices),
            **gj.deviation_summary(first.max_abs, first.num_steps),
            "evaluations_mean": float(np.mean(np.asarray(first.num_evaluations)))}  # fmt: skip

@@ -254,7 +254,7 @@ TINY = {
     "optimise_chunk": 5,
     "proxy_grid": 8,
 }
-TIMING = ("compile_time_s", "run_time_s", "samples_per_s", "wall_time_s")
+TIMING = ("compile_time_s", "num_programs", "run_time_s", "samples_per_s", "wall_time_s")
 
 
 def _strip(obj):

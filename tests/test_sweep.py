@@ -403,3 +403,38 @@ def test_sharded_w1_on_two_cpu_devices_makes_progress_or_refuses():
     assert code != 0
     assert "`devices`: 2 CPU devices" in out and "pool of 2 threads" in out, out[-2000:]
     assert "lapack_" in out and "configure_cpu_devices(2)" in out
+
+
+def test_first_call_compiles_a_few_programs(getkey):
+    """A sweep's first call compiles at most 6 XLA programs, eager operations included (the
+    reference, the block, diffrax's two concrete result checks); a new `chunk_size` recompiles
+    the block only; a repeat compiles nothing. `num_programs` counts them (checked against
+    JAX's own compile events); a new family on the same model compiles its own reference and
+    block, nothing else. Shapes no other test uses (5 states, width 11),
+    and `jax.clear_caches()` for eager operations compiled earlier in this process."""
+    jax.clear_caches()
+    model = gj.NeuralODE(gj.MLPField(5, 11, 2, key=getkey()), t1=1.0)
+    x = jax.random.normal(getkey(), (3, 5))
+    gauge = gj.SpatialDiffeoGauge(5, 1.0, key=getkey())
+    seen = []
+
+    def listener(event, duration, **_):
+        seen.append(event == "/jax/core/compile/backend_compile_duration")
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        key = getkey()
+        first = gj.sweep(model, gauge, x, key=key, num_samples=16, chunk_size=8)
+        counted = sum(seen)
+        again = gj.sweep(model, gauge, x, key=key, num_samples=16, chunk_size=4)
+        same = gj.sweep(model, gauge, x, key=key, num_samples=16, chunk_size=4)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert first.verdict == "holds"
+    assert 2 <= first.num_programs <= 6 and first.num_programs == counted  # measured 4
+    assert again.num_programs == 1 and again.compile_time_s > 0  # the block at chunk 4
+    assert same.num_programs == 0 and same.compile_time_s == 0.0
+    np.testing.assert_allclose(again.max_rel, first.max_rel, rtol=1e-12, atol=0)
+    # another family on the same model: the programs of its own structure, and only those
+    scaled = gj.sweep(model, FieldScaling(), x, key=key, num_samples=16, chunk_size=8)
+    assert scaled.num_programs == 2  # its reference and its block: nothing else new

@@ -23,7 +23,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
 from .._infra.devices import check_cpu_pool, free_memory_bytes
-from .lane import Plan, flat, lane, observe_reference
+from .lane import Plan, host_flat, lane, observe_reference
 
 
 def replicate(tree: PyTree, sharding: NamedSharding) -> PyTree:
@@ -65,27 +65,42 @@ def _fold(key, indices):
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
 
-def run_block(plan: Plan, indices, key, params, inputs, reference, scale):
-    """The metrics of the lanes `indices` (sample i drawn from `fold_in(key, i)`), in chunks of
-    `plan.chunk_size` vmapped lanes, split over the plan's mesh when it has one."""
+# the key stream of a block's lanes: the sweep's own samples, or its control (apart from them)
+SAMPLES, CONTROL = 0, 2**31 - 1
+# per lane, a draw from the lane's key for the re-check's random half (in the block program:
+# no eager program on the host, and the same draw whatever the chunk or block sizes)
+DRAW = 2**31 - 2
 
-    def body(indices, key, params, inputs, reference, scale):
-        keys = _fold(key, indices)  # as `sample_keys`, for these lanes
-        return jax.lax.map(
-            lambda k: lane(plan, k, params, inputs, reference, scale),
-            keys,
-            batch_size=plan.chunk_size,
+
+def run_block(plan: Plan, indices, key, stream, params, inputs, reference, scale):
+    """The metrics of the lanes `indices` (sample i drawn from `fold_in(key, i)`, or from
+    `fold_in(fold_in(key, stream), i)` for a `stream` other than `SAMPLES`), in chunks of
+    `plan.chunk_size` vmapped lanes, split over the plan's mesh when it has one; each lane also
+    returns `draw`, a uniform uint32 of its key."""
+
+    def body(indices, key, stream, params, inputs, reference, scale):
+        data = jax.random.key_data(key)
+        other = jax.random.key_data(jax.random.fold_in(key, stream))
+        key = jax.random.wrap_key_data(
+            jnp.where(stream == SAMPLES, data, other), impl=jax.random.key_impl(key)
         )
+        keys = _fold(key, indices)  # as `sample_keys`, for these lanes
+
+        def one(k):
+            out = lane(plan, k, params, inputs, reference, scale)
+            return {**out, "draw": jax.random.bits(jax.random.fold_in(k, DRAW), dtype=jnp.uint32)}
+
+        return jax.lax.map(one, keys, batch_size=plan.chunk_size)
 
     if plan.mesh is None:
-        return body(indices, key, params, inputs, reference, scale)
+        return body(indices, key, stream, params, inputs, reference, scale)
     return jax.shard_map(
         body,
         mesh=plan.mesh,
-        in_specs=(P(plan.axis), P(), P(), P(), P(), P()),
+        in_specs=(P(plan.axis), P(), P(), P(), P(), P(), P()),
         out_specs=P(plan.axis),
         check_vma=False,
-    )(indices, key, params, inputs, reference, scale)
+    )(indices, key, stream, params, inputs, reference, scale)
 
 
 _block_jit = jax.jit(run_block, static_argnums=0)
@@ -94,25 +109,38 @@ _MAX_EXECUTABLES = 32
 _EXECUTABLES_LOCK = threading.Lock()  # sweeps may run from several threads
 
 
+def _signature(plan: Plan, args) -> tuple:
+    leaves, treedef = jax.tree.flatten(args)
+    return (plan, treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
+
+
+def cached_compile_seconds(plan: Plan, *args) -> float | None:
+    """The seconds the cached block program for `plan` and these argument shapes took to
+    compile, or None when it is not cached."""
+    with _EXECUTABLES_LOCK:
+        entry = _EXECUTABLES.get(_signature(plan, args))
+    return None if entry is None else entry[1]
+
+
 def compiled_block(plan: Plan, *args) -> tuple[Callable, float]:
     """The compiled block program for `plan` and these argument shapes, and the seconds spent
     compiling it now (0.0 when an earlier sweep in this process already compiled it)."""
-    leaves, treedef = jax.tree.flatten(args)
-    signature = (plan, treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
+    signature = _signature(plan, args)
     with _EXECUTABLES_LOCK:
         if signature in _EXECUTABLES:
             _EXECUTABLES.move_to_end(signature)
-            return _EXECUTABLES[signature], 0.0
+            return _EXECUTABLES[signature][0], 0.0
     start = time.perf_counter()
     lowered = _block_jit.lower(plan, *args)
     if plan.mesh is not None:
         check_cpu_pool(list(plan.mesh.devices.flat), lowered.as_text())
     compiled = lowered.compile()
+    seconds = time.perf_counter() - start
     with _EXECUTABLES_LOCK:
-        _EXECUTABLES[signature] = compiled
+        _EXECUTABLES[signature] = (compiled, seconds)
         while len(_EXECUTABLES) > _MAX_EXECUTABLES:
             _EXECUTABLES.popitem(last=False)
-    return compiled, time.perf_counter() - start
+    return compiled, seconds
 
 
 def program_bytes(compiled) -> int:
@@ -163,33 +191,71 @@ class Runner(NamedTuple):
         )
 
     def reference(self, plan: Plan, params, inputs):
-        """`(reference, identity deviation, all reference solves succeeded)` on the host."""
+        """`(reference, its scale, identity deviation, all reference solves succeeded)`: the
+        reference outputs as arrays, the rest host numbers (one program: the reference's plan
+        without the chunk and mesh, which it does not depend on)."""
         with jax.default_matmul_precision(plan.precision):
-            reference, noise, solved = observe_reference(plan, params, inputs)
-        return reference, float(noise), bool(solved)
+            reference, scale, noise, solved = observe_reference(
+                plan.without_blocks(), params, inputs
+            )
+        return reference, float(scale), float(noise), bool(solved)
+
+    def _arguments(self, plan: Plan, params, inputs, reference, key, stream):
+        """The block program's arguments after the lane indices, and the indices' sharding.
+        The scale and stream are host numpy (an eager `jax.numpy` op would be a program of
+        its own)."""
+        scale = np.max(np.abs(host_flat(reference)))
+        args = (key, np.uint32(stream), params, inputs, reference, scale)
+        if self.mesh is None:
+            return args, jax.sharding.SingleDeviceSharding(self.devices[0])
+        return replicate(args, NamedSharding(self.mesh, P())), NamedSharding(
+            self.mesh, P(plan.axis)
+        )
+
+    def side(
+        self, plan: Plan, params, inputs, reference, key, num: int, block_seconds: float,
+        stream: int = SAMPLES,
+    ) -> tuple[Plan, int]:  # fmt: skip
+        """The plan and block size to run `num` lanes of `plan` beside the sweep's own blocks
+        (the re-check, the control): a block of their own size (one chunk of at most `num`
+        lanes per device), unless the sweep's block program is compiled and the own-size
+        one is not, and running the lanes in a whole sweep block (`block_seconds`, measured)
+        costs less than compiling the own-size program did for the sweep's block."""
+        shards = 1 if self.mesh is None else int(self.mesh.shape[plan.axis])
+        per_device = -(-num // shards)
+        chunk = min(plan.chunk_size, per_device)
+        own = chunk * -(-per_device // chunk) * shards
+        if own >= self.block:
+            return plan, self.block
+        own_plan = plan._replace(chunk_size=chunk)
+        args, split = self._arguments(plan, params, inputs, reference, key, stream)
+
+        def compiled_seconds(p, size):
+            first = jax.ShapeDtypeStruct((size,), jnp.uint32, sharding=split)
+            return cached_compile_seconds(p, first, *args)
+
+        if compiled_seconds(own_plan, own) is not None:
+            return own_plan, own
+        sweep_seconds = compiled_seconds(plan, self.block)
+        if sweep_seconds is None or block_seconds > sweep_seconds:
+            return own_plan, own
+        return plan, self.block
 
     def run(
         self, plan: Plan, params, inputs, reference, key, num_samples, desc, block=None,
-        indices=None,
+        indices=None, stream=SAMPLES,
     ):  # fmt: skip
         """Per-sample metrics of `num_samples` samples (host numpy), compile and run time:
         samples `0 .. num_samples - 1`, or the sample indices `indices` (rebuilt from their
-        keys, the same elements as in the sweep), in blocks of `block` (default the runner's)."""
+        keys, the same elements as in the sweep), of the key `stream` (`SAMPLES` or
+        `CONTROL`), in blocks of `block` (default the runner's)."""
         block = self.block if block is None else block
         # whole blocks: padding lanes draw the next samples, and their results are dropped
         padded = np.arange(-(-num_samples // block) * block, dtype=np.uint32)
         if indices is not None:
             padded[:num_samples] = np.asarray(indices, dtype=np.uint32)
         with jax.default_matmul_precision(plan.precision):
-            scale = jnp.max(jnp.abs(flat(reference)))
-            if self.mesh is not None:
-                split = NamedSharding(self.mesh, P(plan.axis))
-                key, params, inputs, reference, scale = replicate(
-                    (key, params, inputs, reference, scale), NamedSharding(self.mesh, P())
-                )
-            else:
-                split = jax.sharding.SingleDeviceSharding(self.devices[0])
-            args = (key, params, inputs, reference, scale)
+            args, split = self._arguments(plan, params, inputs, reference, key, stream)
             first = jax.ShapeDtypeStruct((block,), jnp.uint32, sharding=split)
             compiled, compile_time = compiled_block(plan, first, *args)
             self._check_memory(plan, compiled, block, args, split)

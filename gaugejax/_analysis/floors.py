@@ -23,8 +23,8 @@ import numpy as np
 from jaxtyping import PyTree
 
 from ..models.solved import expected_shrink, requested_accuracy
-from .blocks import Runner
-from .lane import Plan, flat
+from .blocks import CONTROL, Runner
+from .lane import Plan, host_flat
 from .sweep_result import good
 from .verdict import FLOAT_FLOOR_ULPS, Recheck
 
@@ -71,15 +71,15 @@ def measure_floors(
     inconclusive); the solver floor is NaN, and `tight` None, when the re-solve failed (e.g.
     `max_steps` too small for the tighter tolerance: the float floor only).
     """
-    reference, noise, solved = runner.reference(plan, params, inputs)
+    reference, scale, noise, solved = runner.reference(plan, params, inputs)
     dtype = str(jax.tree.leaves(reference)[0].dtype)
     tiny, eps = float(jnp.finfo(dtype).tiny), float(jnp.finfo(dtype).eps)
-    scale = max(float(jnp.max(jnp.abs(flat(reference)))), tiny)
+    scale = max(scale, tiny)
     float_floor = FLOAT_FLOOR_ULPS * eps
     solver_floor, tight_reference, missing = 0.0, None, ""
     if tight is not None:
-        tight_reference, _, tight_solved = runner.reference(plan, tight.params, inputs)
-        gap = float(jnp.max(jnp.abs(flat(tight_reference) - flat(reference))))
+        tight_reference, _, _, tight_solved = runner.reference(plan, tight.params, inputs)
+        gap = float(np.max(np.abs(host_flat(tight_reference) - host_flat(reference))))
         if tight_solved:
             solver_floor = gap / scale
             note = f"solver floor and re-check {tight.how}"
@@ -109,16 +109,16 @@ def measure_floors(
     )
 
 
-def recheck_lanes(merged: dict, key, num: int) -> np.ndarray:
+def recheck_lanes(merged: dict, num: int) -> np.ndarray:
     """The sample indices a re-check re-solves: the `ceil(num / 2)` good lanes with the largest
-    deviations, then up to `num // 2` other good lanes drawn from the sweep's `key` (so a
-    planted outlier is always among them, and the rest is not only the worst)."""
+    deviations, then up to `num // 2` other good lanes chosen at random by each lane's own
+    `draw` (a uniform integer from its key: so a planted outlier is always among them, the
+    rest is not only the worst, and the choice does not depend on chunk or block sizes)."""
     ok = np.flatnonzero(good(merged))
     order = ok[np.argsort(-merged["max_rel"][ok], kind="stable")]
     worst, rest = order[: -(-num // 2)], order[-(-num // 2) :]
     if rest.size:
-        seed = np.asarray(jax.random.key_data(jax.random.fold_in(key, 2**31 - 2))).ravel()
-        picked = np.random.default_rng(seed.astype(np.uint64)).permutation(rest)
+        picked = rest[np.argsort(merged["draw"][rest], kind="stable")]
         rest = np.sort(picked[: num // 2])
     return np.concatenate([worst, rest]).astype(np.int64)
 
@@ -131,21 +131,24 @@ def recheck(
     merged: dict,
     key,
     num: int,
-    block: int,
+    block_seconds: float,
 ) -> Recheck | None:
     """The lanes of `recheck_lanes` re-solved with the tightened model (rebuilt from their
     sample index: the same gauge elements), when there is a tightened model and a lane
     succeeded; else None.
 
     **Arguments:** `merged`: the sweep's per-sample metrics; `key`: the sweep's key; `num`:
-    lanes to re-solve (> 0); `block`: the re-check's block size.
+    lanes to re-solve (> 0); `block_seconds`: the run time of one of the sweep's blocks (for
+    `Runner.side`).
 
     **Returns:** a `Recheck`; a lane whose re-solve failed holds NaN (missing evidence).
     """
     if floors.tight is None or not good(merged).any():
         return None
-    lanes = recheck_lanes(merged, key, num)
+    lanes = recheck_lanes(merged, num)
     tight = floors.tight
+    args = (tight.params, inputs, floors.tight_reference, key)
+    plan, block = runner.side(plan, *args, len(lanes), block_seconds)
     again, _, _ = runner.run(
         plan,
         tight.params,
@@ -173,11 +176,23 @@ def recheck(
 
 
 def control_deviations(
-    runner: Runner, plan: Plan, params: PyTree, inputs: PyTree, reference: PyTree, key, num: int
+    runner: Runner,
+    plan: Plan,
+    params: PyTree,
+    inputs: PyTree,
+    reference: PyTree,
+    key,
+    num: int,
+    block_seconds: float,
 ) -> np.ndarray:
     """`max_rel` of `num` samples of the family's control (`plan` and `params` prepared from
-    `gauge.control()`), NaN where a lane failed; its keys are folded from the sweep's `key`
-    apart from the sweep's own samples."""
-    key = jax.random.fold_in(key, 2**31 - 1)
-    out, _, _ = runner.run(plan, params, inputs, reference, key, num, "control")
+    `gauge.control()`), NaN where a lane failed; its keys are the sweep's `key`'s `CONTROL`
+    stream, apart from the sweep's own samples; in a block of its own size when that pays
+    (`Runner.side`, with `block_seconds` the run time of one of the sweep's blocks)."""
+    plan, block = runner.side(
+        plan, params, inputs, reference, key, num, block_seconds, stream=CONTROL
+    )
+    out, _, _ = runner.run(
+        plan, params, inputs, reference, key, num, "control", block=block, stream=CONTROL
+    )
     return np.where(good(out), out["max_rel"], np.nan)

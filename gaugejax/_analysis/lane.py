@@ -14,9 +14,10 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PyTree
 
-from .._core._checks import reported_checks
+from .._core._checks import is_traced, reported_checks
 from .._core.solve import NOT_COUNTED, SolveStats, SolveStatus, status_code
 from ..models.solved import observe, observe_tangent
 
@@ -34,6 +35,11 @@ def flat(tree: PyTree) -> Array:
     return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
 
 
+def host_flat(tree: PyTree) -> np.ndarray:
+    """`flat(tree)` on the host, in numpy: no program compiled for it."""
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+
+
 def finite(tree: PyTree) -> Array:
     """Whether every entry of every leaf of `tree` is finite."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
@@ -45,7 +51,11 @@ def in_dtype(tree: PyTree, dtype) -> PyTree:
     under `jax_enable_x64` for a float32 model)."""
 
     def cast(x):
-        return x.astype(dtype) if eqx.is_inexact_array(x) and x.dtype != dtype else x
+        if not eqx.is_inexact_array(x) or x.dtype == dtype:
+            return x
+        if is_traced(x):
+            return x.astype(dtype)
+        return jnp.asarray(np.asarray(x).astype(dtype))  # on the host: nothing compiled
 
     return jax.tree.map(cast, tree)
 
@@ -155,6 +165,11 @@ class Plan(NamedTuple):
     axis: str  # the mesh axis the samples are split over
     precision: str
 
+    def without_blocks(self) -> "Plan":
+        """This plan without what only the block programs depend on (chunk and mesh): the key
+        of the reference program, so that a new `chunk_size` does not recompile it."""
+        return self._replace(chunk_size=1, mesh=None, axis="samples")
+
 
 def lane(plan: Plan, sample_key, params, inputs, reference, scale) -> dict[str, Array]:
     """The metrics of the gauge sample drawn from `sample_key` (see `lane_metrics`)."""
@@ -194,14 +209,15 @@ def lane(plan: Plan, sample_key, params, inputs, reference, scale) -> dict[str, 
 
 @functools.partial(jax.jit, static_argnums=0)
 def observe_reference(plan: Plan, params, inputs):
-    """The reference outputs, the identity element's deviation (absolute), and whether every
-    reference solve succeeded."""
+    """The reference outputs, their scale (largest |entry|), the identity element's deviation
+    (absolute), and whether every reference solve succeeded: one program."""
     model, gauge = eqx.combine(params, plan.static.tree)
     reference, stats = plan.observable(model, inputs)
     dtype = jax.tree.leaves(inputs)[0].dtype
     identity = plan.observable(gauge.act(in_dtype(gauge.identity(), dtype), model), inputs)[0]
     noise = jnp.max(jnp.abs(flat(identity) - flat(reference)))
+    scale = jnp.max(jnp.abs(flat(reference)))
     if stats is None:
-        return reference, noise, jnp.asarray(True)
+        return reference, scale, noise, jnp.asarray(True)
     solved = jnp.all(jax.vmap(lambda r: r == SolveStatus.successful)(stats.result))
-    return reference, noise, solved
+    return reference, scale, noise, solved

@@ -24,6 +24,7 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from .._core.solve import SolveStats
+from .._infra.compiles import compiles
 from .._infra.devices import supports_float64
 from ..gauges.base import AbstractGauge
 from ..models.solved import for_sweep, tightened
@@ -33,7 +34,6 @@ from .lane import (
     Plan,
     Static,
     default_observable as default_observable,
-    flat,
     in_dtype,
     lane,
     observe_reference,
@@ -205,7 +205,10 @@ def _prepare(model, gauge, inputs, mode, observable, chunk_size, mesh, precision
         else:
             tight = Tight(tight, tight_params, how)
     try:  # trace once (no compilation) so shape errors name the inputs
-        jax.eval_shape(functools.partial(observe_reference, plan), params, inputs)
+        reference = functools.partial(observe_reference, plan.without_blocks())
+        # at the sweep's precision, as the reference runs: the same trace, reused
+        with jax.default_matmul_precision(precision):
+            jax.eval_shape(reference, params, inputs)
     except (TypeError, ValueError) as e:
         shapes = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), inputs)
         raise ValueError(
@@ -252,8 +255,8 @@ def sweep_lane(
     """
     plan, params, _, _ = _prepare(model, gauge, inputs, mode, observable, 1, None, precision)
     with jax.default_matmul_precision(precision):
-        reference = observe_reference(plan, params, inputs)[0]
-    return SweepLane(plan, params, inputs, reference, jnp.max(jnp.abs(flat(reference))))
+        reference, scale, _, _ = observe_reference(plan.without_blocks(), params, inputs)
+    return SweepLane(plan, params, inputs, reference, scale)
 
 
 def sweep(
@@ -287,8 +290,10 @@ def sweep(
       as positional arguments), fixed for all samples, of the model's floating dtype.
     - `key`: base key; sample i uses `fold_in(key, i)`.
     - `num_samples`: number of gauge samples (any size; memory is bounded by `chunk_size`).
-    - `chunk_size`: lanes vmapped together; `chunks_per_block`: chunks per compiled call and
-      device (one host round trip per block).
+    - `chunk_size`: lanes vmapped together, capped at the samples per device rounded up to a
+      power of two (padding lanes are wasted work; nearby sample counts share a program);
+      `chunks_per_block`: chunks per compiled call and device (one host round trip per
+      block).
     - `mode`: `"finite"` (deviation of the transformed model), `"first_order"` (derivative of
       the observable at the identity along the sample), or `"auto"` (first order for
       infinitesimal families). For a `NeuralODE` with the default observable the derivative is
@@ -316,9 +321,12 @@ def sweep(
     - `progress`: show a tqdm bar over blocks.
 
     **Returns:** a `SweepResult` with the verdict. Solver failures are reported per lane (NaN
-    deviations and a `SolveStatus` code), never raised. Compiled programs are kept per (static
-    configuration, shapes): a second sweep of the same shapes reports `compile_time_s == 0.0`;
-    the control of a field family and the re-solve at a tighter tolerance reuse the program.
+    deviations and a `SolveStatus` code), never raised. The first call compiles a few programs
+    (the reference, the block, and a block of the re-check's and control's own size when
+    running them in a whole block would cost more than compiling it: `num_programs`, and
+    `compile_time_s` the seconds spent on them); programs are kept per (static configuration,
+    shapes): a second sweep of the same shapes compiles nothing (`num_programs == 0`,
+    `compile_time_s == 0.0`), a new `chunk_size` only the block.
 
     **Raises:** before anything is traced: `TypeError` for a model the gauge does not act on
     (from `check_model`), for `inputs` that are a list, not floating or not of the model's
@@ -341,6 +349,25 @@ def sweep(
         raise ValueError(f"`shard` must be None, True or False; received {shard!r}.")
     devices, mesh, shards = _layout(devices, shard, mesh, mesh_axis)
     key = _as_typed_key(key)
+    # chunks no larger than the samples per device need (padding lanes are wasted work),
+    # rounded up to a power of two so that nearby sample counts share one program
+    per_device = -(-num_samples // shards)
+    chunk = min(chunk_size, 1 << (per_device - 1).bit_length())
+    with compiles() as compiled:
+        result = _sweep(
+            model, gauge, inputs, key, num_samples, chunk, chunks_per_block, mode,
+            observable, precision, devices, mesh, shards, mesh_axis, control_samples,
+            recheck_samples, progress,
+        )  # fmt: skip
+    return dataclasses.replace(
+        result, compile_time_s=compiled.seconds, num_programs=compiled.programs
+    )
+
+
+def _sweep(
+    model, gauge, inputs, key, num_samples, chunk_size, chunks_per_block, mode, observable,
+    precision, devices, mesh, shards, mesh_axis, control_samples, recheck_samples, progress,
+) -> SweepResult:  # fmt: skip
     prepared = _prepare(
         model, gauge, inputs, mode, observable, chunk_size, mesh, precision, mesh_axis
     )
@@ -357,27 +384,33 @@ def sweep(
     runner = Runner(devices, mesh, block, progress)
 
     floors = measure_floors(runner, plan, prepared.params, inputs, prepared.tight, prepared.how)
-    merged, compile_time, run_time = runner.run(
+    merged, _, run_time = runner.run(
         plan, prepared.params, inputs, floors.reference, key, num_samples, "sweep"
     )
+    block_seconds = run_time / -(-num_samples // block)  # one block of the sweep, measured
     ok = good(merged)
     deviation = float(merged["max_rel"][ok].max()) if ok.any() else float("nan")
     growth = float(merged["parameter_growth"][ok].max()) if ok.any() else 1.0
     floor = verdict_floor(floors.floor, growth, floors.eps)
-    # the re-check runs whenever the model has a tighter solve, whatever `control_samples`:
-    # in the sweep's own compiled program when the sweep was one block (no new compile for a
-    # few lanes), else one chunk per device (a few lanes, not a block of them)
-    recheck_block = runner.block if num_samples <= runner.block else chunk_size * shards
+    # the re-check runs whenever the model has a tighter solve, whatever `control_samples`,
+    # in a block of its own size when that pays (`Runner.side`)
     again, missing = None, floors.missing
     if recheck_samples:
-        again = recheck(runner, plan, floors, inputs, merged, key, recheck_samples, recheck_block)
+        again = recheck(runner, plan, floors, inputs, merged, key, recheck_samples, block_seconds)
     elif floors.tight is not None:
         missing = "the re-check was not run (recheck_samples=0)"
     n = int(min(control_samples, num_samples))  # samples of the control
     control_rel = np.zeros((0,))
     if control is not None:
         control_rel = control_deviations(
-            runner, controlled.plan, controlled.params, inputs, floors.reference, key, n
+            runner,
+            controlled.plan,
+            controlled.params,
+            inputs,
+            floors.reference,
+            key,
+            n,
+            block_seconds,
         )
     finite_control = control_rel[np.isfinite(control_rel)]
     median = float(np.median(finite_control)) if finite_control.size else None
@@ -391,7 +424,14 @@ def sweep(
     ):
         # the verdict will be read at the tight tolerance: the control is re-solved there too
         control_tight = control_deviations(
-            runner, controlled.plan, controlled.tight.params, inputs, floors.tight_reference, key, n
+            runner,
+            controlled.plan,
+            controlled.tight.params,
+            inputs,
+            floors.tight_reference,
+            key,
+            n,
+            block_seconds,
         )
         again = dataclasses.replace(again, control_tight=control_tight)
     # the re-check's evidence (without one, SweepResult's empty defaults)
@@ -421,9 +461,9 @@ def sweep(
         precision=precision,
         chunk_size=chunk_size,
         num_devices=len(devices),
-        compile_time_s=compile_time,
+        compile_time_s=0.0,  # the whole call's, set by `sweep`
         run_time_s=run_time,
-        **merged,
+        **{k: v for k, v in merged.items() if k != "draw"},  # the re-check's draws
     )
     verdict = judge(
         deviation,

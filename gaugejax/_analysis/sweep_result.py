@@ -18,7 +18,8 @@ SUCCESS = int(np.asarray(jax.tree.leaves(SolveStatus.successful)[0]))
 
 # what `SweepResult.save` writes; `load` refuses other formats and versions
 FORMAT = "gaugejax.SweepResult"
-VERSION = 2  # 2: the verdict's floor and its parts, the re-checked lanes
+VERSION = 3  # 2: the verdict's floor and its parts, the re-checked lanes; 3: num_programs
+READABLE = (2, 3)  # a version-2 file reads with num_programs = 0 (not counted)
 
 
 def status_name(code: int) -> str:
@@ -57,7 +58,9 @@ class SweepResult:
     (`recheck_max_rel`, NaN where the re-solve failed), against `recheck_floor`;
     `control_recheck_max_rel` the control re-solved the same way when the verdict was read
     there (else empty); without a re-check the arrays are empty and `recheck_how` says why.
-    `verdict` and `verdict_reason`.
+    `verdict` and `verdict_reason`. `compile_time_s` and `num_programs`: the seconds the call
+    spent tracing, lowering and compiling, and the XLA programs it compiled (every one, eager
+    operations included; 0 when everything was compiled before).
 
     `save(path)` writes it as checksummed JSON; `SweepResult.load(path)` reads it back equal,
     array dtypes and NaNs included.
@@ -93,6 +96,7 @@ class SweepResult:
     recheck_floor: float = float("nan")
     recheck_how: str = ""
     control_recheck_max_rel: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    num_programs: int = 0
 
     @property
     def num_samples(self) -> int:
@@ -164,6 +168,7 @@ class SweepResult:
             "chunk_size": self.chunk_size,
             "num_devices": self.num_devices,
             "compile_time_s": self.compile_time_s,
+            "num_programs": self.num_programs,
             "run_time_s": self.run_time_s,
             "samples_per_s": self.num_samples / self.run_time_s if self.run_time_s else None,
         }
@@ -200,16 +205,20 @@ class SweepResult:
         unknown fields; `OSError` when it cannot be read.
         """
         saved = read_json_checked(path)
-        if not isinstance(saved, dict) or (saved.get("format"), saved.get("version")) != (
-            FORMAT,
-            VERSION,
+        if (
+            not isinstance(saved, dict)
+            or saved.get("format") != FORMAT
+            or saved.get("version") not in READABLE
         ):
             got = (saved.get("format"), saved.get("version")) if isinstance(saved, dict) else None
             raise ValueError(
-                f"{path} is not a {FORMAT} file of version {VERSION}; received (format, "
+                f"{path} is not a {FORMAT} file of version {' or '.join(map(str, READABLE))}; "
+                "received (format, "
                 f"version) = {got}."
             )
         fields, names = saved["fields"], [f.name for f in dataclasses.fields(cls)]
+        if saved["version"] == 2:
+            fields = {"num_programs": 0, **fields}
         if set(fields) != set(names):
             raise ValueError(
                 f"{path} does not hold the fields of a SweepResult: missing "

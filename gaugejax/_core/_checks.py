@@ -33,6 +33,14 @@ def is_traced(tree: Any) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
 
 
+def array_namespace(*values: Any):
+    """`numpy` when every leaf of `values` is concrete, `jax.numpy` when one is traced: a
+    condition on concrete values computed with numpy compiles nothing, where each eager
+    `jax.numpy` op compiles an XLA program of its own (a sweep's first call paid a dozen for
+    its argument checks); a traced condition must stay in the graph."""
+    return jnp if is_traced(values) else np
+
+
 # while a sweep lane is traced: traced checks mark their value with NaN instead of raising
 _REPORTED: contextvars.ContextVar[bool] = contextvars.ContextVar("reported_checks", default=False)
 

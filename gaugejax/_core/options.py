@@ -13,9 +13,10 @@ from typing import Any
 import diffrax
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import PyTree
 
-from ._checks import is_traced
+from ._checks import array_namespace, is_traced
 from ._types import Args, ScalarLike, State, VectorField
 from .solve import SolveStats, check_tolerances, default_controller, solve, state_dtype
 
@@ -23,6 +24,15 @@ from .solve import SolveStats, check_tolerances, default_controller, solve, stat
 # the tighter re-solve: tolerances 1000x smaller (floored at 4 eps), or a step 8x smaller
 TOLERANCE_FACTOR = 1000
 STEP_FACTOR = 8
+
+
+def tighter(tol: Any, eps: float) -> Any:
+    """`max(tol / TOLERANCE_FACTOR, eps)` in `tol`'s own type: a Python float for a float, an
+    array of its dtype for an array (computed with numpy when concrete: nothing compiled)."""
+    if not hasattr(tol, "dtype"):
+        return max(tol / TOLERANCE_FACTOR, eps)
+    xp = array_namespace(tol)
+    return jnp.asarray(xp.maximum(xp.asarray(tol) / TOLERANCE_FACTOR, eps), dtype=tol.dtype)
 
 
 class SolveOptions(eqx.Module):
@@ -124,7 +134,7 @@ class SolveOptions(eqx.Module):
         eps = float(jnp.finfo(dtype).eps)
         check_tolerances(controller, in_graph=False)  # concrete ones, arrays included
         rtol = controller.rtol
-        if not is_traced(rtol) and 0 < float(jnp.max(jnp.asarray(rtol))) < eps:
+        if not is_traced(rtol) and 0 < float(np.max(np.asarray(rtol))) < eps:
             raise ValueError(
                 f"the model's `stepsize_controller.rtol` = {rtol!r} is below the epsilon of "
                 f"{jnp.dtype(dtype).name} ({eps:.2e}): no controller can meet it."
@@ -159,8 +169,8 @@ class SolveOptions(eqx.Module):
         """
         controller = self.stepsize_controller
         if isinstance(controller, diffrax.PIDController):
-            rtol = jnp.maximum(controller.rtol / TOLERANCE_FACTOR, eps)
-            atol = jnp.maximum(controller.atol / TOLERANCE_FACTOR, eps)
+            # numpy for concrete tolerances (nothing compiled), in their own dtype
+            rtol, atol = (tighter(tol, eps) for tol in (controller.rtol, controller.atol))
             tight = eqx.tree_at(lambda c: (c.rtol, c.atol), controller, (rtol, atol))
             how = f"at rtol {float(rtol):.1e}, atol {float(atol):.1e}"
             return self.replace(stepsize_controller=tight), how

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int, PyTree
 
-from ._checks import check_like, check_value, is_traced
+from ._checks import array_namespace, check_like, check_value, is_traced
 from ._types import Args, ScalarLike, State, VectorField
 
 
@@ -215,6 +215,17 @@ def _check_field(field: VectorField, t0: ScalarLike, y0: State, args: Args) -> N
     check_like("`field(t, y, args)` (the output of the vector field)", out, y0)
 
 
+def _not_a_tolerance(value) -> Any:
+    xp = array_namespace(value)  # numpy for concrete values: nothing compiled
+    value = xp.asarray(value)
+    return ~(xp.isfinite(value) & (value >= 0))
+
+
+def _equal(a, b) -> Any:
+    xp = array_namespace(a, b)
+    return xp.asarray(a) == xp.asarray(b)
+
+
 def check_tolerances(
     controller: diffrax.AbstractStepSizeController, *, in_graph: bool = True
 ) -> diffrax.AbstractStepSizeController:
@@ -234,7 +245,7 @@ def check_tolerances(
         if in_graph or not is_traced(value):
             value = check_value(
                 value,
-                lambda v=value: ~(jnp.isfinite(jnp.asarray(v)) & (jnp.asarray(v) >= 0)),
+                lambda v=value: _not_a_tolerance(v),
                 f"the model's `stepsize_controller.{name}` must be a finite number >= 0;",
                 received=lambda v=value: f"received {np.asarray(v).tolist()!r}.",
             )
@@ -309,7 +320,7 @@ def solve(
     t0, t1 = _as_time(t0), _as_time(t1)
     t1 = check_value(
         t1,
-        lambda: jnp.asarray(given[0]) == jnp.asarray(given[1]),
+        lambda: _equal(*given),
         "`t1` must differ from `t0` (t1 < t0 integrates backwards).",
         received=lambda: f"Received t0 = t1 = {float(given[0])}.",
     )

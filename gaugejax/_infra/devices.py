@@ -158,13 +158,20 @@ def supports_float64(device) -> bool:
 
     - `device`: a jax device.
 
-    **Returns:** True or False (the compile probe runs once per backend and process).
+    **Returns:** True or False (CPU and GPU backends compute in float64; another backend is
+    probed once per process by compiling a float64 program).
     """
     return bool(jax.config.jax_enable_x64) and _compiles_float64(device.platform)
 
 
+# backends known to compute in float64: no probe program compiled for them
+FLOAT64_PLATFORMS = ("cpu", "cuda", "rocm", "gpu")
+
+
 @functools.cache
 def _compiles_float64(platform: str) -> bool:
+    if platform in FLOAT64_PLATFORMS:
+        return True
     device = jax.devices(platform)[0]
     spec = jax.ShapeDtypeStruct((2,), "float64", sharding=jax.sharding.SingleDeviceSharding(device))
     try:
