@@ -8,6 +8,7 @@ metrics every experiment uses live here too: `cross_entropy`, `accuracy` (of log
 `classification_loss` (of a model on a batch, the loss `gj.train` takes).
 """
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -61,7 +62,8 @@ class Dataset(eqx.Module):
 
     def batch_fn(self, batch_size: int) -> Callable[[PRNGKeyArray], tuple[Array, Array]]:
         """`key -> self.batch(key, batch_size)`, the `batch_fn` of `gj.train`."""
-        self.batch(jax.random.key(0), batch_size)  # validates now, not inside a trace
+        # validates now, not inside a trace (abstractly: no program compiled for it)
+        jax.eval_shape(functools.partial(self.batch, batch_size=batch_size), jax.random.key(0))
         return _BatchFn(self, batch_size)
 
 

@@ -330,11 +330,24 @@ def _optimizer_probe(optimizer, params, opt_state) -> list[str]:
     all-ones gradient at `params`, summarised by the sum and the sum of squares of the update
     (a learning rate, a schedule's first value, weight decay or momentum settings of another
     kind change them). Six significant digits: the same optimiser on another machine agrees."""
+    # per leaf in one compiled program (eagerly, every op at every leaf shape was a program
+    # of its own: ~190 in the smoke reproduce), summed on the host as before
+    per_leaf = _probe_update(optimizer, params, opt_state)
+    sums = [sum(float(x) for x in leaves) for leaves in per_leaf]
+    return [f"{v:.6g}" for v in sums]
+
+
+@eqx.filter_jit
+def _init(optimizer, params) -> PyTree:
+    return optimizer.init(params)
+
+
+@eqx.filter_jit
+def _probe_update(optimizer, params, opt_state) -> list[list[jax.Array]]:
     with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 step counts with floats
         ones = jax.tree.map(jnp.ones_like, params)
         update = jax.tree.leaves(optimizer.update(ones, opt_state, params)[0])
-        sums = [sum(float(jnp.sum(u**p)) for u in update) for p in (1, 2)]
-    return [f"{v:.6g}" for v in sums]
+        return [[jnp.sum(u**p) for u in update] for p in (1, 2)]
 
 
 def optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
@@ -455,7 +468,7 @@ def train(
     fns = tuple((name, fn) for name, (_, fn) in regularizers.items())
     params, static = eqx.partition(model, trainable(model))
     spec = _Spec(loss_fn, fns, optimizer, batch_fn, static, steps_per_chunk)
-    opt_state = optimizer.init(params)
+    opt_state = _init(optimizer, params)  # one program, not one per leaf op
     # what else fixes the result: a resume must match it (the optimiser through the structure
     # of its state and its first update of a probe gradient: another learning rate is seen)
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
@@ -653,6 +666,12 @@ def unstack_model(models: Any, i: int) -> Any:
     n = min(a.shape[0] for a in jax.tree.leaves(models) if eqx.is_array(a) and a.ndim)
     if not -n <= i < n:
         raise IndexError(f"member {i} of a stack of {n} models does not exist.")
+    return _member(models, i)
+
+
+@eqx.filter_jit
+def _member(models: Any, i) -> Any:
+    # one program per stack structure (`i` traced), not one eager gather per leaf shape
     return jax.tree.map(lambda a: a[i] if eqx.is_array(a) else a, models)
 
 
