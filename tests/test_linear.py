@@ -6,6 +6,7 @@ matrices. Algebraic identities (rescaling, Eq. 33) are asserted to 1e-12.
 """
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -373,3 +374,68 @@ def test_linear_gauge_sweep_of_128_lanes_returns_on_cpu():
     assert not hung, "the sweep made no progress for 60 s (CPU time flat): hung"
     assert code == 0, err[-3000:]
     assert out.strip().splitlines()[-1] == "True"
+
+
+class _CountedG(gj.AbstractTimeFunction):
+    """A gauge's G(t) that counts its runtime evaluations (G and dG/dt), on the host."""
+
+    inner: gj.AbstractTimeFunction
+    counter: list = eqx.field(static=True)
+
+    def __call__(self, t):
+        return self.value_and_derivative(t)[0]
+
+    def value_and_derivative(self, t):
+        # the count of times evaluated (a vmapped callback may see them as one batch)
+        jax.debug.callback(lambda t: self.counter.append(np.size(t)), t)
+        return self.inner.value_and_derivative(t)
+
+
+def _counted_w1(num_steps, controller=None):
+    k = jax.random.split(jax.random.key(7), 3)
+    options = dict(solver=gj.RK4(), stepsize_controller=diffrax.ConstantStepSize())
+    if controller is not None:
+        options = dict(solver=diffrax.Tsit5(), stepsize_controller=controller)
+    model = gj.random_linear_node(4, 1.0, key=k[0], dt0=1.0 / num_steps, **options)
+    gauge = gj.LinearGauge(4, 1.0, num_modes=1)
+    moved = gauge.act(gauge.sample(k[1]), model)
+    counter = []
+    moved = eqx.tree_at(lambda m: m.field.G, moved, _CountedG(moved.field.G, counter))
+    return moved, counter, jax.random.normal(k[2], (5, 4))
+
+
+def test_fixed_grid_evaluates_the_gauge_once_per_distinct_stage_time():
+    """On a fixed RK4 grid of N steps a `LinearNODE` tabulates its field at the 2N + 1
+    distinct stage times (RK4's middle stages share one, a step's end is the next's start):
+    G(t) and dG/dt run 2N + 1 times per solve, for one input or a vmapped batch of them alike
+    (they do not depend on the state), where a plain solve of the field runs them at all 4N
+    stages; the tabulated solve agrees with the plain one to rounding. Negative case: under
+    an adaptive controller the grid is unknown, nothing is tabulated, and a tabulated field
+    evaluated off its grid falls back to the field's own value."""
+    N = 6
+    moved, counter, x = _counted_w1(N)
+    assert moved.solve_options.stage_times(0.0, 1.0).shape == (2 * N + 1,)
+    out_one = eqx.filter_jit(lambda m, x0: m.solve(x0))(moved, x[0])[0]
+    assert sum(counter) == 2 * N + 1
+    counter.clear()
+    outs = eqx.filter_jit(lambda m, xs: m.observe(xs))(moved, x)[0]  # M = 5: the same count
+    assert sum(counter) == 2 * N + 1
+    np.testing.assert_allclose(outs[0], out_one, rtol=0, atol=1e-15)
+    counter.clear()
+    fixed = dict(solver=gj.RK4(), stepsize_controller=diffrax.ConstantStepSize(), dt0=1.0 / N)
+
+    def plain_solve(x0):
+        return gj.solve(moved.field, x0, t0=0.0, t1=1.0, **fixed)[0]
+
+    plain = eqx.filter_jit(jax.vmap(plain_solve))(x)
+    assert sum(counter) == 4 * N
+    np.testing.assert_allclose(outs, plain, rtol=0, atol=1e-13)
+    # off the grid: the field's own value
+    table = moved.field.tabulate(moved.solve_options.stage_times(0.0, 1.0))
+    for t in (0.0, 0.5 / N, 0.123):
+        np.testing.assert_allclose(table(t, x[0]), moved.field(t, x[0]), rtol=0, atol=1e-14)
+    # adaptive: no grid, no table
+    adaptive, counter, x = _counted_w1(N, diffrax.PIDController(rtol=1e-6, atol=1e-6))
+    assert adaptive.solve_options.stage_times(0.0, 1.0) is None
+    _, stats = eqx.filter_jit(lambda m, x0: m.solve(x0))(adaptive, x[0])
+    assert sum(counter) >= int(stats.num_steps) * 5  # every stage evaluates G
