@@ -377,7 +377,7 @@ def test_linear_gauge_sweep_of_128_lanes_returns_on_cpu():
 
 
 class _CountedG(gj.AbstractTimeFunction):
-    """A gauge's G(t) that counts its runtime evaluations (G and dG/dt), on the host."""
+    """A gauge's G(t) that counts, on the host, how many G (with dG/dt) it computes."""
 
     inner: gj.AbstractTimeFunction
     counter: list = eqx.field(static=True)
@@ -386,56 +386,38 @@ class _CountedG(gj.AbstractTimeFunction):
         return self.value_and_derivative(t)[0]
 
     def value_and_derivative(self, t):
-        # the count of times evaluated (a vmapped callback may see them as one batch)
-        jax.debug.callback(lambda t: self.counter.append(np.size(t)), t)
-        return self.inner.value_and_derivative(t)
+        G, dG = self.inner.value_and_derivative(t)
+        # one count per G computed: a vmapped callback sees a batch of them as one array
+        jax.debug.callback(lambda v: self.counter.append(np.size(v)), jnp.sum(G))
+        return G, dG
 
 
-def _counted_w1(num_steps, controller=None):
+def test_lane_evaluates_the_gauge_once_per_stage_for_all_its_inputs():
+    """G(t) and dG/dt do not depend on the state: a vmapped solve of M inputs (what a lane's
+    `observe` runs) evaluates them once per stage, 4N times for N RK4 steps, as one input
+    does, not M times per stage; and the closed form for the one-mode element runs, not a
+    jvp through the exponential. Negative case: inputs that carry their own gauge (a vmap
+    over elements, not inputs) evaluate it once per stage per element."""
+    N, M = 5, 4
     k = jax.random.split(jax.random.key(7), 3)
-    options = dict(solver=gj.RK4(), stepsize_controller=diffrax.ConstantStepSize())
-    if controller is not None:
-        options = dict(solver=diffrax.Tsit5(), stepsize_controller=controller)
-    model = gj.random_linear_node(4, 1.0, key=k[0], dt0=1.0 / num_steps, **options)
-    gauge = gj.LinearGauge(4, 1.0, num_modes=1)
-    moved = gauge.act(gauge.sample(k[1]), model)
-    counter = []
-    moved = eqx.tree_at(lambda m: m.field.G, moved, _CountedG(moved.field.G, counter))
-    return moved, counter, jax.random.normal(k[2], (5, 4))
-
-
-def test_fixed_grid_evaluates_the_gauge_once_per_distinct_stage_time():
-    """On a fixed RK4 grid of N steps a `LinearNODE` tabulates its field at the 2N + 1
-    distinct stage times (RK4's middle stages share one, a step's end is the next's start):
-    G(t) and dG/dt run 2N + 1 times per solve, for one input or a vmapped batch of them alike
-    (they do not depend on the state), where a plain solve of the field runs them at all 4N
-    stages; the tabulated solve agrees with the plain one to rounding. Negative case: under
-    an adaptive controller the grid is unknown, nothing is tabulated, and a tabulated field
-    evaluated off its grid falls back to the field's own value."""
-    N = 6
-    moved, counter, x = _counted_w1(N)
-    assert moved.solve_options.stage_times(0.0, 1.0).shape == (2 * N + 1,)
-    out_one = eqx.filter_jit(lambda m, x0: m.solve(x0))(moved, x[0])[0]
-    assert sum(counter) == 2 * N + 1
-    counter.clear()
-    outs = eqx.filter_jit(lambda m, xs: m.observe(xs))(moved, x)[0]  # M = 5: the same count
-    assert sum(counter) == 2 * N + 1
-    np.testing.assert_allclose(outs[0], out_one, rtol=0, atol=1e-15)
-    counter.clear()
     fixed = dict(solver=gj.RK4(), stepsize_controller=diffrax.ConstantStepSize(), dt0=1.0 / N)
+    model = gj.random_linear_node(D, T, key=k[0], **fixed)
+    gauge = gj.LinearGauge(D, T, num_modes=1)
+    counter = []
 
-    def plain_solve(x0):
-        return gj.solve(moved.field, x0, t0=0.0, t1=1.0, **fixed)[0]
+    def moved(g):
+        m = gauge.act(g, model)
+        return eqx.tree_at(lambda m: m.field.G, m, _CountedG(m.field.G, counter))
 
-    plain = eqx.filter_jit(jax.vmap(plain_solve))(x)
+    x = jax.random.normal(k[1], (M, D))
+    g = gauge.sample(k[2])
+    one = eqx.filter_jit(lambda g: moved(g).solve(x[0])[0])(g)
     assert sum(counter) == 4 * N
-    np.testing.assert_allclose(outs, plain, rtol=0, atol=1e-13)
-    # off the grid: the field's own value
-    table = moved.field.tabulate(moved.solve_options.stage_times(0.0, 1.0))
-    for t in (0.0, 0.5 / N, 0.123):
-        np.testing.assert_allclose(table(t, x[0]), moved.field(t, x[0]), rtol=0, atol=1e-14)
-    # adaptive: no grid, no table
-    adaptive, counter, x = _counted_w1(N, diffrax.PIDController(rtol=1e-6, atol=1e-6))
-    assert adaptive.solve_options.stage_times(0.0, 1.0) is None
-    _, stats = eqx.filter_jit(lambda m, x0: m.solve(x0))(adaptive, x[0])
-    assert sum(counter) >= int(stats.num_steps) * 5  # every stage evaluates G
+    counter.clear()
+    many = eqx.filter_jit(lambda g: moved(g).observe(x)[0])(g)
+    assert sum(counter) == 4 * N  # M inputs: the same count
+    np.testing.assert_allclose(many[0], one, rtol=0, atol=1e-15)
+    counter.clear()
+    gs = jax.vmap(gauge.sample)(jax.random.split(k[2], M))
+    eqx.filter_jit(jax.vmap(lambda g, x0: moved(g).solve(x0)[0]))(gs, x)
+    assert sum(counter) == 4 * N * M

@@ -13,7 +13,6 @@ from typing import Any
 import diffrax
 import equinox as eqx
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import PyTree
 
 from ._checks import is_traced
@@ -108,44 +107,6 @@ class SolveOptions(eqx.Module):
             saveat=saveat,
             throw=self.throw,
         )
-
-    def stage_times(self, t0: float, t1: float, *, max_times: int = 65536):
-        """The times at which a solve over `[t0, t1]` with these options evaluates its field,
-        when they are known before it runs: an explicit Runge-Kutta solver
-        (`diffrax.AbstractERK`) on a `diffrax.ConstantStepSize` grid with a concrete `dt0`.
-        Each distinct time appears once (RK4's two middle stages share one, and a step's end
-        is the next step's start), computed as diffrax computes them: step n ends at
-        `t0 + (t1 - t0) n / N`, `N = ceil((t1 - t0) / nextafter(dt0))`, the last at `t1`
-        exactly, stage i at `t_n + c_i (t_{n+1} - t_n)`.
-
-        **Arguments:** `t0`, `t1`: the interval (Python numbers); `max_times`: more distinct
-        times than this return None (a table of them would cost more memory than it saves).
-
-        **Returns:** a sorted float64 numpy array, or None: an adaptive controller, another
-        solver, a traced `dt0` (a stack of models), or too many times.
-        """
-        solver, dt0 = self.solver, self.dt0
-        if not (
-            isinstance(self.stepsize_controller, diffrax.ConstantStepSize)
-            and isinstance(solver, diffrax.AbstractERK)
-            and isinstance(t0, int | float)
-            and isinstance(t1, int | float)
-            and dt0 is not None
-            and not is_traced(dt0)
-            and t1 > t0
-        ):
-            return None
-        dt0 = float(np.asarray(dt0))
-        num_steps = int(np.ceil((t1 - t0) / np.nextafter(dt0, np.inf)))
-        fractions = np.unique(np.asarray(solver.tableau.c, dtype=float))
-        fractions = fractions[(fractions > 0) & (fractions < 1)]
-        if num_steps <= 0 or num_steps * (len(fractions) + 1) + 1 > max_times:
-            return None
-        n = np.arange(num_steps + 1, dtype=float)
-        ends = t0 + (t1 - t0) * (n / num_steps)
-        ends[-1] = t1
-        stages = ends[:-1, None] + fractions[None, :] * np.diff(ends)[:, None]
-        return np.unique(np.concatenate([ends, stages.ravel()]))
 
     def check_tolerances(self, dtype: Any) -> None:
         """Refuse tolerances no solve in `dtype` can meet, before anything is traced.

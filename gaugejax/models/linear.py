@@ -9,12 +9,11 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._core._types import Args, ScalarLike, State
+from .._core._types import Args, ScalarLike
 from .._core.calculus import time_derivative
 from .._core.options import SolveOptions
-from .._core.solve import SolveStats
 from .node import (
     AbstractNeuralODE,
     NeuralODE,
@@ -100,60 +99,6 @@ class AbstractLinearField(eqx.Module):
     @abc.abstractmethod
     def __call__(self, t: ScalarLike, x: Float[Array, " d"], args: Args = None):
         """`w(t) x + b(t)` (concrete fields may fuse the evaluation)."""
-
-    def weight_and_bias(self, t: ScalarLike) -> tuple[Float[Array, "d d"], Float[Array, " d"]]:
-        """`(w(t), b(t))` (concrete fields may share their work between the two)."""
-        return self.weight(t), self.bias(t)
-
-    def tabulate(self, times: Float[ArrayLike, " n"]) -> "TabulatedLinearField":
-        """This field with `w` and `b` computed once at each of `times` (one batched
-        evaluation), looked up there instead of recomputed (`TabulatedLinearField`).
-
-        **Arguments:** `times`: sorted, distinct times (e.g. `SolveOptions.stage_times`).
-
-        **Returns:** the `TabulatedLinearField`; at other times it evaluates this field.
-        """
-        times = jnp.asarray(times, dtype=jax.eval_shape(self.bias, 0.0).dtype)
-        weights, biases = jax.vmap(self.weight_and_bias)(times)
-        tol = 64 * jnp.finfo(times.dtype).eps * jnp.maximum(1.0, jnp.max(jnp.abs(times)))
-        return TabulatedLinearField(times, weights, biases, tol, self)
-
-
-class TabulatedLinearField(AbstractLinearField):
-    """A linear field with `w(t_k)`, `b(t_k)` tabulated at known times `t_k` (a fixed-step
-    solve's stage times): an evaluation at a tabulated time is one product and a sum; at
-    any other time (beyond `tol` of every `t_k`) it is `field`'s own, behind a `lax.cond`
-    (taken once per evaluation, not per input: its test depends on t alone).
-
-    What a tabulated time saves is everything about `w(t)` and `b(t)` that does not depend on
-    the state: for a gauged field the exponential, dG/dt and the linear solve (Eq. 25), once
-    per distinct time of the grid instead of once per stage evaluation. The values agree with
-    `field`'s to rounding (`w' x + b'` against `G^-1 (W x + r)`).
-    """
-
-    times: Float[Array, " n"]
-    weights: Float[Array, "n d d"]
-    biases: Float[Array, "n d"]
-    tol: Float[Array, ""]
-    field: AbstractLinearField
-
-    def _lookup(self, t, tabulated, direct):
-        t = jnp.asarray(t, dtype=self.times.dtype)
-        k = jnp.clip(jnp.searchsorted(self.times, t), 1, self.times.shape[0] - 1)
-        k = jnp.where(t - self.times[k - 1] < self.times[k] - t, k - 1, k)
-        hit = jnp.abs(self.times[k] - t) <= self.tol
-        return jax.lax.cond(hit, lambda: tabulated(k), lambda: direct(t))
-
-    def weight(self, t):
-        return self._lookup(t, lambda k: self.weights[k], self.field.weight)
-
-    def bias(self, t):
-        return self._lookup(t, lambda k: self.biases[k], self.field.bias)
-
-    def __call__(self, t, x, args=None):
-        return self._lookup(
-            t, lambda k: self.weights[k] @ x + self.biases[k], lambda t: self.field(t, x, args)
-        )
 
 
 class BasisLinearField(AbstractLinearField):
@@ -257,12 +202,6 @@ class GaugedLinearField(AbstractLinearField):
         Gt, W, r = gauged_linear_terms(self.w, self.b, self.G, self.c, t)
         return jnp.linalg.solve(Gt, W @ x + r)
 
-    def weight_and_bias(self, t: ScalarLike) -> tuple[Float[Array, "d d"], Float[Array, " d"]]:
-        # one evaluation of G and c, one solve for [W | r]
-        Gt, W, r = gauged_linear_terms(self.w, self.b, self.G, self.c, t)
-        both = jnp.linalg.solve(Gt, jnp.concatenate([W, r[:, None]], axis=1))
-        return both[:, :-1], both[:, -1]
-
 
 class LinearNODE(AbstractNeuralODE):
     """A linear neural ODE `dx/dt = w(t) x + b(t)` (Eq. 21): a neural ODE whose field is an
@@ -321,19 +260,6 @@ class LinearNODE(AbstractNeuralODE):
 
     def bias(self, t: ScalarLike) -> Float[Array, " d"]:
         return self.field.bias(t)
-
-    def solve(self, x0: State, saveat: diffrax.SaveAt | None = None) -> tuple[State, SolveStats]:
-        """As `AbstractNeuralODE.solve`; on a grid known before the solve (an explicit
-        Runge-Kutta solver with a constant step: `SolveOptions.stage_times`) the field is
-        first tabulated at its distinct stage times (`AbstractLinearField.tabulate`): `w(t)`
-        and `b(t)` do not depend on the state, so they are computed once per time, for every
-        input of a vmapped batch and every stage at that time, and the solve's evaluations
-        become products."""
-        times = self.solve_options.stage_times(self.t0, self.t1)
-        if times is None or isinstance(self.field, TabulatedLinearField):
-            return super().solve(x0, saveat)
-        tabulated = eqx.tree_at(lambda m: m.field, self, self.field.tabulate(times))
-        return super(LinearNODE, tabulated).solve(x0, saveat)
 
     def with_field(self, field) -> AbstractNeuralODE:
         """A `LinearNODE` for a linear field, else a `NeuralODE` with the same options."""
