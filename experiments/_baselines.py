@@ -5,11 +5,11 @@
 - `naive_diffrax`: `jit(vmap(...))` over all B samples of `diffrax.diffeqsolve` of the
   transformed model's field (w1), or of `jax.jvp` through that solve (w2, w3: the tangent is
   then not under error control, and on w3 its error is the solver's, not the symmetry's).
-  On w1 that field is the `GaugedLinearField` `LinearGauge.act` builds, evaluated at every
-  stage as diffrax asks: its G(t) and dG/dt are the family's (closed form for W1's one-mode
-  elements since the structure-aware evaluation; a jvp through a 12-squaring exponential
-  before), but not the tabulation at the grid's distinct stage times that
-  `LinearNODE.solve` adds (the sweep's path), which a user calling diffrax does not get.
+  On w1 that field is the `GaugedLinearField` `LinearGauge.act` builds, the one the sweep
+  integrates: its G(t) and dG/dt are the family's, in closed form for W1's one-mode elements
+  (`dG/dt = s'(t) A G`, G from `gj.expm` with squarings adapted to the norm) since the
+  structure-aware evaluation, a jvp through a fixed 12-squaring exponential before; so
+  this side speeds up with the sweep.
 - `torch_w1`, `torch_w2` (the `bench` extra): torchdiffeq on batched tensors. W1 with
   `torch.linalg.matrix_exp`, `torch.func.jvp` for dG/dt and `odeint(method="rk4")`, which is
   the 3/8 rule, not the classic tableau (per-sample deviations agree to the O(dt^4)
