@@ -308,6 +308,14 @@ def test_one_mode_gauge_has_closed_form_derivative(kind):
         jvp = jax.jvp(G, (t,), (jnp.ones_like(t),))
         np.testing.assert_allclose(closed[0], jvp[0], rtol=0, atol=1e-14)
         np.testing.assert_allclose(closed[1], jvp[1], rtol=0, atol=1e-13)
+    # the one-mode exponential's frame: G^-1 = expm(-s A) with the same G and dG/dt
+    if kind == "expm":
+        t = jnp.asarray(0.37)
+        Gt, dG, G_inv = G.frame(t)
+        np.testing.assert_allclose(G_inv @ Gt, jnp.eye(D), rtol=0, atol=1e-14)
+        np.testing.assert_allclose(dG, gj.time_derivative(G, t)[1], rtol=0, atol=1e-15)
+    else:  # Cayley: no inverse in closed form, Eq. 25 solves with G
+        assert G.frame(jnp.asarray(0.37))[2] is None
     g1, g2 = gauge.sample(k[0]), gauge.sample(k[1])
     for word in (gauge.compose(g1, g2), gauge.inverse(g1)):
         Gw = gauge.to_map(word).G

@@ -18,7 +18,7 @@ from .._core.calculus import AbstractTimeFunction, time_derivative
 from .._core.correspondence import check_discrete_gauge
 from .._core.numerics import expm
 from ..models import FeedforwardNet, LinearNODE
-from ..models.linear import GaugedLinearField
+from ..models.linear import AbstractGaugeMatrix, GaugedLinearField
 from .base import AbstractParameterGauge, model_error
 from .features import check_boundary, check_positive
 from .maps import AbstractMapGauge
@@ -128,14 +128,16 @@ class _InverseC(eqx.Module):
         return -jnp.linalg.solve(self.map_.G(t), self.map_.c(t))
 
 
-class ModeMatrix(AbstractTimeFunction):
+class ModeMatrix(AbstractGaugeMatrix):
     """`G(t) = expm(S(t))` or Cayley `(1 - S)^-1 (1 + S)`, `S(t) = sum_k sin(omega_k t) A_k`:
     the identity at t = 0 (and at t = T for vanishing boundaries).
 
     One mode (K = 1, `S = s(t) A`) has a closed-form derivative: `G` is a function of `A`, so
     it commutes with it and `dG/dt = s'(t) A G(t)` (one product, where a jvp through the
-    exponential doubles its cost); Cayley's is `s'(t) (1 - S)^-1 A (1 + G)`. Several modes
-    do not commute (`[S, dS/dt] != 0`): their `dG/dt` is a jvp (`AbstractTimeFunction`).
+    exponential doubles its cost); Cayley's is `s'(t) (1 - S)^-1 A (1 + G)`. The one-mode
+    exponential also gives `G^-1 = expm(-s A)` from the same powers (`frame`: Eq. 25's solve
+    becomes a product). Several modes do not commute (`[S, dS/dt] != 0`): their `dG/dt` is a
+    jvp (`AbstractTimeFunction`), their inverse a solve.
     """
 
     A: Float[Array, "K d d"]
@@ -160,6 +162,14 @@ class ModeMatrix(AbstractTimeFunction):
             return G, ds * jnp.linalg.solve(eye - s * A, A @ (eye + G))
         G = expm(s * A)
         return G, ds * (A @ G)
+
+    def frame(self, t):
+        if self.A.shape[0] != 1 or self.cayley:
+            return super().frame(t)
+        A, omega = self.A[0], self.omega[0]
+        s, ds = jnp.sin(omega * t), omega * jnp.cos(omega * t)
+        G, G_inv = expm(s * A, inverse=True)
+        return G, ds * (A @ G), G_inv
 
 
 class ModeShift(eqx.Module):
