@@ -125,10 +125,10 @@ def expm(
     (`equinox.internal.while_loop(kind="bounded")`) whose continue test is taken over the
     whole batch: under `vmap` the batch runs its largest count (the others keep their value),
     and the loop is differentiable in forward and reverse mode. Agrees with
-    `jax.scipy.linalg.expm` to ~1e-15 relative for |S|_1 <= 1, ~1e-13 at |S|_1 ~ 100 (the
-    squarings amplify rounding); `jax.scipy.linalg.expm` itself is avoided inside solver
-    loops: vmapped over 512 or more 16 x 16 matrices there, its branches and LU solve hung
-    jaxlib 0.10.2's CPU runtime.
+    `jax.scipy.linalg.expm` to ~1e-15 relative for |S|_1 <= 1, ~2e-14 at |S|_1 ~ 250 and
+    ~5e-13 at ~900 (the squarings amplify rounding); `jax.scipy.linalg.expm` itself is
+    avoided inside solver loops: vmapped over 512 or more 16 x 16 matrices there, its branches
+    and LU solve hung jaxlib 0.10.2's CPU runtime.
 
     **Arguments:**
 
