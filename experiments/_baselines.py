@@ -5,10 +5,18 @@
 - `naive_diffrax`: `jit(vmap(...))` over all B samples of `diffrax.diffeqsolve` of the
   transformed model's field (w1), or of `jax.jvp` through that solve (w2, w3: the tangent is
   then not under error control, and on w3 its error is the solver's, not the symmetry's).
+  On w1 that field is the `GaugedLinearField` `LinearGauge.act` builds, the one the sweep
+  integrates: its G(t) and dG/dt are the family's, in closed form for W1's one-mode elements
+  (`dG/dt = s'(t) A G`, G from `gj.expm` with squarings adapted to the norm) since the
+  structure-aware evaluation, a jvp through a fixed 12-squaring exponential before; so
+  this side speeds up with the sweep.
 - `torch_w1`, `torch_w2` (the `bench` extra): torchdiffeq on batched tensors. W1 with
   `torch.linalg.matrix_exp`, `torch.func.jvp` for dG/dt and `odeint(method="rk4")`, which is
   the 3/8 rule, not the classic tableau (per-sample deviations agree to the O(dt^4)
-  truncation, not to rounding); W2/W3 as the hand-written forward sensitivity system (W2:
+  truncation, not to rounding); the side `torchdiffeq_closed_form` is W1 as a user who knows
+  the element's structure writes it: one `matrix_exp` per evaluation and the closed form
+  `dG/dt = s'(t) A G(t)` of a one-mode element (W1's gauge has one mode); W2/W3 as the
+  hand-written forward sensitivity system (W2:
   torchdiffeq has no Tsit5, so its fixed-step `rk4` with the same steps; W3: its adaptive
   `dopri5` at the same tolerances, one step size for the whole batch).
 - `gradsolve` (the `bench` extra): its fixed-step engines through its problem protocol (W1:
@@ -34,10 +42,13 @@ import gaugejax as gj
 
 def unavailable(side: str, workload: str) -> str | None:
     """Why the baseline `side` cannot run the workload here (None: it can)."""
-    if side == "torchdiffeq":
+    if side.startswith("torchdiffeq"):
         missing = [m for m in ("torch", "torchdiffeq") if importlib.util.find_spec(m) is None]
         if missing:
             return f"skipped: {', '.join(missing)} not installed (pip install -e '.[bench]')"
+    if side == "torchdiffeq_closed_form" and workload != "w1":
+        # the closed form is a one-mode linear gauge's (W1); W2/W3 deform an MLP field
+        return "skipped: the closed form dG/dt = s'(t) A G is W1's (a one-mode linear gauge)"
     if side == "gradsolve" and importlib.util.find_spec("gradsolve") is None:
         return "skipped: gradsolve is not installed (pip install -e '.[bench]')"
     if side == "gradsolve" and workload == "w3":
@@ -119,8 +130,10 @@ def _torch_setup(cfg, w, key, num_samples: int) -> tuple:
     return tdtype, tensor, samples
 
 
-def torch_w1(cfg, w, key, num_samples: int) -> tuple:
-    """W1 in torch as batched tensors, the same gauge elements as the other sides."""
+def torch_w1(cfg, w, key, num_samples: int, closed_form: bool = False) -> tuple:
+    """W1 in torch as batched tensors, the same gauge elements as the other sides: dG/dt by
+    `torch.func.jvp` through `matrix_exp`, or (`closed_form`) `s'(t) A G(t)` from one
+    `matrix_exp` per evaluation (G = expm(s(t) A) commutes with A)."""
     import torch
     import torchdiffeq
     from torch.func import jvp
@@ -138,7 +151,11 @@ def torch_w1(cfg, w, key, num_samples: int) -> tuple:
         def field(t, y):  # y: (B, n, d) in the gauge's coordinates, x = G y + c
             nfe[0] += 1
             s, ds = torch.sin(omega * t), omega * torch.cos(omega * t)
-            G, dG = jvp(torch.linalg.matrix_exp, (s * A,), (ds * A,))
+            if closed_form:
+                G = torch.linalg.matrix_exp(s * A)
+                dG = ds * (A @ G)
+            else:
+                G, dG = jvp(torch.linalg.matrix_exp, (s * A,), (ds * A,))
             c, dc = s * c0, ds * c0
             Wt = W0 + torch.sin(torch.pi * t) * W1
             bt = b0 + torch.cos(torch.pi * t) * b1
@@ -170,6 +187,7 @@ def torch_w1(cfg, w, key, num_samples: int) -> tuple:
         "compile_s": None,
         # each call evaluates every sample's M inputs: the per-sample count, summed over them
         "evaluations_mean": float(nfe[0] * x0.shape[0]),
+        "dG_dt": "closed form s'(t) A G" if closed_form else "torch.func.jvp of matrix_exp",
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         **gj.deviation_summary(dev),

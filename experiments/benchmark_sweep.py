@@ -19,7 +19,8 @@ Sides (a row per workload, batch size and side): `gaugejax` (`gj.sweep`, fixed c
 control); `gaugejax_sharded` (the same sweep under `jax.shard_map` over every device: over a
 mesh of one on a single GPU, the sharded path's overhead; over N CPU devices with
 `--cpu-devices N`); and the baselines of `experiments/_baselines.py`: `naive_diffrax`,
-`torchdiffeq` and `gradsolve` (w3 is not expressible there: the row says why).
+`torchdiffeq`, `torchdiffeq_closed_form` (w1 only: dG/dt in closed form) and `gradsolve` (w3
+is not expressible there: the row says why).
 
 Known problem (jaxlib 0.10.2, CPU): batched LAPACK kernels wait on XLA:CPU's intra-op pool
 and deadlock when they occupy all of its threads (`gj.configure_cpu_devices`). The CLI sizes
@@ -58,7 +59,14 @@ from ._common import experiment_summary
 
 
 WORKLOADS = ("w1", "w2", "w3")
-SIDES = ("gaugejax", "gaugejax_sharded", "naive_diffrax", "torchdiffeq", "gradsolve")
+SIDES = (
+    "gaugejax",
+    "gaugejax_sharded",
+    "naive_diffrax",
+    "torchdiffeq",
+    "torchdiffeq_closed_form",
+    "gradsolve",
+)
 # compile times are measured: the CLI leaves the persistent compilation cache off for this module
 PERSISTENT_COMPILE_CACHE = False
 # and exposes one CPU device per core unless --cpu-devices says otherwise: the sharded side then
@@ -253,6 +261,8 @@ def run_side(cfg: Config, name: str, w: Workload, side: str, key, num_samples: i
         return _gaugejax(cfg, w, key, num_samples, side != "gaugejax")
     if side == "naive_diffrax":
         return _baselines.naive_diffrax(cfg, w, key, num_samples, name != "w1")
+    if side == "torchdiffeq_closed_form":
+        return _baselines.torch_w1(cfg, w, key, num_samples, closed_form=True)
     if side == "torchdiffeq" and name == "w1":
         return _baselines.torch_w1(cfg, w, key, num_samples)
     if side == "torchdiffeq":
@@ -380,7 +390,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
             ax.set_ylim(min(rates) / 3, max(rates) * 4)
             ax.set_title(f"{name} (B = {config.batch_sizes[0]})")
         else:
-            for side, marker in zip(SIDES, "oxsd^", strict=True):
+            for side, marker in zip(SIDES, "oxsdv^", strict=True):
                 line = sorted(
                     (r["num_samples"], r["samples_per_s"]) for r in mine if r["side"] == side
                 )

@@ -59,6 +59,7 @@ from ._analysis.verdict import (
     judge as judge,
 )
 from ._core.calculus import (
+    AbstractTimeFunction as AbstractTimeFunction,
     DeformedField as DeformedField,
     ReparametrizedField as ReparametrizedField,
     SpacetimePulledBackField as SpacetimePulledBackField,
@@ -80,6 +81,7 @@ from ._core.correspondence import (
     wilson_line_magnus as wilson_line_magnus,
 )
 from ._core.numerics import (
+    expm as expm,
     gauss_legendre as gauss_legendre,
     loglog_slope as loglog_slope,
     quadrature as quadrature,

@@ -480,8 +480,10 @@ def test_benchmark_sweep_measures_the_same_program_on_every_side(tmp_path):
         mp.setattr(importlib.util, "find_spec", lambda name: None)
         missing = benchmark_sweep.skip_reason(cfg, "w1", "gradsolve", 4)
         torch_missing = benchmark_sweep.skip_reason(cfg, "w1", "torchdiffeq", 4)
+        closed_missing = benchmark_sweep.skip_reason(cfg, "w1", "torchdiffeq_closed_form", 4)
     assert missing.startswith("skipped: gradsolve is not installed")
     assert "torch, torchdiffeq not installed" in torch_missing
+    assert "torch, torchdiffeq not installed" in closed_missing
     gpu = load_config(benchmark_sweep.Config, ROOT / "configs" / "benchmark_sweep" / "gpu.toml")
     assert gpu == make_config(benchmark_sweep.Config, presets("benchmark_sweep")["gpu"])
     with pytest.raises(ValueError, match=r"`workloads` must name distinct entries of .*\[.w4.\]"):
@@ -689,13 +691,21 @@ def test_benchmark_torchdiffeq_side_integrates_the_same_gauged_w1():
     cfg = make_config(
         benchmark_sweep.Config,
         {"workloads": ["w1"], "batch_sizes": [4], "chunk_size": 2, "repeats": 1, "w1_dim": 3,
-         "w1_steps": 10, "sides": ["gaugejax", "torchdiffeq"]},
+         "w1_steps": 10, "sides": ["gaugejax", "torchdiffeq", "torchdiffeq_closed_form"]},
     )  # fmt: skip
     import jax
 
     rows = benchmark_sweep.measure(cfg, "w1", jax.random.key(0), 4)
-    ours, torch_row = rows
-    assert ours["status"] == torch_row["status"] == "ok", torch_row["status"]
+    ours, torch_row, closed = rows
+    assert ours["status"] == torch_row["status"] == closed["status"] == "ok", closed["status"]
+    # the closed form dG/dt = s'(t) A G is the jvp's value: the two torch sides agree to
+    # rounding, not to truncation (the same 3/8-rule steps)
+    assert abs(closed["max_deviation"] - torch_row["max_deviation"]) < 1e-13
+    assert closed["dG_dt"].startswith("closed form") and closed["evaluations_mean"] > 0
+    # W1's alone: W2 deforms an MLP field, no one-mode linear gauge (a row that says so)
+    assert benchmark_sweep.skip_reason(cfg, "w2", "torchdiffeq_closed_form", 4).startswith(
+        "skipped: the closed form"
+    )
     # ours measured 3.7e-5 (without torch too); torch's within a decade of it
     assert 1e-5 < ours["max_deviation"] < 1e-4
     assert ours["max_deviation"] / 10 < torch_row["max_deviation"] < 10 * ours["max_deviation"]

@@ -13,6 +13,7 @@ except inside the one linear solve of a finite diffeomorphism):
   new ones. The pulled-back field solves `(D_y x - F (D_y t)) y' = F d_s t - d_s x`.
 """
 
+import abc
 from collections.abc import Callable
 
 import equinox as eqx
@@ -62,8 +63,24 @@ def time_array(t: ScalarLike | int) -> Float[ArrayLike, ""]:
     return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(float)
 
 
+class AbstractTimeFunction(eqx.Module):
+    """A function of time that may know its time derivative in closed form (e.g. a gauge's
+    `G(t) = expm(s(t) A)`, whose `dG/dt = s'(t) A G(t)` costs one product where a jvp through
+    the exponential doubles its work). `time_derivative` asks it; subclasses without a closed
+    form inherit the jvp."""
+
+    @abc.abstractmethod
+    def __call__(self, t: ScalarLike) -> PyTree:
+        """The value at t."""
+
+    def value_and_derivative(self, t: Float[ArrayLike, ""]) -> tuple[PyTree, PyTree]:
+        """`(f(t), df/dt(t))`; by default one forward-mode jvp in t."""
+        return jax.jvp(self, (t,), (jnp.ones_like(t),))
+
+
 def time_derivative(f: Callable, t: ScalarLike | int) -> tuple[PyTree, PyTree]:
-    """`(f(t), df/dt(t))` by one forward-mode jvp in t (never a finite difference).
+    """`(f(t), df/dt(t))`: the closed form of an `AbstractTimeFunction`, else one forward-mode
+    jvp in t (never a finite difference).
 
     **Arguments:**
 
@@ -73,6 +90,8 @@ def time_derivative(f: Callable, t: ScalarLike | int) -> tuple[PyTree, PyTree]:
     **Returns:** the value and its time derivative, both with the structure of `f(t)`.
     """
     t = time_array(t)
+    if isinstance(f, AbstractTimeFunction):
+        return f.value_and_derivative(t)
     return jax.jvp(f, (t,), (jnp.ones_like(t),))
 
 

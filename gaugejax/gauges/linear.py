@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._core.calculus import AbstractTimeFunction, time_derivative
 from .._core.correspondence import check_discrete_gauge
+from .._core.numerics import expm
 from ..models import FeedforwardNet, LinearNODE
-from ..models.linear import GaugedLinearField
+from ..models.linear import AbstractGaugeMatrix, GaugedLinearField
 from .base import AbstractParameterGauge, model_error
 from .features import check_boundary, check_positive
 from .maps import AbstractMapGauge
@@ -85,12 +87,17 @@ class AffineMap(eqx.Module):
         return self.G(t) @ y + self.c(t)
 
 
-class _ComposedG(eqx.Module):
+class _ComposedG(AbstractTimeFunction):
     outer: AffineMap
     inner: AffineMap
 
     def __call__(self, t):
         return self.outer.G(t) @ self.inner.G(t)
+
+    def value_and_derivative(self, t):
+        # the product rule on the factors' own (closed-form where they have one) derivatives
+        (Go, dGo), (Gi, dGi) = time_derivative(self.outer.G, t), time_derivative(self.inner.G, t)
+        return Go @ Gi, dGo @ Gi + Go @ dGi
 
 
 class _ComposedC(eqx.Module):
@@ -101,11 +108,17 @@ class _ComposedC(eqx.Module):
         return self.outer.G(t) @ self.inner.c(t) + self.outer.c(t)
 
 
-class _InverseG(eqx.Module):
+class _InverseG(AbstractTimeFunction):
     map_: AffineMap
 
     def __call__(self, t):
         return jnp.linalg.inv(self.map_.G(t))
+
+    def value_and_derivative(self, t):
+        # d(G^-1)/dt = -G^-1 (dG/dt) G^-1, from the map's own dG/dt
+        G, dG = time_derivative(self.map_.G, t)
+        Gi = jnp.linalg.inv(G)
+        return Gi, -Gi @ dG @ Gi
 
 
 class _InverseC(eqx.Module):
@@ -115,50 +128,58 @@ class _InverseC(eqx.Module):
         return -jnp.linalg.solve(self.map_.G(t), self.map_.c(t))
 
 
-_EXPM_THETA = 0.25  # Taylor degree 12 on |X|_1 <= 1/4: remainder < 0.25^13 / 13! ~ 2e-19
-_EXPM_DEGREE = 12
-_EXPM_MAX_SQUARINGS = 12  # |S|_1 up to 0.25 * 2^12 = 1024; beyond that the result is NaN
+class ModeMatrix(AbstractGaugeMatrix):
+    """`G(t) = expm(S(t))` or Cayley `(1 - S)^-1 (1 + S)`, `S(t) = sum_k sin(omega_k t) A_k`:
+    the identity at t = 0 (and at t = T for vanishing boundaries).
 
-
-def expm_fixed(S: Float[Array, "d d"]) -> Float[Array, "d d"]:
-    """`expm(S)` by scaling and squaring with a fixed-degree Taylor polynomial: the same work for
-    every S, with no data-dependent branch or linear solve. `jax.scipy.linalg.expm` branches on
-    the norm (under vmap every branch runs) and, vmapped over 512 or more 16 x 16 matrices inside
-    a solver loop, hung jaxlib 0.10.2's CPU runtime. The squaring count follows |S|_1 (a
-    `where`, not a branch) up to 12; larger S gives NaN rather than a wrong result."""
-    norm = jnp.max(jnp.sum(jnp.abs(S), axis=0))
-    squarings = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(norm, 1e-300) / _EXPM_THETA)), 0, None)
-    X = S * jnp.exp2(-jnp.minimum(squarings, _EXPM_MAX_SQUARINGS))
-    eye = jnp.eye(S.shape[0], dtype=S.dtype)
-    G = eye
-    for k in range(_EXPM_DEGREE, 0, -1):  # Horner: 1 + X/1 (1 + X/2 (1 + ...))
-        G = eye + (X @ G) / k
-    G = jax.lax.fori_loop(
-        0, _EXPM_MAX_SQUARINGS, lambda i, G: jnp.where(i < squarings, G @ G, G), G
-    )
-    return jnp.where(squarings <= _EXPM_MAX_SQUARINGS, G, jnp.nan)
-
-
-class ModeGauge(eqx.Module):
-    """`G(t) = expm(S(t))` or Cayley `(1 - S)^-1 (1 + S)`, `S(t) = sum_k sin(k pi t/T) A_k`, and
-    `c(t) = sum_k sin(k pi t/T) c_k`: both equal to (1, 0) at t = 0 and t = T."""
+    One mode (K = 1, `S = s(t) A`) has a closed-form derivative: `G` is a function of `A`, so
+    it commutes with it and `dG/dt = s'(t) A G(t)` (one product, where a jvp through the
+    exponential doubles its cost); Cayley's is `s'(t) (1 - S)^-1 A (1 + G)`. The one-mode
+    exponential also gives `G^-1 = expm(-s A)` from the same powers (`frame`: Eq. 25's solve
+    becomes a product). Several modes do not commute (`[S, dS/dt] != 0`): their `dG/dt` is a
+    jvp (`AbstractTimeFunction`), their inverse a solve.
+    """
 
     A: Float[Array, "K d d"]
-    cvec: Float[Array, "K d"]
     omega: Float[Array, " K"]
     cayley: bool = eqx.field(static=True)
 
-    def _S(self, t):
-        return jnp.tensordot(jnp.sin(self.omega * t), self.A, axes=1)
-
-    def G(self, t):
-        S = self._S(t)
+    def __call__(self, t):
+        S = jnp.tensordot(jnp.sin(self.omega * t), self.A, axes=1)
         if self.cayley:
             eye = jnp.eye(S.shape[0], dtype=S.dtype)
             return jnp.linalg.solve(eye - S, eye + S)
-        return expm_fixed(S)
+        return expm(S)
 
-    def c(self, t):
+    def value_and_derivative(self, t):
+        if self.A.shape[0] != 1:
+            return super().value_and_derivative(t)
+        A, omega = self.A[0], self.omega[0]
+        s, ds = jnp.sin(omega * t), omega * jnp.cos(omega * t)
+        if self.cayley:
+            eye = jnp.eye(A.shape[0], dtype=A.dtype)
+            G = jnp.linalg.solve(eye - s * A, eye + s * A)
+            return G, ds * jnp.linalg.solve(eye - s * A, A @ (eye + G))
+        G = expm(s * A)
+        return G, ds * (A @ G)
+
+    def frame(self, t):
+        if self.A.shape[0] != 1 or self.cayley:
+            return super().frame(t)
+        A, omega = self.A[0], self.omega[0]
+        s, ds = jnp.sin(omega * t), omega * jnp.cos(omega * t)
+        G, G_inv = expm(s * A, inverse=True)
+        return G, ds * (A @ G), G_inv
+
+
+class ModeShift(eqx.Module):
+    """`c(t) = sum_k sin(omega_k t) c_k`: zero at t = 0 (and at t = T for vanishing
+    boundaries)."""
+
+    cvec: Float[Array, "K d"]
+    omega: Float[Array, " K"]
+
+    def __call__(self, t):
         return jnp.tensordot(jnp.sin(self.omega * t), self.cvec, axes=1)
 
 
@@ -229,7 +250,7 @@ class LinearGauge(AbstractMapGauge):
             raise ValueError(f"`kind` must be 'expm' or 'cayley'; received {kind!r}.")
         if group not in ("GL", "SO"):
             raise ValueError(f"`group` must be 'GL' or 'SO'; received {group!r}.")
-        # expm_fixed covers |S|_1 <= 1024; rho bounds |S|_2 <= rho, so keep rho well inside
+        # rho bounds |S|_2 <= rho: keep it where expm's squarings stay few and its rounding small
         check_positive("rho", rho, below=1.0 if kind == "cayley" else 100.0)
         check_positive("bias_scale", bias_scale, below=MAX_BIAS_SCALE * (1 + 1e-12))
         if not isinstance(num_modes, int) or num_modes <= 0:
@@ -272,8 +293,8 @@ class LinearGauge(AbstractMapGauge):
         return LinearGaugeElement(jnp.zeros((K, d, d)), jnp.zeros((K, d)))
 
     def base_map(self, g: LinearGaugeElement) -> AffineMap:
-        mg = ModeGauge(g.A, g.c, self.omega, self.kind == "cayley")
-        return AffineMap(mg.G, mg.c)
+        G = ModeMatrix(g.A, self.omega, self.kind == "cayley")
+        return AffineMap(G, ModeShift(g.c, self.omega))
 
     def compose_maps(self, outer: AffineMap, inner: AffineMap) -> AffineMap:
         return AffineMap(_ComposedG(outer, inner), _ComposedC(outer, inner))

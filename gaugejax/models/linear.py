@@ -9,10 +9,10 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._core._types import Args, ScalarLike
-from .._core.calculus import time_derivative
+from .._core.calculus import AbstractTimeFunction, time_array, time_derivative
 from .._core.options import SolveOptions
 from .node import (
     AbstractNeuralODE,
@@ -150,22 +150,52 @@ class FunctionLinearField(AbstractLinearField):
         return self.w(t) @ x + self.b(t)
 
 
+class AbstractGaugeMatrix(AbstractTimeFunction):
+    """An invertible matrix function of time `G(t)` (a linear gauge's) that may know its
+    inverse in closed form: `frame(t)` gives `(G, dG/dt, G^-1)`, the inverse None where it
+    has none (then Eq. 25 takes a linear solve with G). E.g. `G = expm(s(t) A)` has
+    `G^-1 = expm(-s(t) A)` from the same powers of A, cheaper than an LU factorisation."""
+
+    def frame(
+        self, t: Float[ArrayLike, ""]
+    ) -> tuple[Float[Array, "d d"], Float[Array, "d d"], Float[Array, "d d"] | None]:
+        """`(G(t), dG/dt, G(t)^-1 or None)`; by default the inverse is None."""
+        G, dG = self.value_and_derivative(t)
+        return G, dG, None
+
+
+def gauge_frame(G: Callable, t: ScalarLike):
+    """`(G, dG/dt, G^-1 or None)` at t: an `AbstractGaugeMatrix`'s `frame`, else
+    `time_derivative` with no inverse."""
+    if isinstance(G, AbstractGaugeMatrix):
+        return G.frame(time_array(t))
+    return (*time_derivative(G, t), None)
+
+
+def _apply_inverse(Gt, Ginv, rhs):
+    """`G^-1 rhs`: a product with a known inverse, else one linear solve."""
+    return jnp.linalg.solve(Gt, rhs) if Ginv is None else Ginv @ rhs
+
+
 def gauged_weight_terms(w: Callable, G: Callable, t: ScalarLike):
-    """The weight half of Eq. 25: `(G, W)` at t with `w' = G^-1 W`, `W = w G - dG/dt`."""
-    Gt, dG = time_derivative(G, t)
-    return Gt, w(t) @ Gt - dG
+    """The weight half of Eq. 25: `(G, W, G^-1 or None)` at t with `w' = G^-1 W`,
+    `W = w G - dG/dt`."""
+    Gt, dG, Ginv = gauge_frame(G, t)
+    return Gt, w(t) @ Gt - dG, Ginv
 
 
 def gauged_linear_terms(w: Callable, b: Callable, G: Callable, c: Callable, t: ScalarLike):
     """Eq. 25, the one home of it: for `x = G(t) y + c(t)` the new field is
     `G^-1 [(w G - dG/dt) y + b + w c - dc/dt]`.
 
-    **Returns:** `(G, W, r)` at t with `w' = G^-1 W` and `b' = G^-1 r` (dG/dt, dc/dt by jvp);
-    callers solve with G once, for the weight, the bias or a whole field evaluation.
+    **Returns:** `(G, W, r, G^-1 or None)` at t with `w' = G^-1 W` and `b' = G^-1 r` (dG/dt,
+    dc/dt in closed form where G and c have one, else by jvp); callers apply G^-1 once (a
+    product with a known inverse, else a solve with G), for the weight, the bias or a whole
+    field evaluation.
     """
-    Gt, W = gauged_weight_terms(w, G, t)
+    Gt, W, Ginv = gauged_weight_terms(w, G, t)
     ct, dc = time_derivative(c, t)
-    return Gt, W, b(t) + w(t) @ ct - dc
+    return Gt, W, b(t) + w(t) @ ct - dc, Ginv
 
 
 class GaugedWeight(eqx.Module):
@@ -175,15 +205,18 @@ class GaugedWeight(eqx.Module):
     G: Callable
 
     def __call__(self, t: ScalarLike) -> Float[Array, "d d"]:
-        return jnp.linalg.solve(*gauged_weight_terms(self.w, self.G, t))
+        Gt, W, Ginv = gauged_weight_terms(self.w, self.G, t)
+        return _apply_inverse(Gt, Ginv, W)
 
 
 class GaugedLinearField(AbstractLinearField):
     """The field of Eq. 25 in coordinates `y` with `x = G(t) y + c(t)`: `weight`/`bias` give
     `w'`, `b'`, and an evaluation `F(t, y)` is fused into one linear solve with one evaluation
-    of G and of c (`gauged_linear_terms`). Separate weight and bias solves cost twice, and (two
-    expm loops, each feeding an LU factorisation, in one vmapped solver step) hung jaxlib
-    0.10.2's CPU runtime at about 100 lanes."""
+    of G and of c (`gauged_linear_terms`); with a G that knows its inverse
+    (`AbstractGaugeMatrix`, e.g. a one-mode `LinearGauge` element) the solve is a product.
+    Separate weight and bias solves cost twice, and (two expm loops, each feeding an LU
+    factorisation, in one vmapped solver step) hung jaxlib 0.10.2's CPU runtime at about 100
+    lanes."""
 
     w: Callable
     b: Callable
@@ -191,16 +224,16 @@ class GaugedLinearField(AbstractLinearField):
     c: Callable
 
     def weight(self, t: ScalarLike) -> Float[Array, "d d"]:
-        Gt, W, _ = gauged_linear_terms(self.w, self.b, self.G, self.c, t)
-        return jnp.linalg.solve(Gt, W)
+        Gt, W, _, Ginv = gauged_linear_terms(self.w, self.b, self.G, self.c, t)
+        return _apply_inverse(Gt, Ginv, W)
 
     def bias(self, t: ScalarLike) -> Float[Array, " d"]:
-        Gt, _, r = gauged_linear_terms(self.w, self.b, self.G, self.c, t)
-        return jnp.linalg.solve(Gt, r)
+        Gt, _, r, Ginv = gauged_linear_terms(self.w, self.b, self.G, self.c, t)
+        return _apply_inverse(Gt, Ginv, r)
 
     def __call__(self, t: ScalarLike, x: Float[Array, " d"], args=None) -> Float[Array, " d"]:
-        Gt, W, r = gauged_linear_terms(self.w, self.b, self.G, self.c, t)
-        return jnp.linalg.solve(Gt, W @ x + r)
+        Gt, W, r, Ginv = gauged_linear_terms(self.w, self.b, self.G, self.c, t)
+        return _apply_inverse(Gt, Ginv, W @ x + r)
 
 
 class LinearNODE(AbstractNeuralODE):
