@@ -155,6 +155,7 @@ from ._infra.data import (
 )
 from ._infra.devices import (
     configure_cpu_devices as configure_cpu_devices,
+    default_chunk_size as default_chunk_size,
     free_memory_bytes as free_memory_bytes,
     intra_op_threads as intra_op_threads,
     pool_threads_for as pool_threads_for,

@@ -40,6 +40,11 @@ def test_results_do_not_depend_on_chunking(node, getkey):
     assert a.ok.all() and b.ok.all()
     np.testing.assert_allclose(a.max_abs, b.max_abs, rtol=0, atol=1e-15)
     np.testing.assert_array_equal(a.num_steps, b.num_steps)
+    # the default chunk: the platform's measured one (32 on CPU), capped at the samples rounded
+    # up to a power of two (10 -> 16)
+    c = gj.sweep(model, gauge, x, key=key, num_samples=10)
+    assert gj.default_chunk_size(jax.devices("cpu")) == 32 and c.chunk_size == 16
+    np.testing.assert_allclose(c.max_abs, a.max_abs, rtol=0, atol=1e-15)
     s = a.summary()
     assert s["dtype"] == "float64" and s["precision"] == "highest"
     assert s["num_ok"] == 10 and s["compile_time_s"] > 0 and s["run_time_s"] > 0

@@ -150,6 +150,26 @@ def _host_available_bytes() -> int | None:
     return None
 
 
+# lanes vmapped together by default, per platform. CPU: measured with `benchmark_sweep`'s
+# workloads (B = 512, one pinned core of the 2-core development machine, 2026-12-06: samples/s
+# at chunks of 8/16/32/64/128/256 were W1 614/715/784/744/732/702, W2 276/326/343/335/340/344,
+# W3 881/902/831/818/867/850): 32 is within 8 % of the best on each, where small chunks lose
+# up to 20 % (W1 at 8). Accelerators: not measured yet (no device lent); a GPU runs a chunk's
+# lanes in parallel, so a larger chunk, bounded by the memory check.
+DEFAULT_CHUNK_SIZE = {"cpu": 32}
+ACCELERATOR_CHUNK_SIZE = 1024
+
+
+def default_chunk_size(devices: list) -> int:
+    """The `chunk_size` a sweep uses on `devices` when none is given: `DEFAULT_CHUNK_SIZE` for
+    their platform (measured), `ACCELERATOR_CHUNK_SIZE` for another (GPU, TPU).
+
+    **Arguments:** `devices`: the jax devices of the sweep.
+    """
+    platform = devices[0].platform
+    return DEFAULT_CHUNK_SIZE.get(platform, ACCELERATOR_CHUNK_SIZE)
+
+
 def supports_float64(device) -> bool:
     """Whether `device` computes in float64: x64 is on (`jax_enable_x64`; without it JAX makes
     every float64 array float32) and a float64 program compiles for the device's backend.
