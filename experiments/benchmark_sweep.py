@@ -14,8 +14,10 @@ Workloads:
 - `w3`: `w2` with a PID controller at rtol = atol = `w3_rtol`; lane efficiency (mean / max
   steps per lane) and the per-lane step counts are recorded.
 
-Sides (a row per workload, batch size and side): `gaugejax` (`gj.sweep`, fixed chunks of
-`chunk_size`, first-order responses from the forward sensitivity system under error
+Sides (a row per workload, batch size and side): `gaugejax` (`gj.sweep` at its defaults, the
+chunk `chunk_size` when set; samples/s of the whole call, reference, re-check and control
+included, beside its blocks alone; the first call's compile seconds and program count;
+first-order responses from the forward sensitivity system under error
 control); `gaugejax_sharded` (the same sweep under `jax.shard_map` over every device: over a
 mesh of one on a single GPU, the sharded path's overhead; over N CPU devices with
 `--cpu-devices N`); and the baselines of `experiments/_baselines.py`: `naive_diffrax`,
@@ -83,7 +85,7 @@ class Config:
     workloads: tuple[str, ...] = WORKLOADS
     sides: tuple[str, ...] = SIDES
     batch_sizes: tuple[int, ...] = (1024,)
-    chunk_size: int = 256
+    chunk_size: int = 0  # 0: the sweep's default chunk (`gj.default_chunk_size`)
     repeats: int = 5
     precision: str = "highest"
     dtype: str = "float64"
@@ -104,7 +106,7 @@ class Config:
     # side vmaps all of them at once, and the GPU preset's largest B would dominate its time
     baseline_max_samples: int = 0
 
-    NONNEGATIVE: ClassVar[tuple[str, ...]] = ("torch_threads", "baseline_max_samples")
+    NONNEGATIVE: ClassVar[tuple[str, ...]] = ("torch_threads", "baseline_max_samples", "chunk_size")
 
     def __post_init__(self):
         gj.check_choices("workloads", self.workloads, WORKLOADS)
@@ -194,24 +196,30 @@ def _gaugejax(
     # unsharded: the first device; sharded: `jax.shard_map` over every device (also over one,
     # so the sharded path's overhead is measured on a single GPU)
     devices = jax.devices() if sharded else jax.devices()[:1]
-    chunk = min(cfg.chunk_size, -(-num_samples // len(devices)))
-    kwargs = dict(key=key, num_samples=num_samples, chunk_size=chunk, precision=cfg.precision)
+    kwargs = dict(key=key, num_samples=num_samples, precision=cfg.precision)
     kwargs.update(devices=devices, shard=sharded)
+    if cfg.chunk_size:  # else the sweep's own default (`gj.default_chunk_size`)
+        kwargs["chunk_size"] = min(cfg.chunk_size, -(-num_samples // len(devices)))
+    start = time.perf_counter()
     first = gj.sweep(w.model, w.gauge, w.inputs, **kwargs)
-    # timing repeats: no control or re-check (the first sweep gave the verdict)
-    times = [first.run_time_s] + [
-        gj.sweep(
-            w.model, w.gauge, w.inputs, control_samples=0, recheck_samples=0, **kwargs
-        ).run_time_s
-        for _ in range(cfg.repeats - 1)
-    ]
+    first_call_s = time.perf_counter() - start
+    # timing repeats: the whole call at the sweep's defaults (reference, blocks, re-check and
+    # control), and its blocks alone (`run_time_s`)
+    calls, blocks = [], []
+    for _ in range(cfg.repeats):
+        start = time.perf_counter()
+        again = gj.sweep(w.model, w.gauge, w.inputs, **kwargs)
+        calls.append(time.perf_counter() - start)
+        blocks.append(again.run_time_s)
     if first.failures():
         raise RuntimeError(f"lanes failed: {first.failures()}")
     # field evaluations per sample: `gj.count_evaluations` (the solver's tableau)
-    row = {"samples_per_s": num_samples / statistics.median(times),
-           "compile_s": first.compile_time_s, "num_programs": first.num_programs,
-           "noise_floor": first.noise_floor,
-           "verdict": first.verdict, "chunk_size": chunk, "num_devices": len(devices),
+    row = {"samples_per_s": num_samples / statistics.median(calls),
+           "blocks_samples_per_s": num_samples / statistics.median(blocks),
+           "first_call_s": first_call_s, "compile_s": first.compile_time_s,
+           "num_programs": first.num_programs, "noise_floor": first.noise_floor,
+           "verdict": first.verdict, "chunk_size": first.chunk_size,
+           "num_devices": len(devices),
            **gj.deviation_summary(first.max_abs, first.num_steps),
            "evaluations_mean": float(np.mean(np.asarray(first.num_evaluations)))}  # fmt: skip
     steps, counts = np.unique(np.asarray(first.num_steps), return_counts=True)
@@ -325,11 +333,14 @@ def _table(rows: list[dict]) -> list[str]:
     def fmt(v, spec):
         return format(v, spec) if isinstance(v, int | float) else "-"
 
-    header = ["workload", "B", "side", "samples/s", "gaugejax x", "compile s", "max deviation",
-              "vs gaugejax", "lane eff.", "GFLOP/s", "of ceiling", "status"]  # fmt: skip
+    header = ["workload", "B", "side", "samples/s", "blocks only", "gaugejax x", "compile s",
+              "programs", "max deviation", "vs gaugejax", "lane eff.", "GFLOP/s", "of ceiling",
+              "status"]  # fmt: skip
     cells = [
         [r["workload"], r["num_samples"], r["side"], fmt(r.get("samples_per_s"), ".1f"),
+         fmt(r.get("blocks_samples_per_s"), ".1f"),
          fmt(r.get("gaugejax_speedup"), ".2f"), fmt(r.get("compile_s"), ".2f"),
+         fmt(r.get("num_programs"), "d"),
          fmt(r.get("max_deviation"), ".2e"), fmt(r.get("max_diff_vs_gaugejax"), ".1e"),
          fmt(r.get("lane_efficiency"), ".2f"),
          fmt(r["flop_per_s"] / 1e9 if r.get("flop_per_s") else None, ".3g"),
