@@ -415,9 +415,9 @@ def test_first_call_compiles_a_few_programs(getkey):
     reference, the block, diffrax's two concrete result checks); a new `chunk_size` recompiles
     the block only; a repeat compiles nothing. `num_programs` counts them (checked against
     JAX's own compile events); a new family on the same model compiles its own reference and
-    block, nothing else. Shapes no other test uses (5 states, width 11),
-    and `jax.clear_caches()` for eager operations compiled earlier in this process."""
-    jax.clear_caches()
+    block, nothing else. Shapes no other test uses (5 states, width 11); diffrax's two eager
+    checks may have been compiled by an earlier test in this process (not `jax.clear_caches()`:
+    every later test of the worker would compile again)."""
     model = gj.NeuralODE(gj.MLPField(5, 11, 2, key=getkey()), t1=1.0)
     x = jax.random.normal(getkey(), (3, 5))
     gauge = gj.SpatialDiffeoGauge(5, 1.0, key=getkey())
@@ -436,7 +436,7 @@ def test_first_call_compiles_a_few_programs(getkey):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert first.verdict == "holds"
-    assert 2 <= first.num_programs <= 6 and first.num_programs == counted  # measured 4
+    assert 2 <= first.num_programs <= 6 and first.num_programs == counted  # measured 2 or 4
     assert again.num_programs == 1 and again.compile_time_s > 0  # the block at chunk 4
     assert same.num_programs == 0 and same.compile_time_s == 0.0
     np.testing.assert_allclose(again.max_rel, first.max_rel, rtol=1e-12, atol=0)
