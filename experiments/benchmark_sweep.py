@@ -19,7 +19,8 @@ Sides (a row per workload, batch size and side): `gaugejax` (`gj.sweep`, fixed c
 control); `gaugejax_sharded` (the same sweep under `jax.shard_map` over every device: over a
 mesh of one on a single GPU, the sharded path's overhead; over N CPU devices with
 `--cpu-devices N`); and the baselines of `experiments/_baselines.py`: `naive_diffrax`,
-`torchdiffeq` and `gradsolve` (w3 is not expressible there: the row says why).
+`hand_sensitivity` (w2, w3: the forward sensitivity system written by hand, the cost of the
+mathematics), `torchdiffeq` and `gradsolve` (w3 is not expressible there: the row says why).
 
 Known problem (jaxlib 0.10.2, CPU): batched LAPACK kernels wait on XLA:CPU's intra-op pool
 and deadlock when they occupy all of its threads (`gj.configure_cpu_devices`). The CLI sizes
@@ -58,7 +59,14 @@ from ._common import experiment_summary
 
 
 WORKLOADS = ("w1", "w2", "w3")
-SIDES = ("gaugejax", "gaugejax_sharded", "naive_diffrax", "torchdiffeq", "gradsolve")
+SIDES = (
+    "gaugejax",
+    "gaugejax_sharded",
+    "naive_diffrax",
+    "hand_sensitivity",
+    "torchdiffeq",
+    "gradsolve",
+)
 # compile times are measured: the CLI leaves the persistent compilation cache off for this module
 PERSISTENT_COMPILE_CACHE = False
 # and exposes one CPU device per core unless --cpu-devices says otherwise: the sharded side then
@@ -224,7 +232,8 @@ def field_flops(cfg: Config, name: str, w: Workload, key) -> float:
     XLA's cost analysis of that straight-line program (no loops, so nothing is counted once for
     many iterations): w1 the gauge-transformed linear field (G(t), dG/dt and the solve are
     shared by the M inputs, as in every side's program); w2/w3 the forward sensitivity field
-    (`gj.SensitivityField`: the deformed field and its jvp). Matmuls, adds and multiplies
+    (`gj.gauge_sensitivity`: for the Lie family `gj.DeformationSensitivityField`, one jvp of the
+    field and one of the generator, the hand-written system's work). Matmuls, adds and multiplies
     count; transcendentals (tanh, sin) are not FLOPs in XLA's count."""
     g = w.gauge.sample(key)
     t = jnp.asarray(0.5, w.inputs.dtype)
@@ -252,6 +261,8 @@ def run_side(cfg: Config, name: str, w: Workload, side: str, key, num_samples: i
         return _gaugejax(cfg, w, key, num_samples, side != "gaugejax")
     if side == "naive_diffrax":
         return _baselines.naive_diffrax(cfg, w, key, num_samples, name != "w1")
+    if side == "hand_sensitivity":
+        return _baselines.hand_sensitivity(cfg, w, key, num_samples)
     if side == "torchdiffeq" and name == "w1":
         return _baselines.torch_w1(cfg, w, key, num_samples)
     if side == "torchdiffeq":
@@ -379,7 +390,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
             ax.set_ylim(min(rates) / 3, max(rates) * 4)
             ax.set_title(f"{name} (B = {config.batch_sizes[0]})")
         else:
-            for side, marker in zip(SIDES, "oxsd^", strict=True):
+            for side, marker in zip(SIDES, "oxsvd^", strict=True):
                 line = sorted(
                     (r["num_samples"], r["samples_per_s"]) for r in mine if r["side"] == side
                 )

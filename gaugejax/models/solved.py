@@ -139,6 +139,8 @@ def observe_tangent(
     """`model.observe_tangent(...)`; for a model without solves a jvp through `observe` (it has
     no vector field for a `generator` to deform)."""
     if _solved(model):
+        if generator is None:  # a model written before `generator` existed still answers
+            return model.observe_tangent(moved, p, dp, inputs)
         return model.observe_tangent(moved, p, dp, inputs, generator)
     return tangent_by_jvp(observe, moved, p, dp, inputs)
 
