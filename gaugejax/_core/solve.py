@@ -388,10 +388,16 @@ class DeformationSensitivityField(eqx.Module):
         t = time_array(t)
         # eps's primal first (F's jvp needs it), its linearisation kept for the jvp along (1, F)
         (e0, ey), eps_along = jax.linearize(lambda t_, y_: generator_value(self.eps, t_, y_), t, y)
-        moved = jax.tree.map(jnp.add, ey, dy)
+        # eps is computed in the time's dtype (float64 for a float32 state under x64 when the
+        # solver's times are float64); its parts that move the state are the state's dtype
+        moved = jax.tree.map(lambda e, d: e.astype(d.dtype) + d, ey, dy)
         f, df = jax.jvp(lambda t_, y_: self.field(t_, y_, args), (t, y), (e0, moved))
         de0, dey = eps_along(jnp.ones_like(t), f)
-        return f, jax.tree.map(lambda df_, dey_, f_: df_ - dey_ + f_ * de0, df, dey, f)
+
+        def tangent(df_, dey_, f_):
+            return df_ - dey_.astype(f_.dtype) + f_ * de0.astype(f_.dtype)
+
+        return f, jax.tree.map(tangent, df, dey, f)
 
 
 class MovedField(eqx.Module):
