@@ -10,6 +10,11 @@
   (`dG/dt = s'(t) A G`, G from `gj.expm` with squarings adapted to the norm) since the
   structure-aware evaluation, a jvp through a fixed 12-squaring exponential before; so
   this side speeds up with the sweep.
+- `hand_sensitivity` (w2, w3): the forward sensitivity system written by hand in JAX, one
+  `diffrax.diffeqsolve` of the state `(y, dy)` per input, `jit(vmap(...))` over the samples: per
+  evaluation one jvp of F along `(eps0, eps_y + dy)` and one jvp of the generator along
+  `(1, F)` (the generator is the Lie family's own, `gauge.generator(g)`). The cost of the
+  mathematics, against which the sweep's first-order path is measured.
 - `torch_w1`, `torch_w2` (the `bench` extra): torchdiffeq on batched tensors. W1 with
   `torch.linalg.matrix_exp`, `torch.func.jvp` for dG/dt and `odeint(method="rk4")`, which is
   the 3/8 rule, not the classic tableau (per-sample deviations agree to the O(dt^4)
@@ -49,6 +54,8 @@ def unavailable(side: str, workload: str) -> str | None:
     if side == "torchdiffeq_closed_form" and workload != "w1":
         # the closed form is a one-mode linear gauge's (W1); W2/W3 deform an MLP field
         return "skipped: the closed form dG/dt = s'(t) A G is W1's (a one-mode linear gauge)"
+    if side == "hand_sensitivity" and workload == "w1":
+        return "skipped: w1 is a finite workload (no sensitivity system)"
     if side == "gradsolve" and importlib.util.find_spec("gradsolve") is None:
         return "skipped: gradsolve is not installed (pip install -e '.[bench]')"
     if side == "gradsolve" and workload == "w3":
@@ -101,6 +108,64 @@ def naive_diffrax(cfg, w, key, num_samples: int, first_order: bool) -> tuple:
             return jnp.max(jnp.abs(dout)), jnp.max(steps), _evaluations(model, steps)
         out, steps = _user_solve(gauge.act(g, model), inputs, False)
         return jnp.max(jnp.abs(out - reference)), jnp.max(steps), _evaluations(model, steps)
+
+    with jax.default_matmul_precision(cfg.precision):
+        timed = gj.time_program(jax.vmap(lane), keys, repeats=cfg.repeats)
+    dev, steps, evaluations = timed.output
+    row = {
+        "samples_per_s": num_samples / timed.median_s,
+        "compile_s": timed.compile_s,
+        **gj.deviation_summary(dev, steps),
+    }
+    row["evaluations_mean"] = float(np.mean(evaluations))
+    return row, np.asarray(dev)
+
+
+class _HandSensitivity(eqx.Module):
+    """`(y, dy) -> (F, DF (eps0, eps_y + dy) - D eps_y (1, F) + F D eps0 (1, F))`, written out:
+    `gj.deform`'s first-order term plus `DF dy`, D over `(t, y)`."""
+
+    field: eqx.Module
+    eps: eqx.Module
+
+    def generator(self, t, y):
+        e0, ey = self.eps(t, y)
+        return jnp.asarray(e0, t.dtype), ey  # eps0 is the time's tangent: the time's dtype
+
+    def __call__(self, t, state, args):
+        y, dy = state
+        (e0, ey), eps_along = jax.linearize(self.generator, t, y)
+        f, df = jax.jvp(lambda t_, y_: self.field(t_, y_, args), (t, y), (e0, ey + dy))
+        de0, dey = eps_along(jnp.ones_like(t), f)
+        return f, df - dey + f * de0
+
+
+def hand_sensitivity(cfg, w, key, num_samples: int) -> tuple:
+    """W2/W3's first-order responses from the hand-written forward sensitivity system (module
+    docstring), the model's solver, controller and step, per-input error control as the sweep's;
+    the per-sample maximum |dy(t1)| over the inputs."""
+    model, gauge, inputs = w.model, w.gauge, w.inputs
+    keys = gj.sample_keys(key, num_samples)
+
+    def lane(k):
+        system = _HandSensitivity(model.field, gauge.generator(gauge.sample(k)))
+
+        def one(x0):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(system),
+                model.solver,
+                model.t0,
+                model.t1,
+                model.dt0,
+                (x0, jnp.zeros_like(x0)),
+                stepsize_controller=model.stepsize_controller,
+                max_steps=model.max_steps,
+                throw=False,
+            )
+            return sol.ys[1][-1], sol.stats["num_steps"]
+
+        dout, steps = jax.vmap(one)(inputs)
+        return jnp.max(jnp.abs(dout)), jnp.max(steps), _evaluations(model, steps)
 
     with jax.default_matmul_precision(cfg.precision):
         timed = gj.time_program(jax.vmap(lane), keys, repeats=cfg.repeats)

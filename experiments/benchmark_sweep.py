@@ -21,8 +21,9 @@ first-order responses from the forward sensitivity system under error
 control); `gaugejax_sharded` (the same sweep under `jax.shard_map` over every device: over a
 mesh of one on a single GPU, the sharded path's overhead; over N CPU devices with
 `--cpu-devices N`); and the baselines of `experiments/_baselines.py`: `naive_diffrax`,
-`torchdiffeq`, `torchdiffeq_closed_form` (w1 only: dG/dt in closed form) and `gradsolve` (w3
-is not expressible there: the row says why).
+`hand_sensitivity` (w2, w3: the forward sensitivity system written by hand, the cost of the
+mathematics), `torchdiffeq`, `torchdiffeq_closed_form` (w1 only: dG/dt in closed form) and
+`gradsolve` (w3 is not expressible there: the row says why).
 
 Known problem (jaxlib 0.10.2, CPU): batched LAPACK kernels wait on XLA:CPU's intra-op pool
 and deadlock when they occupy all of its threads (`gj.configure_cpu_devices`). The CLI sizes
@@ -65,6 +66,7 @@ SIDES = (
     "gaugejax",
     "gaugejax_sharded",
     "naive_diffrax",
+    "hand_sensitivity",
     "torchdiffeq",
     "torchdiffeq_closed_form",
     "gradsolve",
@@ -241,7 +243,8 @@ def field_flops(cfg: Config, name: str, w: Workload, key) -> float:
     XLA's cost analysis of that straight-line program (no loops, so nothing is counted once for
     many iterations): w1 the gauge-transformed linear field (G(t), dG/dt and the solve are
     shared by the M inputs, as in every side's program); w2/w3 the forward sensitivity field
-    (`gj.SensitivityField`: the deformed field and its jvp). Matmuls, adds and multiplies
+    (`gj.gauge_sensitivity`: for the Lie family `gj.DeformationSensitivityField`, one jvp of the
+    field and one of the generator, the hand-written system's work). Matmuls, adds and multiplies
     count; transcendentals (tanh, sin) are not FLOPs in XLA's count."""
     g = w.gauge.sample(key)
     t = jnp.asarray(0.5, w.inputs.dtype)
@@ -269,6 +272,8 @@ def run_side(cfg: Config, name: str, w: Workload, side: str, key, num_samples: i
         return _gaugejax(cfg, w, key, num_samples, side != "gaugejax")
     if side == "naive_diffrax":
         return _baselines.naive_diffrax(cfg, w, key, num_samples, name != "w1")
+    if side == "hand_sensitivity":
+        return _baselines.hand_sensitivity(cfg, w, key, num_samples)
     if side == "torchdiffeq_closed_form":
         return _baselines.torch_w1(cfg, w, key, num_samples, closed_form=True)
     if side == "torchdiffeq" and name == "w1":
@@ -401,7 +406,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
             ax.set_ylim(min(rates) / 3, max(rates) * 4)
             ax.set_title(f"{name} (B = {config.batch_sizes[0]})")
         else:
-            for side, marker in zip(SIDES, "oxsdv^", strict=True):
+            for side, marker in zip(SIDES, "oxsvd^<", strict=True):
                 line = sorted(
                     (r["num_samples"], r["samples_per_s"]) for r in mine if r["side"] == side
                 )

@@ -89,6 +89,7 @@ from ._core.numerics import (
 from ._core.solve import (
     NOT_COUNTED as NOT_COUNTED,
     RK4 as RK4,
+    DeformationSensitivityField as DeformationSensitivityField,
     SensitivityField as SensitivityField,
     SolveStats as SolveStats,
     SolveStatus as SolveStatus,

@@ -187,7 +187,10 @@ def lane(plan: Plan, sample_key, params, inputs, reference, scale) -> dict[str, 
             # the model's own first-order response (for a neural ODE the forward sensitivity
             # system, under error control)
             identity = in_dtype(gauge.identity(), scale.dtype)
-            dout, stats = observe_tangent(model, path, identity, g, inputs)
+            # a family whose first-order action is a spacetime generator says so: the model
+            # then solves one jvp of its field and one of eps per evaluation, not a jvp of act
+            generator = gauge.first_order_generator(g)
+            dout, stats = observe_tangent(model, path, identity, g, inputs, generator)
         else:
             # the observable returns (outputs, stats): has_aux differentiates the outputs only
             _, dout, stats = jax.jvp(

@@ -95,6 +95,28 @@ def time_derivative(f: Callable, t: ScalarLike | int) -> tuple[PyTree, PyTree]:
     return jax.jvp(f, (t,), (jnp.ones_like(t),))
 
 
+def generator_value(
+    eps: SpacetimeGenerator, t: Float[ArrayLike, ""], y: State
+) -> tuple[Float[ArrayLike, ""], State]:
+    """`eps(t, y)` with `eps0` as an array of `t`'s dtype (the time tangent it becomes).
+
+    **Arguments:** `eps`: a spacetime generator `(t, y) -> (eps0, eps_y)`; `t`: a scalar time
+    array; `y`: a state.
+
+    **Returns:** `(eps0, eps_y)`.
+
+    **Raises:** `ValueError` for an `eps0` that is not a scalar.
+    """
+    e0, ey = eps(t, y)
+    e0 = jnp.asarray(e0, dtype=t.dtype)
+    if jnp.shape(e0) != ():
+        raise ValueError(
+            "`eps(t, y)` must return (eps0, eps_y) with a scalar eps0; received eps0 of "
+            f"shape {jnp.shape(e0)}."
+        )
+    return e0, ey
+
+
 class DeformedField(eqx.Module):
     """`F + scale * [(L_eps F_hat)^y - F (L_eps F_hat)^t]`; built by `deform`."""
 
@@ -110,15 +132,7 @@ class DeformedField(eqx.Module):
             return jnp.ones_like(tz), self.field(tz, yz, args)
 
         def eps_hat(z):
-            tz, yz = z
-            e0, ey = self.eps(tz, yz)
-            e0 = jnp.asarray(e0, dtype=tz.dtype)
-            if jnp.shape(e0) != ():
-                raise ValueError(
-                    "`eps(t, y)` must return (eps0, eps_y) with a scalar eps0; received eps0 of "
-                    f"shape {jnp.shape(e0)}."
-                )
-            return e0, ey
+            return generator_value(self.eps, *z)
 
         (_, f), (lie_t, lie_y) = _value_and_bracket(eps_hat, field_hat, (t, y))
         return jax.tree.map(lambda f_, ly: f_ + self.scale * (ly - f_ * lie_t), f, lie_y)

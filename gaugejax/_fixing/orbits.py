@@ -14,7 +14,7 @@ from jaxtyping import Array, ArrayLike, Float, Key, PRNGKeyArray, PyTree, Shaped
 
 from .._core.correspondence import affine_propagator
 from .._core.numerics import quadrature
-from .._core.solve import MovedField, SensitivityField, SolveStats
+from .._core.solve import DeformationSensitivityField, MovedField, SensitivityField, SolveStats
 from ..gauges.base import AbstractGauge
 from ..gauges.rescaling import (  # re-exported: its one home is the rescaling module
     rescaling_conserved_quantity as rescaling_conserved_quantity,
@@ -74,11 +74,15 @@ class _Acted(eqx.Module):
         return self.gauge.act(a, self.model)
 
 
-def gauge_sensitivity(model: Any, gauge: AbstractGauge, direction: PyTree) -> SensitivityField:
-    """The forward sensitivity field of a neural ODE along a gauge direction at the identity:
-    `SensitivityField(MovedField(a -> gauge.act(a, model)), gauge.identity(), direction)`, on
-    states `(y, dy)`. Solved from `(x0, 0)` it gives `gauge_response`; as a field it serves
-    cost analyses and solves of one's own.
+def gauge_sensitivity(
+    model: Any, gauge: AbstractGauge, direction: PyTree
+) -> SensitivityField | DeformationSensitivityField:
+    """The forward sensitivity field of a neural ODE along a gauge direction at the identity,
+    on states `(y, dy)`: `DeformationSensitivityField(model.field, eps)` for a family with a
+    first-order generator eps (`gauge.first_order_generator(direction)`: two jvps per
+    evaluation), else `SensitivityField(MovedField(a -> gauge.act(a, model)),
+    gauge.identity(), direction)`. Solved from `(x0, 0)` it gives `gauge_response`; as a
+    field it serves cost analyses and solves of one's own.
 
     **Arguments:**
 
@@ -87,8 +91,12 @@ def gauge_sensitivity(model: Any, gauge: AbstractGauge, direction: PyTree) -> Se
     - `direction`: a tangent at the identity, shaped like an element (e.g. `gauge.sample(key)`
       for a family whose identity is zero).
 
-    **Returns:** a `gj.SensitivityField`.
+    **Returns:** a `gj.DeformationSensitivityField` or a `gj.SensitivityField`, both called
+    as `(t, (y, dy), args) -> (dy/dt, d(dy)/dt)`.
     """
+    generator = gauge.first_order_generator(direction)
+    if generator is not None:
+        return DeformationSensitivityField(model.field, generator)
     return SensitivityField(MovedField(_Acted(gauge, model)), gauge.identity(), direction)
 
 
@@ -110,7 +118,10 @@ def gauge_response(
     **Returns:** `(d_outputs, stats)`: the response, shaped like the outputs, and the
     `SolveStats` of the solves (None for a model without solves).
     """
-    return observe_tangent(model, _Acted(gauge, model), gauge.identity(), direction, inputs)
+    generator = gauge.first_order_generator(direction)
+    return observe_tangent(
+        model, _Acted(gauge, model), gauge.identity(), direction, inputs, generator
+    )
 
 
 @eqx.filter_jit

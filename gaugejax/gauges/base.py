@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray, PyTree
 
+from .._core._types import SpacetimeGenerator
+
 
 def model_error(family: Any, expected: str, model: Any, how: str = "") -> TypeError:
     """The `TypeError` a family raises for a model it does not act on: it names the family, the
@@ -99,6 +101,27 @@ class AbstractGauge(eqx.Module):
     @abc.abstractmethod
     def control(self) -> "AbstractGauge | None":
         """A symmetry-breaking family of the same shape (the negative control), or None."""
+
+    def first_order_generator(self, direction: PyTree) -> SpacetimeGenerator | None:
+        """The spacetime generator of the family's first-order action along `direction`, or
+        None.
+
+        A family whose elements near the identity move a neural ODE's vector field as a
+        spacetime diffeomorphism returns the generator `eps(t, y) -> (eps0, eps_y)` with
+        `act(identity() + a direction, model).field = deform(model.field, eps, a) + O(a^2)`
+        for every model it acts on (the first-order term of Eq. 9: x = y + a eps_y, t = s + a
+        eps0). A first-order sweep (and `gauge_response`) then solves the forward sensitivity
+        system with one jvp of the field and one of eps per evaluation
+        (`gj.DeformationSensitivityField`), not a jvp of the transformed field. None (the
+        default, e.g. for families that move parameters): the response is the jvp of `act`.
+
+        **Arguments:** `direction`: a tangent at the identity, shaped like `identity()` (e.g.
+        `sample(key)` for a family whose identity is zero).
+
+        **Returns:** a callable `(t, y) -> (eps0, eps_y)` (a Module, so it vmaps), or None.
+        """
+        del direction
+        return None
 
 
 class AbstractParameterGauge(AbstractGauge):

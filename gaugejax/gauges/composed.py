@@ -2,10 +2,12 @@
 of `first`, then by one of `then` (e.g. a spatial diffeomorphism, then a time reparametrisation).
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ..models import AbstractNeuralODE
@@ -19,6 +21,18 @@ class ComposedElement(eqx.Module):
 
     first: PyTree
     then: PyTree
+
+
+class SummedGenerator(eqx.Module):
+    """`(t, y) -> first(t, y) + then(t, y)`: the generator of two first-order actions one after
+    the other (the deformation of Eq. 9 is linear in the generator)."""
+
+    first: Callable
+    then: Callable
+
+    def __call__(self, t, y):
+        (a0, ay), (b0, by) = self.first(t, y), self.then(t, y)
+        return a0 + b0, jax.tree.map(jnp.add, ay, by)
 
 
 class ComposedGauge(AbstractFieldGauge):
@@ -90,6 +104,15 @@ class ComposedGauge(AbstractFieldGauge):
             undone = self.then.act(self.then.inverse(b), model)
             return self.first.act(self.first.inverse(a), undone)
         return self.then.act(g.then, self.first.act(g.first, model))
+
+    def first_order_generator(self, direction: ComposedElement) -> SummedGenerator | None:
+        """The sum of the two families' generators (both first-order actions add), or None when
+        either family has none."""
+        first = self.first.first_order_generator(direction.first)
+        then = self.then.first_order_generator(direction.then)
+        if first is None or then is None:
+            return None
+        return SummedGenerator(first, then)
 
     def inverse(self, g: PyTree) -> PyTree:
         return invert_word(g)

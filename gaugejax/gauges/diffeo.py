@@ -46,11 +46,26 @@ class FeatureShift(eqx.Module):
     omega: Float[Array, ""]
     envelope: ObservationEnvelope | None = None
 
-    def __call__(self, t, y):
+    def displacement(self, t, y):
+        """`psi(t, y) - y = sin(omega t) q(t) W tanh(U y + v)`, computed as such (not as a
+        difference)."""
         e = jnp.sin(self.omega * t)
         if self.envelope is not None:  # None: the x(T) families, their arithmetic unchanged
             e = e * self.envelope(t)
-        return y + e * (self.W @ self.features(y))
+        return e * (self.W @ self.features(y))
+
+    def __call__(self, t, y):
+        return y + self.displacement(t, y)
+
+
+class SpatialGenerator(eqx.Module):
+    """`(t, y) -> (0, shift.displacement(t, y))`: the spacetime generator of the spatial maps
+    `x = y + a shift.displacement(t, y)` at a = 0 (no time part)."""
+
+    shift: FeatureShift
+
+    def __call__(self, t, y):
+        return jnp.zeros((), jnp.result_type(t)), self.shift.displacement(t, y)
 
 
 class SpatialDiffeoGauge(AbstractMapGauge):
@@ -119,6 +134,12 @@ class SpatialDiffeoGauge(AbstractMapGauge):
 
     def invert_map(self, map_):
         return InverseMap(map_)
+
+    def first_order_generator(self, direction: Float[Array, "d m"]) -> SpatialGenerator:
+        """`(0, e(t) direction tanh(U y + v))`: the map is linear in W, `psi = id + a
+        displacement` along `direction` from the identity (W = 0), and the pullback by
+        `x = y + a eps_y` is `deform(F, (0, eps_y), a)` to first order."""
+        return SpatialGenerator(self.base_map(direction))
 
     def control(self) -> "SpatialDiffeoGauge":
         """The `boundary="free"` family (psi_T != id): it changes x(T); with observation times

@@ -125,6 +125,12 @@ class LieDeformationGauge(AbstractFieldGauge):
         """The spacetime generator `(t, y) -> (eps0, eps_y)` of element g."""
         return FeatureGenerator(self.features, g, self.omega, self.phase, self.envelope)
 
+    def first_order_generator(self, direction: LieGenerator) -> FeatureGenerator:
+        """`generator(direction)`: `act(g)` is `deform(F, generator(g), 1)` and the generator
+        is linear in g, so along `direction` from the identity (zero) the field moves as
+        `deform(F, generator(direction), a)`."""
+        return self.generator(direction)
+
     def sample(self, key: PRNGKeyArray) -> LieGenerator:
         m, d = self.features.U.shape
         ky, k0 = jax.random.split(key)

@@ -183,6 +183,23 @@ class ModeShift(eqx.Module):
         return jnp.tensordot(jnp.sin(self.omega * t), self.cvec, axes=1)
 
 
+class AffineGenerator(eqx.Module):
+    """`(t, y) -> (0, order * S(t) y + c(t))`, `S(t) = sum_k sin(omega_k t) A_k`, `c(t) =
+    sum_k sin(omega_k t) c_k`: the spacetime generator of `x = G(t) y + c(t)` near the identity,
+    `G = 1 + order * S + O(S^2)` (`order` 1 for expm, 2 for Cayley)."""
+
+    A: Float[Array, "K d d"]
+    cvec: Float[Array, "K d"]
+    omega: Float[Array, " K"]
+    order: float
+
+    def __call__(self, t, y):
+        modes = jnp.sin(self.omega * t)
+        S = jnp.tensordot(modes, self.A, axes=1)
+        c = jnp.tensordot(modes, self.cvec, axes=1)
+        return jnp.zeros((), jnp.result_type(t)), self.order * (S @ y) + c
+
+
 class LinearGaugeElement(eqx.Module):
     """A base element of `LinearGauge`: mode amplitudes `A` (K, d, d) and `c` (K, d)."""
 
@@ -304,6 +321,14 @@ class LinearGauge(AbstractMapGauge):
 
     def pull(self, field, map_: AffineMap):
         return GaugedLinearField(field.weight, field.bias, map_.G, map_.c)
+
+    def first_order_generator(self, direction: LinearGaugeElement) -> AffineGenerator:
+        """`(0, k S(t) y + c(t))` of `direction`'s modes: from the identity (A = 0, c = 0) along
+        `direction`, `expm(a S) = 1 + a S` (k = 1) and `(1 - a S)^-1 (1 + a S) = 1 + 2 a S`
+        (Cayley, k = 2) to first order, and the pullback by `x = y + a eps_y` is
+        `deform(F, (0, eps_y), a)`."""
+        order = 2.0 if self.kind == "cayley" else 1.0
+        return AffineGenerator(direction.A, direction.c, self.omega, order)
 
     def control(self) -> "LinearGauge":
         """The `boundary="free"` family (`G(T) != 1`, `c(T) != 0`): the output becomes

@@ -29,11 +29,26 @@ class SineReparam(eqx.Module):
     omega: Float[Array, " K"]
     envelope: ObservationEnvelope | None = None
 
-    def __call__(self, s):
+    def shift(self, s):
+        """`tau(s) - s = q(s) sum_k c_k sin(omega_k s)`, computed as such (not as a
+        difference)."""
         shift = jnp.sum(self.c * jnp.sin(self.omega * s))
         if self.envelope is not None:  # None: the x(T) families, their arithmetic unchanged
             shift = self.envelope(s) * shift
-        return s + shift
+        return shift
+
+    def __call__(self, s):
+        return s + self.shift(s)
+
+
+class TimeGenerator(eqx.Module):
+    """`(t, y) -> (reparam.shift(t), 0)`: the spacetime generator of the time
+    reparametrisations `t = s + a reparam.shift(s)` at a = 0 (no space part)."""
+
+    reparam: SineReparam
+
+    def __call__(self, t, y):
+        return self.reparam.shift(t), jax.tree.map(jnp.zeros_like, y)
 
 
 class TimeReparamGauge(AbstractMapGauge):
@@ -103,6 +118,12 @@ class TimeReparamGauge(AbstractMapGauge):
 
     def invert_map(self, map_):
         return InverseMap(map_)
+
+    def first_order_generator(self, direction: Float[Array, " K"]) -> TimeGenerator:
+        """`(q(t) sum_k direction_k sin(omega_k t), 0)`: tau is linear in c, `tau = s + a
+        shift` along `direction` from the identity (c = 0), and the reparametrisation by
+        `t = s + a eps0` is `deform(F, (eps0, 0), a)` to first order."""
+        return TimeGenerator(self.base_map(direction))
 
     def control(self) -> "TimeReparamGauge":
         """The `boundary="free"` family (tau(T) != T): it changes x(T); with observation times

@@ -103,8 +103,10 @@ class AttentionNODE(AbstractSolvedModel):
         """`(vmap(self)(inputs), None)`: its solves report no statistics."""
         return jax.vmap(self)(inputs), None
 
-    def observe_tangent(self, moved, p, dp, inputs):
-        """A jvp through `observe` along `a -> moved(a)`."""
+    def observe_tangent(self, moved, p, dp, inputs, generator=None):
+        """A jvp through `observe` along `a -> moved(a)` (no vector field of its own: a
+        `generator` is ignored)."""
+        del generator
         return tangent_by_jvp(lambda model, x: model.observe(x), moved, p, dp, inputs)
 
     def for_sweep(self, dtype, *, differentiated: bool) -> "AttentionNODE":

@@ -18,6 +18,7 @@ import equinox as eqx
 import jax
 from jaxtyping import PyTree
 
+from .._core._types import SpacetimeGenerator
 from .._core.solve import SolveStats
 
 
@@ -45,14 +46,22 @@ class AbstractSolvedModel(eqx.Module):
 
     @abc.abstractmethod
     def observe_tangent(
-        self, moved: Callable[[PyTree], Any], p: PyTree, dp: PyTree, inputs: PyTree
+        self,
+        moved: Callable[[PyTree], Any],
+        p: PyTree,
+        dp: PyTree,
+        inputs: PyTree,
+        generator: SpacetimeGenerator | None = None,
     ) -> Observation:
         """`(d/da observe(moved(p + a dp)) at a = 0, stats)`: the first-order change of the
         outputs along a path of models, `moved(p)` being this model (e.g. `p` a gauge's
         identity, `moved(a) = gauge.act(a, model)`).
 
         **Arguments:** `moved`: parameters to a model; `p`: where the path passes through this
-        model; `dp`: the direction; `inputs`: a batch of inputs (leading axis).
+        model; `dp`: the direction; `inputs`: a batch of inputs (leading axis); `generator`:
+        None, or a spacetime generator eps saying that the path moves this model's vector
+        field as `deform(field, eps, a)` to first order (a gauge's `first_order_generator`):
+        a model with such a field may solve that cheaper system, any other ignores it.
 
         **Returns:** the tangent of the outputs (leading axis) and the stats of the solves
         that computed it (or None).
@@ -120,11 +129,19 @@ def observe(model: Any, inputs: PyTree) -> Observation:
 
 
 def observe_tangent(
-    model: Any, moved: Callable[[PyTree], Any], p: PyTree, dp: PyTree, inputs: PyTree
+    model: Any,
+    moved: Callable[[PyTree], Any],
+    p: PyTree,
+    dp: PyTree,
+    inputs: PyTree,
+    generator: SpacetimeGenerator | None = None,
 ) -> Observation:
-    """`model.observe_tangent(...)`; for a model without solves a jvp through `observe`."""
+    """`model.observe_tangent(...)`; for a model without solves a jvp through `observe` (it has
+    no vector field for a `generator` to deform)."""
     if _solved(model):
-        return model.observe_tangent(moved, p, dp, inputs)
+        if generator is None:  # a model written before `generator` existed still answers
+            return model.observe_tangent(moved, p, dp, inputs)
+        return model.observe_tangent(moved, p, dp, inputs, generator)
     return tangent_by_jvp(observe, moved, p, dp, inputs)
 
 
