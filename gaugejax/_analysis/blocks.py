@@ -114,12 +114,10 @@ def _signature(plan: Plan, args) -> tuple:
     return (plan, treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
 
 
-def cached_compile_seconds(plan: Plan, *args) -> float | None:
-    """The seconds the cached block program for `plan` and these argument shapes took to
-    compile, or None when it is not cached."""
+def is_compiled(plan: Plan, *args) -> bool:
+    """Whether the block program for `plan` and these argument shapes is cached."""
     with _EXECUTABLES_LOCK:
-        entry = _EXECUTABLES.get(_signature(plan, args))
-    return None if entry is None else entry[1]
+        return _signature(plan, args) in _EXECUTABLES
 
 
 def compiled_block(plan: Plan, *args) -> tuple[Callable, float]:
@@ -129,7 +127,7 @@ def compiled_block(plan: Plan, *args) -> tuple[Callable, float]:
     with _EXECUTABLES_LOCK:
         if signature in _EXECUTABLES:
             _EXECUTABLES.move_to_end(signature)
-            return _EXECUTABLES[signature][0], 0.0
+            return _EXECUTABLES[signature], 0.0
     start = time.perf_counter()
     lowered = _block_jit.lower(plan, *args)
     if plan.mesh is not None:
@@ -137,7 +135,7 @@ def compiled_block(plan: Plan, *args) -> tuple[Callable, float]:
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
     with _EXECUTABLES_LOCK:
-        _EXECUTABLES[signature] = (compiled, seconds)
+        _EXECUTABLES[signature] = compiled
         while len(_EXECUTABLES) > _MAX_EXECUTABLES:
             _EXECUTABLES.popitem(last=False)
     return compiled, seconds
@@ -213,14 +211,15 @@ class Runner(NamedTuple):
         )
 
     def side(
-        self, plan: Plan, params, inputs, reference, key, num: int, block_seconds: float,
+        self, plan: Plan, params, inputs, reference, key, num: int, blocks: int,
         stream: int = SAMPLES,
     ) -> tuple[Plan, int]:  # fmt: skip
-        """The plan and block size to run `num` lanes of `plan` beside the sweep's own blocks
-        (the re-check, the control): a block of their own size (one chunk of at most `num`
-        lanes per device), unless the sweep's block program is compiled and the own-size
-        one is not, and running the lanes in a whole sweep block (`block_seconds`, measured)
-        costs less than compiling the own-size program did for the sweep's block."""
+        """The plan and block size to run `num` lanes of `plan` beside the sweep's own `blocks`
+        blocks (the re-check, the control): a block of their own size (one chunk of at most
+        `num` lanes per device), unless the sweep was one block, its program is compiled and
+        the own-size one is not: a small sweep runs them in its block rather than compile a
+        program (a large one would pay its block for a few lanes: the re-check at `dt0 / 8` in
+        a whole block of 128 lanes cost as much as a 1024-sample W2 sweep's blocks)."""
         shards = 1 if self.mesh is None else int(self.mesh.shape[plan.axis])
         per_device = -(-num // shards)
         chunk = min(plan.chunk_size, per_device)
@@ -228,16 +227,15 @@ class Runner(NamedTuple):
         if own >= self.block:
             return plan, self.block
         own_plan = plan._replace(chunk_size=chunk)
+        if blocks > 1:
+            return own_plan, own
         args, split = self._arguments(plan, params, inputs, reference, key, stream)
 
-        def compiled_seconds(p, size):
+        def compiled(p, size):
             first = jax.ShapeDtypeStruct((size,), jnp.uint32, sharding=split)
-            return cached_compile_seconds(p, first, *args)
+            return is_compiled(p, first, *args)
 
-        if compiled_seconds(own_plan, own) is not None:
-            return own_plan, own
-        sweep_seconds = compiled_seconds(plan, self.block)
-        if sweep_seconds is None or block_seconds > sweep_seconds:
+        if compiled(own_plan, own) or not compiled(plan, self.block):
             return own_plan, own
         return plan, self.block
 

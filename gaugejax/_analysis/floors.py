@@ -131,14 +131,14 @@ def recheck(
     merged: dict,
     key,
     num: int,
-    block_seconds: float,
+    blocks: int,
 ) -> Recheck | None:
     """The lanes of `recheck_lanes` re-solved with the tightened model (rebuilt from their
     sample index: the same gauge elements), when there is a tightened model and a lane
     succeeded; else None.
 
     **Arguments:** `merged`: the sweep's per-sample metrics; `key`: the sweep's key; `num`:
-    lanes to re-solve (> 0); `block_seconds`: the run time of one of the sweep's blocks (for
+    lanes to re-solve (> 0); `blocks`: the number of the sweep's own blocks (for
     `Runner.side`).
 
     **Returns:** a `Recheck`; a lane whose re-solve failed holds NaN (missing evidence).
@@ -148,7 +148,7 @@ def recheck(
     lanes = recheck_lanes(merged, num)
     tight = floors.tight
     args = (tight.params, inputs, floors.tight_reference, key)
-    plan, block = runner.side(plan, *args, len(lanes), block_seconds)
+    plan, block = runner.side(plan, *args, len(lanes), blocks)
     again, _, _ = runner.run(
         plan,
         tight.params,
@@ -183,15 +183,13 @@ def control_deviations(
     reference: PyTree,
     key,
     num: int,
-    block_seconds: float,
+    blocks: int,
 ) -> np.ndarray:
     """`max_rel` of `num` samples of the family's control (`plan` and `params` prepared from
     `gauge.control()`), NaN where a lane failed; its keys are the sweep's `key`'s `CONTROL`
     stream, apart from the sweep's own samples; in a block of its own size when that pays
-    (`Runner.side`, with `block_seconds` the run time of one of the sweep's blocks)."""
-    plan, block = runner.side(
-        plan, params, inputs, reference, key, num, block_seconds, stream=CONTROL
-    )
+    (`Runner.side`, with `blocks` the number of the sweep's own blocks)."""
+    plan, block = runner.side(plan, params, inputs, reference, key, num, blocks, stream=CONTROL)
     out, _, _ = runner.run(
         plan, params, inputs, reference, key, num, "control", block=block, stream=CONTROL
     )

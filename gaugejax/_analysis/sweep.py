@@ -324,8 +324,8 @@ def sweep(
 
     **Returns:** a `SweepResult` with the verdict. Solver failures are reported per lane (NaN
     deviations and a `SolveStatus` code), never raised. The first call compiles a few programs
-    (the reference, the block, and a block of the re-check's and control's own size when
-    running them in a whole block would cost more than compiling it: `num_programs`, and
+    (the reference, the block, and, for a sweep of several blocks, a block of the re-check's
+    and control's own size, which a sweep of one block runs them in: `num_programs`, and
     `compile_time_s` the seconds spent on them); programs are kept per (static configuration,
     shapes): a second sweep of the same shapes compiles nothing (`num_programs == 0`,
     `compile_time_s == 0.0`), a new `chunk_size` only the block.
@@ -392,7 +392,7 @@ def _sweep(
     merged, _, run_time = runner.run(
         plan, prepared.params, inputs, floors.reference, key, num_samples, "sweep"
     )
-    block_seconds = run_time / -(-num_samples // block)  # one block of the sweep, measured
+    blocks = -(-num_samples // block)  # the sweep's own blocks
     ok = good(merged)
     deviation = float(merged["max_rel"][ok].max()) if ok.any() else float("nan")
     growth = float(merged["parameter_growth"][ok].max()) if ok.any() else 1.0
@@ -401,7 +401,7 @@ def _sweep(
     # in a block of its own size when that pays (`Runner.side`)
     again, missing = None, floors.missing
     if recheck_samples:
-        again = recheck(runner, plan, floors, inputs, merged, key, recheck_samples, block_seconds)
+        again = recheck(runner, plan, floors, inputs, merged, key, recheck_samples, blocks)
     elif floors.tight is not None:
         missing = "the re-check was not run (recheck_samples=0)"
     n = int(min(control_samples, num_samples))  # samples of the control
@@ -415,7 +415,7 @@ def _sweep(
             floors.reference,
             key,
             n,
-            block_seconds,
+            blocks,
         )
     finite_control = control_rel[np.isfinite(control_rel)]
     median = float(np.median(finite_control)) if finite_control.size else None
@@ -436,7 +436,7 @@ def _sweep(
             floors.tight_reference,
             key,
             n,
-            block_seconds,
+            blocks,
         )
         again = dataclasses.replace(again, control_tight=control_tight)
     # the re-check's evidence (without one, SweepResult's empty defaults)
