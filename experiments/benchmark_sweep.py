@@ -391,7 +391,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     rows = [r for r in results["rows"] if r["status"] == "ok"]
     workloads = [w for w in config.workloads if any(r["workload"] == w for r in rows)]
     n = max(len(workloads), 1)
-    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.8))
+    fig, axes = plt.subplots(1, n, figsize=(5.6 * n, 3.8))  # room for six labelled bars
     axes = np.atleast_1d(axes)
     for ax, name in zip(axes, workloads, strict=False):
         mine = [r for r in rows if r["workload"] == name]
@@ -401,7 +401,7 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
             ax.bar(range(len(mine)), rates, color=[f"C{SIDES.index(s)}" for s in sides])
             for i, r in enumerate(mine):
                 label = f"{r['samples_per_s']:.0f}/s\ndev {r['max_deviation']:.1e}"
-                ax.annotate(label, (i, r["samples_per_s"]), ha="center", va="bottom", fontsize=8)
+                ax.annotate(label, (i, r["samples_per_s"]), ha="center", va="bottom", fontsize=7)
             ax.set_xticks(range(len(mine)), sides, fontsize=8, rotation=20, ha="right")
             ax.set_ylim(min(rates) / 3, max(rates) * 4)
             ax.set_title(f"{name} (B = {config.batch_sizes[0]})")
