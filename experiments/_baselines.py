@@ -93,6 +93,22 @@ def _evaluations(model, steps):
     return jnp.sum(gj.count_evaluations(model.solver, model.stepsize_controller, model.dt0, steps))
 
 
+def _timed_lanes(cfg, lane, keys, num_samples: int) -> tuple:
+    """The row and per-sample deviations of a JAX side: `jit(vmap(lane))` over the samples'
+    keys, timed by `gj.time_program` (compile apart, median of `cfg.repeats`); `lane(key)`
+    returns `(deviation, steps, evaluations)`."""
+    with jax.default_matmul_precision(cfg.precision):
+        timed = gj.time_program(jax.vmap(lane), keys, repeats=cfg.repeats)
+    dev, steps, evaluations = timed.output
+    row = {
+        "samples_per_s": num_samples / timed.median_s,
+        "compile_s": timed.compile_s,
+        **gj.deviation_summary(dev, steps),
+    }
+    row["evaluations_mean"] = float(np.mean(evaluations))
+    return row, np.asarray(dev)
+
+
 def naive_diffrax(cfg, w, key, num_samples: int, first_order: bool) -> tuple:
     model, gauge, inputs = w.model, w.gauge, w.inputs
     keys = gj.sample_keys(key, num_samples)
@@ -109,16 +125,7 @@ def naive_diffrax(cfg, w, key, num_samples: int, first_order: bool) -> tuple:
         out, steps = _user_solve(gauge.act(g, model), inputs, False)
         return jnp.max(jnp.abs(out - reference)), jnp.max(steps), _evaluations(model, steps)
 
-    with jax.default_matmul_precision(cfg.precision):
-        timed = gj.time_program(jax.vmap(lane), keys, repeats=cfg.repeats)
-    dev, steps, evaluations = timed.output
-    row = {
-        "samples_per_s": num_samples / timed.median_s,
-        "compile_s": timed.compile_s,
-        **gj.deviation_summary(dev, steps),
-    }
-    row["evaluations_mean"] = float(np.mean(evaluations))
-    return row, np.asarray(dev)
+    return _timed_lanes(cfg, lane, keys, num_samples)
 
 
 class _HandSensitivity(eqx.Module):
@@ -167,16 +174,7 @@ def hand_sensitivity(cfg, w, key, num_samples: int) -> tuple:
         dout, steps = jax.vmap(one)(inputs)
         return jnp.max(jnp.abs(dout)), jnp.max(steps), _evaluations(model, steps)
 
-    with jax.default_matmul_precision(cfg.precision):
-        timed = gj.time_program(jax.vmap(lane), keys, repeats=cfg.repeats)
-    dev, steps, evaluations = timed.output
-    row = {
-        "samples_per_s": num_samples / timed.median_s,
-        "compile_s": timed.compile_s,
-        **gj.deviation_summary(dev, steps),
-    }
-    row["evaluations_mean"] = float(np.mean(evaluations))
-    return row, np.asarray(dev)
+    return _timed_lanes(cfg, lane, keys, num_samples)
 
 
 def _torch_setup(cfg, w, key, num_samples: int) -> tuple:
