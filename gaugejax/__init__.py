@@ -243,6 +243,7 @@ from .models import (
     attention_as_node as attention_as_node,
     first_order_response as first_order_response,
     fixed_steps as fixed_steps,
+    fuse_layernorm as fuse_layernorm,
     integrated_cubic as integrated_cubic,
     random_linear_node as random_linear_node,
 )

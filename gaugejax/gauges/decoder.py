@@ -1,14 +1,16 @@
-"""The continuous gauge group of an RMSNorm `Decoder`: rotations of the residual stream, every
-block's attention gauges, SwiGLU's per-unit rescaling, and the norm gains traded against the
-reads they feed.
+"""The continuous gauge group of an RMSNorm `Decoder` (a LayerNorm one through its fused
+form): rotations of the residual stream, every block's attention gauges, SwiGLU's per-unit
+rescaling, and the norm gains traded against the reads they feed.
 
 - Residual rotation `Q` in O(d): `W_in -> W_in Q`; every write into the stream (`Wo`, `bo`,
   `W2`, `b2`) `-> (.) Q`; every read after a norm with gain `g` (`Wq`, `Wk`, `Wv`, `W1`, `W3`,
   `W_out`) `-> D^-1 Q^T D (.)` with `D = diag(g)` (`D = 1` without a gain). Exact because
   `RMSNorm(x Q) = RMSNorm(x) Q` (an orthogonal map keeps `mean(x^2)`) and `D` is invertible:
   the exact condition is an RMSNorm (no mean subtraction) whose gain has no zero entry.
-  LayerNorm subtracts the mean, so only rotations fixing the all-ones vector would survive
-  (and the mean direction of every read and write becomes free): not this family; refused.
+  LayerNorm subtracts the mean, so on a LayerNorm decoder only rotations fixing the all-ones
+  vector survive; the family acts on its fused form instead (`fuse_layernorm`: every write
+  centred, LayerNorm replaced by the RMSNorm it then equals), a functionally equal RMSNorm
+  decoder, so `act` on a LayerNorm decoder returns a rotated RMSNorm one.
 - Per block, `BlockAttentionGauge` on its attention (acting on the head side, so it commutes
   with `Q`), and for a SwiGLU MLP per hidden unit `c_j > 0`: `W3[:, j] -> c_j W3[:, j]`,
   `W2[j] -> W2[j] / c_j` (the gate `silu(x W1)` is untouched).
@@ -36,7 +38,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._core._checks import check_value
-from ..models.transformer import Decoder
+from ..models.transformer import Decoder, fuse_layernorm
 from .base import AbstractParameterGauge, cast_element, model_error, well_conditioned
 from .block_attention import BlockAttentionElement, BlockAttentionGauge
 
@@ -73,7 +75,8 @@ def _gain(norm, d, dtype):
 
 class DecoderGauge(AbstractParameterGauge):
     """Residual rotations, attention gauges and SwiGLU scalings of an RMSNorm `Decoder`
-    (module docstring). Build it with `DecoderGauge.from_model(model)`.
+    (a LayerNorm one through `fuse_layernorm`; module docstring). Build it with
+    `DecoderGauge.from_model(model)`.
 
     **Fields:** `dim` d; `attention`: one `BlockAttentionGauge` per block; `hidden`: per block
     the SwiGLU width (0 for GELU); `gained`: per norm (final, then each block's two) whether it
@@ -104,9 +107,10 @@ class DecoderGauge(AbstractParameterGauge):
         return gauge
 
     def check_model(self, model: Any) -> None:
-        """**Raises:** `TypeError` for anything but a `Decoder`; `ValueError` for other sizes or
-        LayerNorm norms. (An RMSNorm gain with a zero entry fails in `act`: a data
-        condition, a `ValueError` for a concrete gain, a runtime error for a traced one.)"""
+        """**Raises:** `TypeError` for anything but a `Decoder`; `ValueError` for other sizes, or
+        LayerNorms `fuse_layernorm` refuses (with a bias, or mixed with RMSNorms). (An RMSNorm
+        gain with a zero entry fails in `act`: a data condition, a `ValueError` for a concrete
+        gain, a runtime error for a traced one.)"""
         if not isinstance(model, Decoder):
             raise model_error(self, "a Decoder", model, how="(build one with gj.Decoder)")
         if model.W_in.shape[1] != self.dim or len(model.blocks) != len(self.attention):
@@ -114,13 +118,7 @@ class DecoderGauge(AbstractParameterGauge):
                 f"{type(self).__name__} is for d = {self.dim} with {len(self.attention)} blocks; "
                 f"the model has d = {model.W_in.shape[1]} with {len(model.blocks)}."
             )
-        norms = _norms(model)
-        if any(isinstance(n, eqx.nn.LayerNorm) for n in norms):
-            raise ValueError(
-                "an orthogonal residual map on a LayerNorm decoder: LayerNorm subtracts the "
-                "mean, so it commutes only with rotations fixing the all-ones vector; this "
-                "family needs RMSNorm (`norm='rms'`)."
-            )
+        norms = _norms(fuse_layernorm(model))  # a LayerNorm decoder: through its fused form
         for gauge, block in zip(self.attention, model.blocks, strict=True):
             gauge.check_model(block.attn)
         if tuple(n.weight is not None for n in norms) != self.gained:
@@ -185,6 +183,7 @@ class DecoderGauge(AbstractParameterGauge):
 
     def act(self, g: DecoderElement, model: Decoder) -> Decoder:
         self.check_model(model)
+        model = fuse_layernorm(model)  # unchanged for RMSNorm; LayerNorm: its fused form
         g = cast_element(g, model.W_in.dtype)
         Q = g.rotation if self.breaking else _polar(g.rotation)
         Qinv = jnp.linalg.inv(Q) if self.breaking else Q.T

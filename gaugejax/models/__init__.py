@@ -46,5 +46,6 @@ from .transformer import (
     Decoder as Decoder,
     TransformerBlock as TransformerBlock,
     apply_rope as apply_rope,
+    fuse_layernorm as fuse_layernorm,
     rope_pairs as rope_pairs,
 )

@@ -304,3 +304,85 @@ class Decoder(eqx.Module):
         for b in self.blocks:
             h = b(h)
         return jax.vmap(self.norm)(h) @ self.W_out
+
+
+def _centred(W: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    """`W C` with `C = 1 - 11^T / d`: each row's mean over the residual channels removed."""
+    return W - jnp.mean(W, axis=-1, keepdims=True)
+
+
+def fuse_layernorm(model: Decoder) -> Decoder:
+    """The RMSNorm form of a LayerNorm `Decoder`, functionally equal (SliceGPT's fusion).
+
+    Every read of the residual stream goes through a norm (pre-norm blocks, a final norm), and
+    LayerNorm removes the stream's mean before anything reads it, so the mean of every write
+    is invisible. Centring every write (`W_in`, each attention's `Wo` and `bo`, each MLP's `W2`
+    and `b2`: `W -> W (1 - 11^T/d)`) keeps the stream mean-free, where LayerNorm equals an
+    RMSNorm with the same gain and `eps` (its variance is then `mean(x^2)`). On the fused
+    model an orthogonal residual map is an exact symmetry (`DecoderGauge`), which LayerNorm
+    itself breaks. An RMSNorm decoder is returned as it is.
+
+    **Arguments:** `model`: a `Decoder` whose norms are all LayerNorms (or all RMSNorms).
+
+    **Returns:** a `Decoder` with RMSNorms whose outputs equal `model`'s to rounding.
+
+    **Raises:** `TypeError` for anything but a `Decoder`; `ValueError` for a LayerNorm with a
+    bias (it would need a bias on every read it feeds) or a decoder mixing the two norms (an
+    RMSNorm would read the centred stream differently).
+    """
+    if not isinstance(model, Decoder):
+        raise TypeError(
+            f"`model` of fuse_layernorm must be a gaugejax Decoder; received "
+            f"{type(model).__name__}."
+        )
+    norms = [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
+    layer = [isinstance(n, eqx.nn.LayerNorm) for n in norms]
+    if not any(layer):
+        return model
+    if not all(layer):
+        raise ValueError(
+            "`model` of fuse_layernorm mixes LayerNorm and RMSNorm; expected one kind of norm "
+            f"(received LayerNorm at {sum(layer)} of {len(layer)} norms)."
+        )
+    for name, norm in [("norm", model.norm)] + [
+        (f"blocks[{i}].{n}", getattr(b, n))
+        for i, b in enumerate(model.blocks)
+        for n in ("norm1", "norm2")
+    ]:
+        if norm.use_bias:
+            raise ValueError(
+                f"`model.{name}` is a LayerNorm with a bias; fuse_layernorm expects "
+                "use_bias=False (a norm bias would have to move into every read it feeds)."
+            )
+
+    def rms(norm: eqx.nn.LayerNorm) -> eqx.nn.RMSNorm:
+        (d,) = norm.shape
+        dtype = model.W_in.dtype
+        fused = eqx.nn.RMSNorm(d, eps=norm.eps, use_weight=norm.use_weight, use_bias=False,
+                               dtype=dtype)  # fmt: skip
+        return fused if not norm.use_weight else eqx.tree_at(lambda n: n.weight, fused, norm.weight)
+
+    def centre(x):
+        return None if x is None else _centred(x)
+
+    blocks = tuple(
+        eqx.tree_at(
+            lambda b: (b.norm1, b.norm2, b.attn.Wo, b.attn.bo, b.mlp.W2, b.mlp.b2),
+            b,
+            (
+                rms(b.norm1),
+                rms(b.norm2),
+                _centred(b.attn.Wo),
+                centre(b.attn.bo),
+                _centred(b.mlp.W2),
+                centre(b.mlp.b2),
+            ),
+            is_leaf=lambda x: x is None,
+        )  # fmt: skip
+        for b in model.blocks
+    )
+    return eqx.tree_at(
+        lambda m: (m.W_in, m.blocks, m.norm),
+        model,
+        (_centred(model.W_in), blocks, rms(model.norm)),
+    )
