@@ -229,3 +229,22 @@ def test_layernorm_decoder_through_its_fused_form_and_the_control_breaks():
     mixed = eqx.tree_at(lambda m: m.norm, model, eqx.nn.RMSNorm(4, dtype=xs.dtype))
     with pytest.raises(ValueError, match="mixes LayerNorm and RMSNorm"):
         gj.fuse_layernorm(mixed)
+
+
+def test_layernorm_decoder_null_space_is_counted():
+    """A LayerNorm decoder's own parameters (no family acts on them: `DecoderGauge` acts on the
+    fused form): its output is mean-free, so the Jacobian null space is the rotations fixing
+    the all-ones vector (d-1)(d-2)/2, the mean of each row written to the residual stream, the
+    all-ones component of each column reading a norm, and the attention's per-group GL(k) x
+    GL(v) (the census counts the same at d = 6). The RMSNorm form of the same weights has
+    the full O(d) instead, and no free means: a different count (the negative case)."""
+    d, k = 5, jax.random.key(4)
+    model = gj.Decoder(d, 3, d, 1, 2, 2, 4, value_dim=2, norm="layer", mlp="gelu", key=k)
+    xs = jax.random.normal(jax.random.key(5), (40, 5, d))
+    writes = d + 2 * 2 + 4 + 1  # W_in rows, Wo rows (heads x v), W2 rows, b2
+    reads = 2 * 2 * 3 + 4 + 3  # Wq, Wk, Wv columns (2 groups x 2), W1 columns, W_out columns
+    expected = (d - 1) * (d - 2) // 2 + writes + reads + 2 * (2 * 2 + 2 * 2)
+    found = gj.symmetry_dimension(*gj.module_function(model), xs)
+    assert found.verdict == "clear" and found.dimension == expected == 55, found.reason
+    rms = gj.Decoder(d, 3, d, 1, 2, 2, 4, value_dim=2, norm="rms", mlp="gelu", key=k)
+    assert gj.symmetry_dimension(*gj.module_function(rms), xs).dimension == d * (d - 1) // 2 + 16
