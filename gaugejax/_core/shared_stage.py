@@ -85,7 +85,9 @@ class SharedStageRK(diffrax.AbstractAdaptiveSolver):
                 "diffrax.ButcherTableau (e.g. gj.RK4(), diffrax.Tsit5()); received "
                 f"{type(self.solver).__name__}."
             )
-        missing = [m for m in ("coefficients", "apply") if not callable(getattr(self.field, m, None))]
+        missing = [
+            m for m in ("coefficients", "apply") if not callable(getattr(self.field, m, None))
+        ]
         if missing:
             raise TypeError(
                 "`field` of a SharedStageRK must have `coefficients(t)` and "
@@ -168,4 +170,3 @@ class SharedStageRK(diffrax.AbstractAdaptiveSolver):
         dense_info = dict(y0=y0, y1=y1, k=ks)
         new_state = coefficients[1.0] if carries else None
         return y1, y_error, dense_info, new_state, diffrax.RESULTS.successful
-
