@@ -6,9 +6,10 @@ A field `F(t, x) = apply(coefficients(t), x)` (e.g. a gauged linear field: `coef
 holds the gauge frame's `w'(t)`, `b'(t)`, `apply` is `w' x + b'`) costs one `coefficients` per
 evaluation under a plain Runge-Kutta solver. Classic RK4's stage times are `t, t + h/2,
 t + h/2, t + h`, and `t + h` is the next step's `t`: two new coefficient evaluations per step,
-not four (measured on the benchmark's W1 lane: 1.9x). The step is diffrax's explicit
-Runge-Kutta step written out from the wrapped solver's public `ButcherTableau` (stages,
-solution, error estimate, dense output), so it agrees with the wrapped solver to rounding.
+not four (measured on the benchmark's W1 lane: 1.8-1.9x the naive lane). The step is diffrax's
+explicit Runge-Kutta step written out from the wrapped solver's public `ButcherTableau`
+(stages, solution, error estimate, dense output): it agrees with the wrapped solver to
+rounding.
 """
 
 from collections.abc import Callable
