@@ -33,14 +33,19 @@ def _tableau(solver: Any) -> diffrax.ButcherTableau | None:
     return None if tableau.implicit else tableau
 
 
-def _dot(weights: np.ndarray, ks: PyTree, dtype) -> PyTree:
-    """`sum_j weights[j] k_j` over the stage axis (as diffrax combines stages: HIGHEST)."""
-    a = jnp.asarray(weights, dtype=dtype)
-    return jax.tree.map(lambda k: jnp.tensordot(a, k, axes=1, precision=lax.Precision.HIGHEST), ks)
+def _combine(y: PyTree, weights: np.ndarray, ks: list) -> PyTree:
+    """`y + sum_j weights[j] k_j` over the stages with a nonzero weight (static), elementwise:
+    XLA fuses it into one loop, where a product with the stage axis is a kernel of its own."""
+    terms = [(float(w), k) for w, k in zip(weights, ks, strict=False) if w != 0]
 
+    def one(y_leaf, *k_leaves):
+        total = None
+        for (w, _), k in zip(terms, k_leaves, strict=True):
+            wk = jnp.asarray(w, k.dtype) * k
+            total = wk if total is None else total + wk
+        return y_leaf if total is None else y_leaf + total
 
-def _add(y: PyTree, dy: PyTree) -> PyTree:
-    return jax.tree.map(jnp.add, y, dy)
+    return jax.tree.map(one, y, *[k for _, k in terms])
 
 
 class SharedStageRK(diffrax.AbstractAdaptiveSolver):
@@ -137,7 +142,6 @@ class SharedStageRK(diffrax.AbstractAdaptiveSolver):
         c, carries = self._stage_times()
         control = terms.contr(t0, t1)
         dt = t1 - t0
-        dtype = jnp.result_type(*jax.tree.leaves(y0))
 
         def time(ci):
             # the stage time as diffrax computes it (exact at c = 0 and c = 1)
@@ -159,19 +163,16 @@ class SharedStageRK(diffrax.AbstractAdaptiveSolver):
             coefficients[0.0] = lax.cond(
                 made_jump, lambda: self._coefficients(terms, t0, t1, t0), lambda: solver_state
             )
-        stages = len(c)
-        ks = None
+        ks = []
         y_stage = y0
-        for i in range(stages):
+        for i in range(len(c)):
             if i:
-                a = np.asarray(tableau.a_lower[i - 1])
-                y_stage = _add(y0, _dot(a, jax.tree.map(lambda k, i=i: k[:i], ks), dtype))
-            k = terms.prod(self.field.apply(coefficients[float(c[i])], y_stage), control)
-            if ks is None:
-                ks = jax.tree.map(lambda x: jnp.zeros((stages, *jnp.shape(x)), x.dtype), k)
-            ks = jax.tree.map(lambda buf, x, i=i: buf.at[i].set(x), ks, k)
-        y1 = y_stage if tableau.ssal else _add(y0, _dot(tableau.b_sol, ks, dtype))
-        y_error = _dot(tableau.b_error, ks, dtype)
+                y_stage = _combine(y0, tableau.a_lower[i - 1], ks)
+            ks.append(terms.prod(self.field.apply(coefficients[float(c[i])], y_stage), control))
+        y1 = y_stage if tableau.ssal else _combine(y0, tableau.b_sol, ks)
+        zero = jax.tree.map(jnp.zeros_like, y0)
+        y_error = _combine(zero, tableau.b_error, ks)  # zeros for a tableau without one
+        ks = jax.tree.map(lambda *k: jnp.stack(k), *ks)
         dense_info = dict(y0=y0, y1=y1, k=ks)
         new_state = coefficients[1.0] if carries else None
         return y1, y_error, dense_info, new_state, diffrax.RESULTS.successful
