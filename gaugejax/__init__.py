@@ -86,6 +86,7 @@ from ._core.numerics import (
     loglog_slope as loglog_slope,
     quadrature as quadrature,
 )
+from ._core.shared_stage import SharedStageRK as SharedStageRK
 from ._core.solve import (
     NOT_COUNTED as NOT_COUNTED,
     RK4 as RK4,

@@ -454,9 +454,6 @@ class _PerturbedLinearField(AbstractLinearField):
     def bias(self, t):
         return self.base.bias(t) + self.delta.bias(t)
 
-    def __call__(self, t, x, args=None):
-        return self.weight(t) @ x + self.bias(t)
-
 
 def _hat_gram(t0: float, t1: float, num_knots: int) -> np.ndarray:
     """Gram matrix `int phi_j phi_k dt` of hat functions on equispaced knots (closed form)."""

@@ -9,11 +9,14 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
 from .._core._types import Args, ScalarLike
 from .._core.calculus import AbstractTimeFunction, time_array, time_derivative
 from .._core.options import SolveOptions
+from .._core.shared_stage import SharedStageRK
+from .._core.solve import SolveStats, count_evaluations
 from .node import (
     AbstractNeuralODE,
     NeuralODE,
@@ -85,8 +88,14 @@ class FourierBasis(AbstractTimeBasis):
 
 
 class AbstractLinearField(eqx.Module):
-    """A field `F(t, x) = w(t) x + b(t)`; concrete fields define `weight(t)`, `bias(t)` and the
-    evaluation `__call__(t, x, args)`."""
+    """A field `F(t, x) = w(t) x + b(t)`; concrete fields define `weight(t)` and `bias(t)`.
+
+    Its evaluation splits into a part independent of the state, `coefficients(t)` (`(w(t),
+    b(t))` at once: a field whose weight and bias share work, such as Eq. 25's gauge frame,
+    computes it once), and `apply(coefficients, x)`; `__call__(t, x, args)` is
+    `apply(coefficients(t), x)` unless a field fuses it. A solver that evaluates the
+    coefficients once per stage time for many inputs (`gj.SharedStageRK`) asks for the split.
+    """
 
     @abc.abstractmethod
     def weight(self, t: ScalarLike) -> Float[Array, "d d"]:
@@ -96,9 +105,20 @@ class AbstractLinearField(eqx.Module):
     def bias(self, t: ScalarLike) -> Float[Array, " d"]:
         """b(t)."""
 
-    @abc.abstractmethod
+    def coefficients(self, t: ScalarLike) -> tuple[Float[Array, "d d"], Float[Array, " d"]]:
+        """`(w(t), b(t))`: the field's x-independent part at t, for `apply`."""
+        return self.weight(t), self.bias(t)
+
+    def apply(
+        self, coefficients: tuple[Float[Array, "d d"], Float[Array, " d"]], x: Float[Array, " d"]
+    ) -> Float[Array, " d"]:
+        """`w x + b` for `coefficients = (w, b)` (of `coefficients(t)`)."""
+        w, b = coefficients
+        return w @ x + b
+
     def __call__(self, t: ScalarLike, x: Float[Array, " d"], args: Args = None):
-        """`w(t) x + b(t)` (concrete fields may fuse the evaluation)."""
+        """`w(t) x + b(t)`: `apply(coefficients(t), x)` (concrete fields may fuse it)."""
+        return self.apply(self.coefficients(t), x)
 
 
 class BasisLinearField(AbstractLinearField):
@@ -130,9 +150,6 @@ class BasisLinearField(AbstractLinearField):
     def bias(self, t):
         return jnp.tensordot(self.basis(t), self.biases, axes=1)
 
-    def __call__(self, t, x, args=None):
-        return self.weight(t) @ x + self.bias(t)
-
 
 class FunctionLinearField(AbstractLinearField):
     """A linear field from two callables `w(t) -> (d, d)` and `b(t) -> (d,)`."""
@@ -145,9 +162,6 @@ class FunctionLinearField(AbstractLinearField):
 
     def bias(self, t):
         return self.b(t)
-
-    def __call__(self, t, x, args=None):
-        return self.w(t) @ x + self.b(t)
 
 
 class AbstractGaugeMatrix(AbstractTimeFunction):
@@ -231,9 +245,35 @@ class GaugedLinearField(AbstractLinearField):
         Gt, _, r, Ginv = gauged_linear_terms(self.w, self.b, self.G, self.c, t)
         return _apply_inverse(Gt, Ginv, r)
 
+    def coefficients(self, t: ScalarLike) -> tuple[Float[Array, "d d"], Float[Array, " d"]]:
+        """`(w'(t), b'(t))` from one evaluation of the frame: `G^-1 W`, `G^-1 r` (one product
+        each with a known inverse, else one solve for both)."""
+        Gt, W, r, Ginv = gauged_linear_terms(self.w, self.b, self.G, self.c, t)
+        if Ginv is None:
+            both = jnp.linalg.solve(Gt, jnp.concatenate([W, r[:, None]], axis=1))
+            return both[:, :-1], both[:, -1]
+        return Ginv @ W, Ginv @ r
+
     def __call__(self, t: ScalarLike, x: Float[Array, " d"], args=None) -> Float[Array, " d"]:
+        # one input: G^-1 (W x + r) costs two matrix-vector products where `coefficients`
+        # costs a matrix product; many inputs at one time share `coefficients` instead
         Gt, W, r, Ginv = gauged_linear_terms(self.w, self.b, self.G, self.c, t)
         return _apply_inverse(Gt, Ginv, W @ x + r)
+
+
+class _InputBatch(eqx.Module):
+    """A linear field on a batch of inputs `(M, d)`: one `coefficients(t)` for all of them."""
+
+    field: AbstractLinearField
+
+    def coefficients(self, t):
+        return self.field.coefficients(t)
+
+    def apply(self, coefficients, xs: Float[Array, "M d"]) -> Float[Array, "M d"]:
+        return jax.vmap(self.field.apply, in_axes=(None, 0))(coefficients, xs)
+
+    def __call__(self, t, xs: Float[Array, "M d"], args: Args = None) -> Float[Array, "M d"]:
+        return self.apply(self.coefficients(t), xs)
 
 
 class LinearNODE(AbstractNeuralODE):
@@ -293,6 +333,39 @@ class LinearNODE(AbstractNeuralODE):
 
     def bias(self, t: ScalarLike) -> Float[Array, " d"]:
         return self.field.bias(t)
+
+    def observe(self, inputs: PyTree) -> tuple[PyTree, SolveStats]:
+        """`vmap(self.solve)(inputs)` in value: the observable of every input (axes `(input,
+        ...)`) and the per-input `SolveStats`.
+
+        With a constant step size and an explicit Runge-Kutta solver every input takes the
+        same steps, so the inputs `(M, d)` are solved as one state by `gj.SharedStageRK`: the
+        field's coefficients once per distinct stage time for all M inputs (RK4: 2 per step,
+        not 4 per step and input), equal to the per-input solves to rounding. The stats are
+        each input's (`gj.count_evaluations` of the model's solver). An adaptive controller
+        would choose one step sequence for the whole batch: each input is solved alone.
+        """
+        shared = (
+            isinstance(self.stepsize_controller, diffrax.ConstantStepSize)
+            and SharedStageRK.wraps(self.solver)
+            and isinstance(inputs, jax.Array | np.ndarray)
+            and jnp.ndim(inputs) == 2
+        )
+        if not shared:
+            return super().observe(inputs)
+        batch = _InputBatch(self.field)
+        options = self.solve_options.replace(solver=SharedStageRK(self.solver, batch))
+        ys, stats = options.solve(
+            batch, inputs, t0=self.t0, t1=self.t1, args=self.args, saveat=self.observation_saveat()
+        )
+        if self.observation_times is not None:  # (time, input, d) -> (input, time, d)
+            ys = jnp.moveaxis(ys, 0, 1)
+        num_evaluations = count_evaluations(
+            self.solver, self.stepsize_controller, self.dt0, stats.num_steps
+        )
+        stats = eqx.tree_at(lambda s: s.num_evaluations, stats, num_evaluations)
+        size = jnp.shape(inputs)[0]
+        return ys, jax.tree.map(lambda a: jnp.broadcast_to(a, (size, *jnp.shape(a))), stats)
 
     def with_field(self, field) -> AbstractNeuralODE:
         """A `LinearNODE` for a linear field, else a `NeuralODE` with the same options."""
