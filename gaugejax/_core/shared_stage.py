@@ -21,16 +21,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import PyTree
 
-
-def _tableau(solver: Any) -> diffrax.ButcherTableau | None:
-    """The explicit Butcher tableau of `solver`, or None (not an explicit Runge-Kutta solver
-    with one tableau)."""
-    tableau = getattr(solver, "tableau", None)
-    if not isinstance(solver, diffrax.AbstractERK) or not isinstance(
-        tableau, diffrax.ButcherTableau
-    ):
-        return None
-    return None if tableau.implicit else tableau
+from .solve import explicit_tableau
 
 
 def _combine(y: PyTree, weights: np.ndarray, ks: list) -> PyTree:
@@ -84,7 +75,7 @@ class SharedStageRK(diffrax.AbstractAdaptiveSolver):
     term_structure = diffrax.ODETerm
 
     def __check_init__(self):
-        if _tableau(self.solver) is None:
+        if explicit_tableau(self.solver) is None:
             raise TypeError(
                 "`solver` of a SharedStageRK must be an explicit Runge-Kutta solver with one "
                 "diffrax.ButcherTableau (e.g. gj.RK4(), diffrax.Tsit5()); received "
@@ -103,7 +94,7 @@ class SharedStageRK(diffrax.AbstractAdaptiveSolver):
     @staticmethod
     def wraps(solver: Any) -> bool:
         """Whether `solver` can be wrapped: an explicit Runge-Kutta solver with one tableau."""
-        return _tableau(solver) is not None
+        return explicit_tableau(solver) is not None
 
     @property
     def interpolation_cls(self) -> Callable:  # pyright: ignore
@@ -118,7 +109,7 @@ class SharedStageRK(diffrax.AbstractAdaptiveSolver):
     def _stage_times(self) -> tuple[np.ndarray, bool]:
         """The stages' `c` (the first stage's included) and whether a stage lies at the step's
         end (then its coefficients are carried to the next step)."""
-        tableau = _tableau(self.solver)
+        tableau = explicit_tableau(self.solver)
         c = np.concatenate([[tableau.c1], tableau.c])
         return c, bool(np.any(c == 1))
 
@@ -138,7 +129,7 @@ class SharedStageRK(diffrax.AbstractAdaptiveSolver):
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del args
-        tableau = _tableau(self.solver)
+        tableau = explicit_tableau(self.solver)
         c, carries = self._stage_times()
         control = terms.contr(t0, t1)
         dt = t1 - t0

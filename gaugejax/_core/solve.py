@@ -130,6 +130,18 @@ def result_name(result) -> str:
     return f"unknown_{int(code)}"
 
 
+def explicit_tableau(solver: Any) -> diffrax.ButcherTableau | None:
+    """The Butcher tableau of an explicit Runge-Kutta solver with one tableau (`Tsit5`,
+    `Dopri5`, `Heun`, `gj.RK4`, ...), read from diffrax's public `tableau`; None for any other
+    solver (implicit, multi-tableau, Euler, reversible, ...)."""
+    tableau = getattr(solver, "tableau", None)
+    if not isinstance(solver, diffrax.AbstractERK) or not isinstance(
+        tableau, diffrax.ButcherTableau
+    ):
+        return None
+    return None if tableau.implicit else tableau
+
+
 def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int] | None:
     """Vector-field evaluations `(per_step, at_init)` of a solver, or None where they are not a
     fixed multiple of the steps (implicit and reversible solvers, ...): "not counted".
@@ -143,10 +155,8 @@ def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int] | No
     """
     if isinstance(solver, diffrax.Euler):
         return 1, 0
-    tableau = getattr(solver, "tableau", None)
-    if not isinstance(solver, diffrax.AbstractERK) or not isinstance(
-        tableau, diffrax.ButcherTableau
-    ):
+    tableau = explicit_tableau(solver)
+    if tableau is None:
         return None
     stages = len(tableau.a_lower) + 1
     if tableau.fsal:
