@@ -5,7 +5,7 @@ angles between the two (`gj.compare_symmetries` with the families' `gauge_genera
 Checks: `attention` (single-head softmax, activation-free and ReLU attention; multi-head with
 output projection; RoPE in both pairings; each kind of bias; GQA and MQA), `decoder` (RMSNorm
 decoders with SwiGLU or GELU MLPs, one and two blocks; a LayerNorm decoder against a count,
-`LAYERNORM_COUNT`: its own parameters have no family's generators to compare with),
+`gj.layernorm_null_dimension`: its own parameters have no family's generators to compare with),
 `linear_net` (Eq. 33: GL(d) and a shift per hidden layer), `relu_mlp` (one direction per hidden
 unit, and the batch-dependent excess over it by depth, width and number of inputs),
 `cnn` (one rescaling per hidden channel with average or max pooling; L_2 pooling reported),
@@ -158,36 +158,11 @@ def check_decoder(cfg: Config, key, setup):
         name = f"RMSNorm decoder, {blocks} block(s), {mlp}" + (", norm gains" if gain else "")
         rows.append(_row(name, model, xs, predicted, gauge, cfg))
     layer = gj.Decoder(d, d, d, 1, 2, 2, 5, value_dim=2, norm="layer", key=key)
-    row = _row("LayerNorm decoder, 1 block (counted)", layer, xs, _layernorm_count(layer), None,
-               cfg)  # fmt: skip
-    rows.append({**row, "counted": LAYERNORM_COUNT})
+    row = _row("LayerNorm decoder, 1 block (counted)", layer, xs,
+               gj.layernorm_null_dimension(layer), None, cfg)  # fmt: skip
+    counted = "rotations fixing the all-ones vector, free means of the residual stream's writes "
+    rows.append({**row, "counted": counted + "and reads, attention, SwiGLU scales"})
     return _claims("census_decoder", rows, cfg, "O(d) x attention x SwiGLU x gains"), {"rows": rows}
-
-
-# The LayerNorm decoder's own parameters (`DecoderGauge` acts on its fused RMSNorm form, a
-# model of another structure, so no generators here to compare angles with): LayerNorm output
-# is mean-free, so rotations must fix the all-ones vector, and the mean of each written row
-# and the all-ones component of each read column are free.
-LAYERNORM_COUNT = (
-    "rotations fixing the all-ones vector (d-1)(d-2)/2, the mean of each row written to the "
-    "residual stream, the all-ones component of each column reading a norm, attention "
-    "h(k^2 + v^2) and SwiGLU scales per block"
-)
-
-
-def _layernorm_count(model: gj.Decoder) -> int:
-    """The null-space dimension `LAYERNORM_COUNT` predicts for a LayerNorm `Decoder` without
-    norm gains or attention biases (a GELU MLP's `b2` is one more written row)."""
-    d = model.W_in.shape[1]
-    count = (d - 1) * (d - 2) // 2 + model.W_in.shape[0] + model.W_out.shape[1]
-    for b in model.blocks:
-        a, mlp = b.attn, b.mlp
-        count += a.Wo.shape[0] * a.Wo.shape[1] + mlp.W2.shape[0] + (mlp.b2 is not None)  # written
-        count += sum(w.shape[0] * w.shape[2] for w in (a.Wq, a.Wk, a.Wv))  # read columns
-        count += mlp.W1.shape[1] * (2 if mlp.W3 is not None else 1)
-        count += a.Wk.shape[0] * (a.Wk.shape[2] ** 2 + a.Wv.shape[2] ** 2)  # attention, per group
-        count += mlp.W1.shape[1] if mlp.W3 is not None else 0  # SwiGLU scales
-    return count
 
 
 def check_linear_net(cfg: Config, key, setup):

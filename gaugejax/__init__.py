@@ -207,6 +207,7 @@ from .gauges import (
     UnitPermutationGauge as UnitPermutationGauge,
     attention_gauge as attention_gauge,
     discrete_gauge_transform as discrete_gauge_transform,
+    layernorm_null_dimension as layernorm_null_dimension,
     linear_gauge_transform as linear_gauge_transform,
     rescaling_conserved_quantity as rescaling_conserved_quantity,
 )

@@ -246,5 +246,11 @@ def test_layernorm_decoder_null_space_is_counted():
     expected = (d - 1) * (d - 2) // 2 + writes + reads + 2 * (2 * 2 + 2 * 2)
     found = gj.symmetry_dimension(*gj.module_function(model), xs)
     assert found.verdict == "clear" and found.dimension == expected == 55, found.reason
+    assert gj.layernorm_null_dimension(model) == 55
     rms = gj.Decoder(d, 3, d, 1, 2, 2, 4, value_dim=2, norm="rms", mlp="gelu", key=k)
     assert gj.symmetry_dimension(*gj.module_function(rms), xs).dimension == d * (d - 1) // 2 + 16
+    with pytest.raises(ValueError, match="LayerNorms without gains"):
+        gj.layernorm_null_dimension(rms)
+    biased = gj.Decoder(d, 3, d, 1, 2, 2, 4, norm="layer", biases=("v",), key=k)
+    with pytest.raises(ValueError, match=r"`model.blocks\[0\].attn` has biases"):
+        gj.layernorm_null_dimension(biased)

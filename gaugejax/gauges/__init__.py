@@ -19,7 +19,11 @@ from .block_attention import (
     BlockAttentionGauge as BlockAttentionGauge,
 )
 from .composed import ComposedElement as ComposedElement, ComposedGauge as ComposedGauge
-from .decoder import DecoderElement as DecoderElement, DecoderGauge as DecoderGauge
+from .decoder import (
+    DecoderElement as DecoderElement,
+    DecoderGauge as DecoderGauge,
+    layernorm_null_dimension as layernorm_null_dimension,
+)
 from .diffeo import FeatureShift as FeatureShift, SpatialDiffeoGauge as SpatialDiffeoGauge
 from .features import RandomFeatures as RandomFeatures
 from .lie import (

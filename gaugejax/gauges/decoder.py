@@ -248,3 +248,49 @@ class DecoderGauge(AbstractParameterGauge):
 def _norms(model: Decoder) -> list:
     """The final norm, then each block's two (the order of `DecoderElement.gains`)."""
     return [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
+
+
+def layernorm_null_dimension(model: Decoder) -> int:
+    """The dimension of a LayerNorm `Decoder`'s parameter symmetries (its Jacobian null space
+    for generic inputs), counted on its own parameters; `DecoderGauge` acts on its fused
+    RMSNorm form instead, a model of another structure.
+
+    LayerNorm's output is mean-free, so of the residual rotations only those fixing the
+    all-ones vector survive ((d-1)(d-2)/2), and the mean of every row written to the stream
+    (`W_in`, `Wo`, `W2`, a GELU MLP's `b2`) and the all-ones component of every column
+    reading a norm (`Wq`, `Wk`, `Wv`, `W1`, `W3`, `W_out`) are free; plus per block the
+    attention's GL(k) x GL(v) per key-value group and SwiGLU's unit scales. The symmetry
+    census checks it against `symmetry_dimension` (74 = 74 at d = 6).
+
+    **Arguments:** `model`: a `Decoder` with LayerNorms, without norm gains or attention
+    biases (whose own directions this count leaves out).
+
+    **Returns:** the predicted null-space dimension.
+
+    **Raises:** `TypeError` for anything but a `Decoder`; `ValueError` for RMSNorms, norm
+    gains or attention biases.
+    """
+    if not isinstance(model, Decoder):
+        raise model_error("layernorm_null_dimension", "a Decoder", model)
+    norms = _norms(model)
+    if not all(isinstance(n, eqx.nn.LayerNorm) and n.weight is None for n in norms):
+        raise ValueError(
+            "`model` of layernorm_null_dimension must have LayerNorms without gains; received "
+            f"norms {[type(n).__name__ for n in norms]} with gains "
+            f"{[n.weight is not None for n in norms]}."
+        )
+    d = model.W_in.shape[1]
+    count = (d - 1) * (d - 2) // 2 + model.W_in.shape[0] + model.W_out.shape[1]
+    for i, b in enumerate(model.blocks):
+        a, mlp = b.attn, b.mlp
+        if any(x is not None for x in (a.bq, a.bk, a.bv, a.bo)):
+            raise ValueError(
+                f"`model.blocks[{i}].attn` has biases; layernorm_null_dimension counts "
+                "attention without biases."
+            )
+        count += a.Wo.shape[0] * a.Wo.shape[1] + mlp.W2.shape[0] + (mlp.b2 is not None)  # writes
+        count += sum(w.shape[0] * w.shape[2] for w in (a.Wq, a.Wk, a.Wv))  # read columns
+        count += mlp.W1.shape[1] * (1 if mlp.W3 is None else 2)
+        count += a.Wk.shape[0] * (a.Wk.shape[2] ** 2 + a.Wv.shape[2] ** 2)  # GL(k) x GL(v)
+        count += 0 if mlp.W3 is None else mlp.W1.shape[1]  # SwiGLU unit scales
+    return count
