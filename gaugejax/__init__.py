@@ -100,6 +100,13 @@ from ._core.solve import (
     solve as solve,
 )
 from ._fixing import gauge_search as gauge_search, orbits as orbits
+from ._fixing.affine import (
+    AffineGauged as AffineGauged,
+    AffineGaugedField as AffineGaugedField,
+    AffineStepReport as AffineStepReport,
+    affine_gauge as affine_gauge,
+    affine_step_report as affine_step_report,
+)
 from ._fixing.balancing import BalanceResult as BalanceResult, balance as balance
 from ._fixing.gauge_fixing import (
     TRAJECTORY_TERMS as TRAJECTORY_TERMS,
@@ -236,6 +243,7 @@ from .models import (
     NeuralODE as NeuralODE,
     ODEClassifier as ODEClassifier,
     PiecewiseLinearBasis as PiecewiseLinearBasis,
+    PulledBackNorm as PulledBackNorm,
     SelfAttention as SelfAttention,
     SolveOptions as SolveOptions,
     TransformerBlock as TransformerBlock,

@@ -35,6 +35,18 @@ def tighter(tol: Any, eps: float) -> Any:
     return jnp.asarray(xp.maximum(xp.asarray(tol) / TOLERANCE_FACTOR, eps), dtype=tol.dtype)
 
 
+class PulledBackNorm(eqx.Module):
+    """`v -> norm(A v)`: the error norm under which a solve in coordinates `y = A^-1 x` reads
+    its error `A^-1 e` as `norm` reads the error `e` of the solve in `x`
+    (`SolveOptions.for_affine_gauge`)."""
+
+    norm: Any
+    matrix: Any
+
+    def __call__(self, v):
+        return self.norm(self.matrix @ v)
+
+
 class SolveOptions(eqx.Module):
     """The diffrax options a neural ODE is solved with: everything about a solve that changes
     its accuracy and cost but not the function it approximates. The interval `[t0, t1]` and
@@ -117,6 +129,42 @@ class SolveOptions(eqx.Module):
             saveat=saveat,
             throw=self.throw,
         )
+
+    def for_affine_gauge(
+        self, matrix: Any, time_scale: float, *, pull_back_norm: bool = True
+    ) -> "SolveOptions":
+        """The options for the same model in the coordinates `x = A y + b`, `s = c t`: `dt0`
+        and a `PIDController`'s `dtmin` and `dtmax` scaled by `c`; with `pull_back_norm`, the
+        controller's norm read through `A` (`PulledBackNorm`). Resolve a default controller
+        first (`for_dtype`).
+
+        **Arguments:** `matrix` (`A`, `(d, d)`), `time_scale` (`c > 0`), `pull_back_norm`.
+
+        **Raises:** `ValueError` for a controller other than a `PIDController` or a
+        `ConstantStepSize` (its time options are not known here).
+        """
+        options = self
+        if self.dt0 is not None:
+            options = options.replace(dt0=self.dt0 * time_scale)
+        controller = self.stepsize_controller
+        if isinstance(controller, diffrax.ConstantStepSize):
+            return options
+        if not isinstance(controller, diffrax.PIDController):
+            raise ValueError(
+                "an affine gauge scales the time options of a `PIDController` or a "
+                f"`ConstantStepSize`; received stepsize_controller={type(controller).__name__}."
+            )
+        scaled = [
+            None if v is None else v * time_scale for v in (controller.dtmin, controller.dtmax)
+        ]
+        controller = eqx.tree_at(
+            lambda p: (p.dtmin, p.dtmax), controller, tuple(scaled), is_leaf=lambda x: x is None
+        )
+        if pull_back_norm:
+            controller = eqx.tree_at(
+                lambda p: p.norm, controller, PulledBackNorm(controller.norm, matrix)
+            )
+        return options.replace(stepsize_controller=controller)
 
     def check_tolerances(self, dtype: Any) -> None:
         """Refuse tolerances no solve in `dtype` can meet, before anything is traced.

@@ -1,6 +1,6 @@
 """Models whose parameter redundancies gaugejax studies."""
 
-from .._core.options import SolveOptions as SolveOptions
+from .._core.options import PulledBackNorm as PulledBackNorm, SolveOptions as SolveOptions
 from .classifier import (
     ODEClassifier as ODEClassifier,
     adaptive as adaptive,
