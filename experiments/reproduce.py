@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from gaugejax import claims_table, format_measured, io, make_config, validate_checks
 
 from . import (
+    alignment,
     attention_symmetry,
     gauge_fixing,
     linear_symmetry,
@@ -36,6 +37,7 @@ REPRODUCIBLE = {
     "regularizers": regularizers,
     "orbit_cost": orbit_cost,
     "teleportation": teleportation,
+    "alignment": alignment,
 }
 
 

@@ -107,6 +107,11 @@ from ._fixing.affine import (
     affine_gauge as affine_gauge,
     affine_step_report as affine_step_report,
 )
+from ._fixing.align import (
+    AlignResult as AlignResult,
+    align as align,
+    parameter_distance as parameter_distance,
+)
 from ._fixing.balancing import BalanceResult as BalanceResult, balance as balance
 from ._fixing.gauge_fixing import (
     TRAJECTORY_TERMS as TRAJECTORY_TERMS,

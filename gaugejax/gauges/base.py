@@ -123,6 +123,25 @@ class AbstractGauge(eqx.Module):
         del direction
         return None
 
+    def match(self, reference: Any, model: Any, g: PyTree) -> PyTree:
+        """One round of alignment (`gj.align`): an element `g'` such that `act(g', model)` is at
+        least as close to `reference` (squared distance of the parameters) as `act(g, model)`,
+        e.g. one sweep of coordinate descent over the family's factors. Families that can be
+        aligned override it; the default refuses.
+
+        **Arguments:** `reference`, `model`: two models of the same structure and shapes
+        (checked by `gj.align`); `g`: the current element.
+
+        **Returns:** the next element.
+
+        **Raises:** `NotImplementedError` naming the family.
+        """
+        del reference, model, g
+        raise NotImplementedError(
+            f"{type(self).__name__} has no alignment (`match`); families that have one: "
+            "UnitPermutationGauge."
+        )
+
 
 class AbstractParameterGauge(AbstractGauge):
     """A family that moves a model's parameters. `tangent` is `d/da act(identity + a v)` at

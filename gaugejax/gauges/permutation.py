@@ -31,6 +31,8 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
 from jaxtyping import Array, Int, PRNGKeyArray
 
 from ..models.transformer import BlockAttention, BlockMLP
@@ -50,6 +52,32 @@ class AbstractPermutationGauge(AbstractGauge):
         """
         self.check_model(model)
         return jax.tree.map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
+
+
+def _unit_layers(mlp: Any) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """`(weight (out, in), bias or None)` of every layer, host arrays; a `BlockMLP` as its two
+    layers (gate and linear branch stacked as one writing weight)."""
+    if isinstance(mlp, BlockMLP):
+        write = np.asarray(mlp.W1).T
+        if mlp.W3 is not None:
+            write = np.concatenate([write, np.asarray(mlp.W3).T], axis=1)
+        bias = None if mlp.b1 is None else np.asarray(mlp.b1)
+        return [(write, bias), (np.asarray(mlp.W2).T, None)]
+    return [
+        (np.asarray(lin.weight), None if lin.bias is None else np.asarray(lin.bias))
+        for lin in mlp.layers
+    ]
+
+
+def _unit_features(layers, i: int, prev, nxt) -> np.ndarray:
+    """Hidden layer i's units as rows: the weights writing them (inputs permuted by `prev`),
+    their bias, the weights reading them (outputs permuted by `nxt`)."""
+    write, bias = layers[i]
+    write = write if prev is None else write[:, prev]
+    read = layers[i + 1][0]
+    read = read if nxt is None else read[nxt]
+    parts = [write] + ([] if bias is None else [bias[:, None]]) + [read.T]
+    return np.concatenate(parts, axis=1)
 
 
 def _shift(key: PRNGKeyArray, n: int) -> Int[Array, " n"]:
@@ -273,6 +301,30 @@ class UnitPermutationGauge(AbstractPermutationGauge):
                 read = layers[i + 1]
                 layers[i + 1] = eqx.tree_at(lambda lin: lin.weight, read, read.weight[:, p])
         return eqx.tree_at(lambda m: m.layers, model, tuple(layers))
+
+    def match(self, reference: Any, model: Any, g: tuple) -> tuple:
+        """Weight matching (Ainsworth et al., ICLR 2023): one sweep over the hidden layers,
+        each layer's permutation the linear assignment (`scipy.optimize.linear_sum_assignment`)
+        that maximises `<theta_ref, theta(g)>` over the weights writing and reading its units
+        (and its bias), the other layers' permutations fixed. Each step can only lower the
+        distance `|theta_ref - theta(g)|^2` (a permutation keeps `|theta|`).
+
+        **Raises:** as `check_model` (both models); `ValueError` for the control (it is no
+        symmetry to align along).
+        """
+        if self.one_sided:
+            raise ValueError("the control of UnitPermutationGauge is no symmetry to align along.")
+        self.check_model(reference)
+        self.check_model(model)
+        ref, mod = (_unit_layers(m) for m in (reference, model))
+        g = [np.asarray(p) for p in g]
+        for i in range(len(g)):
+            prev = g[i - 1] if i > 0 else None
+            nxt = g[i + 1] if i + 1 < len(g) else None
+            features_ref = _unit_features(ref, i, None, None)
+            features = _unit_features(mod, i, prev, nxt)
+            _, g[i] = scipy.optimize.linear_sum_assignment(features_ref @ features.T, maximize=True)
+        return tuple(jnp.asarray(p) for p in g)
 
     def control(self) -> "UnitPermutationGauge":
         """The first hidden layer's units permuted in the weights that write them only."""
