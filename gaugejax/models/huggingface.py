@@ -57,7 +57,8 @@ BUFFERS = {
 
 
 def _positive(config: Mapping, name: str, default: Any = None) -> int:
-    value = config.get(name, default)
+    value = config.get(name)
+    value = default if value is None else value  # HF writes None for "the default"
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"config[{name!r}] must be a positive int; received {value!r}.")
     return value
@@ -377,6 +378,11 @@ def _layout(model: Decoder) -> str:
     what fits neither."""
     if not isinstance(model, Decoder):
         raise TypeError(f"`model` must be a gaugejax Decoder; received {type(model).__name__}.")
+    if model.W_in.shape[0] != model.W_out.shape[1]:
+        raise ValueError(
+            "to_huggingface: the token embedding `W_in` and the read-out `W_out` must share "
+            f"the vocabulary; received {model.W_in.shape[0]} and {model.W_out.shape[1]} tokens."
+        )
     attn = [b.attn for b in model.blocks]
     mlps = {b.mlp.kind for b in model.blocks}
     ropes = {a.rope for a in attn}
