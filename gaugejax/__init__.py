@@ -258,9 +258,11 @@ from .models import (
     attention_as_node as attention_as_node,
     first_order_response as first_order_response,
     fixed_steps as fixed_steps,
+    from_huggingface as from_huggingface,
     fuse_layernorm as fuse_layernorm,
     integrated_cubic as integrated_cubic,
     random_linear_node as random_linear_node,
+    to_huggingface as to_huggingface,
 )
 
 

@@ -71,7 +71,7 @@ def third_party_imports(paths) -> dict[str, set[str]]:
 ALLOWED_EXTRAS = {
     "library": (),  # gaugejax/: what `pip install -e .` gives
     "experiments": ("bench",),  # the benchmark's optional baselines, imported where used
-    "tests": ("test", "bench"),  # the bench extra only through pytest.importorskip
+    "tests": ("test", "bench", "hf"),  # bench and hf only through pytest.importorskip
 }
 
 

@@ -2,15 +2,16 @@
 form): rotations of the residual stream, every block's attention gauges, SwiGLU's per-unit
 rescaling, and the norm gains traded against the reads they feed.
 
-- Residual rotation `Q` in O(d): `W_in -> W_in Q`; every write into the stream (`Wo`, `bo`,
-  `W2`, `b2`) `-> (.) Q`; every read after a norm with gain `g` (`Wq`, `Wk`, `Wv`, `W1`, `W3`,
-  `W_out`) `-> D^-1 Q^T D (.)` with `D = diag(g)` (`D = 1` without a gain). Exact because
-  `RMSNorm(x Q) = RMSNorm(x) Q` (an orthogonal map keeps `mean(x^2)`) and `D` is invertible:
-  the exact condition is an RMSNorm (no mean subtraction) whose gain has no zero entry.
-  LayerNorm subtracts the mean, so on a LayerNorm decoder only rotations fixing the all-ones
-  vector survive; the family acts on its fused form instead (`fuse_layernorm`: every write
-  centred, LayerNorm replaced by the RMSNorm it then equals), a functionally equal RMSNorm
-  decoder, so `act` on a LayerNorm decoder returns a rotated RMSNorm one.
+- Residual rotation `Q` in O(d): `W_in -> W_in Q` (and learned `positions`); every write into
+  the stream (`Wo`, `bo`, `W2`, `b2`) `-> (.) Q`; every read after a norm with gain `g` (`Wq`,
+  `Wk`, `Wv`, `W1`, `W3`, `W_out`) `-> D^-1 Q^T D (.)` with `D = diag(g)` (`D = 1` without a
+  gain). Exact because `RMSNorm(x Q) = RMSNorm(x) Q` (an orthogonal map keeps `mean(x^2)`)
+  and `D` is invertible: the exact condition is an RMSNorm (no mean subtraction) whose gain
+  has no zero entry. LayerNorm subtracts the mean, so on a LayerNorm decoder only rotations
+  fixing the all-ones vector survive; the family acts on its fused form instead
+  (`fuse_layernorm`: every write centred, norm biases folded into the reads, LayerNorm
+  replaced by the RMSNorm it then equals), a functionally equal RMSNorm decoder, so `act` on
+  a LayerNorm decoder returns a rotated RMSNorm one. A read-out bias `b_out` does not move.
 - Per block, `BlockAttentionGauge` on its attention (acting on the head side, so it commutes
   with `Q`), and for a SwiGLU MLP per hidden unit `c_j > 0`: `W3[:, j] -> c_j W3[:, j]`,
   `W2[j] -> W2[j] / c_j` (the gate `silu(x W1)` is untouched).
@@ -99,7 +100,9 @@ class DecoderGauge(AbstractParameterGauge):
         """
         if not isinstance(model, Decoder):
             raise model_error(cls.__name__, "a Decoder", model)
-        attention = tuple(BlockAttentionGauge.from_model(b.attn) for b in model.blocks)
+        # the fused form's attention: folding a LayerNorm bias can create query/key biases
+        fused = fuse_layernorm(model)
+        attention = tuple(BlockAttentionGauge.from_model(b.attn) for b in fused.blocks)
         hidden = tuple(b.mlp.W1.shape[1] if b.mlp.kind == "swiglu" else 0 for b in model.blocks)
         gained = tuple(n.weight is not None for n in _norms(model))
         gauge = cls(model.W_in.shape[1], attention, hidden, gained, **kwargs)
@@ -108,7 +111,7 @@ class DecoderGauge(AbstractParameterGauge):
 
     def check_model(self, model: Any) -> None:
         """**Raises:** `TypeError` for anything but a `Decoder`; `ValueError` for other sizes, or
-        LayerNorms `fuse_layernorm` refuses (with a bias, or mixed with RMSNorms). (An RMSNorm
+        norms `fuse_layernorm` refuses (mixed kinds, a bias before a SwiGLU MLP). (An RMSNorm
         gain with a zero entry fails in `act`: a data condition, a `ValueError` for a concrete
         gain, a runtime error for a traced one.)"""
         if not isinstance(model, Decoder):
@@ -118,8 +121,9 @@ class DecoderGauge(AbstractParameterGauge):
                 f"{type(self).__name__} is for d = {self.dim} with {len(self.attention)} blocks; "
                 f"the model has d = {model.W_in.shape[1]} with {len(model.blocks)}."
             )
-        norms = _norms(fuse_layernorm(model))  # a LayerNorm decoder: through its fused form
-        for gauge, block in zip(self.attention, model.blocks, strict=True):
+        fused = fuse_layernorm(model)  # a LayerNorm decoder: through its fused form
+        norms = _norms(fused)
+        for gauge, block in zip(self.attention, fused.blocks, strict=True):
             gauge.check_model(block.attn)
         if tuple(n.weight is not None for n in norms) != self.gained:
             raise ValueError(
@@ -238,10 +242,19 @@ class DecoderGauge(AbstractParameterGauge):
                     (attn, mlp, gained(n1), gained(n2)),
                 )
             )
+        # learned positions are written into the stream like W_in; the read-out bias `b_out`
+        # is added after the read-out and does not move
         return eqx.tree_at(
-            lambda m: (m.W_in, m.blocks, m.W_out, m.norm),
+            lambda m: (m.W_in, m.positions, m.blocks, m.W_out, m.norm),
             model,
-            (model.W_in @ Q, tuple(blocks), read(0, model.W_out), gained(0)),
+            (
+                model.W_in @ Q,
+                None if model.positions is None else model.positions @ Q,
+                tuple(blocks),
+                read(0, model.W_out),
+                gained(0),
+            ),
+            is_leaf=lambda x: x is None,
         )
 
 
@@ -278,6 +291,11 @@ def layernorm_null_dimension(model: Decoder) -> int:
             "`model` of layernorm_null_dimension must have LayerNorms without gains; received "
             f"norms {[type(n).__name__ for n in norms]} with gains "
             f"{[n.weight is not None for n in norms]}."
+        )
+    if any(n.bias is not None for n in norms) or model.positions is not None:
+        raise ValueError(
+            "`model` of layernorm_null_dimension must have no norm biases and no learned "
+            "positions (this count leaves their directions out)."
         )
     d = model.W_in.shape[1]
     count = (d - 1) * (d - 2) // 2 + model.W_in.shape[0] + model.W_out.shape[1]

@@ -13,6 +13,7 @@ from .cubic import (
     attention_as_node as attention_as_node,
     integrated_cubic as integrated_cubic,
 )
+from .huggingface import from_huggingface as from_huggingface, to_huggingface as to_huggingface
 from .linear import (
     AbstractLinearField as AbstractLinearField,
     AbstractTimeBasis as AbstractTimeBasis,

@@ -24,7 +24,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 
 ROPE_PAIRINGS = (None, "interleaved", "half")
@@ -177,13 +177,14 @@ class BlockAttention(eqx.Module):
         return y if self.bo is None else y + self.bo
 
 
-MLP_KINDS = ("swiglu", "gelu")
+MLP_KINDS = ("swiglu", "gelu", "gelu_tanh")
 NORMS = ("rms", "layer")
 
 
 class BlockMLP(eqx.Module):
     """The MLP of a block. `kind="swiglu"`: `(silu(x W1) * (x W3)) W2` (LLaMA; no biases);
-    `kind="gelu"`: `gelu(x W1 + b1) W2 + b2` (GPT-2). `W1`, `W3` (d, f), `W2` (f, d)."""
+    `kind="gelu"`: `gelu(x W1 + b1) W2 + b2` with the exact (erf) GELU; `kind="gelu_tanh"`: the
+    same with GELU's tanh approximation (GPT-2's `gelu_new`). `W1`, `W3` (d, f), `W2` (f, d)."""
 
     W1: Float[Array, "d f"]
     W2: Float[Array, "f d"]
@@ -210,7 +211,8 @@ class BlockMLP(eqx.Module):
     def __call__(self, x: Float[Array, "n d"]) -> Float[Array, "n d"]:
         if self.kind == "swiglu":
             return (jax.nn.silu(x @ self.W1) * (x @ self.W3)) @ self.W2
-        return jax.nn.gelu(x @ self.W1 + self.b1, approximate=False) @ self.W2 + self.b2
+        tanh = self.kind == "gelu_tanh"
+        return jax.nn.gelu(x @ self.W1 + self.b1, approximate=tanh) @ self.W2 + self.b2
 
 
 class TransformerBlock(eqx.Module):
@@ -218,8 +220,9 @@ class TransformerBlock(eqx.Module):
 
     **Arguments:** `dim`, `num_heads`, `head_dim`, `hidden` (MLP width); `norm`: `"rms"`
     (`eqx.nn.RMSNorm`) or `"layer"` (`eqx.nn.LayerNorm`); `norm_gain`: whether the norms
-    have a gain (False: folded into the next weights, as rotation-based methods do); `mlp`:
-    `"swiglu"` or `"gelu"`; the other keywords go to `BlockAttention`.
+    have a gain (False: folded into the next weights, as rotation-based methods do);
+    `norm_bias`: whether they have a bias (GPT-2's LayerNorms do); `mlp`: `"swiglu"`, `"gelu"`
+    or `"gelu_tanh"`; the other keywords go to `BlockAttention`.
     """
 
     norm1: eqx.nn.RMSNorm | eqx.nn.LayerNorm
@@ -237,6 +240,7 @@ class TransformerBlock(eqx.Module):
         key: PRNGKeyArray,
         norm: str = "rms",
         norm_gain: bool = False,
+        norm_bias: bool = False,
         mlp: str = "swiglu",
         dtype=None,
         **attention: Any,
@@ -246,8 +250,8 @@ class TransformerBlock(eqx.Module):
         ka, km = jax.random.split(key)
         make = eqx.nn.RMSNorm if norm == "rms" else eqx.nn.LayerNorm
         dtype = jnp.zeros(()).dtype if dtype is None else dtype
-        self.norm1 = make(dim, use_weight=norm_gain, use_bias=False, dtype=dtype)
-        self.norm2 = make(dim, use_weight=norm_gain, use_bias=False, dtype=dtype)
+        self.norm1 = make(dim, use_weight=norm_gain, use_bias=norm_bias, dtype=dtype)
+        self.norm2 = make(dim, use_weight=norm_gain, use_bias=norm_bias, dtype=dtype)
         self.attn = BlockAttention(dim, num_heads, head_dim, key=ka, dtype=dtype, **attention)
         self.mlp = BlockMLP(dim, hidden, mlp, key=km, dtype=dtype)
 
@@ -260,15 +264,24 @@ class Decoder(eqx.Module):
     """A small decoder: `W_in` (in, d) into the residual stream, `TransformerBlock`s (causal
     attention by default), a final norm and `W_out` (d, out).
 
+    The input is either continuous, `x (n, in)` read in as `x W_in`, or token ids, an integer
+    `(n,)` array whose rows of `W_in` (then the token embedding, `in` the vocabulary) are
+    looked up: the same map on one-hot rows. Optional learned `positions` (n_max, d) are
+    added to the read-in (GPT-2's `wpe`; row p at position p), and an optional read-out bias
+    `b_out` (out,) to the output (where `fuse_layernorm` folds a final norm's bias). Both are
+    None as built: set them with `eqx.tree_at` (`gj.from_huggingface` does).
+
     **Arguments:** `in_dim`, `out_dim`, `dim`, `num_blocks`, and `TransformerBlock`'s
-    arguments (`num_heads`, `head_dim`, `hidden`, `norm`, `norm_gain`, `mlp`, attention
-    keywords; `causal` defaults to True here).
+    arguments (`num_heads`, `head_dim`, `hidden`, `norm`, `norm_gain`, `norm_bias`, `mlp`,
+    attention keywords; `causal` defaults to True here).
     """
 
     W_in: Float[Array, "i d"]
     blocks: tuple[TransformerBlock, ...]
     norm: eqx.nn.RMSNorm | eqx.nn.LayerNorm
     W_out: Float[Array, "d o"]
+    positions: Float[Array, "m d"] | None
+    b_out: Float[Array, " o"] | None
 
     def __init__(
         self,
@@ -283,6 +296,7 @@ class Decoder(eqx.Module):
         key: PRNGKeyArray,
         norm: str = "rms",
         norm_gain: bool = False,
+        norm_bias: bool = False,
         dtype=None,
         **block: Any,
     ):
@@ -292,18 +306,29 @@ class Decoder(eqx.Module):
         self.W_in = jax.random.normal(keys[0], (in_dim, dim), dtype) / math.sqrt(in_dim)
         self.blocks = tuple(
             TransformerBlock(dim, num_heads, head_dim, hidden, key=k, norm=norm,
-                             norm_gain=norm_gain, dtype=dtype, **block)
+                             norm_gain=norm_gain, norm_bias=norm_bias, dtype=dtype, **block)
             for k in keys[2:]
         )  # fmt: skip
         make = eqx.nn.RMSNorm if norm == "rms" else eqx.nn.LayerNorm
-        self.norm = make(dim, use_weight=norm_gain, use_bias=False, dtype=dtype)
+        self.norm = make(dim, use_weight=norm_gain, use_bias=norm_bias, dtype=dtype)
         self.W_out = jax.random.normal(keys[1], (dim, out_dim), dtype) / math.sqrt(dim)
+        self.positions = None
+        self.b_out = None
 
-    def __call__(self, x: Float[Array, "n i"]) -> Float[Array, "n o"]:
-        h = x @ self.W_in
+    def __call__(self, x: Float[Array, "n i"] | Int[Array, " n"]) -> Float[Array, "n o"]:
+        # token ids: a row lookup, the one-hot product without the (n, vocab) one-hot
+        h = self.W_in[x] if jnp.issubdtype(x.dtype, jnp.integer) else x @ self.W_in
+        if self.positions is not None:
+            if h.shape[0] > self.positions.shape[0]:
+                raise ValueError(
+                    f"Decoder has learned positions for {self.positions.shape[0]} tokens; "
+                    f"received {h.shape[0]}."
+                )
+            h = h + self.positions[: h.shape[0]]
         for b in self.blocks:
             h = b(h)
-        return jax.vmap(self.norm)(h) @ self.W_out
+        out = jax.vmap(self.norm)(h) @ self.W_out
+        return out if self.b_out is None else out + self.b_out
 
 
 def _centred(W: Float[Array, "... d"]) -> Float[Array, "... d"]:
@@ -312,22 +337,28 @@ def _centred(W: Float[Array, "... d"]) -> Float[Array, "... d"]:
 
 
 def fuse_layernorm(model: Decoder) -> Decoder:
-    """The RMSNorm form of a LayerNorm `Decoder`, functionally equal (SliceGPT's fusion).
+    """The RMSNorm form of a LayerNorm `Decoder`, functionally equal (SliceGPT's fusion), with
+    every norm bias folded into the reads it feeds.
 
     Every read of the residual stream goes through a norm (pre-norm blocks, a final norm), and
     LayerNorm removes the stream's mean before anything reads it, so the mean of every write
-    is invisible. Centring every write (`W_in`, each attention's `Wo` and `bo`, each MLP's `W2`
-    and `b2`: `W -> W (1 - 11^T/d)`) keeps the stream mean-free, where LayerNorm equals an
-    RMSNorm with the same gain and `eps` (its variance is then `mean(x^2)`). On the fused
-    model an orthogonal residual map is an exact symmetry (`DecoderGauge`), which LayerNorm
-    itself breaks. An RMSNorm decoder is returned as it is.
+    is invisible. Centring every write (`W_in`, learned `positions`, each attention's `Wo` and
+    `bo`, each MLP's `W2` and `b2`: `W -> W (1 - 11^T/d)`) keeps the stream mean-free, where
+    LayerNorm equals an RMSNorm with the same gain and `eps` (its variance is then
+    `mean(x^2)`). A norm's bias `beta` is a constant the next affine reads add: it moves into
+    their biases (`bq_i += beta Wq_i`, likewise `bk`, `bv`, created where missing; a GELU
+    MLP's `b1 += beta W1`; the final norm's into the read-out bias `b_out += beta W_out`).
+    On the fused model an orthogonal residual map is an exact symmetry (`DecoderGauge`),
+    which LayerNorm itself breaks. An RMSNorm decoder has only its norm biases folded (none:
+    returned as it is).
 
     **Arguments:** `model`: a `Decoder` whose norms are all LayerNorms (or all RMSNorms).
 
-    **Returns:** a `Decoder` with RMSNorms whose outputs equal `model`'s to rounding.
+    **Returns:** a `Decoder` with RMSNorms without biases whose outputs equal `model`'s to
+    rounding.
 
-    **Raises:** `TypeError` for anything but a `Decoder`; `ValueError` for a LayerNorm with a
-    bias (it would need a bias on every read it feeds) or a decoder mixing the two norms (an
+    **Raises:** `TypeError` for anything but a `Decoder`; `ValueError` for a bias on a norm
+    feeding a SwiGLU MLP (which has no bias to take it) or a decoder mixing the two norms (an
     RMSNorm would read the centred stream differently).
     """
     if not isinstance(model, Decoder):
@@ -337,52 +368,79 @@ def fuse_layernorm(model: Decoder) -> Decoder:
         )
     norms = [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
     layer = [isinstance(n, eqx.nn.LayerNorm) for n in norms]
-    if not any(layer):
+    if not any(layer) and not any(n.use_bias for n in norms):
         return model
-    if not all(layer):
+    if any(layer) and not all(layer):
         raise ValueError(
             "`model` of fuse_layernorm mixes LayerNorm and RMSNorm; expected one kind of norm "
             f"(received LayerNorm at {sum(layer)} of {len(layer)} norms)."
         )
-    for name, norm in [("norm", model.norm)] + [
-        (f"blocks[{i}].{n}", getattr(b, n))
-        for i, b in enumerate(model.blocks)
-        for n in ("norm1", "norm2")
-    ]:
-        if norm.use_bias:
+    for i, b in enumerate(model.blocks):
+        if b.norm2.use_bias and b.mlp.b1 is None:
             raise ValueError(
-                f"`model.{name}` is a LayerNorm with a bias; fuse_layernorm expects "
-                "use_bias=False (a norm bias would have to move into every read it feeds)."
+                f"`model.blocks[{i}].norm2` has a bias and feeds a {b.mlp.kind} MLP without a "
+                "first bias `b1`: fuse_layernorm has nowhere to fold it."
             )
+    centre = _centred if all(layer) else (lambda x: x)
+    dtype = model.W_in.dtype
 
-    def rms(norm: eqx.nn.LayerNorm) -> eqx.nn.RMSNorm:
+    def rms(norm) -> eqx.nn.RMSNorm:
         (d,) = norm.shape
-        dtype = model.W_in.dtype
         fused = eqx.nn.RMSNorm(d, eps=norm.eps, use_weight=norm.use_weight, use_bias=False,
                                dtype=dtype)  # fmt: skip
         return fused if not norm.use_weight else eqx.tree_at(lambda n: n.weight, fused, norm.weight)
 
-    def centre(x):
-        return None if x is None else _centred(x)
+    def fold(norm, W, b, spec):  # the read bias after the norm's bias moved into it
+        if not norm.use_bias:
+            return b
+        moved = jnp.einsum(spec, norm.bias, W)
+        return moved if b is None else b + moved
 
-    blocks = tuple(
-        eqx.tree_at(
-            lambda b: (b.norm1, b.norm2, b.attn.Wo, b.attn.bo, b.mlp.W2, b.mlp.b2),
-            b,
-            (
-                rms(b.norm1),
-                rms(b.norm2),
-                _centred(b.attn.Wo),
-                centre(b.attn.bo),
-                _centred(b.mlp.W2),
-                centre(b.mlp.b2),
-            ),
-            is_leaf=lambda x: x is None,
-        )  # fmt: skip
-        for b in model.blocks
-    )
+    def maybe(f, x):
+        return None if x is None else f(x)
+
+    blocks = []
+    for b in model.blocks:
+        a, n1 = b.attn, b.norm1
+        blocks.append(
+            eqx.tree_at(
+                lambda b: (
+                    b.norm1,
+                    b.norm2,
+                    b.attn.bq,
+                    b.attn.bk,
+                    b.attn.bv,
+                    b.attn.Wo,
+                    b.attn.bo,
+                    b.mlp.b1,
+                    b.mlp.W2,
+                    b.mlp.b2,
+                ),
+                b,
+                (
+                    rms(n1),
+                    rms(b.norm2),
+                    fold(n1, a.Wq, a.bq, "d,hdk->hk"),
+                    fold(n1, a.Wk, a.bk, "d,gdk->gk"),
+                    fold(n1, a.Wv, a.bv, "d,gdv->gv"),
+                    centre(a.Wo),
+                    maybe(centre, a.bo),
+                    fold(b.norm2, b.mlp.W1, b.mlp.b1, "d,df->f"),
+                    centre(b.mlp.W2),
+                    maybe(centre, b.mlp.b2),
+                ),
+                is_leaf=lambda x: x is None,
+            )  # fmt: skip
+        )
     return eqx.tree_at(
-        lambda m: (m.W_in, m.blocks, m.norm),
+        lambda m: (m.W_in, m.positions, m.blocks, m.norm, m.b_out),
         model,
-        (_centred(model.W_in), blocks, rms(model.norm)),
+        (
+            centre(model.W_in),
+            maybe(centre, model.positions),
+            tuple(blocks),
+            rms(model.norm),
+            fold(model.norm, model.W_out, model.b_out, "d,do->o"),
+        ),
+        is_leaf=lambda x: x is None,
     )
