@@ -33,8 +33,8 @@ def _run(source: str, name: str) -> list[str]:
     return out.getvalue().splitlines()
 
 
-def test_readme_has_four_own_model_examples():
-    assert len(_examples()) == 4
+def test_readme_has_five_own_model_examples():
+    assert len(_examples()) == 5
 
 
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["diffrax_node", "eqx_mlp", "eqx_mha"])
@@ -53,6 +53,15 @@ def test_readme_layernorm_and_alignment_example():
     assert all(float(v) < 5e-14 for v in deviations.split()), deviations
     before, after = (float(v) for v in aligned.split(" -> "))
     assert before == pytest.approx(28.7, abs=0.1) and after == pytest.approx(15.5, abs=0.1)
+
+
+def test_readme_huggingface_example():
+    """Where the `hf` extra is installed: Hugging Face's LLaMA loads the gauge-moved export and
+    computes the imported model's logits (float32: measured 3.4e-7)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    (printed,) = _run(_examples()[4], "README example 4")
+    assert float(printed) < 3e-6
 
 
 def test_first_result_prints_the_verdict_the_readme_shows():
