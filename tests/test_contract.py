@@ -17,6 +17,7 @@ import pytest
 import gaugejax as gj
 
 from .conftest import CompileCounter, small_node
+from .test_spec import SPEC, Block
 
 
 D = 3
@@ -126,6 +127,14 @@ def _decoder(key):
     return eqx.tree_at(lambda m: [n.weight for n in norms(m)], dec, list(gains))
 
 
+def _user_block(key):
+    return Block(8, 4, 2, 4, 12, key)
+
+
+def _user_x(key):
+    return jax.random.normal(key, (2, 5, 8))
+
+
 def _decoder_x(key):
     return jax.random.normal(key, (2, 3, 4))
 
@@ -228,6 +237,10 @@ CASES = {
     ),
     "unit_permutation": Case(
         lambda k: gj.UnitPermutationGauge.from_model(_mlp(k)), _mlp, _x, _block, 1e-12
+    ),
+    # a user's own LLaMA-style equinox block (tests/test_spec.py) through its BlockSpec
+    "spec_block": Case(
+        lambda k: gj.SpecGauge.from_model(_user_block(k), SPEC), _user_block, _user_x, _mlp, 1e-12
     ),
     "attention_eqx": Case(
         lambda k: gj.AttentionGauge.from_model(_eqx_mha(k)), _eqx_mha, _mha_inputs, _mlp, 1e-12

@@ -43,6 +43,8 @@ def test_readme_example_runs_and_holds(index):
     assert lines[0].startswith("holds - "), lines
     if index == 1:
         assert lines[1].split()[0] == "True" and float(lines[1].split()[1]) < 1e-8
+    if index == 2:  # the user's own attention through its AttentionSpec
+        assert lines[1] == "holds", lines
 
 
 def test_readme_layernorm_and_alignment_example():

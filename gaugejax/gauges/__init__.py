@@ -58,3 +58,4 @@ from .rescaling import (
     RescalingGauge as RescalingGauge,
     rescaling_conserved_quantity as rescaling_conserved_quantity,
 )
+from .spec import SpecGauge as SpecGauge, TransformerBlockGauge as TransformerBlockGauge

@@ -52,7 +52,7 @@ class DecoderElement(eqx.Module):
     rotation: Float[Array, "d d"]
     attention: tuple[BlockAttentionElement, ...]
     scales: tuple[Float[Array, " f"], ...]
-    gains: tuple[Float[Array, " g"], ...]
+    gains: tuple[Float[Array, " _g"], ...]  # sizes differ: d, or 0 without a gain
 
 
 def _polar(X: Float[Array, "d d"], iterations: int = 6) -> Float[Array, "d d"]:

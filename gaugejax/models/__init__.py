@@ -41,6 +41,11 @@ from .node import (
     first_order_response as first_order_response,
 )
 from .solved import AbstractSolvedModel as AbstractSolvedModel
+from .spec import (
+    AttentionSpec as AttentionSpec,
+    BlockSpec as BlockSpec,
+    spec_deviation as spec_deviation,
+)
 from .transformer import (
     BlockAttention as BlockAttention,
     BlockMLP as BlockMLP,
