@@ -123,7 +123,8 @@ def test_canonical_gauge_existence_condition():
 
 
 def test_trajectory_regularisers_closed_forms():
-    """dx/dt = a x: int |F|^2 = a^2 |x0|^2 (e^{2aT} - 1)/(2a); d/dt F = a^2 x; J = a I."""
+    """dx/dt = a x: int |F|^2 = a^2 |x0|^2 (e^{2aT} - 1)/(2a); d/dt F = a^2 x; d^3x/dt^3 = a^3 x;
+    J = a I."""
     tight = diffrax.PIDController(rtol=1e-11, atol=1e-11)
     a = 0.7
     field = gj.FunctionLinearField(lambda t: a * jnp.eye(D), lambda t: jnp.zeros(D))
@@ -135,6 +136,24 @@ def test_trajectory_regularisers_closed_forms():
     np.testing.assert_allclose(integrals["kinetic"], a**2 * grow, rtol=1e-9)
     np.testing.assert_allclose(integrals["uniform_motion"], a**4 * grow, rtol=1e-9)
     np.testing.assert_allclose(integrals["jacobian"], a**2 * D * T, rtol=1e-9)
+    np.testing.assert_allclose(integrals["r3"], a**6 * grow, rtol=1e-9)
+
+
+def test_r3_on_polynomial_fields_is_taynodes_closed_form():
+    """dx/dt = x^2 from x0: x(t) = x0 / (1 - x0 t), x'' = 2 x^3, x''' = 6 x^4, so
+    `int_0^T |x''|^2 = 4 x0^5 ((1 - x0 T)^-5 - 1) / 5` and `int_0^T |x'''|^2 = 36 x0^7 ((1 -
+    x0 T)^-7 - 1) / 7` (TayNODE's R_2 and R_3). And dx/dt = 2 t (x = x0 + t^2, uniformly
+    accelerated): R_2 = 4 T, while R_3 vanishes (the case that tells R_3 from R_2)."""
+    tight = diffrax.PIDController(rtol=1e-12, atol=1e-12)
+    terms = ("uniform_motion", "r3")
+    model = gj.NeuralODE(lambda t, y, args: y**2, t1=1.0, stepsize_controller=tight)
+    _, got = gj.integrate_regularizers(model, jnp.array([0.5]), terms)
+    np.testing.assert_allclose(got["uniform_motion"], 4 * 0.5**5 * (0.5**-5 - 1) / 5, rtol=1e-9)
+    np.testing.assert_allclose(got["r3"], 36 * 0.5**7 * (0.5**-7 - 1) / 7, rtol=1e-9)
+    accelerated = model.with_field(lambda t, y, args: 2 * t * jnp.ones_like(y))
+    _, got = gj.integrate_regularizers(accelerated, jnp.array([0.5]), terms)
+    np.testing.assert_allclose(got["uniform_motion"], 4.0, rtol=1e-12)
+    assert abs(float(got["r3"])) < 1e-20  # measured 0.0
 
 
 def test_hutchinson_probes_sum_to_the_frobenius_integral():

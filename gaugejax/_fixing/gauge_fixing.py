@@ -125,7 +125,7 @@ def canonical_gauge(
     return weight, CanonicalBias(weight, m)
 
 
-TRAJECTORY_TERMS = ("kinetic", "jacobian", "uniform_motion")
+TRAJECTORY_TERMS = ("kinetic", "jacobian", "uniform_motion", "r3")
 
 
 class _AugmentedField(eqx.Module):
@@ -144,13 +144,25 @@ class _AugmentedField(eqx.Module):
         if "jacobian" in self.terms:
             _, pullback = jax.vjp(lambda y: self.field(t, y, args), x)
             rates["jacobian"] = jnp.sum(pullback(self.probe)[0] ** 2)
+        t_arr = jnp.asarray(t, dtype=x.dtype)
         if "uniform_motion" in self.terms:
-            t_arr = jnp.asarray(t, dtype=x.dtype)
-            _, dfdt = jax.jvp(
-                lambda tt, y: self.field(tt, y, args), (t_arr, x), (jnp.ones_like(t_arr), f)
-            )
-            rates["uniform_motion"] = jnp.sum(dfdt**2)
+            rates["uniform_motion"] = jnp.sum(self._along(self._field(args), args)(t_arr, x) ** 2)
+        if "r3" in self.terms:  # d^3 x / dt^3: the total derivative along the flow, twice
+            third = self._along(self._along(self._field(args), args), args)
+            rates["r3"] = jnp.sum(third(t_arr, x) ** 2)
         return f, rates
+
+    def _field(self, args) -> Callable:
+        return lambda tt, y: self.field(tt, y, args)
+
+    def _along(self, h: Callable, args) -> Callable:
+        """`(t, y) -> d/dt h(t, x(t))` at `x(t) = y` along the flow: one jvp in the direction
+        `(1, F(t, y))` (nested, these are Taylor-mode derivatives of the trajectory)."""
+
+        def dh(tt, y):
+            return jax.jvp(h, (tt, y), (jnp.ones_like(tt), self.field(tt, y, args)))[1]
+
+        return dh
 
 
 def integrate_regularizers(
@@ -167,7 +179,10 @@ def integrate_regularizers(
     - `jacobian`: `int |eps^T D_x F|^2 dt`, Hutchinson's estimator of `int |D_x F|_F^2 dt` with one
       Gaussian probe `eps` (from `key`) fixed within the solve, or an explicit `probe`;
     - `uniform_motion`: `int |d/dt F(t, x(t))|^2 dt = int |d_t F + (D_x F) F|^2 dt` (Eq. 43 for any
-      field: zero exactly when the trajectory is a straight line at constant speed).
+      field: zero exactly when the trajectory is a straight line at constant speed); TayNODE's
+      `R_2` (Kelly et al. 2020);
+    - `r3`: `int |d^3 x / dt^3|^2 dt`, TayNODE's `R_3` (their MNIST recipe), by nested jvps
+      along the flow.
 
     **Raises:** `ValueError` for an unknown term (listing the valid ones) or `jacobian` without a
     `key` or `probe`.
@@ -234,7 +249,7 @@ def gauge_fixing_penalty(
       values of `inputs`.
     - `"rotation_covariant"`: footnote 12's `int |(d/dt - w) b|^2 dt`
       (`rotation_covariant_penalty`), for the same affine fields as `"eq45"`.
-    - `"kinetic"`, `"jacobian"`, `"uniform_motion"`: the mean over `inputs` of
+    - `"kinetic"`, `"jacobian"`, `"uniform_motion"`, `"r3"`: the mean over `inputs` of
       `integrate_regularizers` (any neural ODE; `jacobian` draws one probe per input from `key`).
 
     **Raises:** `ValueError` for an unknown name (listing the valid ones); `TypeError` for

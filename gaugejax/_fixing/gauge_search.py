@@ -390,7 +390,8 @@ def element_chart(gauge: AbstractGauge) -> AbstractElementChart:
 class TrajectoryObjective(eqx.Module):
     """`model -> gauge_fixing_penalty(name, model, inputs)`: the mean over `inputs` of a
     trajectory functional integrated in the model's own solve (`integrate_regularizers`):
-    `"kinetic"` (`int |F|^2 dt`) or `"uniform_motion"` (`int |d/dt F(t, x(t))|^2 dt`).
+    `"kinetic"` (`int |F|^2 dt`), `"uniform_motion"` (`int |d/dt F(t, x(t))|^2 dt`) or `"r3"`
+    (`int |d^3 x / dt^3|^2 dt`).
 
     **Arguments:** `name`, `inputs` (a batch of initial states, leading axis).
 
