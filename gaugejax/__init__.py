@@ -115,6 +115,7 @@ from ._fixing.align import (
 from ._fixing.balancing import BalanceResult as BalanceResult, balance as balance
 from ._fixing.gauge_fixing import (
     TRAJECTORY_TERMS as TRAJECTORY_TERMS,
+    LocalErrorSolver as LocalErrorSolver,
     canonical_gauge as canonical_gauge,
     gauge_fixing_penalty as gauge_fixing_penalty,
     integrate_regularizers as integrate_regularizers,

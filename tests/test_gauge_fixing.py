@@ -262,3 +262,25 @@ def test_eq45_for_any_affine_field():
     tanh = gj.NeuralODE(lambda t, y, args: jnp.tanh(w(t) @ y + b(t)), t1=T)
     with pytest.raises(TypeError, match=r"<lambda> \(a function\), which is not affine"):
         gj.gauge_fixing_penalty("eq45", tanh, xs)
+
+
+def test_local_error_term_is_the_solvers_own_error_estimate():
+    """`local_error` sums `|h| |error estimate|` over the accepted steps (Pal et al. 2021): it
+    follows the tolerance on dx/dt = x^2 (measured 0.73, 1.4, 1.8 x tol at tol 1e-6, 1e-8,
+    1e-10), and vanishes to rounding (measured 8e-18) on dx/dt = t^3, which Tsit5 (order 5)
+    integrates exactly; it is differentiable in the field's parameters (a training term)."""
+
+    def local_error(field, tol):
+        pid = diffrax.PIDController(rtol=jnp.asarray(tol), atol=jnp.asarray(tol))
+        model = gj.NeuralODE(field, t1=1.0, stepsize_controller=pid)
+        return gj.integrate_regularizers(model, jnp.array([0.5]), ("local_error",))[1]
+
+    run = eqx.filter_jit(local_error)  # one program per field: the tolerances are arrays
+    square = lambda t, y, args: y**2  # noqa: E731
+    for tol in (1e-6, 1e-8, 1e-10):
+        got = float(run(square, tol)["local_error"])
+        assert 0.3 * tol < got < 5 * tol, (tol, got)
+    exact = float(run(lambda t, y, args: t**3 * jnp.ones_like(y), 1e-6)["local_error"])
+    assert 0.0 <= exact < 1e-16
+    grad = jax.grad(lambda a: local_error(lambda t, y, args: a * y**2, 1e-6)["local_error"])(1.0)
+    assert np.isfinite(grad) and grad > 0  # measured 5.5e-6

@@ -3,6 +3,7 @@ canonical gauge (uniform motion) it selects."""
 
 from collections.abc import Callable
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -125,7 +126,48 @@ def canonical_gauge(
     return weight, CanonicalBias(weight, m)
 
 
-TRAJECTORY_TERMS = ("kinetic", "jacobian", "uniform_motion", "r3")
+TRAJECTORY_TERMS = ("kinetic", "jacobian", "uniform_motion", "r3", "local_error")
+
+
+class LocalErrorSolver(diffrax.AbstractAdaptiveSolver):
+    """`solver`'s steps, with its own local error estimate accumulated into the state: on a
+    state `(x, integrals)` every step adds `|t1 - t0| * sum |error of x|` to
+    `integrals["local_error"]` (the recipe of diffrax issue #196; Pal et al., ICML 2021,
+    regularise this sum of the solver's error estimates weighted by the step). A rejected step
+    is dropped by diffrax with its state, so only accepted steps count; the steps themselves
+    are `solver`'s (the accumulator's own error estimate is zero and its rate is zero).
+
+    **Arguments:** `solver`: an adaptive diffrax solver (one with an error estimate).
+    """
+
+    solver: diffrax.AbstractAdaptiveSolver
+
+    term_structure = diffrax.AbstractTerm
+
+    @property
+    def interpolation_cls(self) -> Callable:  # pyright: ignore
+        return self.solver.interpolation_cls
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def init(self, terms, t0, t1, y0, args):
+        return self.solver.init(terms, t0, t1, y0, args)
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        y1, y_error, dense, state, result = self.solver.step(
+            terms, t0, t1, y0, args, solver_state, made_jump
+        )
+        x1, integrals = y1
+        error = sum(jnp.sum(jnp.abs(e)) for e in jax.tree.leaves(y_error[0]))
+        added = integrals["local_error"] + jnp.abs(t1 - t0) * error
+        return (x1, {**integrals, "local_error": added}), y_error, dense, state, result
 
 
 class _AugmentedField(eqx.Module):
@@ -146,10 +188,13 @@ class _AugmentedField(eqx.Module):
             rates["jacobian"] = jnp.sum(pullback(self.probe)[0] ** 2)
         t_arr = jnp.asarray(t, dtype=x.dtype)
         if "uniform_motion" in self.terms:
-            rates["uniform_motion"] = jnp.sum(self._along(self._field(args), args)(t_arr, x) ** 2)
+            along = self._along(self._field(args), args)
+            rates["uniform_motion"] = jnp.sum(along(t_arr, x) ** 2)
         if "r3" in self.terms:  # d^3 x / dt^3: the total derivative along the flow, twice
             third = self._along(self._along(self._field(args), args), args)
             rates["r3"] = jnp.sum(third(t_arr, x) ** 2)
+        if "local_error" in self.terms:  # accumulated by LocalErrorSolver, not integrated
+            rates["local_error"] = jnp.zeros((), x.dtype)
         return f, rates
 
     def _field(self, args) -> Callable:
@@ -182,7 +227,10 @@ def integrate_regularizers(
       field: zero exactly when the trajectory is a straight line at constant speed); TayNODE's
       `R_2` (Kelly et al. 2020);
     - `r3`: `int |d^3 x / dt^3|^2 dt`, TayNODE's `R_3` (their MNIST recipe), by nested jvps
-      along the flow.
+      along the flow;
+    - `local_error`: `sum_steps |h| sum |error estimate|`, the model's adaptive solver's own
+      local error estimates along this solve (`LocalErrorSolver`; Pal et al. 2021): it
+      depends on the solver and controller, not on the trajectory alone.
 
     **Raises:** `ValueError` for an unknown term (listing the valid ones) or `jacobian` without a
     `key` or `probe`.
@@ -197,7 +245,10 @@ def integrate_regularizers(
         probe = jax.random.normal(key, jnp.shape(x0), dtype=x0.dtype)
     field = _AugmentedField(model.field, terms, probe)
     zeros = {t: jnp.zeros((), dtype=x0.dtype) for t in terms}
-    (x1, integrals), _ = model.with_field(field).solve((x0, zeros))
+    augmented = model.with_field(field)
+    if "local_error" in terms:
+        augmented = augmented.with_options(solver=LocalErrorSolver(model.solver))
+    (x1, integrals), _ = augmented.solve((x0, zeros))
     return x1, integrals
 
 
