@@ -42,7 +42,8 @@ from ..gauges.rescaling import RescalingElement, RescalingGauge, rescaling_conse
 from .balancing import orbit_gauge
 
 
-TELEPORT_OBJECTIVES = ("grad_norm", "curvature")
+TELEPORT_OBJECTIVES = ("grad_norm", "curvature", "adam_step")
+ADAM_EPS = 1e-8  # optax.adam's default eps: the first step is -lr g / (|g| + eps)
 
 
 class TeleportResult(eqx.Module):
@@ -103,9 +104,14 @@ def _loss_and_grad(loss_fn, model, batch):
     return jax.value_and_grad(lambda p: loss_fn(eqx.combine(p, static), batch))(params)
 
 
-def _objective(loss_fn, objective: str, model, batch) -> Array:
+def _objective(loss_fn, objective: str, model, batch, adam_lr) -> Array:
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    grad_fn = jax.grad(lambda p: loss_fn(eqx.combine(p, static), batch))
+    loss = lambda p: loss_fn(eqx.combine(p, static), batch)  # noqa: E731
+    if objective == "adam_step":  # the loss decrease of a fresh Adam's first step
+        value, g = jax.value_and_grad(loss)(params)
+        step = jax.tree.map(lambda p, gi: p - adam_lr * gi / (jnp.abs(gi) + ADAM_EPS), params, g)
+        return jnp.log(value - loss(step))  # log: steps independent of the scale, as grad_norm
+    grad_fn = jax.grad(loss)
     g = grad_fn(params)
     if objective == "grad_norm":
         return jnp.log(_leaves_sq(g))
@@ -118,14 +124,16 @@ def _all_finite(tree) -> Bool[Array, ""]:
 
 
 @eqx.filter_jit
-def _teleport(loss_fn, objective, maximize, gauge, model, batch, num_steps, lr, max_log_step):
+def _teleport(
+    loss_fn, objective, maximize, gauge, model, batch, num_steps, lr, max_log_step, adam_lr
+):
     dtype = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))[0].dtype
     u0 = jax.tree.map(jnp.zeros_like, cast_element(gauge.identity(), dtype))
     sign = -1.0 if maximize else 1.0  # optax minimises
 
     def f(u):
         moved = gauge.act(tuple(jnp.exp(x) for x in u), model)
-        return sign * _objective(loss_fn, objective, moved, batch)
+        return sign * _objective(loss_fn, objective, moved, batch, adam_lr)
 
     optimizer = optax.chain(optax.sgd(lr), optax.clip(max_log_step))
     value_and_grad = jax.value_and_grad(f)
@@ -196,6 +204,7 @@ def teleport(
     max_log_step: float | Float[Array, ""] = 0.1,
     objective: str = "grad_norm",
     maximize: bool = True,
+    adam_learning_rate: float | Float[Array, ""] | None = None,
 ) -> TeleportResult:
     """Teleport `model` along its rescaling orbit to maximise (or minimise) `objective`,
     keeping its function; see the module docstring for the objectives and the bounded step.
@@ -216,8 +225,14 @@ def teleport(
     - `num_steps`: ascent steps (0 returns the input model with its measurements).
     - `learning_rate`: the step size on `log alpha` before clipping.
     - `max_log_step`: the largest change of any `log alpha` in one step.
-    - `objective`: `"grad_norm"` (`log |grad L|^2`) or `"curvature"` (`g^T H g / g^T g`).
+    - `objective`: `"grad_norm"` (`log |grad L|^2`), `"curvature"` (`g^T H g / g^T g`) or
+      `"adam_step"`: `L(theta) - L(theta - lr g / (|g| + eps))`, the loss decrease of the first
+      step of an Adam started afresh (its bias-corrected moments are then `g` and `g^2`) with
+      `adam_learning_rate` and optax's `eps`. Adam's step is blind to the gradient's scale, so
+      a larger `|grad L|` buys it nothing; this objective asks what its next step gains.
     - `maximize`: ascend (True) or descend (False) the objective.
+    - `adam_learning_rate`: the learning rate of the Adam that trains the model (required for
+      `"adam_step"`, refused otherwise).
 
     **Returns:** a `TeleportResult`; `gauge.act(result.element, model)` is `result.model`.
 
@@ -251,7 +266,20 @@ def teleport(
             lambda: jnp.stack([~jnp.all(jnp.isfinite(x)) for x in inexact]),
             "`batch` must hold finite values only; it has a NaN or infinite entry.",
         )
+    if (objective == "adam_step") != (adam_learning_rate is not None):
+        raise ValueError(
+            "`adam_learning_rate` is the step size of objective 'adam_step': required with "
+            f"it, refused otherwise; received objective={objective!r}, "
+            f"adam_learning_rate={adam_learning_rate!r}."
+        )
     dtype = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))[0].dtype
     lr = _positive("learning_rate", learning_rate, dtype)
     clip = _positive("max_log_step", max_log_step, dtype)
-    return _teleport(loss_fn, objective, maximize, gauge, model, batch, num_steps, lr, clip)
+    adam_lr = (
+        None
+        if adam_learning_rate is None
+        else _positive("adam_learning_rate", adam_learning_rate, dtype)
+    )
+    return _teleport(
+        loss_fn, objective, maximize, gauge, model, batch, num_steps, lr, clip, adam_lr
+    )
