@@ -116,7 +116,8 @@ def _move(arm: str, models, batch, gauge, config: Config):
             res = gj.teleport(m, gj.classification_loss, batch, gauge=gauge,
                               num_steps=config.teleport_steps, objective=config.objective,
                               learning_rate=config.teleport_learning_rate,
-                              max_log_step=config.max_log_step, adam_learning_rate=adam_lr)  # fmt: skip
+                              max_log_step=config.max_log_step,
+                              adam_learning_rate=adam_lr)  # fmt: skip
             logs = jnp.stack([jnp.max(jnp.abs(jnp.log(e))) for e in res.element])
             moved, extra = res.model, {"accepted_steps": res.num_accepted}
             extra["max_abs_log_scale"] = jnp.max(logs)

@@ -181,7 +181,10 @@ def test_teleport_refuses_bad_input():
         ({"num_steps": -1}, r"`num_steps` must be an int >= 0; received -1"),
         ({"learning_rate": -0.1}, r"`learning_rate` must be a finite number > 0\. Received -0\.1"),
         ({"max_log_step": float("inf")}, "`max_log_step` must be a finite number > 0"),
-        ({"objective": "hessian"}, r"`objective` must be one of \['grad_norm', 'curvature', 'adam_step'\]"),
+        (
+            {"objective": "hessian"},
+            r"`objective` must be one of \['grad_norm', 'curvature', 'adam_step'\]",
+        ),
     ]:
         with pytest.raises(ValueError, match=message):
             teleport(model, _loss, batch, **kwargs)
@@ -319,7 +322,10 @@ def test_bad_config_is_refused():
         ("width=0", r"`width` must be an int >= 1"),
         ("depth=-1", r"`depth` must be an int >= 1"),
         ("teleport_batch_size=0", r"`teleport_batch_size` must be an int >= 1"),
-        ('objective="hessian"', r"`objective` must be one of \['grad_norm', 'curvature', 'adam_step'\]"),
+        (
+            'objective="hessian"',
+            r"`objective` must be one of \['grad_norm', 'curvature', 'adam_step'\]",
+        ),
         ("num_seeds=2.5", "`num_seeds` expects an int"),
     ]:
         with pytest.raises(ValueError, match=message):
