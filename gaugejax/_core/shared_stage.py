@@ -11,7 +11,6 @@ Runge-Kutta step written out from the wrapped solver's public `ButcherTableau` (
 solution, error estimate, dense output), so it agrees with the wrapped solver to rounding.
 """
 
-from collections.abc import Callable
 from typing import Any
 
 import diffrax
@@ -21,7 +20,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import PyTree
 
-from .solve import explicit_tableau
+from .solve import AbstractWrappedSolver, explicit_tableau
 
 
 def _combine(y: PyTree, weights: np.ndarray, ks: list) -> PyTree:
@@ -39,7 +38,7 @@ def _combine(y: PyTree, weights: np.ndarray, ks: list) -> PyTree:
     return jax.tree.map(one, y, *[k for _, k in terms])
 
 
-class SharedStageRK(diffrax.AbstractAdaptiveSolver):
+class SharedStageRK(AbstractWrappedSolver):
     """An explicit Runge-Kutta solver (`solver`'s tableau, interpolation and error estimate)
     that evaluates `field.coefficients(t)` once per distinct stage time of a step and applies
     it with `field.apply(coefficients, y)` at every stage at that time.
@@ -95,16 +94,6 @@ class SharedStageRK(diffrax.AbstractAdaptiveSolver):
     def wraps(solver: Any) -> bool:
         """Whether `solver` can be wrapped: an explicit Runge-Kutta solver with one tableau."""
         return explicit_tableau(solver) is not None
-
-    @property
-    def interpolation_cls(self) -> Callable:  # pyright: ignore
-        return self.solver.interpolation_cls
-
-    def order(self, terms):
-        return self.solver.order(terms)
-
-    def error_order(self, terms):
-        return self.solver.error_order(terms)
 
     def _stage_times(self) -> tuple[np.ndarray, bool]:
         """The stages' `c` (the first stage's included) and whether a stage lies at the step's

@@ -130,6 +130,23 @@ def result_name(result) -> str:
     return f"unknown_{int(code)}"
 
 
+class AbstractWrappedSolver(diffrax.AbstractAdaptiveSolver):
+    """A solver whose steps are built on another's (`solver`): its interpolation, order and
+    error order are the wrapped solver's (`SharedStageRK`, `LocalErrorSolver`)."""
+
+    solver: eqx.AbstractVar[diffrax.AbstractSolver]
+
+    @property
+    def interpolation_cls(self) -> Any:  # pyright: ignore
+        return self.solver.interpolation_cls
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+
 def explicit_tableau(solver: Any) -> diffrax.ButcherTableau | None:
     """The Butcher tableau of an explicit Runge-Kutta solver with one tableau (`Tsit5`,
     `Dopri5`, `Heun`, `gj.RK4`, ...), read from diffrax's public `tableau`; None for any other

@@ -12,6 +12,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from .._core.calculus import time_derivative
 from .._core.numerics import quadrature
+from .._core.solve import AbstractWrappedSolver
 from ..models import AbstractNeuralODE
 from ..models.linearize import check_affine, describe_field, linear_field, not_affine
 
@@ -129,7 +130,7 @@ def canonical_gauge(
 TRAJECTORY_TERMS = ("kinetic", "jacobian", "uniform_motion", "r3", "local_error")
 
 
-class LocalErrorSolver(diffrax.AbstractAdaptiveSolver):
+class LocalErrorSolver(AbstractWrappedSolver):
     """`solver`'s steps, with its own local error estimate accumulated into the state: on a
     state `(x, integrals)` every step adds `|t1 - t0| * sum |error of x|` to
     `integrals["local_error"]` (the recipe of diffrax issue #196; Pal et al., ICML 2021,
@@ -143,16 +144,6 @@ class LocalErrorSolver(diffrax.AbstractAdaptiveSolver):
     solver: diffrax.AbstractAdaptiveSolver
 
     term_structure = diffrax.AbstractTerm
-
-    @property
-    def interpolation_cls(self) -> Callable:  # pyright: ignore
-        return self.solver.interpolation_cls
-
-    def order(self, terms):
-        return self.solver.order(terms)
-
-    def error_order(self, terms):
-        return self.solver.error_order(terms)
 
     def init(self, terms, t0, t1, y0, args):
         return self.solver.init(terms, t0, t1, y0, args)
