@@ -168,6 +168,7 @@ CANONICAL_FAMILIES = (
     "UnitPermutationGauge",
     "HeadPermutationGauge",
     "BlockAttentionGauge",
+    "DecoderGauge",
 )
 
 
