@@ -91,7 +91,6 @@ def test_attention_canonical_form_is_one_point_per_orbit(getkey, case):
         moved = heads.act(heads.sample(getkey()), moved)
         assert _distance(moved, model) > 1.0
         distances.append(_distance(gj.canonicalize(moved), canonical))
-        np.testing.assert_allclose(moved(x), model(x), atol=1e-13)
     assert max(distances) < ORBIT_AGREEMENT[case]
     assert jnp.max(jnp.abs(canonical(x) - model(x))) < 5e-15
     other = gj.canonicalize(gj.BlockAttention(6, 4, 2, key=getkey(), **kwargs))
