@@ -154,6 +154,16 @@ def test_canonicalize_refuses_bad_input(getkey):
         gj.canonicalize(mlp, gj.UnitPermutationGauge.from_model(mlp).control())
     with pytest.raises(TypeError, match=r"`gauge` must be a gauge family, a non-empty sequence"):
         gj.canonicalize(mlp, [])
+    continuous = gj.BlockAttentionGauge.from_model(attention)
+    with pytest.raises(
+        TypeError, match=r"BlockAttentionGauge acts on a BlockAttention; received MLP"
+    ):
+        gj.canonicalize(mlp, continuous)
+    with pytest.raises(ValueError, match=r"control of BlockAttentionGauge \(breaking='alpha'\)"):
+        gj.canonicalize(attention, continuous.control())
+    heads = gj.HeadPermutationGauge.from_model(attention)
+    with pytest.raises(ValueError, match="control of HeadPermutationGauge is no symmetry"):
+        gj.canonicalize(attention, heads.control())
 
 
 # a SwiGLU RMSNorm decoder with gains and grouped-query RoPE heads; a LayerNorm one (through
@@ -172,7 +182,8 @@ def test_decoder_canonical_form_is_one_point_per_orbit(getkey, case):
     """A `Decoder` moved by a random element of `DecoderGauge` (a residual rotation, every
     block's attention gauges, SwiGLU scales, gain scales) canonicalises to the model's own
     canonical form (table above), with every norm gain exactly 1, computing the model's
-    function (to 1e-14 on 5 tokens); another seed stays apart (> 1)."""
+    function (to 1e-14 on 5 tokens); another seed stays apart (> 1); the control (a generic
+    residual map) is refused."""
     kwargs = DECODERS[case]
     model = gj.Decoder(6, 3, 6, 1, 2, 2, 5, key=getkey(), **kwargs)
     gauge = gj.DecoderGauge.from_model(model)
@@ -188,3 +199,5 @@ def test_decoder_canonical_form_is_one_point_per_orbit(getkey, case):
     assert jnp.max(jnp.abs(canonical(x) - model(x))) < 1e-14
     other = gj.canonicalize(gj.Decoder(6, 3, 6, 1, 2, 2, 5, key=getkey(), **kwargs))
     assert _distance(other, canonical) > 1.0
+    with pytest.raises(ValueError, match="control of DecoderGauge is no symmetry"):
+        gj.canonicalize(model, gauge.control())
