@@ -113,6 +113,7 @@ from ._fixing.align import (
     parameter_distance as parameter_distance,
 )
 from ._fixing.balancing import BalanceResult as BalanceResult, balance as balance
+from ._fixing.canonical import canonicalize as canonicalize
 from ._fixing.gauge_fixing import (
     TRAJECTORY_TERMS as TRAJECTORY_TERMS,
     LocalErrorSolver as LocalErrorSolver,

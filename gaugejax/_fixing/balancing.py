@@ -10,7 +10,6 @@ its fixed point every per-unit Noether charge `|incoming|^2 + bias^2 - |outgoing
 (the stationarity condition of the norm along the orbit).
 """
 
-import functools
 import math
 from typing import Any
 
@@ -22,7 +21,9 @@ from jaxtyping import Array, Bool, Float, Int
 from ..gauges.rescaling import (
     RescalingElement,
     RescalingGauge,
+    balance_factors,
     chain_kind,
+    chain_squares,
     chain_view,
     unit_norms,
 )
@@ -69,43 +70,6 @@ class BalanceResult(eqx.Module):
     max_charge: Float[Array, ""]
 
 
-@functools.partial(jax.jit, static_argnames="max_iterations")
-def _solve(squares: list, bias_squares: list, tol, max_iterations: int):
-    """Gauss-Seidel sweeps of the closed-form update on the squared factors `s_l`.
-
-    `squares[l]` is `W_l**2` summed over trailing axes, `(out, in)`; `bias_squares[l]` is
-    `b_l**2` summed likewise, `(out,)` (zeros without a bias). Returns `(s, sweeps, change)`.
-    """
-    num_hidden = len(squares) - 1
-    dtype = squares[0].dtype
-
-    def sweep(state):
-        i, s, _ = state
-        s = list(s)
-        change = jnp.zeros((), dtype)
-        for n in range(num_hidden):
-            s_in = jnp.ones(squares[n].shape[1], dtype) if n == 0 else s[n - 1]
-            s_out = jnp.ones(squares[n + 1].shape[0], dtype) if n == num_hidden - 1 else s[n + 1]
-            q = squares[n] @ (1.0 / s_in) + bias_squares[n]  # incoming at s_n = 1
-            p = s_out @ squares[n + 1]  # outgoing at s_n = 1
-            # units with zero incoming or outgoing weights have no minimum on the orbit (the
-            # norm decreases forever as alpha -> inf or 0): their factor stays at 1
-            live = (q > 0) & (p > 0)
-            new = jnp.where(live, jnp.sqrt(p / jnp.where(live, q, 1.0)), s[n])
-            # relative change of alpha = sqrt(s)
-            change = jnp.maximum(change, jnp.max(jnp.abs(jnp.sqrt(new / s[n]) - 1.0)))
-            s[n] = new
-        return i + 1, tuple(s), change
-
-    def cond(state):
-        i, _, change = state
-        return (i < max_iterations) & ~(change < tol)
-
-    s0 = tuple(jnp.ones(w.shape[0], dtype) for w in squares[:-1])
-    init = (jnp.zeros((), jnp.int32), s0, jnp.full((), jnp.inf, dtype))
-    return jax.lax.while_loop(cond, sweep, init)
-
-
 def balance(
     model: Any,
     gauge: RescalingGauge | None = None,
@@ -146,15 +110,8 @@ def balance(
         raise ValueError(f"`tol` must be a finite number > 0; received {tol!r}.")
     gauge.check_model(model)
     weights, biases = chain_view(model, chain_kind(model, "balance"))
-    dtype = weights[0].dtype
-    squares = [jnp.sum(w**2, axis=tuple(range(2, w.ndim))).astype(dtype) for w in weights]
-    bias_squares = [
-        jnp.zeros(w.shape[0], dtype)
-        if b is None
-        else jnp.sum(b**2, axis=tuple(range(1, b.ndim))).astype(dtype)
-        for w, b in zip(weights, biases, strict=True)
-    ]
-    sweeps, s, change = _solve(squares, bias_squares, tol, max_iterations)
+    squares, bias_squares = chain_squares(weights, biases)
+    sweeps, s, change = balance_factors(squares, bias_squares, tol, max_iterations)
     scales = tuple(jnp.sqrt(x) for x in s)
     balanced = gauge.act(scales, model)
     weights, biases = chain_view(balanced, chain_kind(balanced, "balance"))

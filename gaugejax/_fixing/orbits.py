@@ -28,6 +28,7 @@ from ..models.linear import (
 )
 from ..models.linearize import check_affine, describe_field, linear_field, not_affine
 from ..models.solved import observe_tangent
+from .canonical import canonicalize
 from .gauge_fixing import canonical_gauge
 
 
@@ -287,7 +288,11 @@ def _stack(trees: list, arg: str) -> PyTree:
 
 
 def parameter_spread(
-    models: Sequence[PyTree] | PyTree, *, where: Callable[[PyTree], PyTree] | None = None
+    models: Sequence[PyTree] | PyTree,
+    *,
+    where: Callable[[PyTree], PyTree] | None = None,
+    canonical: bool = False,
+    gauge: AbstractGauge | Sequence[AbstractGauge] | None = None,
 ) -> Float[Array, ""]:
     """The spread of the parameters of models trained from different seeds: `seed_spread` of
     their flattened inexact arrays (the mean over parameter entries of the across-seed standard
@@ -300,14 +305,31 @@ def parameter_spread(
       captured by closures are not pytree leaves and are not seen.
     - `where`: optional `model -> subtree` choosing the parameters to compare (e.g.
       `lambda m: (m.field.weights, m.field.biases)` to leave out a time basis); applied to each
-      model, or to the stacked model.
+      model, or to the stacked model (after `canonical`).
+    - `canonical`: the spread modulo the gauge group: each model is first replaced by its
+      canonical representative (`gj.canonicalize(model, gauge)`), so models that differ only
+      by an element of the group have spread 0 (to rounding). A stacked model is unstacked
+      first.
+    - `gauge`: with `canonical`, the families to canonicalise along (as `gj.canonicalize`;
+      None: the model's full known group).
 
     **Returns:** a scalar.
 
     **Raises:** `ValueError` for fewer than 2 models or seeds, models of different structures,
-    a stacked model whose arrays do not share a leading axis, or no inexact arrays.
+    a stacked model whose arrays do not share a leading axis, no inexact arrays, or a `gauge`
+    without `canonical`; as `gj.canonicalize` with `canonical`.
     """
+    if gauge is not None and not canonical:
+        raise ValueError("`gauge` chooses the canonical form: pass it with `canonical=True`.")
     select = (lambda m: m) if where is None else where
+    if canonical:
+        if not isinstance(models, (list, tuple)):
+            size = _num_seeds(models, "models", "inexact")
+            params, static = eqx.partition(models, eqx.is_inexact_array)
+            models = [
+                eqx.combine(jax.tree.map(lambda a, i=i: a[i], params), static) for i in range(size)
+            ]
+        models = [canonicalize(m, gauge) for m in models]
     if isinstance(models, (list, tuple)):
         stacked = _stack([select(m) for m in models], "models")
     else:

@@ -142,6 +142,35 @@ class AbstractGauge(eqx.Module):
             "UnitPermutationGauge."
         )
 
+    def canonical_element(self, model: Any) -> PyTree:
+        """The element taking `model` to the canonical representative of its orbit
+        (`gj.canonicalize`): a function of `model` such that `act(canonical_element(m'), m')`
+        is the same model for every `m'` on the orbit of `model` (up to rounding, and up to
+        the directions the family documents as unfixed). Families with a canonical form
+        override it; the default refuses.
+
+        **Arguments:** `model`: a model the family acts on.
+
+        **Returns:** an element of the family.
+
+        **Raises:** `NotImplementedError` naming the family.
+        """
+        del model
+        raise NotImplementedError(
+            f"{type(self).__name__} has no canonical form (`canonical_element`); families that "
+            f"have one: {', '.join(CANONICAL_FAMILIES)}."
+        )
+
+
+# the families that override `canonical_element` (named in the refusal above)
+CANONICAL_FAMILIES = (
+    "RescalingGauge",
+    "UnitPermutationGauge",
+    "HeadPermutationGauge",
+    "BlockAttentionGauge",
+    "DecoderGauge",
+)
+
 
 class AbstractParameterGauge(AbstractGauge):
     """A family that moves a model's parameters. `tangent` is `d/da act(identity + a v)` at

@@ -75,6 +75,17 @@ def _complex_mul(a, b):
     )
 
 
+def _split(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """The invertible `R` (n x n) with `A R = U S^1/2` for the SVD `A B^T = U S V^T` (rank n
+    kept), signs fixed by the largest-magnitude entry of every column of `V` (positive); then
+    `B R^-T = V S^1/2`. `A` (a, n) and `B` (b, n) of full column rank n."""
+    n = A.shape[1]
+    U, s, Vt = np.linalg.svd(A @ B.T, full_matrices=False)
+    U, s, Vk = U[:, :n], s[:n], Vt[:n].T
+    sign = np.sign(Vk[np.argmax(np.abs(Vk), axis=0), np.arange(n)])
+    return np.linalg.lstsq(A, U * (sign * np.sqrt(s)), rcond=None)[0]
+
+
 class BlockAttentionGauge(AbstractParameterGauge):
     """The continuous gauges of a `BlockAttention` (module docstring). Build it with
     `BlockAttentionGauge.from_model(model)`.
@@ -242,6 +253,93 @@ class BlockAttentionGauge(AbstractParameterGauge):
         else:
             kind = "alpha"
         return dataclasses.replace(self, breaking=kind, key_shift=False, value_shift=False)
+
+    def canonical_element(self, model: BlockAttention) -> BlockAttentionElement:
+        """The element taking `model` to the canonical representative of its orbit, per
+        key-value group g (host numpy, in the model's dtype):
+
+        - score scale (activation-free scores): `alpha_i = (|VO_i| / |QK_i|)^1/2`, so that
+          every head's query-key product `QK_i = [Wq_i; bq_i] [Wk_g; bk_g]^T` and
+          value-output product `VO_i = [Wv_g; bv_g] Wo_i` have equal Frobenius norms;
+        - query-key without RoPE: the SVD `P = U S V^T` of the product of the group's stacked
+          query heads `A` and its keys `B` (`A B^T`, the key bias left out when `key_shift`
+          removes it) gives `M^T = A^+ U S^1/2`, so that `A M^T = U S^1/2`, `B M^-1 = V S^1/2`,
+          each column's sign fixed by making the largest-magnitude entry of `V` positive;
+        - query-key with RoPE (only per-pair complex factors z commute with the rotations):
+          per frequency pair, with `q`, `k` the pair's query and key columns read as complex
+          vectors, `|z|^2 = |k| / |q|` (equal norms after) and `arg z` such that the key's
+          largest-magnitude entry becomes real and positive;
+        - value-output: `C = V_g^+ U S^1/2` from the SVD of `[Wv_g; bv_g] [Wo_i / alpha_i]_i`
+          (the value bias left out when `value_shift` removes it), signs fixed on the output
+          side;
+        - shifts (softmax): `key_shift` and `value_shift` set the key and value biases to 0
+          (they are pure gauge there).
+
+        Unfixed: rotations inside subspaces of equal singular values, and signs or phases
+        where the entry that fixes them is not unique (both non-generic); with rank-deficient
+        stacks (`d < k`, or fewer value directions than `v`) the split is not invertible and
+        the result is not a canonical form.
+
+        **Raises:** as `check_model`; `ValueError` for a control family (no symmetry).
+        """
+        if self.breaking is not None:
+            raise ValueError(
+                f"the control of BlockAttentionGauge (breaking={self.breaking!r}) is no "
+                "symmetry: it has no canonical form."
+            )
+        self.check_model(model)
+        dtype = model.Wq.dtype
+        G, H, k, v = self.num_kv_heads, self.num_heads, self.head_dim, self.value_dim
+        group = np.asarray(model.group)
+        Wq, Wk, Wv, Wo = (np.asarray(a) for a in (model.Wq, model.Wk, model.Wv, model.Wo))
+
+        def augment(W, b, drop):  # the bias as one more input row, unless it is pure gauge
+            return W if b is None or drop else np.concatenate([W, np.asarray(b)[:, None]], 1)
+
+        Q = augment(Wq, model.bq, False)
+        K = augment(Wk, model.bk, self.key_shift)
+        V = augment(Wv, model.bv, self.value_shift)
+        alpha = np.ones(H, Wq.dtype)
+        if self.rescale:
+            qk = np.linalg.norm(np.einsum("hdk,hek->hde", Q, K[group]), axis=(1, 2))
+            vo = np.linalg.norm(np.einsum("hdv,hve->hde", V[group], Wo), axis=(1, 2))
+            alpha = np.sqrt(vo / qk)
+        Q = alpha[:, None, None] * Q
+        Wo = Wo / alpha[:, None, None]
+        qk_element, vo_element = [], []
+        for g in range(G):
+            A = Q[group == g].reshape(-1, k)  # the group's query heads stacked
+            if self._pairs():
+                first, second = (np.asarray(i) for i in rope_pairs(k, self.rope))
+                q = A[:, first] + 1j * A[:, second]
+                kc = K[g][:, first] + 1j * K[g][:, second]
+                top = kc[np.argmax(np.abs(kc), axis=0), np.arange(k // 2)]
+                ratio = np.linalg.norm(kc, axis=0) / np.linalg.norm(q, axis=0)
+                z = np.sqrt(ratio) * np.conj(top / np.abs(top))
+                qk_element.append(np.stack([z.real, z.imag], axis=-1))
+            else:
+                qk_element.append(_split(A, K[g]).T)
+            outputs = Wo[group == g].transpose(1, 0, 2).reshape(v, -1)  # (v, r d)
+            vo_element.append(_split(V[g], outputs.T))
+        qk = np.stack(qk_element)
+        vo = np.stack(vo_element)
+        key_shift = np.zeros((G, 0))
+        if self.key_shift:
+            # (no RoPE with a key shift: `qk` holds the matrices M); bk M^-1 + s = 0
+            key_shift = -np.einsum("gk,gkl->gl", np.asarray(model.bk), np.linalg.inv(qk))
+        value_shift = np.zeros((G, 0))
+        if self.value_shift:
+            value_shift = -np.einsum("gv,gvw->gw", np.asarray(model.bv), vo)
+        return cast_element(
+            BlockAttentionElement(
+                jnp.asarray(qk),
+                jnp.asarray(key_shift),
+                jnp.asarray(vo),
+                jnp.asarray(value_shift),
+                jnp.asarray(alpha if self.rescale else np.ones(0)),
+            ),
+            dtype,
+        )
 
     def act(self, g: BlockAttentionElement, model: BlockAttention) -> BlockAttention:
         self.check_model(model)

@@ -185,6 +185,76 @@ class DecoderGauge(AbstractParameterGauge):
         """A generic invertible (not orthogonal) residual map: RMSNorm breaks it."""
         return dataclasses.replace(self, breaking=True)
 
+    def canonical_element(self, model: Decoder) -> DecoderElement:
+        """The element taking `model` (a LayerNorm decoder: its fused form) to the canonical
+        representative of its orbit (host numpy, in the model's dtype):
+
+        - gains: `s = 1 / g` for every norm with a gain, so every gain becomes 1 and is carried
+          by the reads after it;
+        - residual basis: `Q` = the eigenvectors of the Gram matrix `W_in^T W_in` (plus
+          `positions^T positions` with learned positions), by decreasing eigenvalue, each
+          column's sign fixed by making the largest-magnitude entry of `W_in Q` stacked over
+          the read-out `(Q^T diag(g) W_out)^T` positive (the embedding rotates as `W_in Q`, so
+          its principal axes become the coordinate axes);
+        - SwiGLU: `c_j = (|W2[j]| / |W3[:, j]|)^1/2` after the rotation, so every unit's linear
+          branch and write have equal norms;
+        - attention: each block's `BlockAttentionGauge.canonical_element`, computed on the
+          block after the rotation and gains above (its sign rules read residual coordinates,
+          which are canonical by then); head side and residual side commute, so the parts
+          combine into one element.
+
+        Unfixed: rotations inside eigenspaces of equal eigenvalues (e.g. `vocab < d`, where
+        `W_in^T W_in` has a null space), signs where the deciding entry is not unique, and what
+        `BlockAttentionGauge.canonical_element` leaves; the decoder's permutations of heads
+        and hidden units (no family here moves them).
+
+        **Raises:** as `check_model`; `ValueError` for the control (no symmetry).
+        """
+        if self.breaking:
+            raise ValueError(
+                "the control of DecoderGauge is no symmetry: it has no canonical form."
+            )
+        self.check_model(model)
+        fused = fuse_layernorm(model)
+        W_in = np.asarray(fused.W_in)
+        gram = W_in.T @ W_in
+        if fused.positions is not None:
+            gram = gram + np.asarray(fused.positions).T @ np.asarray(fused.positions)
+        vectors = np.linalg.eigh(gram)[1][:, ::-1]
+        # signs: the embedding and the read-out (with its gain, which the reads carry) in the
+        # new basis, stacked: a fused LayerNorm decoder writes nothing along the all-ones
+        # direction (a null vector of the Gram matrix), but its read-out reads it
+        gain = 1.0 if fused.norm.weight is None else np.asarray(fused.norm.weight)[:, None]
+        seen = np.concatenate([W_in, (gain * np.asarray(fused.W_out)).T]) @ vectors
+        Q = vectors * np.sign(seen[np.argmax(np.abs(seen), axis=0), np.arange(self.dim)])
+        gains = tuple(
+            jnp.asarray(np.ones(0) if n.weight is None else 1.0 / np.asarray(n.weight))
+            for n in _norms(fused)
+        )
+        identity = self.identity()
+        rotated = self.act(
+            DecoderElement(jnp.asarray(Q), identity.attention, identity.scales, gains), model
+        )
+        scales = tuple(
+            np.ones(0)
+            if b.mlp.W3 is None
+            else np.sqrt(
+                np.linalg.norm(np.asarray(b.mlp.W2), axis=1)
+                / np.linalg.norm(np.asarray(b.mlp.W3), axis=0)
+            )
+            for b in rotated.blocks
+        )
+        attention = tuple(
+            a.canonical_element(b.attn) for a, b in zip(self.attention, rotated.blocks, strict=True)
+        )
+        element = DecoderElement(
+            jnp.asarray(Q),
+            attention,
+            tuple(jnp.asarray(c) for c in scales),
+            gains,
+        )
+        return cast_element(element, fused.W_in.dtype)
+
     def act(self, g: DecoderElement, model: Decoder) -> Decoder:
         self.check_model(model)
         model = fuse_layernorm(model)  # unchanged for RMSNorm; LayerNorm: its fused form

@@ -177,6 +177,30 @@ class HeadPermutationGauge(AbstractPermutationGauge):
         old = (g.groups[:, None] * self._per_group + g.heads).reshape(-1)  # per new head
         return _take_heads(model, old, g.groups, query_only=False)
 
+    def canonical_element(self, model: Any) -> HeadPermutation:
+        """The heads sorted by a key that the continuous gauges of `BlockAttentionGauge` (bar
+        the score scale) do not change: per query head i of key-value group g,
+        `|Wq_i Wk_g^T|^2 + |Wv_g Wo_i|^2` (Frobenius), largest first; the groups by the sum of
+        their heads' keys, the heads inside a group by their own. Heads (or groups) whose keys
+        agree to rounding are ordered arbitrarily (unfixed).
+
+        **Raises:** as `check_model`; `ValueError` for the control (it is no symmetry).
+        """
+        if self.one_sided:
+            raise ValueError(
+                "the control of HeadPermutationGauge is no symmetry: it has no canonical form."
+            )
+        self.check_model(model)
+        group = np.asarray(model.group)
+        Wq, Wk, Wv, Wo = (np.asarray(a) for a in (model.Wq, model.Wk, model.Wv, model.Wo))
+        qk = np.einsum("hdk,hek->hde", Wq, Wk[group])
+        vo = np.einsum("hdv,hve->hde", Wv[group], Wo)
+        key = np.sum(qk**2, axis=(1, 2)) + np.sum(vo**2, axis=(1, 2))
+        key = key.reshape(self.num_kv_heads, self._per_group)
+        groups = np.argsort(-np.sum(key, axis=1), kind="stable")
+        heads = np.argsort(-key[groups], axis=1, kind="stable")
+        return HeadPermutation(jnp.asarray(groups), jnp.asarray(heads))
+
     def control(self) -> "HeadPermutationGauge":
         """Query heads shifted without their keys, values and outputs."""
         return HeadPermutationGauge(self.num_heads, self.num_kv_heads, one_sided=True)
@@ -325,6 +349,31 @@ class UnitPermutationGauge(AbstractPermutationGauge):
             features = _unit_features(mod, i, prev, nxt)
             _, g[i] = scipy.optimize.linear_sum_assignment(features_ref @ features.T, maximize=True)
         return tuple(jnp.asarray(p) for p in g)
+
+    def canonical_element(self, model: Any) -> tuple[Int[Array, " w"], ...]:
+        """Every hidden layer's units sorted by a key that no permutation of the other layers
+        changes: the squared norm of the weights (and bias) writing the unit, largest first;
+        ties by the squared norm of the weights reading it, then by the writing weights'
+        sorted entries. On a balanced ReLU MLP the two norms agree, so rescaling the model
+        first (`gj.canonicalize`'s default) leaves a key that no rescaling changes either.
+        Units whose keys agree to rounding are ordered arbitrarily (their order stays unfixed).
+
+        **Raises:** as `check_model`; `ValueError` for the control (it is no symmetry).
+        """
+        if self.one_sided:
+            raise ValueError(
+                "the control of UnitPermutationGauge is no symmetry: it has no canonical form."
+            )
+        self.check_model(model)
+        layers = _unit_layers(model)
+        order = []
+        for i in range(len(self.widths)):
+            write, bias = layers[i]
+            incoming = np.sum(write**2, axis=1) + (0.0 if bias is None else bias**2)
+            outgoing = np.sum(layers[i + 1][0] ** 2, axis=0)
+            ties = np.sort(write, axis=1).T[::-1]  # lexsort: the last key is the primary one
+            order.append(jnp.asarray(np.lexsort((*ties, -outgoing, -incoming))))
+        return tuple(order)
 
     def control(self) -> "UnitPermutationGauge":
         """The first hidden layer's units permuted in the weights that write them only."""

@@ -13,6 +13,7 @@ output of `W_l`; a ConvNet's readout is viewed as `(out, channels, spatial)`, be
 channel-major flattened features.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -171,6 +172,58 @@ def unit_norms(weights: list, biases: list) -> list[tuple[Array, Array]]:
         outgoing = jnp.sum(w_next**2, axis=(0, *range(2, w_next.ndim)))
         norms.append((incoming, outgoing))
     return norms
+
+
+def chain_squares(weights: list, biases: list) -> tuple[list, list]:
+    """The inputs of `balance_factors`: per layer `W_l**2` summed over trailing axes, `(out,
+    in)`, and `b_l**2` summed likewise, `(out,)` (zeros without a bias)."""
+    dtype = weights[0].dtype
+    squares = [jnp.sum(w**2, axis=tuple(range(2, w.ndim))).astype(dtype) for w in weights]
+    bias_squares = [
+        jnp.zeros(w.shape[0], dtype)
+        if b is None
+        else jnp.sum(b**2, axis=tuple(range(1, b.ndim))).astype(dtype)
+        for w, b in zip(weights, biases, strict=True)
+    ]
+    return squares, bias_squares
+
+
+@functools.partial(jax.jit, static_argnames="max_iterations")
+def balance_factors(squares: list, bias_squares: list, tol, max_iterations: int):
+    """Gauss-Seidel sweeps of the closed-form ENorm update on the squared factors `s_l` (the
+    engine of `gj.balance` and of `RescalingGauge.canonical_element`; see `gj.balance`).
+
+    `squares[l]` is `W_l**2` summed over trailing axes, `(out, in)`; `bias_squares[l]` is
+    `b_l**2` summed likewise, `(out,)` (zeros without a bias). Returns `(s, sweeps, change)`.
+    """
+    num_hidden = len(squares) - 1
+    dtype = squares[0].dtype
+
+    def sweep(state):
+        i, s, _ = state
+        s = list(s)
+        change = jnp.zeros((), dtype)
+        for n in range(num_hidden):
+            s_in = jnp.ones(squares[n].shape[1], dtype) if n == 0 else s[n - 1]
+            s_out = jnp.ones(squares[n + 1].shape[0], dtype) if n == num_hidden - 1 else s[n + 1]
+            q = squares[n] @ (1.0 / s_in) + bias_squares[n]  # incoming at s_n = 1
+            p = s_out @ squares[n + 1]  # outgoing at s_n = 1
+            # units with zero incoming or outgoing weights have no minimum on the orbit (the
+            # norm decreases forever as alpha -> inf or 0): their factor stays at 1
+            live = (q > 0) & (p > 0)
+            new = jnp.where(live, jnp.sqrt(p / jnp.where(live, q, 1.0)), s[n])
+            # relative change of alpha = sqrt(s)
+            change = jnp.maximum(change, jnp.max(jnp.abs(jnp.sqrt(new / s[n]) - 1.0)))
+            s[n] = new
+        return i + 1, tuple(s), change
+
+    def cond(state):
+        i, _, change = state
+        return (i < max_iterations) & ~(change < tol)
+
+    s0 = tuple(jnp.ones(w.shape[0], dtype) for w in squares[:-1])
+    init = (jnp.zeros((), jnp.int32), s0, jnp.full((), jnp.inf, dtype))
+    return jax.lax.while_loop(cond, sweep, init)
 
 
 # ---------------------------------------------------------------------------- homogeneity
@@ -449,6 +502,31 @@ class RescalingGauge(AbstractParameterGauge):
             if self.compensate:
                 weights[n + 1] = weights[n + 1] / _cols(a, weights[n + 1])
         return _rebuild(model, kind, weights, biases)
+
+    def canonical_element(self, model: Any) -> RescalingElement:
+        """The element taking `model` to its balanced point, the minimum-norm point of its
+        orbit (the engine of `gj.balance`, iterated to `100 eps` of the dtype, at most 10^4
+        sweeps): every rescaled copy of `model` balances to the same model, since the norm is
+        strictly convex in `log alpha` wherever every unit has nonzero incoming and outgoing
+        weights. A unit whose incoming weights and bias, or outgoing weights, are all zero
+        keeps factor 1 (no minimum on its orbit): that direction stays unfixed.
+
+        **Returns:** one positive factor vector per hidden layer.
+
+        **Raises:** as `check_model`; `ValueError` for the control (`compensate=False` has no
+        orbit).
+        """
+        if not self.compensate:
+            raise ValueError(
+                "the control of RescalingGauge (compensate=False) changes the function: it has "
+                "no orbit and no canonical form."
+            )
+        kind, _ = self._validate(model)
+        weights, biases = chain_view(model, kind)
+        squares, bias_squares = chain_squares(weights, biases)
+        tol = 100 * float(jnp.finfo(squares[0].dtype).eps)
+        _, s, _ = balance_factors(squares, bias_squares, tol, 10_000)
+        return tuple(jnp.sqrt(x) for x in s)
 
 
 def _no_hidden(model: Any) -> str:
