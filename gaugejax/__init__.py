@@ -113,6 +113,12 @@ from ._fixing.align import (
     parameter_distance as parameter_distance,
 )
 from ._fixing.balancing import BalanceResult as BalanceResult, balance as balance
+from ._fixing.few_step import (
+    FewStepGauge as FewStepGauge,
+    FixedStepErrorObjective as FixedStepErrorObjective,
+    few_step_gauge as few_step_gauge,
+    keeps_endpoint as keeps_endpoint,
+)
 from ._fixing.gauge_fixing import (
     TRAJECTORY_TERMS as TRAJECTORY_TERMS,
     canonical_gauge as canonical_gauge,
