@@ -14,7 +14,11 @@ G(s, y) = tau'(s) F(tau(s), y), so uniform motion (dG/ds = 0 along a trajectory)
 constant speed |G| = tau' |F|, i.e. tau' proportional to 1/|F|: Sundman's arc-length time,
 whose steps are dense where the model moves fast. The learned map is compared with it: its
 step density in t, 1/tau', against the normalised speed |F(t, x(t))| (mean over held-out
-trajectories), and their correlation is reported.
+trajectories), and their correlation is reported. Measured (default preset): they are
+anti-correlated (-0.91 digits, -0.75 moons): the learned map does not follow arc-length time;
+it packs steps early in [0, T] (density up to 1.4) where the speed is flat or lower (|F| within
+0.94-1.03 of its mean on digits). RK4's local error is set by higher derivatives of the field
+along the trajectory, not by its speed (those derivatives are not measured here).
 """
 
 import dataclasses
@@ -64,7 +68,8 @@ class Config:
     tight_rtol: float = 1e-10
     tight_atol: float = 1e-12
     adaptive_rtols: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9)
-    exact_tolerance: float = 1e-10
+    # two solves at tight_rtol each carry their own error: agreement to 10x the tolerance
+    exact_tolerance: float = 1e-9
     aim_nfe: int = 8
     aim_reduction: float = 10.0  # the aim: this much lower error at aim_nfe...
     aim_saving: float = 2.0  # ...or the plain error at aim_nfe with this many times fewer NFE
@@ -192,7 +197,8 @@ def _one_model(cfg: Config, tr: TrainingRun, name: str, key) -> dict:
     speed = np.asarray(_speed(clf.node, tight, held_out[:64], t))
     density = 1.0 / np.asarray(dtau)
     sundman = speed / np.mean(speed)
-    corr = float(np.corrcoef(density, sundman)[0, 1])
+    # NaN when the identity was kept (a constant density has no correlation)
+    corr = float(np.corrcoef(density, sundman)[0, 1]) if np.ptp(density) > 0 else math.nan
     return {"rows": rows, "adaptive": adaptive, "exact_accuracy": exact_accuracy,
             "time_map": {"s": np.asarray(s), "t": np.asarray(t), "density": density,
                          "speed": sundman, "correlation": corr}}  # fmt: skip
@@ -246,7 +252,8 @@ def _claims(cfg: Config, models: dict) -> list:
             first["reduction"], first["reduction"] >= cfg.aim_reduction or saving >= cfg.aim_saving,
             f">= {cfg.aim_reduction:g}x lower error or >= {cfg.aim_saving:g}x fewer NFE",
             f"{table}; NFE saving at the plain {cfg.aim_nfe}-NFE error {saving:.2f}x (log-log "
-            f"along the gauged curve); exact accuracy {m['exact_accuracy']:.3f}; gauge "
+            "along the gauged curve, extrapolated past its end); "
+            f"exact accuracy {m['exact_accuracy']:.3f}; gauge "
             f"training {cost:.1f} s, {evals} forward field evaluations over "
             f"{len(m['rows'])} N; learned step density 1/tau' vs normalised speed |F| "
             f"(Sundman = Eq. 43 in the time family) correlation {tm['correlation']:.2f}, "
