@@ -13,6 +13,7 @@ from gaugejax import claims_table, format_measured, io, make_config, validate_ch
 from . import (
     alignment,
     attention_symmetry,
+    few_step_gauges,
     gauge_fixing,
     linear_symmetry,
     node_symmetry,
@@ -38,6 +39,7 @@ REPRODUCIBLE = {
     "orbit_cost": orbit_cost,
     "teleportation": teleportation,
     "alignment": alignment,
+    "few_step_gauges": few_step_gauges,
 }
 
 

@@ -114,6 +114,12 @@ from ._fixing.align import (
 )
 from ._fixing.balancing import BalanceResult as BalanceResult, balance as balance
 from ._fixing.canonical import canonicalize as canonicalize
+from ._fixing.few_step import (
+    FewStepGauge as FewStepGauge,
+    FixedStepErrorObjective as FixedStepErrorObjective,
+    few_step_gauge as few_step_gauge,
+    keeps_endpoint as keeps_endpoint,
+)
 from ._fixing.gauge_fixing import (
     TRAJECTORY_TERMS as TRAJECTORY_TERMS,
     LocalErrorSolver as LocalErrorSolver,
