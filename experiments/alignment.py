@@ -5,8 +5,9 @@ stacked model per width: Adam trains each seed as if alone). The second of each 
 to the first along the permutations of its hidden units (`gj.align`: weight matching, Ainsworth
 et al., ICLR 2023), which keeps its function (checked on the test split). Measured along the
 straight line between the two (`path_points` points, ends included), before and after the
-alignment: the training and test loss and the test accuracy; the loss barrier (the largest
-loss on the path minus the mean of its ends); the time to align. Git re-basin reports
+alignment, and between the two canonical forms (`gj.canonicalize`: balanced, units sorted by
+norm; no matching): the training and test loss and the test accuracy; the loss barrier (the
+largest loss on the path minus the mean of its ends); the time to align. Git re-basin reports
 near-zero barriers for wide MLPs: the aim is a barrier cut of at least `min_cut`x at the
 largest width.
 """
@@ -113,10 +114,14 @@ def run(config: Config, run_dir: Path) -> dict:
             aligned = gj.align(a, b)
             align_s = time.perf_counter() - start
             before, after = (jax.device_get(_path(a, m, ts, splits)) for m in (b, aligned.model))
+            # both in canonical form instead (balanced, units sorted by norm): no matching
+            canonical = jax.device_get(_path(gj.canonicalize(a), gj.canonicalize(b), ts, splits))
             logits = [np.asarray(jax.vmap(m)(data.x_test)) for m in (b, aligned.model)]
             widths[str(width)] = {
                 "before": {k: np.asarray(v) for k, v in before.items()},
                 "after": {k: np.asarray(v) for k, v in after.items()},
+                "canonical": {k: np.asarray(v) for k, v in canonical.items()},
+                "barrier_canonical": _barrier(np.asarray(canonical["train_loss"])),
                 "barrier_before": _barrier(np.asarray(before["train_loss"])),
                 "barrier_after": _barrier(np.asarray(after["train_loss"])),
                 "test_barrier_before": _barrier(np.asarray(before["test_loss"])),
@@ -128,7 +133,10 @@ def run(config: Config, run_dir: Path) -> dict:
             }
         results = {"ts": ts, "widths": widths}
         records = [
-            {"width": int(w), **{k: v for k, v in r.items() if k not in ("before", "after")}}
+            {
+                "width": int(w),
+                **{k: v for k, v in r.items() if k not in ("before", "after", "canonical")},
+            }
             for w, r in widths.items()
         ]
         seeds = {"seed": config.seed, "data_seed": config.seed}  # width i: fold_in(key(seed), i)
@@ -143,7 +151,8 @@ def _claims(config: Config, widths: dict) -> list:
     table = "; ".join(
         f"width {w}: {r['barrier_before']:.3g} -> {r['barrier_after']:.3g} "
         f"({r['barrier_before'] / max(r['barrier_after'], 1e-300):.1f}x; test loss "
-        f"{r['test_barrier_before']:.3g} -> {r['test_barrier_after']:.3g}), {r['rounds']} rounds "
+        f"{r['test_barrier_before']:.3g} -> {r['test_barrier_after']:.3g}; both canonicalised "
+        f"instead: {r['barrier_canonical']:.3g}), {r['rounds']} rounds "
         f"in {r['align_s']:.2f} s"
         for w, r in widths.items()
     )
@@ -166,10 +175,11 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     ts, widths = np.asarray(results["ts"], float), results["widths"]
     fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 3.6), squeeze=False)
     for ax, (w, r) in zip(axes[0], widths.items(), strict=True):
-        for when, style in (("before", "--"), ("after", "-")):
+        for when, style in (("before", "--"), ("canonical", ":"), ("after", "-")):
             for split, color in (("train", "tab:blue"), ("test", "tab:orange")):
                 ax.plot(ts, np.asarray(r[when][f"{split}_loss"], float), style, color=color,
-                        label=f"{split} loss, {when} alignment")  # fmt: skip
+                        label=f"{split} loss, {when}" + (" form" if when == "canonical"
+                                                         else " alignment"))  # fmt: skip
         ax.set(title=f"width {w}: barrier {r['barrier_before']:.3g} -> {r['barrier_after']:.3g}",
                xlabel="t on the line (1 - t) A + t B", ylabel="cross-entropy")  # fmt: skip
         ax.grid(True, alpha=0.3)
