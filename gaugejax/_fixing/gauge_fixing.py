@@ -204,7 +204,7 @@ class _AugmentedField(eqx.Module):
 def integrate_regularizers(
     model,
     x0: Float[Array, " d"],
-    terms: tuple[str, ...] = TRAJECTORY_TERMS,
+    terms: tuple[str, ...] = ("kinetic", "jacobian", "uniform_motion"),
     *,
     key=None,
     probe: Float[Array, " d"] | None = None,
@@ -222,6 +222,9 @@ def integrate_regularizers(
     - `local_error`: `sum_steps |h| sum |error estimate|`, the model's adaptive solver's own
       local error estimates along this solve (`LocalErrorSolver`; Pal et al. 2021): it
       depends on the solver and controller, not on the trajectory alone.
+
+    `terms` defaults to the first three (RNODE's and Eq. 43's); `r3` and `local_error` on
+    request (`TRAJECTORY_TERMS` lists all five).
 
     **Raises:** `ValueError` for an unknown term (listing the valid ones) or `jacobian` without a
     `key` or `probe`.
