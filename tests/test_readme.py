@@ -50,8 +50,9 @@ def test_readme_example_runs_and_holds(index):
 def test_readme_layernorm_and_alignment_example():
     """The fused LayerNorm decoder and a gauge-moved one compute the LayerNorm decoder's
     function (measured 6.6e-15, 5.0e-15); aligning two seeds lowers their distance (28.7 to
-    15.5)."""
-    deviations, aligned = _run(_examples()[3], "README example 3")
+    15.5); a model and its aligned copy have one canonical form (squared distance < 1e-20)."""
+    deviations, aligned, canonical = _run(_examples()[3], "README example 3")
+    assert canonical == "True"  # b and its aligned copy: one orbit, one canonical form
     assert all(float(v) < 5e-14 for v in deviations.split()), deviations
     before, after = (float(v) for v in aligned.split(" -> "))
     assert before == pytest.approx(28.7, abs=0.1) and after == pytest.approx(15.5, abs=0.1)
