@@ -179,10 +179,10 @@ class _AugmentedField(eqx.Module):
             rates["jacobian"] = jnp.sum(pullback(self.probe)[0] ** 2)
         t_arr = jnp.asarray(t, dtype=x.dtype)
         if "uniform_motion" in self.terms:
-            along = self._along(self._field(args), args)
+            along = self._along(self._field(args), args, f)  # f: F(t, x), computed once
             rates["uniform_motion"] = jnp.sum(along(t_arr, x) ** 2)
         if "r3" in self.terms:  # d^3 x / dt^3: the total derivative along the flow, twice
-            third = self._along(self._along(self._field(args), args), args)
+            third = self._along(self._along(self._field(args), args), args, f)
             rates["r3"] = jnp.sum(third(t_arr, x) ** 2)
         if "local_error" in self.terms:  # accumulated by LocalErrorSolver, not integrated
             rates["local_error"] = jnp.zeros((), x.dtype)
@@ -191,12 +191,15 @@ class _AugmentedField(eqx.Module):
     def _field(self, args) -> Callable:
         return lambda tt, y: self.field(tt, y, args)
 
-    def _along(self, h: Callable, args) -> Callable:
+    def _along(self, h: Callable, args, f=None) -> Callable:
         """`(t, y) -> d/dt h(t, x(t))` at `x(t) = y` along the flow: one jvp in the direction
-        `(1, F(t, y))` (nested, these are Taylor-mode derivatives of the trajectory)."""
+        `(1, F(t, y))` (nested, these are Taylor-mode derivatives of the trajectory). `f`: the
+        field at the point the result is evaluated at, when already computed (the outermost
+        derivative; an inner one must evaluate the field itself, where it is differentiated)."""
 
         def dh(tt, y):
-            return jax.jvp(h, (tt, y), (jnp.ones_like(tt), self.field(tt, y, args)))[1]
+            v = self.field(tt, y, args) if f is None else f
+            return jax.jvp(h, (tt, y), (jnp.ones_like(tt), v))[1]
 
         return dh
 
