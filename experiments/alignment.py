@@ -36,7 +36,7 @@ class Config:
     depth: int = 2  # hidden layers
     learning_rate: float = 1e-3
     batch_size: int = 64
-    num_steps: int = 1000
+    num_steps: int = 500
     steps_per_chunk: int = 250
     path_points: int = 11
     min_cut: float = 5.0  # aim: the barrier cut at the largest width
