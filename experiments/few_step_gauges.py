@@ -61,7 +61,7 @@ class Config:
     num_modes: int = 4
     rho: float = 0.9  # tau' in [1 - rho, 1 + rho]
     gauge_inputs: int = 64  # training inputs of the gauge
-    gauge_steps: int = 100
+    gauge_steps: int = 50
     gauge_chunk: int = 25
     gauge_lr: float = 3e-3
     held_out: int = 256  # test inputs the errors and accuracies are measured on
