@@ -103,7 +103,7 @@ class Config:
         return out
 
 
-EXPENSIVE_FIRST = ("regularizers", "node_symmetry", "gauge_fixing", "orbit_cost", "few_step_gauges")
+EXPENSIVE_FIRST = ("regularizers", "node_symmetry", "gauge_fixing", "orbit_cost")
 
 
 # (evidence row id, what the numerics say), in the paper's order; the README says the same
