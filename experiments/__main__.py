@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="expose N CPU devices (or 'auto': one per core) that sweeps shard over (default: "
         "the experiment's own, 'auto' for benchmark_sweep; else those XLA_FLAGS gives, one "
-        "unless set); reproduce already runs its experiments in parallel threads, which share "
-        "the cores",
+        "unless set); reproduce already runs its experiments in parallel processes, which "
+        "share the cores",
     )
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (TOML values)")
     args = parser.parse_intermixed_args(argv)  # overrides may follow --config

@@ -1,14 +1,27 @@
 """Run every experiment's checks at one preset and write `report.md` with measured numbers."""
 
-import concurrent.futures
 import dataclasses
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import jax
 from tqdm.auto import tqdm
 
-from gaugejax import claims_table, format_measured, io, make_config, validate_checks
+from gaugejax import (
+    claims_table,
+    format_measured,
+    io,
+    make_config,
+    use_compilation_cache,
+    validate_checks,
+)
 
 from . import (
     alignment,
@@ -52,9 +65,12 @@ class Config:
     preset: str = "default"
     experiments: tuple[str, ...] = tuple(REPRODUCIBLE)  # all of them, in report order
     checks: tuple[str, ...] = ()
-    # experiments run concurrently on this many threads (1: one after another, so each
-    # experiment's wall time in the report is its own). 2: the training experiments run one
-    # compiled program at a time on one core, so a second experiment fills the other core
+    # experiments run concurrently in this many processes (1: one after another in this
+    # process, so each experiment's wall time in the report is its own). 2: the training
+    # experiments run one compiled program at a time on one core, so a second experiment fills
+    # the other core; processes, not threads, so that one's tracing does not wait for the
+    # other's on the interpreter lock (measured, node_symmetry beside gauge_fixing on 2 cores:
+    # 92.6 s in two threads, 81.6 s in two processes)
     workers: int = 2
 
     def __post_init__(self):
@@ -218,6 +234,101 @@ def write_report(path: Path, claims_by_exp: dict, env: dict, config: Config, wal
     return io.atomic_write_bytes(path, "\n".join(lines).encode())
 
 
+# children start from a fresh interpreter: JAX's threads make forking this process unsafe
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def _jax_settings() -> dict:
+    """What a child process must set as this one has it: float64, the compilation cache and
+    the CPU device count (`--cpu-devices`; the thread pool's size `NPROC` is inherited)."""
+    return {
+        "x64": jax.config.jax_enable_x64,
+        "cache": jax.config.jax_compilation_cache_dir,
+        "cpu_devices": jax.config.jax_num_cpu_devices,
+    }
+
+
+def _run_and_save(name: str, config: Any, sub_dir: Path) -> dict:
+    summary = REPRODUCIBLE[name].run(config, sub_dir)
+    io.write_json(sub_dir / "summary.json", summary)
+    return summary
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run_in_child(name: str, config: Any, sub_dir: Path, slot: int, settings: dict) -> None:
+    """A child process's whole life: one experiment, its summary written to `sub_dir`. It
+    stops as the CLI does on SIGTERM, which the parent sends once when it is interrupted (a
+    Ctrl-C reaches the parent and its children alike: the children ignore it, so that the one
+    stop request they get arrives while their experiment runs, not during its clean-up)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop)
+    jax.config.update("jax_enable_x64", settings["x64"])
+    jax.config.update("jax_num_cpu_devices", settings["cpu_devices"])
+    if settings["cache"]:
+        use_compilation_cache(settings["cache"])
+    BAR_POSITION.set(slot)
+    # bars of one process need only a thread lock; tqdm's default adds a process-shared
+    # semaphore, which an interrupted child (it exits at once) would leave behind
+    tqdm.set_lock(threading.RLock())
+    try:
+        _run_and_save(name, config, sub_dir)
+    except KeyboardInterrupt:
+        # exit now, not after the checks still running in the experiment's worker threads
+        # (the interpreter would join them); what finished is on disk, atomically
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED)
+
+
+# a child's exit code when it stopped on request (the CLI's code for an interrupted run)
+INTERRUPTED = 130
+
+
+def _run_in_children(order, workers: int, start, finished, run_dir: Path) -> dict:
+    """Run the experiments `order` in at most `workers` child processes at a time
+    (`start(name, slot)` starts one or returns a kept result; `finished(name, summary, wall)`
+    records one): `{name: (summary, wall time)}`. A child that fails stops the others and
+    raises; an interruption of this process (Ctrl-C, or SIGTERM through the CLI) is passed on
+    to the running children, which stop as the CLI does, and is raised once they have."""
+    pending, running, done = list(order), {}, {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                name = pending.pop(0)
+                slot = min(set(range(workers)) - {s for _, s, _ in running.values()})
+                result = start(name, slot)
+                if isinstance(result, tuple):
+                    done[name] = result
+                else:
+                    running[name] = (result, slot, time.perf_counter())
+            if not running:
+                continue
+            multiprocessing.connection.wait([c.sentinel for c, _, _ in running.values()])
+            for name in [n for n, (c, _, _) in running.items() if not c.is_alive()]:
+                child, _, began = running.pop(name)
+                child.join()
+                if child.exitcode == INTERRUPTED:  # stopped by a signal of its own
+                    raise KeyboardInterrupt(f"{name} was stopped")
+                if child.exitcode != 0:
+                    raise RuntimeError(
+                        f"reproduce: {name} failed in its process (exit code {child.exitcode}; "
+                        f"its error is printed above); its files are in {run_dir / name}"
+                    )
+                summary = io.read_json(run_dir / name / "summary.json")
+                done[name] = finished(name, summary, time.perf_counter() - began)
+    except BaseException:
+        for child, _, _ in running.values():
+            if child.is_alive():
+                os.kill(child.pid, signal.SIGTERM)
+        for child, _, _ in running.values():
+            child.join()
+        raise
+    return done
+
+
 def run(config: Config, run_dir: Path) -> dict:
     """Run each experiment at `config.preset` in `run_dir/<name>/`; write `report.md`."""
     run_dir = Path(run_dir)
@@ -230,9 +341,10 @@ def run(config: Config, run_dir: Path) -> dict:
     def say(text: str) -> None:
         tqdm.write(text, file=sys.stderr)
 
-    def one(name):
-        # this thread's experiment draws its bar on its own line (workers run side by side)
-        BAR_POSITION.set(order.index(name) % config.workers)
+    def one(name: str, slot: int | None) -> tuple[dict, float] | multiprocessing.Process:
+        """Run `name`: in this process when `slot` is None (its summary and wall time), else in
+        a child process drawing its bar on line `slot` (the started child). A summary kept from
+        an interrupted run is returned as it is."""
         sub_dir = run_dir / name
         sub_dir.mkdir(parents=True, exist_ok=True)
         # a resumed run: the same config or nothing (the first run writes it)
@@ -246,10 +358,16 @@ def run(config: Config, run_dir: Path) -> dict:
         ]
         what = f"{len(checks)} checks" if checks else "training runs"
         say(f"[{number[name]}/{total}] {name}: {what}")
+        if slot is not None:
+            args = (name, configs[name], sub_dir, slot, _jax_settings())
+            child = SPAWN.Process(target=_run_in_child, args=args, name=f"reproduce {name}")
+            child.start()
+            return child
         start = time.perf_counter()
-        summary = REPRODUCIBLE[name].run(configs[name], sub_dir)
-        io.write_json(sub_dir / "summary.json", summary)
-        wall = time.perf_counter() - start
+        summary = _run_and_save(name, configs[name], sub_dir)
+        return finished(name, summary, time.perf_counter() - start)
+
+    def finished(name: str, summary: dict, wall: float) -> tuple[dict, float]:
         say(
             f"[{number[name]}/{total}] {name}: {summary['num_pass']}/{summary['num_claims']} "
             f"claims pass ({wall:.0f} s)"
@@ -258,14 +376,10 @@ def run(config: Config, run_dir: Path) -> dict:
 
     # with several workers the long ones start first; the report keeps `experiments` order
     order = sorted(config.experiments, key=lambda n: n not in EXPENSIVE_FIRST)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers)
-    try:
-        futures = {name: pool.submit(one, name) for name in order}
-        done = {name: f.result() for name, f in futures.items()}
-    except BaseException:  # Ctrl-C or a failure: do not start the experiments still queued
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
+    if min(config.workers, len(order)) == 1:
+        done = {name: one(name, None) for name in order}
+    else:
+        done = _run_in_children(order, config.workers, one, finished, run_dir)
     results = {name: done[name][0] for name in config.experiments}
     wall = {name: done[name][1] for name in config.experiments}
     report = write_report(run_dir / "report.md", results, env, config, wall)

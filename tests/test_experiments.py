@@ -595,6 +595,45 @@ def test_cli_interrupt_stops_within_seconds_and_marks_the_run(tmp_path, signum):
     assert not (run_dir / "checks" / "lie_bracket.json").exists()  # cancelled, never started
 
 
+def test_interrupted_reproduce_stops_its_child_processes(tmp_path):
+    """`reproduce` with two workers runs its experiments in child processes: SIGTERM to the
+    CLI while both children run stops them too (the parent passes one stop request on; a
+    Ctrl-C's SIGINT, which reaches every process of the terminal's group, is left to the
+    parent), within 10 s: exit code 130, status "interrupted", no child left running, and
+    the resume command printed. (Without the request passed on, node_symmetry ran thm21 to its
+    end and wrote its summary: the test failed.)"""
+    cmd = [sys.executable, "-m", "experiments", "reproduce", "--config",
+           "configs/reproduce/smoke.toml", "experiments=['node_symmetry', 'linear_symmetry']",
+           "checks=['node_symmetry.thm21', 'linear_symmetry.eq27']",
+           "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=dict(os.environ, GAUGEJAX_JAX_CACHE=""), stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+
+    def experiment_children() -> list[int]:  # not multiprocessing's resource tracker
+        listed = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        cmdlines = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in listed}
+        return [int(pid) for pid, cmd in cmdlines.items() if b"spawn_main" in cmd]
+
+    while len(pids := experiment_children()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(5.0)  # the children import JAX and start their checks (thm21: about 10 s)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert time.monotonic() - sent < 10 and proc.returncode == 130, err[-2000:]
+    (run_dir,) = tmp_path.glob("reproduce/*")
+    # node_symmetry stopped inside thm21, not run to its end (linear_symmetry's eq27 is short)
+    assert not (run_dir / "node_symmetry" / "summary.json").exists(), err[-2000:]
+    assert "leaked" not in err  # a stopped child leaves no semaphore behind
+    assert io.read_json(run_dir / "status.json")["status"] == "interrupted"
+    assert f"--resume {run_dir}" in err and not (run_dir / "report.md").exists()
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]  # joined, not orphaned
+
+
 def test_killed_gauge_fixing_resumes_to_the_same_files(tmp_path, capfd):
     """SIGKILL while the second lambda trains (its first checkpoint written, not its last), then
     `--resume`: the finished lambda is kept, the other continues from its checkpoint, and every
