@@ -331,6 +331,7 @@ class DecoderGauge(AbstractParameterGauge):
         return g
 
     def _fit_rotation(self, reference, current, identity):
+        """The residual rotation of `match` (Procrustes), as an element moving `current`."""
         d = self.dim
         gains, gains_ref = (
             [np.ones(d) if n.weight is None else np.asarray(n.weight) for n in _norms(m)]
@@ -353,6 +354,7 @@ class DecoderGauge(AbstractParameterGauge):
         return DecoderElement(Q, identity.attention, identity.scales, identity.gains)
 
     def _fit_gains(self, reference, current, identity):
+        """The norm-gain scales of `match` (per channel), or None without gains."""
         if not any(self.gained):
             return None
         reads = [[] for _ in self.gained]
@@ -377,6 +379,7 @@ class DecoderGauge(AbstractParameterGauge):
         return DecoderElement(identity.rotation, identity.attention, identity.scales, tuple(gains))
 
     def _fit_attention(self, reference, current, identity):
+        """Every block's `BlockAttentionGauge.match` from the identity, as one element."""
         attention = tuple(
             a.match(br.attn, bc.attn, e)
             for a, br, bc, e in zip(
@@ -386,6 +389,7 @@ class DecoderGauge(AbstractParameterGauge):
         return DecoderElement(identity.rotation, attention, identity.scales, identity.gains)
 
     def _fit_scales(self, reference, current, identity):
+        """The SwiGLU unit scales of `match`, or None without a SwiGLU MLP."""
         if not any(self.hidden):
             return None
         scales = []
