@@ -7,6 +7,11 @@ freedom with the family's own elements, so the aligned model computes exactly wh
 reference's. Git re-basin (Ainsworth et al., ICLR 2023) aligns ReLU MLPs by weight matching
 and finds near-zero loss barriers on the straight line between them; `gj.align` runs the
 family's `match` (one round of coordinate descent) until the distance stops falling.
+
+Families with `match`: `UnitPermutationGauge` (weight matching of hidden units),
+`BlockAttentionGauge` (query-key and value-output least squares per key-value group) and
+`DecoderGauge` (a decoder's residual rotation by orthogonal Procrustes, norm gains, every
+block's attention and SwiGLU unit scales).
 """
 
 import dataclasses
@@ -77,7 +82,8 @@ def align(
     **Arguments:**
 
     - `reference`, `model`: two models of the same structure and shapes (e.g. two seeds).
-    - `gauge`: the family to align along; None: `UnitPermutationGauge.from_model(model)`
+    - `gauge`: the family to align along (one with `match`: `UnitPermutationGauge`,
+      `BlockAttentionGauge`, `DecoderGauge`); None: `UnitPermutationGauge.from_model(model)`
       (an `eqx.nn.MLP` or a `BlockMLP`: weight matching of the hidden units).
     - `max_rounds`: at most this many rounds.
 

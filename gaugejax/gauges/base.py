@@ -18,6 +18,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
 from .._core._types import SpacetimeGenerator
@@ -139,7 +140,7 @@ class AbstractGauge(eqx.Module):
         del reference, model, g
         raise NotImplementedError(
             f"{type(self).__name__} has no alignment (`match`); families that have one: "
-            "UnitPermutationGauge."
+            f"{', '.join(MATCH_FAMILIES)}."
         )
 
     def canonical_element(self, model: Any) -> PyTree:
@@ -161,6 +162,9 @@ class AbstractGauge(eqx.Module):
             f"have one: {', '.join(CANONICAL_FAMILIES)}."
         )
 
+
+# the families that override `match` (named in its refusal above)
+MATCH_FAMILIES = ("UnitPermutationGauge", "BlockAttentionGauge", "DecoderGauge")
 
 # the families that override `canonical_element` (named in the refusal above)
 CANONICAL_FAMILIES = (
@@ -212,3 +216,27 @@ def well_conditioned(key, shape, log_cond: float):
     V = jnp.linalg.qr(jax.random.normal(kv, shape))[0]
     s = jnp.exp(jax.random.uniform(ks, shape[:-1], minval=-0.5, maxval=0.5) * log_cond)
     return jnp.einsum("...ij,...j,...kj->...ik", U, s, V)
+
+
+def best_scale(a, b, c, e) -> np.ndarray:
+    """Per entry, the scale `s > 0` that brings a weight `u` scaled by `s` and a weight `w`
+    divided by it closest to the reference's `u_ref`, `w_ref` (alignment's unit scalings):
+    `|s u - u_ref|^2 + |w / s - w_ref|^2 = a s^2 - 2 b s + c / s^2 - 2 e / s + const`. The
+    exact minimiser over `s > 0`: of the positive real roots of the derivative's quartic
+    `a s^4 - b s^3 + e s - c` and `s = 1` (the current value), the one of least cost.
+
+    **Arguments:** `a = |u|^2`, `b = <u, u_ref>`, `c = |w|^2`, `e = <w, w_ref>`: (n,) host
+    arrays, one entry per scale.
+
+    **Returns:** the (n,) scales, a float64 numpy array.
+    """
+    out = np.ones(np.shape(a))
+    for j, coefficients in enumerate(zip(a, b, c, e, strict=True)):
+        aj, bj, cj, ej = coefficients
+        roots = np.roots([aj, -bj, 0.0, ej, -cj]) if aj or cj else np.ones(0)
+        roots = roots[np.isreal(roots)].real
+        candidates = np.concatenate([[1.0], roots[roots > 0]])
+        cost = aj * candidates**2 - 2 * bj * candidates + cj / candidates**2
+        cost = cost - 2 * ej / candidates
+        out[j] = candidates[np.argmin(cost)]
+    return out
