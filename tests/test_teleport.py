@@ -227,8 +227,12 @@ def test_experiment_writes_claims_and_figure_and_resumes_to_the_same_numbers(tmp
         "sgd_keeps_teleported_charges",
         "fewer_steps_sgd",
         "final_loss_sgd",
+        "sgd_speedup",
         "fewer_steps_adam",
         "final_loss_adam",
+        "adam_90pct_teleport",
+        "adam_90pct_adam_step",
+        "adam_90pct_early",
     ]
     assert full["figures"] == ["figures/teleportation.png"]
     assert (tmp_path / "full" / "figures" / "teleportation.png").stat().st_size > 10_000
@@ -254,6 +258,15 @@ def test_experiment_writes_claims_and_figure_and_resumes_to_the_same_numbers(tmp
     # the cost is counted: 2 teleports x (2 + 1) objective evaluations on 64 examples
     assert results["cost"]["sgd"]["teleport"]["teleport_objective_evaluations"] == 6
     assert results["cost"]["sgd"]["plain"]["teleport_objective_evaluations"] == 0
+    # ...and in gradient evaluations (minibatch gradients: 20 steps of 16 examples; a teleport
+    # 2 x 3 evaluations on 64 examples = 24): teleport arms 2 moves, early 1, balance none
+    want = {"plain": 20, "balance": 20, "teleport": 68, "early": 44, "adam_step": 68}
+    for opt in ("sgd", "adam"):
+        got = {a: c["gradient_evaluations"] for a, c in results["cost"][opt].items()}
+        assert got == {a: v for a, v in want.items() if (opt, a) != ("sgd", "adam_step")}
+        evals = np.asarray(results["grad_evals"][opt]["early"])
+        assert evals[0] == 24 and evals[-1] == 44 and np.all(np.diff(evals) == 1)
+    assert [m["step"] for m in results["moves"]["adam"]["early"]] == [0]
 
     # a simulated kill: the second arm (sgd/teleport) stops after its checkpoint at step 15,
     # inside its second segment (after the move at step 10, whose record is already saved)
@@ -290,7 +303,7 @@ def test_experiment_writes_claims_and_figure_and_resumes_to_the_same_numbers(tmp
     steps = [r["step"] for r in io.read_jsonl(arm / "metrics.jsonl")]
     assert steps == list(range(20))  # each step logged once, one log for the whole arm
     rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and {r["arm"] for r in rows} == {"plain", "teleport", "balance"}
+    assert len(rows) == 9 and {r["arm"] for r in rows} == set(teleportation.ARMS)
 
 
 def test_experiment_divergence_stops_at_the_last_good_checkpoint(tmp_path):

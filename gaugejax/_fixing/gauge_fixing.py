@@ -127,7 +127,7 @@ def canonical_gauge(
     return weight, CanonicalBias(weight, m)
 
 
-TRAJECTORY_TERMS = ("kinetic", "jacobian", "uniform_motion", "r3", "local_error")
+TRAJECTORY_TERMS = ("kinetic", "jacobian", "uniform_motion", "r3", "local_error", "steer")
 
 
 class LocalErrorSolver(AbstractWrappedSolver):
@@ -184,8 +184,9 @@ class _AugmentedField(eqx.Module):
         if "r3" in self.terms:  # d^3 x / dt^3: the total derivative along the flow, twice
             third = self._along(self._along(self._field(args), args), args, f)
             rates["r3"] = jnp.sum(third(t_arr, x) ** 2)
-        if "local_error" in self.terms:  # accumulated by LocalErrorSolver, not integrated
-            rates["local_error"] = jnp.zeros((), x.dtype)
+        for name in ("local_error", "steer"):  # accumulated by LocalErrorSolver; STEER: none
+            if name in self.terms:
+                rates[name] = jnp.zeros((), x.dtype)
         return f, rates
 
     def _field(self, args) -> Callable:
@@ -211,6 +212,7 @@ def integrate_regularizers(
     *,
     key=None,
     probe: Float[Array, " d"] | None = None,
+    steer_width: float | None = None,
 ) -> tuple[Float[Array, " d"], dict[str, Float[Array, ""]]]:
     """`x(t1)` and trajectory regularisers of a neural ODE, all in one `diffeqsolve`:
 
@@ -224,18 +226,43 @@ def integrate_regularizers(
       along the flow;
     - `local_error`: `sum_steps |h| sum |error estimate|`, the model's adaptive solver's own
       local error estimates along this solve (`LocalErrorSolver`; Pal et al. 2021): it
-      depends on the solver and controller, not on the trajectory alone.
+      depends on the solver and controller, not on the trajectory alone;
+    - `steer`: STEER (Ghosh et al., NeurIPS 2020): the solve ends at a random time
+      `T ~ U[t1 - b, t1 + b]` instead of `t1` (`b = steer_width`), so `x1` is `x(T)`. It
+      regularises by the draw alone: its reported integral is exactly 0 (a sum of the
+      integrals stays a correct loss), and the other terms integrate over `[t0, T]`. `T` is
+      `jax.random.uniform(steer_key, (), x0.dtype, t1 - b, t1 + b)` with
+      `probe_key, steer_key = jax.random.split(key)` (the jacobian probe, if any, is drawn
+      from `probe_key`: the two draws are independent). Use it for training solves only.
 
-    `terms` defaults to the first three (RNODE's and Eq. 43's); `r3` and `local_error` on
-    request (`TRAJECTORY_TERMS` lists all five).
+    `terms` defaults to the first three (RNODE's and Eq. 43's); `r3`, `local_error` and `steer`
+    on request (`TRAJECTORY_TERMS` lists all six).
 
-    **Raises:** `ValueError` for an unknown term (listing the valid ones) or `jacobian` without a
-    `key` or `probe`.
+    **Arguments:**
+
+    - `model`: a neural ODE observing `x(t1)` (not `observation_times`, with `steer`).
+    - `x0`: one initial state.
+    - `terms`: names from `TRAJECTORY_TERMS`.
+    - `key`: a PRNG key, for `jacobian`'s probe (without `probe`) and `steer`'s end time.
+    - `probe`: an explicit Hutchinson probe for `jacobian` (shape of `x0`).
+    - `steer_width`: STEER's half-width `b`, in `(0, t1 - t0)` (so that `T > t0`). Default
+      None: `(t1 - t0) / 2`, our choice (STEER tunes `b` per task; a half-interval keeps
+      every draw at least half the interval long).
+
+    **Returns:** `(x(t1), integrals)`: the end state (`x(T)` with `steer`) and a dict from each
+    name in `terms` to its integral (a scalar).
+
+    **Raises:** `ValueError` for an unknown term (listing the valid ones), `jacobian` without a
+    `key` or `probe`, `steer` without a `key`, a `steer_width` outside `(0, t1 - t0)`, or
+    `steer` on a model with `observation_times`.
     """
     terms = tuple(terms)
     unknown = [t for t in terms if t not in TRAJECTORY_TERMS]
     if unknown:
         raise ValueError(f"unknown regulariser(s) {unknown}; valid: {list(TRAJECTORY_TERMS)}.")
+    end = None
+    if "steer" in terms:
+        key, end = _steer_end_time(model, key, steer_width, x0.dtype)
     if "jacobian" in terms and probe is None:
         if key is None:
             raise ValueError("the `jacobian` term needs a `key` (Hutchinson probe) or a `probe`.")
@@ -245,8 +272,31 @@ def integrate_regularizers(
     augmented = model.with_field(field)
     if "local_error" in terms:
         augmented = augmented.with_options(solver=LocalErrorSolver(model.solver))
+    if end is not None:
+        augmented = augmented.with_options(t1=end)
     (x1, integrals), _ = augmented.solve((x0, zeros))
     return x1, integrals
+
+
+def _steer_end_time(model, key, width, dtype):
+    """`(probe_key, T)`: STEER's end time `T ~ U[t1 - b, t1 + b]` from one half of `key`, the
+    other half left for the jacobian probe (the two draws independent)."""
+    if key is None:
+        raise ValueError("the `steer` term needs a `key` (it draws the solve's end time).")
+    if model.observation_times is not None:
+        raise ValueError(
+            "the `steer` term moves the end time of an x(t1) observable; received a model with "
+            f"observation_times {model.observation_times} (a trajectory observable)."
+        )
+    t0, t1 = float(model.t0), float(model.t1)
+    b = (t1 - t0) / 2 if width is None else width
+    if not 0 < b < t1 - t0:
+        raise ValueError(
+            f"`steer_width` (STEER's half-width b) must be in (0, t1 - t0) = (0, {t1 - t0:g}), "
+            f"so that every end time is after t0; received {width!r}."
+        )
+    probe_key, steer_key = jax.random.split(key)
+    return probe_key, jax.random.uniform(steer_key, (), dtype, t1 - b, t1 + b)
 
 
 # the regularisers of affine fields: (function of w, b and t1, what it is called in messages)
@@ -285,7 +335,7 @@ PENALTIES = (*_AFFINE, *TRAJECTORY_TERMS)
 
 
 def gauge_fixing_penalty(
-    name: str, model, inputs: Float[Array, "n d"], *, key=None
+    name: str, model, inputs: Float[Array, "n d"], *, key=None, steer_width: float | None = None
 ) -> Float[Array, ""]:
     """The regulariser `name` of `model` at lambda = 1, as a training loss term:
 
@@ -297,11 +347,15 @@ def gauge_fixing_penalty(
       values of `inputs`.
     - `"rotation_covariant"`: footnote 12's `int |(d/dt - w) b|^2 dt`
       (`rotation_covariant_penalty`), for the same affine fields as `"eq45"`.
-    - `"kinetic"`, `"jacobian"`, `"uniform_motion"`, `"r3"`: the mean over `inputs` of
-      `integrate_regularizers` (any neural ODE; `jacobian` draws one probe per input from `key`).
+    - `"kinetic"`, `"jacobian"`, `"uniform_motion"`, `"r3"`, `"local_error"`, `"steer"`: the
+      mean over `inputs` of `integrate_regularizers` (any neural ODE; `jacobian` draws one probe
+      per input from `key`). `"steer"` (one end time per input from `key`, half-width
+      `steer_width`) adds no term: its value is 0, accepted so that a list of regulariser
+      names may hold it; STEER acts on the training solve (`integrate_regularizers`).
 
-    **Raises:** `ValueError` for an unknown name (listing the valid ones); `TypeError` for
-    `"eq45"` or `"rotation_covariant"` on a field that fails the affinity check (Eq. 45 is
+    **Raises:** `ValueError` for an unknown name (listing the valid ones), `"jacobian"` or
+    `"steer"` without a `key`, or as `integrate_regularizers`; `TypeError` for `"eq45"` or
+    `"rotation_covariant"` on a field that fails the affinity check (Eq. 45 is
     `|d/dt (w x + b)|^2` for affine fields only; `"uniform_motion"` is its generalisation to
     any field; under `jit` with traced field arrays the check is an `eqx.error_if` instead) or
     for a model that is not a neural ODE.
@@ -315,11 +369,12 @@ def gauge_fixing_penalty(
             f"regulariser {name!r} integrates along trajectories of a neural ODE; received a "
             f"{type(model).__name__}."
         )
-    if name == "jacobian" and key is None:
-        raise ValueError("the 'jacobian' regulariser needs a `key` (Hutchinson probes).")
+    if name in ("jacobian", "steer") and key is None:
+        what = "Hutchinson probes" if name == "jacobian" else "the solves' end times"
+        raise ValueError(f"the {name!r} regulariser needs a `key` ({what}).")
     keys = None if key is None else jax.random.split(key, inputs.shape[0])  # None: no leaves
 
     def one(x, k):
-        return integrate_regularizers(model, x, (name,), key=k)[1][name]
+        return integrate_regularizers(model, x, (name,), key=k, steer_width=steer_width)[1][name]
 
     return jnp.mean(jax.vmap(one)(inputs, keys))

@@ -402,7 +402,8 @@ class TrajectoryObjective(eqx.Module):
     inputs: Float[Array, "n ..."]
 
     def __init__(self, name: str, inputs: Float[Array, "n ..."]):
-        names = tuple(t for t in TRAJECTORY_TERMS if t != "jacobian")
+        # jacobian and steer are random draws (a key), not deterministic functionals
+        names = tuple(t for t in TRAJECTORY_TERMS if t not in ("jacobian", "steer"))
         if name not in names:
             raise ValueError(
                 f"`name` must be one of {list(names)} (deterministic trajectory functionals); "

@@ -269,11 +269,16 @@ class AbstractNeuralODE(AbstractSolvedModel):
         if unknown:
             raise ValueError(f"unknown option(s) {unknown}; valid options are {list(valid)}.")
         if "observation_times" in changes or {"t0", "t1"} & set(changes):
-            # tree_at runs no __init__: the times are checked here, against the new interval
-            changes["observation_times"] = check_observation_times(
-                changes.get("observation_times", self.observation_times),
-                float(changes.get("t0", self.t0)),
-                float(changes.get("t1", self.t1)),
+            # tree_at runs no __init__: the times are checked here, against the new interval;
+            # without times there is nothing to check, and the interval may be traced (an end
+            # time drawn inside a jitted training step, as `integrate_regularizers`' "steer")
+            times = changes.get("observation_times", self.observation_times)
+            changes["observation_times"] = (
+                None
+                if times is None
+                else check_observation_times(
+                    times, float(changes.get("t0", self.t0)), float(changes.get("t1", self.t1))
+                )
             )
         own = {k: v for k, v in changes.items() if k in MODEL_OPTIONS}
         solve = {k: v for k, v in changes.items() if k not in MODEL_OPTIONS}
