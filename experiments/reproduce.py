@@ -280,10 +280,8 @@ def _run_in_child(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop)
     if core is not None:  # before XLA starts its threads (they inherit it); and every thread
-        # started on import (e.g. BLAS's)
-        for thread in os.listdir("/proc/self/task"):
-            with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
-                os.sched_setaffinity(int(thread), {core})
+        # started on import (e.g. BLAS's); the parent unpins the last ones (`_unpin`)
+        _set_cores("self", {core})
     jax.config.update("jax_enable_x64", settings["x64"])
     jax.config.update("jax_num_cpu_devices", settings["cpu_devices"])
     if settings["cache"]:
@@ -300,6 +298,19 @@ def _run_in_child(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(INTERRUPTED)
+
+
+def _set_cores(pid: int | str, cores: set[int]) -> None:
+    """Run every thread of process `pid` on `cores` (threads it starts later inherit it)."""
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(thread), cores)
+
+
+def _unpin(pid: int) -> None:
+    """Give a pinned child every core this process may use (nothing where nothing is pinned)."""
+    with contextlib.suppress(AttributeError, FileNotFoundError, ProcessLookupError):
+        _set_cores(pid, os.sched_getaffinity(0))
 
 
 def _child_cores(workers: int) -> list[int | None]:
@@ -350,6 +361,9 @@ def _run_in_children(order, workers: int, start, finished, run_dir: Path) -> dic
                     )
                 summary = io.read_json(run_dir / name / "summary.json")
                 done[name] = finished(name, summary, time.perf_counter() - began)
+                if not pending:  # a core is free for good: the children left may use it
+                    for child, _, _ in running.values():
+                        _unpin(child.pid)
     except BaseException:
         for child, _, _ in running.values():
             if child.is_alive():
