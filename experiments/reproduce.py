@@ -270,18 +270,18 @@ def _stop(signum, frame):
 
 
 def _run_in_child(
-    name: str, config: Any, sub_dir: Path, slot: int, core: int | None, settings: dict
+    name: str, config: Any, sub_dir: Path, slot: int, cores: set[int] | None, settings: dict
 ) -> None:
     """A child process's whole life: one experiment, its summary written to `sub_dir`, on the
-    one core `core` when given (each child its own core: see `_child_cores`). It
+    cores `cores` when given (each child its own share: see `_child_cores`). It
     stops as the CLI does on SIGTERM, which the parent sends once when it is interrupted (a
     Ctrl-C reaches the parent and its children alike: the children ignore it, so that the one
     stop request they get arrives while their experiment runs, not during its clean-up)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop)
-    if core is not None:  # before XLA starts its threads (they inherit it); and every thread
+    if cores is not None:  # before XLA starts its threads (they inherit it); and every thread
         # started on import (e.g. BLAS's); the parent unpins the last ones (`_unpin`)
-        _set_cores("self", {core})
+        _set_cores("self", cores)
     jax.config.update("jax_enable_x64", settings["x64"])
     jax.config.update("jax_num_cpu_devices", settings["cpu_devices"])
     if settings["cache"]:
@@ -313,16 +313,19 @@ def _unpin(pid: int) -> None:
         _set_cores(pid, os.sched_getaffinity(0))
 
 
-def _child_cores(workers: int) -> list[int | None]:
-    """The core each child slot runs on: one core each while there are as many cores as
-    workers, else no pinning (None). Unpinned, two children on two cores each spread their
-    XLA:CPU threads over both cores and slow each other down: regularizers took 275 s alone on
-    one core and 421 s beside the other experiments (2-core machine, 2026-12-06)."""
+def _child_cores(workers: int) -> list[set[int] | None]:
+    """The cores each child slot runs on: this process's cores dealt out evenly (one each for
+    two workers on two cores) while there are at least as many cores as workers, else no
+    pinning (None). Unpinned, two children on two cores each spread their XLA:CPU threads over
+    both cores and slow each other down: regularizers took 275 s alone on one core and 421 s
+    beside the other experiments (2-core machine, 2026-12-06)."""
     try:
         available = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux: no affinity to set
         return [None] * workers
-    return available[:workers] if len(available) >= workers else [None] * workers
+    if len(available) < workers:
+        return [None] * workers
+    return [set(available[slot::workers]) for slot in range(workers)]
 
 
 # a child's exit code when it stopped on request (the CLI's code for an interrupted run)
