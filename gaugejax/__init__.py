@@ -159,6 +159,7 @@ from ._fixing.teleport import (
     TELEPORT_OBJECTIVES as TELEPORT_OBJECTIVES,
     TeleportResult as TeleportResult,
     teleport as teleport,
+    transport_adam_state as transport_adam_state,
 )
 from ._infra import io as io
 from ._infra.config import (

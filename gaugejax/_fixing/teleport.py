@@ -26,6 +26,12 @@ the next step of a fixed-learning-rate optimiser: repeated large teleports can d
 Cost: every ascent step evaluates the loss gradient on `batch` and differentiates through it
 (reverse over reverse: a Hessian-vector product), plus one such evaluation at the start;
 `TeleportResult.num_objective_evaluations` counts them.
+
+After a teleport, an optimiser's state holds statistics of gradients taken in the old
+coordinates. `transport_adam_state` carries an Adam state through the move: for an action that
+scales every parameter, `theta' = s * theta` (`gauge.parameter_scale`), gradients transform as
+`grad' = grad / s`, so Adam's moments become `m / s` and `v / s^2`, exactly the moments of the
+same gradient history seen in the new coordinates.
 """
 
 from typing import Any
@@ -37,7 +43,7 @@ import optax
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .._core._checks import check_value
-from ..gauges.base import cast_element
+from ..gauges.base import AbstractGauge, cast_element
 from ..gauges.rescaling import RescalingElement, RescalingGauge, rescaling_conserved_quantity
 from .balancing import orbit_gauge
 
@@ -283,3 +289,77 @@ def teleport(
     return _teleport(
         loss_fn, objective, maximize, gauge, model, batch, num_steps, lr, clip, adam_lr
     )
+
+
+def transport_adam_state(
+    opt_state: PyTree, gauge: AbstractGauge, element: PyTree, model: Any
+) -> PyTree:
+    """Carry an optax Adam (or AdamW) state through the gauge move
+    `model -> gauge.act(element, model)`, e.g. a teleport (`TeleportResult.element`).
+
+    For a family whose element scales every parameter, `act(element, model) = s * model`
+    (`gauge.parameter_scale`, e.g. `RescalingGauge`), the loss in the new coordinates is
+    `L'(theta') = L(theta' / s)`, so every gradient transforms as `grad' = grad / s`. Adam's
+    moments are exponential averages of the gradients and of their squares: those of the same
+    gradient history seen in the new coordinates are `mu / s` and `nu / s^2`, which is what
+    this returns (to rounding; `count`, hence the bias correction, and every other part of
+    the state unchanged). Every `optax.ScaleByAdamState` inside `opt_state` (e.g. in an
+    `optax.chain`) is transported. Adam's step `m / sqrt(v)` is blind to the scale, so in the
+    old coordinates the carried state steps each parameter by `1 / s` of its old step: the
+    move changes the optimiser's dynamics, the moments stay exact. Runs under `jit`/`vmap`.
+
+    **Arguments:**
+
+    - `opt_state`: the state of an optax Adam or AdamW (`optimizer.init` of
+      `eqx.filter(model, eqx.is_inexact_array)`), any chain holding an `optax.ScaleByAdamState`.
+    - `gauge`: the family of the move; its action must scale parameters elementwise
+      (`parameter_scale` not None) and keep the function.
+    - `element`: the element of `gauge` that moved the model.
+    - `model`: the model before the move (the one `opt_state` was updated on).
+
+    **Returns:** `opt_state` with every Adam state's `mu` and `nu` transported, the same
+    structure and dtypes.
+
+    **Raises:** `TypeError` for a `gauge` that is not a gauge family or an `opt_state` holding
+    no `optax.ScaleByAdamState`; `ValueError` for a family whose action mixes parameters
+    (`parameter_scale` None: rotations and permutations do not keep a diagonal second moment
+    diagonal), the control of `RescalingGauge` (`compensate=False` changes the function), and
+    moments whose structure or shapes differ from the model's inexact arrays; as
+    `gauge.act` for a model or element the family refuses.
+    """
+    if not isinstance(gauge, AbstractGauge):
+        raise TypeError(f"`gauge` must be a gauge family; received {type(gauge).__name__}.")
+    if isinstance(gauge, RescalingGauge) and not gauge.compensate:
+        raise ValueError(
+            "`gauge` must keep the function: the control of RescalingGauge (compensate=False) "
+            "changes it, so there are no new coordinates of the same loss to carry moments to."
+        )
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    if not any(map(is_adam, jax.tree.leaves(opt_state, is_leaf=is_adam))):
+        raise TypeError(
+            "`opt_state` must be the state of an optax Adam or AdamW (holding an "
+            f"`optax.ScaleByAdamState`); received a {type(opt_state).__name__} without one."
+        )
+    scale = gauge.parameter_scale(element, model)
+    if scale is None:
+        raise ValueError(
+            f"`gauge` must scale each parameter (elementwise action, e.g. RescalingGauge); "
+            f"received {type(gauge).__name__}, whose action mixes parameters: a diagonal "
+            "second moment does not stay diagonal, so no Adam state can follow it."
+        )
+    want = (jax.tree.structure(scale), [jnp.shape(x) for x in jax.tree.leaves(scale)])
+
+    def carry(state):
+        for name in ("mu", "nu"):
+            got = getattr(state, name)
+            if (jax.tree.structure(got), [jnp.shape(x) for x in jax.tree.leaves(got)]) != want:
+                raise ValueError(
+                    f"`opt_state`'s Adam `{name}` must have the structure and shapes of "
+                    f"`model`'s inexact arrays, {want[1]}; received a {type(got).__name__} of "
+                    f"shapes {[jnp.shape(x) for x in jax.tree.leaves(got)]}."
+                )
+        mu = jax.tree.map(lambda m, s: m / s.astype(m.dtype), state.mu, scale)
+        nu = jax.tree.map(lambda v, s: v / (s**2).astype(v.dtype), state.nu, scale)
+        return state._replace(mu=mu, nu=nu)
+
+    return jax.tree.map(lambda x: carry(x) if is_adam(x) else x, opt_state, is_leaf=is_adam)

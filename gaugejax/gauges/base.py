@@ -162,6 +162,25 @@ class AbstractGauge(eqx.Module):
             f"have one: {', '.join(CANONICAL_FAMILIES)}."
         )
 
+    def parameter_scale(self, g: PyTree, model: Any) -> PyTree | None:
+        """How `g` acts on per-parameter statistics: the factors `s` of an action that scales
+        every parameter elementwise, `act(g, model) = s * model`, or None (the default) for a
+        family whose action mixes parameters (a rotation, a permutation of units).
+
+        Under such an action gradients transform as `grad' = grad / s`, so optimiser state
+        that is a per-parameter statistic of gradients can be carried through `g`: a first
+        moment as `m / s`, a diagonal second moment as `v / s^2` (`gj.transport_adam_state`).
+        A mixing action maps a diagonal second moment to a non-diagonal one: no diagonal
+        state can follow it.
+
+        **Arguments:** `g`: an element of the family; `model`: a model the family acts on.
+
+        **Returns:** a PyTree shaped like `eqx.filter(model, eqx.is_inexact_array)` (`s` of
+        every inexact array, 1 where the family does not act), or None.
+        """
+        del g, model
+        return None
+
 
 # the families that override `match` (named in its refusal above)
 MATCH_FAMILIES = ("UnitPermutationGauge", "BlockAttentionGauge", "DecoderGauge")

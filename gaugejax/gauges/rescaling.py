@@ -503,6 +503,22 @@ class RescalingGauge(AbstractParameterGauge):
                 weights[n + 1] = weights[n + 1] / _cols(a, weights[n + 1])
         return _rebuild(model, kind, weights, biases)
 
+    def parameter_scale(self, g: RescalingElement, model: Any) -> Any:
+        """The factor `act(g, model)` multiplies each parameter by: `alpha_l` on the rows of
+        `W_l` and on `b_l`, `1 / alpha_l` on the columns of `W_{l+1}` (with `compensate`), 1
+        on every other inexact array. `act` is linear and diagonal in the parameters, so the
+        factors are its derivative along all-ones: `act(g, model) = s * model`, up to rounding.
+
+        **Arguments:** as `act`.
+
+        **Returns:** a PyTree shaped like `eqx.filter(model, eqx.is_inexact_array)`.
+
+        **Raises:** as `act`.
+        """
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        move = lambda p: eqx.filter(self.act(g, eqx.combine(p, static)), eqx.is_inexact_array)  # noqa: E731
+        return jax.jvp(move, (params,), (jax.tree.map(jnp.ones_like, params),))[1]
+
     def canonical_element(self, model: Any) -> RescalingElement:
         """The element taking `model` to its balanced point, the minimum-norm point of its
         orbit (the engine of `gj.balance`, iterated to `100 eps` of the dtype, at most 10^4
