@@ -264,6 +264,7 @@ TINY = {
     "teleport_batch_size": 64,
 }
 TIMINGS = ("seconds", "wall_time_s")
+ARMS_SGD = ("plain", "teleport", "balance", "early")  # adam_step and carry: Adam only
 
 
 def _strip(value):
@@ -290,6 +291,7 @@ def test_experiment_writes_claims_and_figure_and_resumes_to_the_same_numbers(tmp
         "adam_90pct_teleport",
         "adam_90pct_adam_step",
         "adam_90pct_early",
+        "adam_90pct_carry",
     ]
     assert full["figures"] == ["figures/teleportation.png"]
     assert (tmp_path / "full" / "figures" / "teleportation.png").stat().st_size > 10_000
@@ -317,13 +319,18 @@ def test_experiment_writes_claims_and_figure_and_resumes_to_the_same_numbers(tmp
     assert results["cost"]["sgd"]["plain"]["teleport_objective_evaluations"] == 0
     # ...and in gradient evaluations (minibatch gradients: 20 steps of 16 examples; a teleport
     # 2 x 3 evaluations on 64 examples = 24): teleport arms 2 moves, early 1, balance none
-    want = {"plain": 20, "balance": 20, "teleport": 68, "early": 44, "adam_step": 68}
+    want = {"plain": 20, "balance": 20, "teleport": 68, "early": 44, "adam_step": 68, "carry": 68}
     for opt in ("sgd", "adam"):
         got = {a: c["gradient_evaluations"] for a, c in results["cost"][opt].items()}
-        assert got == {a: v for a, v in want.items() if (opt, a) != ("sgd", "adam_step")}
+        assert got == {a: v for a, v in want.items() if opt == "adam" or a in ARMS_SGD}
         evals = np.asarray(results["grad_evals"][opt]["early"])
         assert evals[0] == 24 and evals[-1] == 44 and np.all(np.diff(evals) == 1)
     assert [m["step"] for m in results["moves"]["adam"]["early"]] == [0]
+    # carry makes teleport's moves but carries Adam's moments through the move at step 10
+    # where teleport restarts Adam: the same curve up to step 10, another one after
+    adam = {k: np.asarray(v) for k, v in results["curves"]["adam"].items()}
+    np.testing.assert_array_equal(adam["carry"][:, :11], adam["teleport"][:, :11])
+    assert np.all(np.abs(adam["carry"][:, 12:] / adam["teleport"][:, 12:] - 1) > 1e-6)
 
     # a simulated kill: the second arm (sgd/teleport) stops after its checkpoint at step 15,
     # inside its second segment (after the move at step 10, whose record is already saved)
@@ -360,7 +367,7 @@ def test_experiment_writes_claims_and_figure_and_resumes_to_the_same_numbers(tmp
     steps = [r["step"] for r in io.read_jsonl(arm / "metrics.jsonl")]
     assert steps == list(range(20))  # each step logged once, one log for the whole arm
     rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 9 and {r["arm"] for r in rows} == set(teleportation.ARMS)
+    assert len(rows) == 10 and {r["arm"] for r in rows} == set(teleportation.ARMS)
 
 
 def test_experiment_divergence_stops_at_the_last_good_checkpoint(tmp_path):
