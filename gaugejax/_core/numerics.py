@@ -2,6 +2,7 @@
 log-log slope of a convergence study (the order at which an error or a deviation vanishes), and
 the matrix exponential of the gauge families (`expm`)."""
 
+import functools
 from collections.abc import Callable, Sequence
 
 import equinox.internal as eqxi
@@ -113,6 +114,10 @@ def _taylor_blocks(X, X2, X3, sign):
     return block(0), block(4), block(8)
 
 
+# one compiled program per shape, also when called eagerly (op by op, its bounded loop's
+# closure would be traced and compiled again on every call: measured 57 compilations of the
+# same loop in one test file)
+@functools.partial(jax.jit, static_argnames="inverse")
 def expm(
     S: Float[Array, "d d"], *, inverse: bool = False
 ) -> Float[Array, "d d"] | tuple[Float[Array, "d d"], Float[Array, "d d"]]:

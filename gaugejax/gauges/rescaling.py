@@ -259,27 +259,43 @@ def _grid_dtype(activation: Any):
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
 
+def _fixed_activation_defect(activation: Callable, dtype) -> Bool[Array, ""]:
+    """`_homogeneity_defect` of an activation that holds no arrays, computed once per
+    activation and dtype in this process (eagerly, `jax.vmap` of a jitted activation such as
+    `jax.nn.relu` builds a new program on every call: measured ~10 compilations a check)."""
+    try:
+        return jnp.asarray(_cached_defect(activation, jnp.dtype(dtype)))
+    except TypeError:  # an unhashable activation: checked afresh
+        return _homogeneity_defect(jax.vmap(activation), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_defect(activation: Callable, dtype) -> bool:
+    return bool(_homogeneity_defect(jax.vmap(activation), dtype))
+
+
 def _activation_defect(model: Any, kind: str) -> tuple[str, Bool[Array, ""]] | None:
     """`(name, defect)` for the activation between the layers, None where it is ReLU by
     construction (GraphConvNet, ConvNet)."""
     if kind == "feedforward":
         phi = ACTIVATIONS[model.activation]
         dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-        return model.activation, _homogeneity_defect(jax.vmap(phi), dtype)
+        return model.activation, _fixed_activation_defect(phi, dtype)
     if kind != "mlp":
         return None
     # `final_activation` is applied after the last layer, whose outputs the gauge does not
     # rescale: it may be anything (e.g. a sigmoid) and is not checked.
     activation = model.activation
     if not any(eqx.is_array(x) for x in jax.tree.leaves(activation)):
-        evaluate = jax.vmap(activation)
-    else:
-        # a learnable activation (e.g. eqx.nn.PReLU): eqx.nn.MLP keeps one copy per layer and
-        # hidden unit, its arrays stacked along (depth, width); check every copy
+        return _activation_name(activation), _fixed_activation_defect(
+            activation, _grid_dtype(activation)
+        )
+    # a learnable activation (e.g. eqx.nn.PReLU): eqx.nn.MLP keeps one copy per layer and
+    # hidden unit, its arrays stacked along (depth, width); check every copy
 
-        def evaluate(y):
-            per_unit = eqx.filter_vmap(eqx.filter_vmap(lambda phi: jax.vmap(phi)(y)))
-            return per_unit(activation)
+    def evaluate(y):
+        per_unit = eqx.filter_vmap(eqx.filter_vmap(lambda phi: jax.vmap(phi)(y)))
+        return per_unit(activation)
 
     return _activation_name(activation), _homogeneity_defect(evaluate, _grid_dtype(activation))
 
