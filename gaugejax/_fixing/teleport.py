@@ -329,11 +329,6 @@ def transport_adam_state(
     """
     if not isinstance(gauge, AbstractGauge):
         raise TypeError(f"`gauge` must be a gauge family; received {type(gauge).__name__}.")
-    if isinstance(gauge, RescalingGauge) and not gauge.compensate:
-        raise ValueError(
-            "`gauge` must keep the function: the control of RescalingGauge (compensate=False) "
-            "changes it, so there are no new coordinates of the same loss to carry moments to."
-        )
     is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
     if not any(map(is_adam, jax.tree.leaves(opt_state, is_leaf=is_adam))):
         raise TypeError(

@@ -529,8 +529,16 @@ class RescalingGauge(AbstractParameterGauge):
 
         **Returns:** a PyTree shaped like `eqx.filter(model, eqx.is_inexact_array)`.
 
-        **Raises:** as `act`.
+        **Raises:** `ValueError` for the control (`compensate=False`): it changes the
+        function, so there are no new coordinates of the same loss to carry statistics to; as
+        `act`.
         """
+        if not self.compensate:
+            raise ValueError(
+                "`gauge` must keep the function: the control of RescalingGauge "
+                "(compensate=False) changes it, so there are no new coordinates of the same "
+                "loss to carry moments to."
+            )
         params, static = eqx.partition(model, eqx.is_inexact_array)
         move = lambda p: eqx.filter(self.act(g, eqx.combine(p, static)), eqx.is_inexact_array)  # noqa: E731
         return jax.jvp(move, (params,), (jax.tree.map(jnp.ones_like, params),))[1]
