@@ -226,9 +226,15 @@ CASES = {
         1e-12,
     ),
     # a 2-block RMSNorm decoder (SwiGLU, gains on, value and output biases): rotations,
-    # attention, scales
+    # attention, scales, and its finite factors (per block the two key-value groups, one query
+    # head each, and the 3 hidden units permuted; without them the same code skips the
+    # permutations, and the elements have no integer leaves)
     "decoder": Case(
-        lambda k: gj.DecoderGauge.from_model(_decoder(k)), _decoder, _decoder_x, _mlp, 1e-12
+        lambda k: gj.DecoderGauge.from_model(_decoder(k), permutations=True),
+        _decoder,
+        _decoder_x,
+        _mlp,
+        1e-12,
     ),
     # finite groups (permutations, reordered sums: rounding only): GQA heads with every bias,
     # and the hidden units of both layers of an eqx.nn.MLP
@@ -266,10 +272,14 @@ def _samples(gauge, keys):
 
 
 def _moved(gauge, model, v):
-    """`a -> act(identity + a v, model)`: the curve whose velocity at 0 is the tangent."""
+    """`a -> act(identity + a v, model)`: the curve whose velocity at 0 is the tangent (an
+    integer leaf, a permutation, has no direction: it stays at the identity)."""
+
+    def step(e, d, a):
+        return e + a * d if jnp.issubdtype(jnp.result_type(e), jnp.inexact) else e
 
     def moved(a):
-        g = jax.tree.map(lambda e, d: e + a * d, gauge.identity(), v)
+        g = jax.tree.map(lambda e, d: step(e, d, a), gauge.identity(), v)
         return gauge.act(g, model)
 
     return moved

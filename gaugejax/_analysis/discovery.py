@@ -271,15 +271,26 @@ def gauge_generators(
       directions of the group (e.g. `DiscreteLinearGauge` holds its fixed ends `G_0 = G_N =
       1` in the element; moving them is no symmetry).
 
-    **Returns:** an `(num_params, k)` array (`k` = entries of `identity()`, or the True ones of
-    `free`; columns may be dependent or zero: `compare_symmetries` takes their span).
+    **Returns:** an `(num_params, k)` array (`k` = the floating entries of `identity()`, or
+    the True ones of `free` among them: integer entries, a finite factor such as
+    `DecoderGauge(permutations=True)`'s permutations, have no directions; columns may be
+    dependent or zero: `compare_symmetries` takes their span).
 
     **Raises:** as `gauge.check_model`; `ValueError` for a `free` of another shape.
     """
     gauge.check_model(model)
-    base, unravel = ravel_pytree(gauge.identity())
+    # an element's integer leaves (a finite factor, e.g. a permutation) have no directions
+    identity = gauge.identity()
+    spec = jax.tree.map(eqx.is_inexact_array, identity)
+    inexact, finite = eqx.partition(identity, spec)
+    base, unravel_inexact = ravel_pytree(inexact)
+
+    def unravel(e):
+        return eqx.combine(unravel_inexact(e), finite)
+
     directions = np.eye(base.size)
     if free is not None:
+        free = eqx.filter(free, spec)
         mask = np.asarray(ravel_pytree(jax.tree.map(jnp.asarray, free))[0], dtype=bool)
         if mask.shape != base.shape:
             raise ValueError(

@@ -11,7 +11,8 @@ family's `match` (one round of coordinate descent) until the distance stops fall
 Families with `match`: `UnitPermutationGauge` (weight matching of hidden units),
 `BlockAttentionGauge` (query-key and value-output least squares per key-value group) and
 `DecoderGauge` (a decoder's residual rotation by orthogonal Procrustes, norm gains, every
-block's attention and SwiGLU unit scales).
+block's attention and SwiGLU unit scales; with `permutations=True` also every block's heads and
+hidden units, by linear assignment).
 """
 
 import dataclasses

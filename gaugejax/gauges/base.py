@@ -212,15 +212,20 @@ class AbstractParameterGauge(AbstractGauge):
           is differentiated at a = 0.
 
         **Returns:** a PyTree with the model's structure: the tangent of every inexact array
-        (zeros where the family does not act), None for every other leaf.
+        (zeros where the family does not act), None for every other leaf. An element's
+        integer leaves (a finite factor, e.g. a permutation) have no directions: they stay at
+        the identity.
 
         **Raises:** as `check_model`.
         """
         self.check_model(model)
         base = self.identity()
 
+        def step(e, v, a):  # an integer leaf (a permutation) has no direction
+            return e + a * v if jnp.issubdtype(jnp.result_type(e), jnp.inexact) else e
+
         def moved(a):
-            g = jax.tree.map(lambda e, v: e + a * v, base, direction)
+            g = jax.tree.map(lambda e, v: step(e, v, a), base, direction)
             return eqx.filter(self.act(g, model), eqx.is_inexact_array)
 
         zero = jnp.zeros((), dtype=jax.tree.leaves(base)[0].dtype)

@@ -18,10 +18,17 @@ rescaling, and the norm gains traded against the reads they feed.
 - Per norm with a gain, `s > 0` per channel: `g -> g s`, and each read after it `W -> diag(1/s)
   W` (`(n(x) g s) diag(1/s) W = (n(x) g) W`), applied after the rotation (whose reads use the
   original gain). d dimensions per norm with a gain.
+- With `permutations=True`, the finite factors, applied after all of the above: per block a
+  permutation of its attention heads (the key-value groups with their query heads, and the
+  query heads inside each group, as `HeadPermutationGauge`) and of its MLP's hidden units
+  (`W1`, `W3` columns, `b1`, `W2` rows, as `UnitPermutationGauge`). They have no directions:
+  `tangent` moves the continuous factors only.
 
 Group law: `Q = Q1 Q2`, the attention elements by their law, `c = c1 c2`, `s = s1 s2` (the
 gain scales commute with the rotation's conjugated reads: `S2^-1 (D S1)^-1 Q2^T (D S1) S1^-1
-D^-1 Q1^T D = (S1 S2)^-1 D^-1 (Q1 Q2)^T D`). `act` uses the
+D^-1 Q1^T D = (S1 S2)^-1 D^-1 (Q1 Q2)^T D`). With permutations, the permutations compose as
+those families' do, and g2's per-group, per-head and per-unit factors are first re-indexed to
+the labels before g1's permutation (`C2 P1 = P1 C2'`), then composed as above. `act` uses the
 orthogonal polar factor of `Q` (Newton-Schulz iterations; a sampled `Q` is its own), so
 `tangent` along any d x d direction is the rotation along its skew part.
 
@@ -36,7 +43,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+import scipy.optimize
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._core._checks import check_value
 from ..models.transformer import Decoder, fuse_layernorm
@@ -48,17 +56,23 @@ from .base import (
     well_conditioned,
 )
 from .block_attention import BlockAttentionElement, BlockAttentionGauge
+from .permutation import HeadPermutation
 
 
 class DecoderElement(eqx.Module):
     """`rotation` (d, d); `attention`: one `BlockAttentionElement` per block; `scales`: per
     block (f,) SwiGLU unit scales, or (0,) for a GELU MLP; `gains`: per norm (the final norm,
-    then each block's two) (d,) channel scales, or (0,) for a norm without a gain."""
+    then each block's two) (d,) channel scales, or (0,) for a norm without a gain. The finite
+    factors (`DecoderGauge(permutations=True)`; empty tuples otherwise, no leaves): `heads`,
+    per block a `HeadPermutation` of its key-value groups and of the query heads inside each;
+    `units`, per block the old hidden unit of every new one (f,)."""
 
     rotation: Float[Array, "d d"]
     attention: tuple[BlockAttentionElement, ...]
     scales: tuple[Float[Array, " f"], ...]
     gains: tuple[Float[Array, " _g"], ...]  # sizes differ: d, or 0 without a gain
+    heads: tuple[HeadPermutation, ...] = ()
+    units: tuple[Int[Array, " f"], ...] = ()
 
 
 def _polar(X: Float[Array, "d d"], iterations: int = 6) -> Float[Array, "d d"]:
@@ -87,7 +101,12 @@ class DecoderGauge(AbstractParameterGauge):
 
     **Fields:** `dim` d; `attention`: one `BlockAttentionGauge` per block; `hidden`: per block
     the SwiGLU width (0 for GELU); `gained`: per norm (final, then each block's two) whether it
-    has a gain; `log_condition` of the control's residual maps; `breaking`.
+    has a gain; `log_condition` of the control's residual maps; `breaking`; `permutations`:
+    whether the family has the finite factors (module docstring), sampled and fitted by
+    `match` (False: its elements have none); `widths`: per block the MLP's hidden width (what
+    the unit permutations permute; `from_model` fills it).
+
+    **Raises:** `ValueError` for `permutations` without one width per block.
     """
 
     dim: int = eqx.field(static=True)
@@ -96,7 +115,17 @@ class DecoderGauge(AbstractParameterGauge):
     gained: tuple[bool, ...] = eqx.field(static=True)
     log_condition: float = float(np.log(10.0))
     breaking: bool = eqx.field(static=True, default=False)
+    permutations: bool = eqx.field(static=True, default=False)
+    widths: tuple[int, ...] = eqx.field(static=True, default=(), converter=tuple)
     infinitesimal = False
+
+    def __check_init__(self):
+        if self.permutations and len(self.widths) != len(self.attention):
+            raise ValueError(
+                f"DecoderGauge(permutations=True) needs one hidden width per block "
+                f"({len(self.attention)}); received `widths` {self.widths!r} (build it with "
+                "`DecoderGauge.from_model(model, permutations=True)`)."
+            )
 
     @classmethod
     def from_model(cls, model: Decoder, **kwargs: Any) -> "DecoderGauge":
@@ -111,6 +140,8 @@ class DecoderGauge(AbstractParameterGauge):
         attention = tuple(BlockAttentionGauge.from_model(b.attn) for b in fused.blocks)
         hidden = tuple(b.mlp.W1.shape[1] if b.mlp.kind == "swiglu" else 0 for b in model.blocks)
         gained = tuple(n.weight is not None for n in _norms(model))
+        widths = tuple(b.mlp.W1.shape[1] for b in model.blocks)
+        kwargs = {"widths": widths, **kwargs}
         gauge = cls(model.W_in.shape[1], attention, hidden, gained, **kwargs)
         gauge.check_model(model)
         return gauge
@@ -136,13 +167,33 @@ class DecoderGauge(AbstractParameterGauge):
                 f"{type(self).__name__} has norm gains {self.gained} (final, then each "
                 f"block's two); the model's are {tuple(n.weight is not None for n in norms)}."
             )
+        widths = tuple(b.mlp.W1.shape[1] for b in model.blocks)
+        if self.widths and widths != self.widths:
+            raise ValueError(
+                f"{type(self).__name__} has MLP widths {self.widths}; the model's are {widths}."
+            )
 
     def identity(self) -> DecoderElement:
+        heads, units = (), ()
+        if self.permutations:
+            heads = tuple(
+                HeadPermutation(
+                    jnp.arange(a.num_kv_heads),
+                    jnp.broadcast_to(
+                        jnp.arange(a.num_heads // a.num_kv_heads),
+                        (a.num_kv_heads, a.num_heads // a.num_kv_heads),
+                    ),
+                )
+                for a in self.attention
+            )
+            units = tuple(jnp.arange(f) for f in self.widths)
         return DecoderElement(
             jnp.eye(self.dim),
             tuple(g.identity() for g in self.attention),
             tuple(jnp.ones((f,)) for f in self.hidden),
             tuple(jnp.ones((self.dim if g else 0,)) for g in self.gained),
+            heads,
+            units,
         )
 
     def sample(self, key: PRNGKeyArray) -> DecoderElement:
@@ -154,6 +205,18 @@ class DecoderGauge(AbstractParameterGauge):
             rotation = jax.scipy.linalg.expm(S - S.T)
         keys = jax.random.split(ka, len(self.attention))
         skeys = jax.random.split(ks, len(self.hidden))
+        heads, units = (), ()
+        if self.permutations:  # their own key: the continuous draws are the plain family's
+            kh, ku = jax.random.split(jax.random.fold_in(key, 1))
+            hkeys = jax.random.split(kh, len(self.attention))
+            heads = tuple(
+                _sample_heads(k, a.num_kv_heads, a.num_heads // a.num_kv_heads)
+                for a, k in zip(self.attention, hkeys, strict=True)
+            )
+            units = tuple(
+                jax.random.permutation(k, f)
+                for f, k in zip(self.widths, jax.random.split(ku, len(self.widths)), strict=True)
+            )
         return DecoderElement(
             rotation,
             tuple(g.sample(k) for g, k in zip(self.attention, keys, strict=True)),
@@ -165,18 +228,32 @@ class DecoderGauge(AbstractParameterGauge):
                 jnp.exp(0.5 * jax.random.normal(k, (self.dim if g else 0,)))
                 for g, k in zip(self.gained, jax.random.split(kg, len(self.gained)), strict=True)
             ),
+            heads,
+            units,
         )
 
     def inverse(self, g: DecoderElement) -> DecoderElement:
         rotation = jnp.linalg.inv(g.rotation) if self.breaking else g.rotation.T
-        return DecoderElement(
+        inverse = DecoderElement(
             rotation,
             tuple(a.inverse(e) for a, e in zip(self.attention, g.attention, strict=True)),
             tuple(1.0 / c for c in g.scales),
             tuple(1.0 / s for s in g.gains),
         )
+        if not g.heads:
+            return inverse
+        # (P C)^-1 = C^-1 P^-1 = P^-1 C'': the continuous inverse re-indexed by P^-1
+        heads = tuple(_invert_heads(h) for h in g.heads)
+        units = tuple(jnp.argsort(p) for p in g.units)
+        return _relabel(dataclasses.replace(inverse, heads=heads, units=units), heads, units)
 
     def compose(self, g1: DecoderElement, g2: DecoderElement) -> DecoderElement:
+        heads, units = g1.heads or g2.heads, g1.units or g2.units
+        if g1.heads and g2.heads:
+            heads = tuple(_compose_heads(h1, h2) for h1, h2 in zip(g1.heads, g2.heads, strict=True))
+            units = tuple(p1[p2] for p1, p2 in zip(g1.units, g2.units, strict=True))
+        if g1.heads:  # g2's continuous factors act on g1's labels: re-indexed to the old ones
+            g2 = _relabel(g2, g1.heads, g1.units)
         return DecoderElement(
             g1.rotation @ g2.rotation,
             tuple(
@@ -185,6 +262,8 @@ class DecoderGauge(AbstractParameterGauge):
             ),
             tuple(c1 * c2 for c1, c2 in zip(g1.scales, g2.scales, strict=True)),
             tuple(s1 * s2 for s1, s2 in zip(g1.gains, g2.gains, strict=True)),
+            heads,
+            units,
         )
 
     def control(self) -> "DecoderGauge":
@@ -212,7 +291,8 @@ class DecoderGauge(AbstractParameterGauge):
         Unfixed: rotations inside eigenspaces of equal eigenvalues (e.g. `vocab < d`, where
         `W_in^T W_in` has a null space), signs where the deciding entry is not unique, and what
         `BlockAttentionGauge.canonical_element` leaves; the decoder's permutations of heads
-        and hidden units (no family here moves them).
+        and hidden units (with `permutations=True` the element holds identity permutations:
+        `HeadPermutationGauge` and `UnitPermutationGauge` sort them per block).
 
         **Raises:** as `check_model`; `ValueError` for the control (no symmetry).
         """
@@ -258,6 +338,8 @@ class DecoderGauge(AbstractParameterGauge):
             attention,
             tuple(jnp.asarray(c) for c in scales),
             gains,
+            identity.heads,
+            identity.units,
         )
         return cast_element(element, fused.W_in.dtype)
 
@@ -276,25 +358,40 @@ class DecoderGauge(AbstractParameterGauge):
         - norm gains: per channel `s > 0` minimising `|g s - g_ref|^2` plus the distance of
           the reads' rows divided by `s` (of the quartic's positive roots, the one of least
           cost: exact, `best_scale`);
+        - permutations (`permutations=True` only): per block, weight matching by linear
+          assignment (`scipy.optimize.linear_sum_assignment`, maximising the summed inner
+          products with the reference's) of the attention heads, on each query head's
+          products `Wq_i Wk_g^T` and `Wv_g Wo_i` (d x d each: the head's parameters that move
+          together, multiplied so that the attention's query-key and value-output maps drop
+          out), every pair of key-value groups scored by the assignment of their query heads,
+          then the groups assigned on those scores (whole groups move with their query
+          heads); and of the hidden units, on `W1[:, j]` with `W3[:, j] W2[j]` (SwiGLU: the
+          unit scale drops out) or `W1[:, j]`, `b1[j]`, `W2[j]` (GELU). The permuted model's
+          attention and SwiGLU scales are refitted (the two steps below) before the step is
+          judged: the features need the residual basis, not those factors, aligned;
         - attention: each block's `BlockAttentionGauge.match` (query-key and value-output
           least squares, per key-value group; what it leaves unfitted stays);
         - SwiGLU: per hidden unit `c > 0` minimising the distance of `W3[:, j] c` and
           `W2[j] / c` (a quartic, exact, `best_scale`).
 
         Each step is kept only if the squared parameter distance does not rise, so a round
-        never raises it. Not fitted (the family has no such elements): permutations of heads
-        and hidden units; a GELU MLP has no unit scales. A LayerNorm `model` moves in its fused
-        form (`act`), compared with `reference` as given: the two must then have the same
-        parameter structure (true without norm biases; with them, align the fused forms), and
-        the writes' means that fusing removed stay a floor (measured at d = 8: a LayerNorm
-        decoder moved by a sampled element aligned back to 6.29, its distance to its own fused
-        form being 6.38).
+        never raises it. Without `permutations` the heads and hidden units keep their order,
+        and a decoder whose heads or units were permuted is not recovered (measured at d = 8,
+        four RoPE heads in two key-value groups, 16 SwiGLU units per block, moved by a sample
+        of `permutations=True`: 307 to 2.3e-19 in 12 rounds with the permutations fitted,
+        215.4 without; a prototype matching the raw weights instead of the products stalled
+        at 69 on another draw of these sizes). A GELU MLP has no unit scales. A LayerNorm
+        `model` moves in its fused form (`act`), compared with `reference` as given: the two
+        must then have the same parameter structure (true without norm biases; with them,
+        align the fused forms), and the writes' means that fusing removed stay a floor
+        (measured at d = 8: a LayerNorm decoder moved by a sampled element aligned back to
+        6.29, its distance to its own fused form being 6.38).
 
         Coordinate descent, not a joint optimum: the factors are coupled (the rotation's
         reads are conjugated by the gains), so recovery can take many rounds (measured at
-        d = 8 with gains: 583 to 2.6e-16 in 38 rounds; without gains 331 to 3.5e-20 in 19),
-        and with linear scores the attention's candidates can stall (see
-        `BlockAttentionGauge.match`).
+        d = 8 with gains: 583 to 2.6e-16 in 38 rounds; without gains, four RoPE heads in two
+        key-value groups, 329 to 3.7e-17 in 15), and with linear scores the attention's
+        candidates can stall (see `BlockAttentionGauge.match`).
 
         **Arguments:** `reference`, `model`: two `Decoder`s of this family's sizes; `g`: the
         current element.
@@ -319,6 +416,8 @@ class DecoderGauge(AbstractParameterGauge):
         current = _act(self, g, model)
         distance = _distance(reference, current)
         steps = (self._fit_rotation, self._fit_gains, self._fit_attention, self._fit_scales)
+        if self.permutations:
+            steps = steps[:2] + (self._fit_permutations,) + steps[2:]
         for step in steps:
             delta = step(reference, current, identity)
             if delta is None:
@@ -387,6 +486,26 @@ class DecoderGauge(AbstractParameterGauge):
             )
         )
         return DecoderElement(identity.rotation, attention, identity.scales, identity.gains)
+
+    def _fit_permutations(self, reference, current, identity):
+        """The permutations of `match` (weight matching, per block), followed by the attention
+        and SwiGLU fits on the permuted model, as one element moving `current`."""
+        pairs = list(zip(reference.blocks, current.blocks, strict=True))
+        heads = tuple(
+            _match_heads(r.attn, c.attn, h) for (r, c), h in zip(pairs, identity.heads, strict=True)
+        )
+        units = tuple(
+            _match_units(r.mlp, c.mlp, p) for (r, c), p in zip(pairs, identity.units, strict=True)
+        )
+        permutation = dataclasses.replace(identity, heads=heads, units=units)
+        moved = _act(self, permutation, current)
+        # the features are blind to the attention's maps and the unit scales (what the match
+        # fitted does not align yet): they are refitted before the step is judged
+        refit = self._fit_attention(reference, moved, identity)
+        scales = self._fit_scales(reference, moved, identity)
+        if scales is not None:
+            refit = dataclasses.replace(refit, scales=scales.scales)
+        return _compose(self, permutation, refit)
 
     def _fit_scales(self, reference, current, identity):
         """The SwiGLU unit scales of `match`, or None without a SwiGLU MLP."""
@@ -461,6 +580,8 @@ class DecoderGauge(AbstractParameterGauge):
                 (read(n2, mlp.W1), W3, W2 @ Q, None if mlp.b2 is None else mlp.b2 @ Q),
                 is_leaf=lambda x: x is None,
             )
+            if g.heads:  # the finite factors, last: relabel heads and hidden units
+                attn, mlp = _permute(attn, mlp, g.heads[b], g.units[b])
             blocks.append(
                 eqx.tree_at(
                     lambda b: (b.attn, b.mlp, b.norm1, b.norm2),
@@ -482,6 +603,128 @@ class DecoderGauge(AbstractParameterGauge):
             ),
             is_leaf=lambda x: x is None,
         )
+
+
+def _sample_heads(key: PRNGKeyArray, G: int, r: int) -> HeadPermutation:
+    """A uniform permutation of G key-value groups and of the r query heads inside each."""
+    kg, kh = jax.random.split(key)
+    heads = jax.vmap(lambda k: jax.random.permutation(k, r))(jax.random.split(kh, G))
+    return HeadPermutation(jax.random.permutation(kg, G), heads)
+
+
+def _invert_heads(h: HeadPermutation) -> HeadPermutation:
+    """The inverse (`HeadPermutationGauge.inverse`)."""
+    groups = jnp.argsort(h.groups)
+    return HeadPermutation(groups, jnp.argsort(h.heads[groups], axis=1))
+
+
+def _compose_heads(h1: HeadPermutation, h2: HeadPermutation) -> HeadPermutation:
+    """`h1` then `h2` (`HeadPermutationGauge.compose`)."""
+    heads = jnp.take_along_axis(h1.heads[h2.groups], h2.heads, axis=1)
+    return HeadPermutation(h1.groups[h2.groups], heads)
+
+
+def _old_heads(h: HeadPermutation) -> Int[Array, " H"]:
+    """The old query head of every new one."""
+    return (h.groups[:, None] * h.heads.shape[1] + h.heads).reshape(-1)
+
+
+def _relabel(g: DecoderElement, heads: tuple, units: tuple) -> DecoderElement:
+    """`g` with its per-group, per-head and per-unit factors re-indexed from the labels after
+    the permutations `(heads, units)` to those before: `C P = P C'` (`C` acting on the
+    permuted model, `C'` on the model before it); the residual factors carry no labels."""
+
+    def attention(e: BlockAttentionElement, h: HeadPermutation) -> BlockAttentionElement:
+        groups = jnp.argsort(h.groups)  # new group j is old group h.groups[j]
+        alpha = e.alpha[jnp.argsort(_old_heads(h))] if e.alpha.size else e.alpha
+        return BlockAttentionElement(
+            e.qk[groups], e.key_shift[groups], e.vo[groups], e.value_shift[groups], alpha
+        )
+
+    return dataclasses.replace(
+        g,
+        attention=tuple(attention(e, h) for e, h in zip(g.attention, heads, strict=True)),
+        scales=tuple(
+            c[jnp.argsort(p)] if c.size else c for c, p in zip(g.scales, units, strict=True)
+        ),
+    )
+
+
+def _permute(attn, mlp, h: HeadPermutation, p: Int[Array, " f"]):
+    """A block's attention with its heads and its MLP with its hidden units in the new order
+    (new query head `j r + l` is old head `(h.groups[j], h.heads[j, l])`, new unit `j` old
+    unit `p[j]`): what moves with them moves along, `bo` and `b2` stay."""
+
+    def take(a, index, axis=0):
+        return None if a is None else jnp.take(a, index, axis=axis)
+
+    old = _old_heads(h)
+    attn = eqx.tree_at(
+        lambda m: (m.Wq, m.bq, m.Wo, m.Wk, m.bk, m.Wv, m.bv),
+        attn,
+        tuple(take(a, i) for a, i in zip(
+            (attn.Wq, attn.bq, attn.Wo, attn.Wk, attn.bk, attn.Wv, attn.bv),
+            (old, old, old, h.groups, h.groups, h.groups, h.groups),
+            strict=True,
+        )),
+        is_leaf=lambda x: x is None,
+    )  # fmt: skip
+    mlp = eqx.tree_at(
+        lambda m: (m.W1, m.W3, m.b1, m.W2),
+        mlp,
+        (take(mlp.W1, p, 1), take(mlp.W3, p, 1), take(mlp.b1, p), take(mlp.W2, p)),
+        is_leaf=lambda x: x is None,
+    )
+    return attn, mlp
+
+
+def _match_heads(reference, current, identity: HeadPermutation) -> HeadPermutation:
+    """The key-value groups and the query heads inside each that bring `current`'s heads
+    closest to `reference`'s (host numpy): per query head i of group g the products `Wq_i
+    Wk_g^T` and `Wv_g Wo_i` (d x d each, which every element of `BlockAttentionGauge` but the
+    score scale keeps), stacked as its features; every pair of groups scored by the linear
+    assignment of their heads (`<features_ref, features>` summed), then the groups assigned on
+    those scores: the exact maximiser of the summed inner products over the permutations."""
+
+    def features(a):
+        group = np.asarray(a.group)
+        Wq, Wk, Wv, Wo = (np.asarray(x) for x in (a.Wq, a.Wk, a.Wv, a.Wo))
+        qk = np.einsum("hdk,hek->hde", Wq, Wk[group])
+        vo = np.einsum("hdv,hve->hde", Wv[group], Wo)
+        return np.concatenate([qk.reshape(len(group), -1), vo.reshape(len(group), -1)], 1)
+
+    G, r = identity.heads.shape
+    similarity = (features(reference) @ features(current).T).reshape(G, r, G, r)
+    score, inner = np.empty((G, G)), np.empty((G, G, r), int)
+    for a in range(G):
+        for b in range(G):
+            _, inner[a, b] = scipy.optimize.linear_sum_assignment(
+                similarity[a, :, b], maximize=True
+            )
+            score[a, b] = similarity[a, np.arange(r), b, inner[a, b]].sum()
+    _, groups = scipy.optimize.linear_sum_assignment(score, maximize=True)
+    dtype = identity.groups.dtype
+    return HeadPermutation(
+        jnp.asarray(groups, dtype), jnp.asarray(inner[np.arange(G), groups], dtype)
+    )
+
+
+def _match_units(reference, current, identity: Int[Array, " f"]) -> Int[Array, " f"]:
+    """The hidden units' order that brings `current`'s MLP closest to `reference`'s (host
+    numpy): the linear assignment of the units' features, for SwiGLU the gate column `W1[:, j]`
+    and the product `W3[:, j] W2[j]` (d x d, which the unit scale keeps), for GELU `W1[:, j]`,
+    `b1[j]` and `W2[j]` (weight matching)."""
+
+    def features(mlp):
+        W1, W2 = np.asarray(mlp.W1), np.asarray(mlp.W2)
+        if mlp.W3 is None:
+            return np.concatenate([W1.T, np.asarray(mlp.b1)[:, None], W2], 1)
+        product = np.einsum("dj,je->jde", np.asarray(mlp.W3), W2).reshape(len(W2), -1)
+        return np.concatenate([W1.T, product], 1)
+
+    similarity = features(reference) @ features(current).T
+    _, units = scipy.optimize.linear_sum_assignment(similarity, maximize=True)
+    return jnp.asarray(units, identity.dtype)
 
 
 def _norms(model: Decoder) -> list:
