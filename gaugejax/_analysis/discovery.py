@@ -290,14 +290,20 @@ def gauge_generators(
 
     directions = np.eye(base.size)
     if free is not None:
-        free = eqx.filter(free, spec)
-        mask = np.asarray(ravel_pytree(jax.tree.map(jnp.asarray, free))[0], dtype=bool)
-        if mask.shape != base.shape:
+        # entry by entry in leaf order (as `ravel_pytree`), whatever containers `free` uses;
+        # the integer entries' flags dropped with them
+        leaves = jax.tree.leaves(identity)
+        kept = np.concatenate(
+            [np.full(np.size(x), eqx.is_inexact_array(x)) for x in leaves] or [np.zeros(0, bool)]
+        )
+        flags = [np.ravel(np.asarray(x, dtype=bool)) for x in jax.tree.leaves(free)]
+        mask = np.concatenate(flags or [np.zeros(0, bool)])
+        if mask.shape != kept.shape:
             raise ValueError(
-                f"`free` must have the shape of `identity()` ({base.size} entries); received "
+                f"`free` must have the shape of `identity()` ({kept.size} entries); received "
                 f"{mask.size} entries."
             )
-        directions = directions[mask]
+        directions = directions[mask[kept]]
 
     def column(e):
         return ravel_pytree(gauge.tangent(model, unravel(e)))[0]
