@@ -146,3 +146,23 @@ def test_module_function_is_the_model_on_a_batch():
         gj.module_function(lambda x: x)
     with pytest.raises(ValueError, match=r"has no inexact array to vary"):
         gj.module_function(eqx.nn.Lambda(jnp.tanh))
+
+
+def test_gauge_generators_free_flags_in_any_container():
+    """`free` is read entry by entry in leaf order, whatever containers hold the flags (the
+    census passes a tuple for a `DiscreteGaugeElement`): held entries give no column; flags
+    of another size are refused with both sizes."""
+    D, layers = 3, 4
+    net = gj.LinearNet(jnp.ones((layers, D, D)), jnp.zeros((layers, D)))
+    gauge = gj.DiscreteLinearGauge(D, layers)
+    ident = gauge.identity()
+    every = gj.gauge_generators(gauge, net)
+    assert every.shape[1] == ident.Gs.size + ident.cs.size  # 60: G_0..G_4, c_0..c_4
+    held = (np.ones(ident.Gs.shape, bool), np.ones(ident.cs.shape, bool))
+    for mask in held:  # the fixed ends G_0 = G_N = 1, c_0 = c_N = 0
+        mask[0] = mask[-1] = False
+    free = gj.gauge_generators(gauge, net, held)
+    assert free.shape[1] == (layers - 1) * (D * D + D)  # 36: the interior entries only
+    np.testing.assert_array_equal(free, every[:, np.concatenate([m.ravel() for m in held])])
+    with pytest.raises(ValueError, match=r"60 entries\); received 59 entries"):
+        gj.gauge_generators(gauge, net, (held[0], held[1].ravel()[1:]))
