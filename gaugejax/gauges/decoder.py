@@ -56,7 +56,7 @@ from .base import (
     well_conditioned,
 )
 from .block_attention import BlockAttentionElement, BlockAttentionGauge
-from .permutation import HeadPermutation
+from .permutation import HeadPermutation, compose_head_permutations, invert_head_permutation
 
 
 class DecoderElement(eqx.Module):
@@ -243,14 +243,16 @@ class DecoderGauge(AbstractParameterGauge):
         if not g.heads:
             return inverse
         # (P C)^-1 = C^-1 P^-1 = P^-1 C'': the continuous inverse re-indexed by P^-1
-        heads = tuple(_invert_heads(h) for h in g.heads)
+        heads = tuple(invert_head_permutation(h) for h in g.heads)
         units = tuple(jnp.argsort(p) for p in g.units)
         return _relabel(dataclasses.replace(inverse, heads=heads, units=units), heads, units)
 
     def compose(self, g1: DecoderElement, g2: DecoderElement) -> DecoderElement:
         heads, units = g1.heads or g2.heads, g1.units or g2.units
         if g1.heads and g2.heads:
-            heads = tuple(_compose_heads(h1, h2) for h1, h2 in zip(g1.heads, g2.heads, strict=True))
+            heads = tuple(
+                compose_head_permutations(h1, h2) for h1, h2 in zip(g1.heads, g2.heads, strict=True)
+            )
             units = tuple(p1[p2] for p1, p2 in zip(g1.units, g2.units, strict=True))
         if g1.heads:  # g2's continuous factors act on g1's labels: re-indexed to the old ones
             g2 = _relabel(g2, g1.heads, g1.units)
@@ -610,18 +612,6 @@ def _sample_heads(key: PRNGKeyArray, G: int, r: int) -> HeadPermutation:
     kg, kh = jax.random.split(key)
     heads = jax.vmap(lambda k: jax.random.permutation(k, r))(jax.random.split(kh, G))
     return HeadPermutation(jax.random.permutation(kg, G), heads)
-
-
-def _invert_heads(h: HeadPermutation) -> HeadPermutation:
-    """The inverse (`HeadPermutationGauge.inverse`)."""
-    groups = jnp.argsort(h.groups)
-    return HeadPermutation(groups, jnp.argsort(h.heads[groups], axis=1))
-
-
-def _compose_heads(h1: HeadPermutation, h2: HeadPermutation) -> HeadPermutation:
-    """`h1` then `h2` (`HeadPermutationGauge.compose`)."""
-    heads = jnp.take_along_axis(h1.heads[h2.groups], h2.heads, axis=1)
-    return HeadPermutation(h1.groups[h2.groups], heads)
 
 
 def _old_heads(h: HeadPermutation) -> Int[Array, " H"]:

@@ -94,6 +94,20 @@ class HeadPermutation(eqx.Module):
     heads: Int[Array, "G r"]
 
 
+def invert_head_permutation(g: HeadPermutation) -> HeadPermutation:
+    """The inverse of a permutation of key-value groups and of the query heads inside each
+    (the group law of `HeadPermutationGauge`, also `DecoderGauge`'s per-block heads)."""
+    groups = jnp.argsort(g.groups)
+    return HeadPermutation(groups, jnp.argsort(g.heads[groups], axis=1))
+
+
+def compose_head_permutations(g1: HeadPermutation, g2: HeadPermutation) -> HeadPermutation:
+    """`g1` then `g2`, for permutations of key-value groups and of the query heads inside
+    each (the group law of `HeadPermutationGauge`, also `DecoderGauge`'s per-block heads)."""
+    heads = jnp.take_along_axis(g1.heads[g2.groups], g2.heads, axis=1)
+    return HeadPermutation(g1.groups[g2.groups], heads)
+
+
 class HeadPermutationGauge(AbstractPermutationGauge):
     """Permutations of the heads of a `BlockAttention` (module docstring). Build it with
     `HeadPermutationGauge.from_model(attention)`.
@@ -160,15 +174,13 @@ class HeadPermutationGauge(AbstractPermutationGauge):
             return HeadPermutation(
                 g.groups, jnp.argsort(g.heads.reshape(-1)).reshape(g.heads.shape)
             )
-        groups = jnp.argsort(g.groups)
-        return HeadPermutation(groups, jnp.argsort(g.heads[groups], axis=1))
+        return invert_head_permutation(g)
 
     def compose(self, g1: HeadPermutation, g2: HeadPermutation) -> HeadPermutation:
         if self.one_sided:
             flat = g1.heads.reshape(-1)[g2.heads.reshape(-1)]
             return HeadPermutation(g1.groups, flat.reshape(g1.heads.shape))
-        heads = jnp.take_along_axis(g1.heads[g2.groups], g2.heads, axis=1)
-        return HeadPermutation(g1.groups[g2.groups], heads)
+        return compose_head_permutations(g1, g2)
 
     def act(self, g: HeadPermutation, model: Any) -> BlockAttention:
         self.check_model(model)
