@@ -31,6 +31,9 @@ DEFAULT_FAMILIES = (
     UnitPermutationGauge,
     HeadPermutationGauge,
 )
+# the options of `from_model` a default family is built with: a decoder's heads and hidden
+# units are sorted by its own family (no other family permutes them inside a decoder)
+_FROM_MODEL_OPTIONS = {DecoderGauge: {"permutations": True}}
 
 
 def default_families(model: Any) -> tuple[AbstractGauge, ...]:
@@ -42,7 +45,7 @@ def default_families(model: Any) -> tuple[AbstractGauge, ...]:
     found = []
     for family in DEFAULT_FAMILIES:
         try:
-            gauge = family.from_model(model)
+            gauge = family.from_model(model, **_FROM_MODEL_OPTIONS.get(family, {}))
             gauge.check_model(model)
         except (TypeError, ValueError):
             continue
@@ -87,8 +90,8 @@ def canonicalize(model: Any, gauge: AbstractGauge | Sequence[AbstractGauge] | No
       (positively homogeneous) `eqx.nn.MLP` balancing, then unit sorting; for any other MLP
       unit sorting only; for a `BlockAttention` the query-key / value-output split, then head
       sorting; for a `Decoder` (a LayerNorm one: its fused RMSNorm form, as `DecoderGauge`
-      returns) the residual basis, gains, SwiGLU scales and attention splits (its heads and
-      hidden units stay in their order: no family permutes them inside a decoder).
+      returns) the residual basis, gains, SwiGLU scales and attention splits, then its heads
+      and hidden units sorted per block (`DecoderGauge.from_model(model, permutations=True)`).
 
     **Returns:** the canonical model.
 

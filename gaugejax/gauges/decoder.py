@@ -56,7 +56,12 @@ from .base import (
     well_conditioned,
 )
 from .block_attention import BlockAttentionElement, BlockAttentionGauge
-from .permutation import HeadPermutation, compose_head_permutations, invert_head_permutation
+from .permutation import (
+    HeadPermutation,
+    HeadPermutationGauge,
+    compose_head_permutations,
+    invert_head_permutation,
+)
 
 
 class DecoderElement(eqx.Module):
@@ -72,7 +77,18 @@ class DecoderElement(eqx.Module):
     scales: tuple[Float[Array, " f"], ...]
     gains: tuple[Float[Array, " _g"], ...]  # sizes differ: d, or 0 without a gain
     heads: tuple[HeadPermutation, ...] = ()
-    units: tuple[Int[Array, " f"], ...] = ()
+    units: tuple[Int[Array, " _f"], ...] = ()  # f per block; (0,)-sized scales beside them
+
+
+def _unit_order(mlp) -> Int[Array, " f"]:
+    """The hidden units of a block's MLP by decreasing `|W1[:, j]|^2 + |W2[j]|^2 (+ |W3[:, j]|^2
+    + b1_j^2)`, as `DecoderElement.units` holds them (the old unit of every new one)."""
+    key = np.sum(np.asarray(mlp.W1) ** 2, axis=0) + np.sum(np.asarray(mlp.W2) ** 2, axis=1)
+    if mlp.W3 is not None:
+        key = key + np.sum(np.asarray(mlp.W3) ** 2, axis=0)
+    if mlp.b1 is not None:
+        key = key + np.asarray(mlp.b1) ** 2
+    return jnp.asarray(np.argsort(-key, kind="stable"))
 
 
 def _polar(X: Float[Array, "d d"], iterations: int = 6) -> Float[Array, "d d"]:
@@ -290,11 +306,16 @@ class DecoderGauge(AbstractParameterGauge):
           which are canonical by then); head side and residual side commute, so the parts
           combine into one element.
 
+        - with `permutations=True`, then per block on the model the factors above make: the
+          heads sorted as `HeadPermutationGauge.canonical_element` sorts them, and the hidden
+          units by `|W1[:, j]|^2 + |W2[j]|^2 + |W3[:, j]|^2 + b1_j^2`, largest first (each
+          term unchanged by the rotation; after the SwiGLU scales above the last two are
+          canonical too). Without it the heads and units keep their order.
+
         Unfixed: rotations inside eigenspaces of equal eigenvalues (e.g. `vocab < d`, where
-        `W_in^T W_in` has a null space), signs where the deciding entry is not unique, and what
-        `BlockAttentionGauge.canonical_element` leaves; the decoder's permutations of heads
-        and hidden units (with `permutations=True` the element holds identity permutations:
-        `HeadPermutationGauge` and `UnitPermutationGauge` sort them per block).
+        `W_in^T W_in` has a null space), signs where the deciding entry is not unique, what
+        `BlockAttentionGauge.canonical_element` leaves, and heads or units whose sort keys
+        agree to rounding (ordered arbitrarily).
 
         **Raises:** as `check_model`; `ValueError` for the control (no symmetry).
         """
@@ -343,6 +364,15 @@ class DecoderGauge(AbstractParameterGauge):
             identity.heads,
             identity.units,
         )
+        if self.permutations:  # applied after the continuous factors: sorted on their result
+            continuous = self.act(element, model)
+            heads = tuple(
+                HeadPermutationGauge.from_model(b.attn).canonical_element(b.attn)
+                for b in continuous.blocks
+            )
+            element = dataclasses.replace(
+                element, heads=heads, units=tuple(_unit_order(b.mlp) for b in continuous.blocks)
+            )
         return cast_element(element, fused.W_in.dtype)
 
     def match(self, reference: Decoder, model: Decoder, g: DecoderElement) -> DecoderElement:
