@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         make_config,
         pool_threads_for,
         use_compilation_cache,
+        use_fast_compile,
     )
 
     from . import EXPERIMENTS
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--cpu-devices {n}: {e}")
 
     module = EXPERIMENTS[args.name]
+    # an experiment that compiles many programs and runs each briefly (the check suites) asks
+    # for compile time over run time; before any JAX operation, so XLA's flags apply too
+    if getattr(module, "FAST_COMPILE", False):
+        use_fast_compile()
     # Repeat runs reuse compiled XLA programs, however short their compile (most of a smoke
     # run's time is compilation); benchmarks opt out, as their compile times must be measured.
     cache = os.environ.get(

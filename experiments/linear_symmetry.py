@@ -27,6 +27,9 @@ from gaugejax import (
 from ._common import run_checks
 
 
+FAST_COMPILE = True  # many programs, each run briefly: gj.use_fast_compile in its process
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Config of `linear_symmetry` (the embedded defaults are the `default` preset)."""

@@ -29,6 +29,9 @@ from gaugejax import claim, io, markdown_table, pyplot, validate_checks
 from ._common import run_checks
 
 
+FAST_COMPILE = True  # many programs, each run briefly: gj.use_fast_compile in its process
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Config of `symmetry_census` (the embedded defaults are the `default` preset)."""

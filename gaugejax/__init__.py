@@ -179,11 +179,13 @@ from ._infra.data import (
 from ._infra.devices import (
     configure_cpu_devices as configure_cpu_devices,
     default_chunk_size as default_chunk_size,
+    fast_compile_xla_flags as fast_compile_xla_flags,
     free_memory_bytes as free_memory_bytes,
     intra_op_threads as intra_op_threads,
     pool_threads_for as pool_threads_for,
     supports_float64 as supports_float64,
     use_compilation_cache as use_compilation_cache,
+    use_fast_compile as use_fast_compile,
 )
 from ._infra.io import RunLocked as RunLocked
 from ._infra.measure import (

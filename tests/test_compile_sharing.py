@@ -6,9 +6,12 @@ is a count of backend compilations, not a timing. The negative case shows the co
 recompilation when the structure does change.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import gaugejax as gj
 
@@ -62,3 +65,29 @@ def test_attention_node_reuses_its_solves(getkey):
     assert c.count == 0  # three solves (two Wilson lines and the jump), all reused
     h = gj.attention(x, Wq, Wk, Wv2, "identity")
     assert float(jnp.max(jnp.abs(y - x - 0.05 * h))) < 0.05 * float(jnp.max(jnp.abs(h)))
+
+
+def test_fast_compile_is_the_suites_setting_and_adds_nothing_twice(monkeypatch):
+    """`gj.use_fast_compile` is what this suite runs under (the conftest sets JAX's switch and
+    the same XLA flags before JAX starts): called again it adds no flag, and leaves JAX's
+    switch on; a jaxlib whose XLA was not measured with the flags gets none (XLA aborts on a
+    flag it does not know)."""
+    from importlib import metadata
+
+    from .conftest import COMPILE_FLAGS
+
+    if os.environ.get("GAUGEJAX_TEST_XLA_FLAGS") is not None:
+        pytest.skip("GAUGEJAX_TEST_XLA_FLAGS replaces the suite's flags")
+    assert COMPILE_FLAGS == gj.fast_compile_xla_flags()
+    flags = os.environ.get("XLA_FLAGS", "")
+    assert COMPILE_FLAGS in flags
+    monkeypatch.setenv("XLA_FLAGS", flags)  # both restored after the test
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    before = jax.config.read("jax_disable_most_optimizations")
+    try:
+        assert gj.use_fast_compile() == flags and os.environ["XLA_FLAGS"] == flags
+        assert jax.config.read("jax_disable_most_optimizations") is True
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+    monkeypatch.setattr(metadata, "version", lambda name: "0.11.0")
+    assert gj.fast_compile_xla_flags() == ""

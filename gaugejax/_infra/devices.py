@@ -22,6 +22,7 @@ device count, instead of hanging.
 import functools
 import os
 import re
+from importlib import metadata
 
 import jax
 
@@ -199,6 +200,48 @@ def _compiles_float64(platform: str) -> bool:
     except Exception:  # the backend refuses F64 (its message varies by backend and version)
         return False
     return True
+
+
+# XLA:CPU compiler flags that cut compile time and keep the arithmetic IEEE float64 (no fast
+# math): the classic (non-MLIR) fusion emitters, and each LLVM module code-generated in one
+# piece. Measured with jaxlib 0.10.x, whose XLA knows both (XLA aborts on a flag it does not
+# know, so other versions get none of them).
+FAST_COMPILE_XLA_FLAGS = (
+    "--xla_cpu_use_fusion_emitters=false",
+    "--xla_cpu_parallel_codegen_split_count=1",
+)
+
+
+def fast_compile_xla_flags() -> str:
+    """`FAST_COMPILE_XLA_FLAGS` joined where this jaxlib's XLA was measured to know them
+    (0.10.x), else the empty string."""
+    return (
+        " ".join(FAST_COMPILE_XLA_FLAGS) if metadata.version("jaxlib").startswith("0.10.") else ""
+    )
+
+
+def use_fast_compile() -> str:
+    """Compile this process's XLA programs for compile time rather than run time: for work
+    that compiles many programs and runs each briefly (checks, small sweeps), where the
+    compiler's optimisation passes cost more than they save. JAX's
+    `jax_disable_most_optimizations` (XLA's backend optimisation level 0, LLVM's expensive
+    passes off) from now on, and `fast_compile_xla_flags()` appended to `XLA_FLAGS`, which XLA
+    reads when its CPU client starts: call this before any JAX operation for both (later, only
+    the first applies). Both are inherited by child processes through the environment. The
+    arithmetic stays IEEE float64, but fused differently: results can move in the last bits.
+    Measured (2-core CPU, 2026-12-06): the `linear_symmetry` experiment 74.5 s -> 36.0 s, its
+    XLA compile time 93 s -> 19 s (compiles on several threads), every claim unchanged.
+
+    **Returns:** the `XLA_FLAGS` now set.
+    """
+    jax.config.update("jax_disable_most_optimizations", True)
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = fast_compile_xla_flags()
+    if extra and extra not in flags:
+        flags = f"{flags} {extra}".strip()
+        os.environ["XLA_FLAGS"] = flags
+    return flags
 
 
 def use_compilation_cache(path: str | os.PathLike) -> str:

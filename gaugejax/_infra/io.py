@@ -290,4 +290,8 @@ def env_info() -> dict:
         # XLA:CPU's intra-op pool (NPROC): part of what a CPU timing measured
         "intra_op_threads": intra_op_threads(),
         "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+        # how its programs were compiled (`gj.use_fast_compile`): results can move in the
+        # last bits between the two
+        "disable_most_optimizations": bool(jax.config.read("jax_disable_most_optimizations")),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
