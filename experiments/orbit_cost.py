@@ -36,9 +36,6 @@ DATASETS = ("moons", "circles")
 TEST_FRACTION = 0.25  # gj.load_dataset's default split
 
 
-FAST_COMPILE = True  # many programs, each run briefly: gj.use_fast_compile in its process
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Config of `orbit_cost` (the embedded defaults are the `default` preset)."""

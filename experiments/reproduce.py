@@ -122,10 +122,10 @@ class Config:
 
 
 # with several workers, these start first, longest first (measured at the default preset, each
-# in its own process on one core, the main job on the 2-core machine, 2026-12-06: 278, 172,
-# 141, 140, 82, 70 s; the others take 25 to 67 s): the last to finish is a short one
-EXPENSIVE_FIRST = ("regularizers", "symmetry_census", "linear_symmetry", "orbit_cost",
-                   "node_symmetry", "gauge_fixing")  # fmt: skip
+# in its own process on one core, the main job on the 2-core machine, 2026-12-06 at 3c8f995:
+# 251, 135, 137 (124 optimised), 68, 62, 62 s; the others 17 to 41 s): a short one ends last
+EXPENSIVE_FIRST = ("regularizers", "symmetry_census", "orbit_cost", "gauge_fixing",
+                   "linear_symmetry", "few_step_gauges")  # fmt: skip
 
 
 # (evidence row id, what the numerics say), in the paper's order; the README says the same
