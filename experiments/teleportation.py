@@ -1,21 +1,22 @@
 """Symmetry teleportation (Zhao et al. 2022) of ReLU MLPs on digits, against plain SGD and Adam.
 
-Arms, for each optimiser: `plain` (no move), `teleport` (`gj.teleport`: gradient ascent on the
-log squared gradient norm along the rescaling orbit, which keeps the function), `balance` (the
-control move: `gj.balance`, the orbit's minimum-norm point, blind to the gradient), `adam_step`
-(Adam only: teleport on the Adam-aware objective, the loss decrease of a fresh Adam's first
-step), `early` (the anchors' protocol: teleports in the first `early_segments` segments only,
-each followed by a fresh optimiser; objective `adam_step` under Adam, `objective` under SGD) and
-`carry` (Adam only: `teleport`'s moves, Adam's moments carried through each by
-`gj.transport_adam_state`, not restarted). A move happens every `teleport_every` steps, the
-first at step 0 (Zhao et al. 2022); every arm takes the same optimiser steps. Seeds train
-together as one stacked model (`gj.stack_models`: each as if alone); every seed, arm and
-optimiser draws the same minibatches, and the move at segment k the same teleport batch.
+Arms, for each optimiser: `plain` (no move), `teleport` (`gj.teleport`: gradient ascent on the log
+squared gradient norm along the rescaling orbit, which keeps the function), `balance` (the control
+move: `gj.balance`, the orbit's minimum-norm point, blind to the gradient), `adam_step` (Adam only:
+teleport on the Adam-aware objective, the loss decrease of a fresh Adam's first step), `early` (the
+anchors' protocol: teleports in the first `early_segments` segments only, each followed by a fresh
+optimiser; objective `adam_step` under Adam, `objective` under SGD) and `carry` (Adam only:
+`teleport`'s moves, Adam's moments carried through each by `gj.transport_adam_state`, not restarted)
+and `kept` (Adam only: plain, never restarted, the baseline `carry` keeps its state beside). A move
+happens every `teleport_every` steps, the first at step 0 (Zhao et al. 2022); every arm takes the
+same optimiser steps. Seeds train together as one stacked model (`gj.stack_models`: each as if
+alone); every seed, arm and optimiser draws the same minibatches, and the move at segment k the same
+teleport batch.
 
-Each arm is one `gj.train` run whose hook, every `teleport_every` steps, makes the move (if
-any) and restarts the optimiser (every arm but `carry`; SGD has no state). A killed
-run resumes exactly from its last checkpoint; a non-finite loss stops it with
-`gj.TrainingDiverged` at its step, naming the checkpoint `LATEST` still names.
+Each arm is one `gj.train` run whose hook, every `teleport_every` steps, makes the move (if any) and
+restarts the optimiser (every arm but `carry` and `kept`; SGD has no state). A killed run resumes
+exactly from its last checkpoint; a non-finite loss stops it with `gj.TrainingDiverged` at its step,
+naming the checkpoint `LATEST` still names.
 
 Measured: every seed's full training loss at every step (a gradient-free monitor), the steps
 each arm needs to reach plain's final training loss, test accuracy, the loss and gradient norm
@@ -43,9 +44,9 @@ from ._training import TrainingRun
 
 
 OPTIMIZERS = ("sgd", "adam")
-ARMS = ("plain", "teleport", "balance", "adam_step", "early", "carry")
+ARMS = ("plain", "teleport", "balance", "adam_step", "early", "carry", "kept")
 _MOVES = {"teleport": 1, "adam_step": 1, "early": 1, "carry": 1}  # moves that cost gradients
-_NO_ARM = (("sgd", "adam_step"), ("sgd", "carry"))  # Adam's objective and moments: Adam only
+_NO_ARM = (("sgd", "adam_step"), ("sgd", "carry"), ("sgd", "kept"))  # Adam's: Adam only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +71,8 @@ class Config:
     teleport_batch_size: int = 512
     objective: str = "grad_norm"
     early_segments: int = 1  # the `early` arm's moves: the first segments only
-    # claim: every move keeps the loss to this relative change (rounding: the rescaled network
-    # computes the same sums with terms multiplied by alpha / alpha, ~1e-15 relative; a move
-    # that changed the function would change the loss at O(1))
+    # claim: every move keeps the loss to this relative change (rounding: the rescaled network's
+    # sums have terms times alpha / alpha, ~1e-15 relative; another function changes it at O(1))
     function_rtol: float = 1e-10
 
     def __post_init__(self):
@@ -80,18 +80,16 @@ class Config:
         check_choices("arms", self.arms, ARMS, required=("plain", "teleport"))  # the comparison
         check_one_of("objective", self.objective, TELEPORT_OBJECTIVES)
         # (sizes < 1 are refused by the config loader after this; these divisions need >= 1)
-        if self.teleport_every < 1 or self.num_steps % self.teleport_every:
-            raise ValueError(
-                f"`teleport_every` must divide `num_steps`={self.num_steps} "
-                f"(segments between moves); received {self.teleport_every}."
-            )
-        if not self.early_segments <= (n := self.num_steps // self.teleport_every):
-            raise ValueError(f"`early_segments` must be <= the {n} segments; received "
+        n, every = self.num_steps, self.teleport_every
+        if every < 1 or n % every:
+            raise ValueError(f"`teleport_every` must divide `num_steps`={n} (segments between "
+                             f"moves); received {every}.")  # fmt: skip
+        if not self.early_segments <= n // every:
+            raise ValueError(f"`early_segments` must be <= the {n // every} segments; received "
                              f"{self.early_segments}.")  # fmt: skip
-        if self.steps_per_chunk < 1 or self.teleport_every % self.steps_per_chunk:
-            raise ValueError(f"`steps_per_chunk` must divide `teleport_every`="
-                             f"{self.teleport_every} (a checkpoint per chunk); received "
-                             f"{self.steps_per_chunk}.")  # fmt: skip
+        if (chunk := self.steps_per_chunk) < 1 or every % chunk:
+            raise ValueError(f"`steps_per_chunk` must divide `teleport_every`={every} (a "
+                             f"checkpoint per chunk); received {chunk}.")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- model and moves
@@ -158,12 +156,12 @@ class _Segments:
 
     def __init__(self, config: Config, opt: str, arm: str, data, gauge, key, path):
         every = config.num_steps // config.teleport_every
-        self.segments = {"plain": 0, "early": config.early_segments}.get(arm, every)
+        self.segments = {"plain": 0, "kept": 0, "early": config.early_segments}.get(arm, every)
         early = "adam_step" if opt == "adam" else config.objective  # Adam's own objective
         self.kind = {"balance": arm, "adam_step": arm, "early": early}.get(arm, config.objective)
         self.optimizer = optimizer(opt, getattr(config, f"{opt}_learning_rate"))
         self.config, self.data, self.gauge, self.key, self.path = config, data, gauge, key, path
-        self.carry, self.seconds = arm == "carry", 0.0  # seconds: this process's in moves
+        self.carry, self.kept, self.seconds = arm == "carry", arm == "kept", 0.0  # in moves
 
     def __call__(self, step, models, opt_state):
         start, cfg = time.perf_counter(), self.config
@@ -185,7 +183,7 @@ class _Segments:
         if self.carry and "move" in record:  # Adam's moments carried through the move
             return models, _carry(opt_state, self.gauge, elements, before)
         fresh = self.optimizer.init(eqx.filter(models, eqx.is_inexact_array))  # a restart
-        return (models, fresh) if step < cfg.num_steps else None
+        return (models, fresh) if step < cfg.num_steps and not self.kept else None
 
 
 @eqx.filter_jit
@@ -309,7 +307,8 @@ def run(config: Config, run_dir: Path) -> dict:
             results["summary"][opt] = _summary(config, by_arm)
             results["curves"][opt] = {a: r["train_loss"] for a, r in by_arm.items()}
             results["grad_evals"][opt] = {a: r["grad_evals"] for a, r in by_arm.items()}
-            results["moves"][opt] = {a: r["moves"] for a, r in by_arm.items() if a != "plain"}
+            still = ("plain", "kept")  # arms without moves
+            results["moves"][opt] = {a: r["moves"] for a, r in by_arm.items() if a not in still}
             results["charges"][opt] = {a: r["charges"] for a, r in by_arm.items()}
             results["cost"][opt] = {a: _cost(config, r, a) for a, r in by_arm.items()}
         # one line per optimiser and arm: its final numbers and steps to plain's final loss
@@ -358,6 +357,7 @@ def _claims(config: Config, results: dict) -> list[dict]:
                    f"{', '.join(map(when, at[a]))}" for a in arms}  # fmt: skip
         acc = ", ".join(f"{a} {row[a]['test_accuracy']:.4f}" for a in arms)
         reach, final = float(row["reach_mean"]), row["plain"]["final_loss"]
+        kept = f"; kept, never: {row['kept']['final_loss']:.4g}" if "kept" in row else ""
         ratio = row["teleport"]["final_loss"] / final
         claims += [  # the issue's aims, not claims of the paper
             claim(f"fewer_steps_{opt}", f"{name} with teleportation every "
@@ -374,8 +374,8 @@ def _claims(config: Config, results: dict) -> list[dict]:
         ]  # fmt: skip
         for arm in [a for a in arms if a in _MOVES and opt == "adam"]:  # teleports of Adam
             hits = sum(x <= 0.9 * n for x in at[arm])
-            why = (f"; final loss {row[arm]['final_loss']:.4g} (plain restarts Adam each "
-                   f"{config.teleport_every} steps, carry never)") * (arm == "carry")  # fmt: skip
+            why = f"; final loss {row[arm]['final_loss']:.4g} (plain restarts Adam each "
+            why = (why + f"{config.teleport_every} steps, carry never{kept})") * (arm == "carry")
             claims.append(claim(f"adam_90pct_{arm}", f"ADAM, arm {arm}: plain ADAM's final "
                                 f"training loss reached within 90% of its {n} steps in at least "
                                 f"{need} of {seeds} seeds", "issue 25 aim", hits, hits >= need,
@@ -394,7 +394,7 @@ def _claims(config: Config, results: dict) -> list[dict]:
 
 # ---------------------------------------------------------------------------- figure
 
-_COLORS = {"plain": "tab:blue", "teleport": "tab:red", "balance": "tab:green",
+_COLORS = {"plain": "tab:blue", "teleport": "tab:red", "balance": "tab:green", "kept": "tab:gray",
            "adam_step": "tab:purple", "early": "tab:orange", "carry": "tab:brown"}  # fmt: skip
 
 

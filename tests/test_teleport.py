@@ -264,7 +264,7 @@ TINY = {
     "teleport_batch_size": 64,
 }
 TIMINGS = ("seconds", "wall_time_s")
-ARMS_SGD = ("plain", "teleport", "balance", "early")  # adam_step and carry: Adam only
+ARMS_SGD = ("plain", "teleport", "balance", "early")  # adam_step, carry, kept: Adam only
 
 
 def _strip(value):
@@ -319,7 +319,12 @@ def test_experiment_writes_claims_and_figure_and_resumes_to_the_same_numbers(tmp
     assert results["cost"]["sgd"]["plain"]["teleport_objective_evaluations"] == 0
     # ...and in gradient evaluations (minibatch gradients: 20 steps of 16 examples; a teleport
     # 2 x 3 evaluations on 64 examples = 24): teleport arms 2 moves, early 1, balance none
-    want = {"plain": 20, "balance": 20, "teleport": 68, "early": 44, "adam_step": 68, "carry": 68}
+    want = {"plain": 20, "balance": 20, "teleport": 68, "early": 44, "adam_step": 68, "carry": 68,
+            "kept": 20}  # fmt: skip
+    # kept is plain Adam without its restarts: the same losses until plain's first (step 10)
+    adam = {k: np.asarray(v) for k, v in results["curves"]["adam"].items()}
+    np.testing.assert_array_equal(adam["kept"][:, :11], adam["plain"][:, :11])
+    assert not np.allclose(adam["kept"][:, 15], adam["plain"][:, 15], rtol=1e-6)
     for opt in ("sgd", "adam"):
         got = {a: c["gradient_evaluations"] for a, c in results["cost"][opt].items()}
         assert got == {a: v for a, v in want.items() if opt == "adam" or a in ARMS_SGD}
@@ -367,7 +372,7 @@ def test_experiment_writes_claims_and_figure_and_resumes_to_the_same_numbers(tmp
     steps = [r["step"] for r in io.read_jsonl(arm / "metrics.jsonl")]
     assert steps == list(range(20))  # each step logged once, one log for the whole arm
     rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 10 and {r["arm"] for r in rows} == set(teleportation.ARMS)
+    assert len(rows) == 11 and {r["arm"] for r in rows} == set(teleportation.ARMS)
 
 
 def test_experiment_divergence_stops_at_the_last_good_checkpoint(tmp_path):
