@@ -109,3 +109,35 @@ def test_align_decoder_refuses_the_control_and_families_without_match(getkey):
     fused = gj.DecoderGauge.from_model(L)
     with pytest.raises(ValueError, match="align `fuse_layernorm\\(reference\\)`"):
         fused.match(L, L, fused.identity())
+
+
+# linear (activation-free) scores, where each head's score scale is part of the family;
+# measured with the keys below: distance, rounds, logits kept, an independent decoder's distance
+LINEAR_SCORES = {
+    "linear": (dict(activation="linear"), 9.2e-16, 45, 1.6e-15, 249.1),
+    "linear_gqa_rope": (
+        dict(activation="linear", num_heads=4, head_dim=2, num_kv_heads=2, rope="half"),
+        1.7e-16, 50, 3.6e-15, 223.6,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(LINEAR_SCORES))
+def test_align_linear_score_decoder_to_rounding(case):
+    """With linear scores the query-key candidates are compared modulo the score scales that
+    each round fits last: a decoder moved by a sampled element is recovered to rounding
+    (before, 437 -> 8.2 and 373 -> 2.4 here: the scales and the query-key map stalled each
+    other), its logits kept; an independent decoder stays far (the distance is not small by
+    construction)."""
+    kwargs, distance, rounds, kept, apart = LINEAR_SCORES[case]
+    k = jax.random.split(jax.random.key(0), 4)
+    A = _decoder(k[0], **kwargs)
+    gauge = gj.DecoderGauge.from_model(A)
+    B = gauge.act(gauge.sample(k[1]), A)
+    res = gj.align(A, B, gauge)
+    assert _monotone(res.history) and res.history[0] > 300.0
+    assert res.history[-1] < 10 * distance and len(res.history) - 1 <= 2 * rounds
+    x = jax.random.normal(k[2], (6, 5))
+    assert float(jnp.max(jnp.abs(_logits(res.model, x) - _logits(B, x)))) < 10 * kept
+    other = gj.align(A, _decoder(k[3], **kwargs), gauge)
+    assert 0.5 * apart < other.history[-1] < 2 * apart
