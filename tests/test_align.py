@@ -61,10 +61,11 @@ def test_align_refuses_mismatched_models_and_families(getkey):
 
 
 def test_alignment_smoke_writes_claims_and_resumes_to_the_same_numbers(tmp_path):
-    """The smoke preset (widths 8 and 32, 100 steps; two decoders, 100 steps): claims with
-    measured numbers, the figure; run again in its directory (every pair's checkpoints found)
-    it writes the same numbers. The decoders' alignment keeps their logits (2.7e-14, measured)
-    but raises their barrier (0.74x, measured: the aim is missed, as at the default preset)."""
+    """The smoke preset (widths 8 and 32, 100 steps; the LayerNorm decoders, 100 steps): claims
+    with measured numbers, the figure; run again in its directory (every pair's checkpoints
+    found) it writes the same numbers. The decoders' alignment keeps their logits (2.8e-14,
+    measured) but raises their barrier (0.90x, measured: the aim is missed, as at the default
+    preset)."""
     cfg = make_config(alignment.Config, presets("alignment")["smoke"])
     a = alignment.run(cfg, tmp_path)
     rows = {c["id"]: c for c in a["claims"]}
@@ -74,9 +75,9 @@ def test_alignment_smoke_writes_claims_and_resumes_to_the_same_numbers(tmp_path)
     assert rows["alignment_keeps_function"]["measured"] < 3e-14  # measured 2.7e-15
     assert rows["alignment_barrier_cut"]["measured"] > 2.0  # flatter paths: measured 3.7x
     assert rows["decoder_alignment_keeps_function"]["verdict"] == "pass"
-    assert rows["decoder_alignment_keeps_function"]["measured"] < 3e-13  # measured 2.7e-14
+    assert rows["decoder_alignment_keeps_function"]["measured"] < 3e-13  # measured 2.8e-14
     assert rows["decoder_barrier_cut"]["verdict"] == "missed"
-    assert 0.3 < rows["decoder_barrier_cut"]["measured"] < 1.0  # measured 0.74
+    assert 0.5 < rows["decoder_barrier_cut"]["measured"] < 1.0  # measured 0.90
     assert a["figures"] == ["figures/alignment_paths.png"]
     results = io.read_json(tmp_path / "results.json")
     (tmp_path / "results.json").unlink()
