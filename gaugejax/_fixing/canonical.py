@@ -23,35 +23,34 @@ from ..gauges.permutation import HeadPermutationGauge, UnitPermutationGauge
 from ..gauges.rescaling import RescalingGauge
 
 
-# the default order: continuous families first, then the permutations that sort their result
+# the default order: continuous families first, then the permutations that sort their result;
+# each with the options of `from_model` it is built with (a decoder's heads and hidden units
+# are sorted by its own family: no other family permutes them inside a decoder)
 DEFAULT_FAMILIES = (
-    RescalingGauge,
-    BlockAttentionGauge,
-    DecoderGauge,
-    UnitPermutationGauge,
-    HeadPermutationGauge,
+    (RescalingGauge, {}),
+    (BlockAttentionGauge, {}),
+    (DecoderGauge, {"permutations": True}),
+    (UnitPermutationGauge, {}),
+    (HeadPermutationGauge, {}),
 )
-# the options of `from_model` a default family is built with: a decoder's heads and hidden
-# units are sorted by its own family (no other family permutes them inside a decoder)
-_FROM_MODEL_OPTIONS = {DecoderGauge: {"permutations": True}}
 
 
 def default_families(model: Any) -> tuple[AbstractGauge, ...]:
-    """The families of `DEFAULT_FAMILIES` whose `from_model` accepts `model` (each family
-    decides, no dispatch on the model's type here), in that order.
+    """The families of `DEFAULT_FAMILIES`, built with their options, whose `from_model`
+    accepts `model` (each family decides, no dispatch on the model's type here), in order.
 
     **Raises:** `TypeError` when none does.
     """
     found = []
-    for family in DEFAULT_FAMILIES:
+    for family, options in DEFAULT_FAMILIES:
         try:
-            gauge = family.from_model(model, **_FROM_MODEL_OPTIONS.get(family, {}))
+            gauge = family.from_model(model, **options)
             gauge.check_model(model)
         except (TypeError, ValueError):
             continue
         found.append(gauge)
     if not found:
-        names = ", ".join(f.__name__ for f in DEFAULT_FAMILIES)
+        names = ", ".join(f.__name__ for f, _ in DEFAULT_FAMILIES)
         raise TypeError(
             f"`model` must be a model one of the families with a canonical form acts on "
             f"({names}: e.g. an eqx.nn.MLP or a BlockAttention); received "

@@ -212,8 +212,9 @@ def _maps_states(model: Any, dim: int) -> bool | str:
     """True when `model.field` maps a state of shape `(dim,)` to one of that shape (traced
     only: `jax.eval_shape`), else what it does instead."""
     y = jax.ShapeDtypeStruct((dim,), state_dtype(model.field))
+    t = jax.ShapeDtypeStruct((), y.dtype)  # an array, as diffrax passes it (`t[None]` works)
     try:
-        out = jax.eval_shape(lambda y: model.field(float(model.t0), y, model.args), y)
+        out = jax.eval_shape(lambda t, y: model.field(t, y, model.args), t, y)
     except Exception as e:  # noqa: BLE001 - any failure means: not a state of this size
         return f"on a state of shape ({dim},): {type(e).__name__}: {str(e).splitlines()[0]}"
     shapes = [tuple(x.shape) for x in jax.tree.leaves(out)]
