@@ -4,11 +4,15 @@ A neural-ODE classifier (`gj.ODEClassifier`: an MLP field on the input padded wi
 linear read-out) is trained on each data set with fixed-step RK4 (as RNODE trains) under each
 arm: no regulariser; RNODE's kinetic energy; the Jacobian Frobenius norm (Hutchinson, one probe
 fixed per solve); both; the uniform-motion (gauge-fixing, Eq. 43) functional; uniform motion
-plus kinetic. Every arm has the same seeds, steps and data; the regularisers ride along in the
-training solve (`gj.integrate_regularizers`). Test time uses an adaptive Dopri5 at `test_rtol`:
-accuracy, steps and field evaluations per example, inference and training wall time (compile
-time apart), and the size of every regulariser. Seeds train together as one stacked model
-(`gj.stack_models`: Adam is elementwise, so the summed loss trains them independently).
+plus kinetic; TayNODE's third derivative (R_3); STEER (a random end time in training); the
+solver's own local error estimate (Pal et al.; it trains with Dopri5 at the same fixed steps:
+RK4 has no error estimate). Every arm has the same seeds, steps and data; the regularisers
+ride along in the training solve (`gj.integrate_regularizers`). `weight_scales` makes the
+frontier: every weighted arm trains at each multiple of its weights. Test time uses an
+adaptive Dopri5 at `test_rtol`: accuracy, steps and field evaluations per example, inference
+and training wall time (compile time apart), and the size of every regulariser. Seeds train
+together as one stacked model (`gj.stack_models`: Adam is elementwise, so the summed loss
+trains them independently).
 """
 
 import dataclasses
@@ -30,15 +34,10 @@ from gaugejax import check_choices, claim, io, optimizer, pyplot
 from ._training import TrainingRun
 
 
-# arm -> its regularisers (each weighted by the config's `<term>_weight`)
-ARMS = {
-    "none": (),
-    "kinetic": ("kinetic",),
-    "jacobian": ("jacobian",),
-    "kinetic+jacobian": ("kinetic", "jacobian"),
-    "uniform_motion": ("uniform_motion",),
-    "uniform_motion+kinetic": ("uniform_motion", "kinetic"),
-}
+# arm -> its regularisers (each weighted by the config's `<term>_weight`), joined by "+"
+_WEIGHTED = ("kinetic", "jacobian", "kinetic+jacobian", "uniform_motion", "uniform_motion+kinetic")
+ARMS = {"none": (), **{a: tuple(a.split("+")) for a in (*_WEIGHTED, "r3", "steer", "local_error")}}
+WEIGHTLESS = ("none", "steer")  # STEER's knob is its half-width, not a weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +46,21 @@ class Config:
 
     seed: int = 0
     datasets: tuple[str, ...] = ("digits", "moons")
-    arms: tuple[str, ...] = tuple(ARMS)
+    arms: tuple[str, ...] = ("none", *_WEIGHTED)  # the frontier preset adds the other three
     num_seeds: int = 3
     # RNODE's weights on MNIST (lambda_K = lambda_J = 0.01); the same for uniform motion (>= 0,
     # `NONNEGATIVE`: a negative weight would reward the regulariser)
     kinetic_weight: float = 0.01
     jacobian_weight: float = 0.01
     uniform_motion_weight: float = 0.01
+    r3_weight: float = 0.01
+    # the fixed-step Dopri5 estimates are ~1e-10 to 1e-8 per solve (moons, 8 steps): a weight
+    # that makes the term a fraction of the loss
+    local_error_weight: float = 1e6
+    steer_width: float = 0.5  # STEER's half-width b: T ~ U[t1 - b, t1 + b] in training
+    # the frontier: every weighted arm trains at each of these multiples of its weights (a
+    # run per multiple, named "arm@3x"); empty: once, at the weights above
+    weight_scales: tuple[float, ...] = ()
     augment: int = 4
     width: int = 48
     depth: int = 2
@@ -79,6 +86,8 @@ class Config:
         "kinetic_weight",
         "jacobian_weight",
         "uniform_motion_weight",
+        "r3_weight",
+        "local_error_weight",
         "augment",
         "accuracy_drop",
     )
@@ -86,6 +95,11 @@ class Config:
     def __post_init__(self):
         check_choices("datasets", self.datasets, gj.DATASETS)
         check_choices("arms", self.arms, ARMS, required=("none",))  # the baseline
+        if not 0 < self.steer_width < self.t1 or any(w <= 0 for w in self.weight_scales):
+            raise ValueError(
+                f"`steer_width` must be in (0, t1 = {self.t1:g}) and every `weight_scales` "
+                f"> 0; received {self.steer_width!r} and {list(self.weight_scales)}."
+            )
         if self.curve_examples > 0 and self.num_steps % self.steps_per_chunk:
             raise ValueError(
                 f"`num_steps` ({self.num_steps}) must be a multiple of `steps_per_chunk` "
@@ -112,18 +126,41 @@ class _Batches(eqx.Module):
         return x, y, kp
 
 
+def _runs(cfg: Config) -> list[tuple[str, str, float]]:
+    """`(name, arm, weight scale)` of every training run: each arm once at its weights, or,
+    with `weight_scales`, each weighted arm once per scale (the baseline and STEER once)."""
+    return [
+        (arm if arm in WEIGHTLESS or not cfg.weight_scales else f"{arm}@{s:g}x", arm, s)
+        for arm in cfg.arms
+        for s in ((1.0,) if arm in WEIGHTLESS or not cfg.weight_scales else cfg.weight_scales)
+    ]
+
+
+def _training_model(cfg: Config, arm: str, init):
+    """The stacked classifiers as `arm` trains them: STEER solves past t1 (its fixed steps of
+    t1 / n cover t1 + b), the local-error arm with Dopri5 (an error estimate) at those steps."""
+    if arm == "steer":
+        n = math.ceil(cfg.train_solver_steps * (cfg.t1 + cfg.steer_width) / cfg.t1)
+        adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=n)
+        return init.with_node(init.node.with_options(max_steps=n, adjoint=adjoint))
+    if arm == "local_error":
+        return init.with_node(init.node.with_options(solver=diffrax.Dopri5()))
+    return init
+
+
 class _SeedLoss(eqx.Module):
     """One seed's mean cross-entropy and mean of each regulariser `terms`, all from one
     fixed-step solve per example (`(loss, terms)`; `gj.StackedLoss` sums them over seeds)."""
 
     terms: tuple[str, ...] = eqx.field(static=True)
+    steer_width: float = eqx.field(static=True)
 
     def __call__(self, clf, batch):
         x, y, probe_key = batch
 
         def one(xi, k):
             z1, integrals = gj.integrate_regularizers(
-                clf.node, clf.initial_state(xi), self.terms, key=k
+                clf.node, clf.initial_state(xi), self.terms, key=k, steer_width=self.steer_width
             )
             return clf.readout(z1), integrals
 
@@ -153,13 +190,13 @@ def _evaluate(models, x, y):
 
 
 @eqx.filter_jit
-def _sizes(models, x, key):
-    """Per seed: every regulariser's mean over `x`, integrated with the training solver."""
+def _sizes(models, x, key, terms):
+    """Per seed: each regulariser `terms`' mean over `x`, integrated with the training solver."""
     keys = jax.random.split(key, x.shape[0])
 
     def one_seed(clf):
-        def one(xi, k):  # every term (`integrate_regularizers`' default)
-            return gj.integrate_regularizers(clf.node, clf.initial_state(xi), key=k)[1]
+        def one(xi, k):
+            return gj.integrate_regularizers(clf.node, clf.initial_state(xi), terms, key=k)[1]
 
         return {t: jnp.mean(v) for t, v in jax.vmap(one)(x, keys).items()}
 
@@ -174,20 +211,22 @@ def _trajectories(clf, x, ts):
     return jnp.swapaxes(zs, 0, 1)
 
 
-def _train_arm(cfg, arm, data, init, key, run_dir, on_chunk) -> gj.TrainResult:
+def _train_arm(cfg, arm, scale, data, init, key, run_dir, on_chunk) -> gj.TrainResult:
     terms = _program_terms(arm)
+    weighted = [t for t in terms if t != "steer"]  # STEER has no integral to weight
+    weights = {t: scale * getattr(cfg, f"{t}_weight") * (t in ARMS[arm]) for t in weighted}
     return gj.train(
-        gj.StackedLoss(_SeedLoss(terms)),
-        init,
+        gj.StackedLoss(_SeedLoss(terms, cfg.steer_width)),
+        _training_model(cfg, arm, init),
         optimizer("adam", cfg.learning_rate),
         _Batches(data, cfg.batch_size),
         key=key,
         num_steps=cfg.num_steps,
         steps_per_chunk=cfg.steps_per_chunk,
         checkpoint_every=cfg.steps_per_chunk,  # a killed run resumes inside the arm
-        regularizers={t: (getattr(cfg, f"{t}_weight") * (t in ARMS[arm]), None) for t in terms},
+        regularizers={t: (w, None) for t, w in weights.items()},
         run_dir=run_dir,
-        config={**dataclasses.asdict(cfg), "dataset": data.name, "arm": arm},
+        config={**dataclasses.asdict(cfg), "dataset": data.name, "arm": arm, "scale": scale},
         on_chunk=on_chunk,
     )
 
@@ -214,7 +253,8 @@ def _arm_row(cfg: Config, arm: str, data, res, arm_dir: Path, init, k_size) -> d
     # time (a resumed run compiles once more; with >= 5 chunks the median still leaves it out)
     chunks = np.sort([r["seconds"] for r in res.history[:: cfg.steps_per_chunk]])
     step_s = float(np.median(chunks[:-1])) if len(chunks) > 1 else float(chunks[0])
-    curve = {t: [r[t] / cfg.num_seeds for r in res.history] for t in ("loss", *ARMS[arm])}
+    logged = ("loss", *(t for t in ARMS[arm] if t != "steer"))
+    curve = {t: [r[t] / cfg.num_seeds for r in res.history] for t in logged}
     test_models = _adaptive(cfg, res.model)
     x, y = data.x_test, data.y_test
     ev = jax.device_get(_evaluate(test_models, x, y))
@@ -224,7 +264,9 @@ def _arm_row(cfg: Config, arm: str, data, res, arm_dir: Path, init, k_size) -> d
     # to 0.99, and calls of ~1 ms (the smoke preset) are scheduler noise
     number = max(1, math.ceil(0.1 / timeit.timeit(timed, number=1)))
     wall = min(timeit.repeat(timed, number=number, repeat=5)) / number
-    sizes = jax.device_get(_sizes(res.model, x, k_size))
+    # RNODE's and Eq. 43's terms, and R_3 when an arm trains it (the others are a solver's)
+    terms = ("kinetic", "jacobian", "uniform_motion", *(("r3",) * ("r3" in cfg.arms)))
+    sizes = jax.device_get(_sizes(res.model, x, k_size, terms))
     n = min(cfg.curve_examples, x.shape[0])
     return {
         "accuracy": float(np.mean(ev["accuracy"])),
@@ -246,7 +288,7 @@ def _arm_row(cfg: Config, arm: str, data, res, arm_dir: Path, init, k_size) -> d
 
 
 def run(config: Config, run_dir: Path) -> dict:
-    steps = len(config.datasets) * len(config.arms) * config.num_steps
+    steps = len(config.datasets) * len(_runs(config)) * config.num_steps
     with TrainingRun("regularizers", config, run_dir, steps) as tr:
         root = jax.random.key(config.seed)
         results = {}
@@ -260,12 +302,13 @@ def run(config: Config, run_dir: Path) -> dict:
             # the 2-D task: trajectories of seed 0 of every arm at 20 times in (0, t1]
             n_traj = min(config.trajectory_examples, data.x_test.shape[0])
             ts = config.t1 * jnp.linspace(0.0, 1.0, 21)[1:]
-            for arm in config.arms:
-                arm_dir = tr.dir / name / arm
-                with tr.stage(f"{name} {arm}", config.num_steps) as on_chunk:
-                    res = _train_arm(config, arm, data, init, k_train, arm_dir, on_chunk)
-                arms[arm] = _arm_row(config, arm, data, res, arm_dir, init, k_size)
-                if data.num_features == 2 and n_traj:
+            for run_name, arm, scale in _runs(config):
+                arm_dir = tr.dir / name / run_name
+                with tr.stage(f"{name} {run_name}", config.num_steps) as on_chunk:
+                    res = _train_arm(config, arm, scale, data, init, k_train, arm_dir, on_chunk)
+                row = _arm_row(config, arm, data, res, arm_dir, init, k_size)
+                arms[run_name] = {"arm": arm, "weight_scale": scale, **row}
+                if data.num_features == 2 and n_traj and scale == 1.0:  # a panel per arm
                     seed0 = gj.unstack_model(_adaptive(config, res.model), 0)
                     trajectories[arm] = np.asarray(_trajectories(seed0, data.x_test[:n_traj], ts))
             results[name] = {"arms": arms, "num_test": int(data.x_test.shape[0])}
@@ -275,9 +318,9 @@ def run(config: Config, run_dir: Path) -> dict:
                                      trajectory_inputs=inputs)  # fmt: skip
         claims = [c for name, entry in results.items() for c in _claims(config, name, entry)]
         records = [  # one line per arm: its numbers without the curves
-            {"dataset": name, "arm": arm, **{k: v for k, v in row.items() if "curve" not in k}}
+            {"dataset": name, "run": run, **{k: v for k, v in row.items() if "curve" not in k}}
             for name, entry in results.items()
-            for arm, row in entry["arms"].items()
+            for run, row in entry["arms"].items()
         ]
         return tr.finish(results, plot, records, claims)
 
@@ -359,26 +402,33 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     names = list(results)
     fig, axes = plt.subplots(2, len(names), figsize=(6.5 * len(names), 8.5), squeeze=False)
     for j, name in enumerate(names):
-        arms = results[name]["arms"]
+        runs = results[name]["arms"]
+        colour = {a: f"C{i}" for i, a in enumerate(dict.fromkeys(r["arm"] for r in runs.values()))}
         ax = axes[0, j]
-        for i, (arm, row) in enumerate(arms.items()):
-            nfe = np.asarray(row["evaluations_per_seed"], dtype=float)
-            acc = np.asarray(row["accuracy_per_seed"], dtype=float)
-            ax.scatter(nfe, 100 * acc, color=f"C{i}", alpha=0.5, s=20)
-            ax.scatter([nfe.mean()], [100 * acc.mean()], color=f"C{i}", marker="*", s=160,
-                       edgecolor="k", label=arm)  # fmt: skip
+        for arm, c in colour.items():  # an arm's runs joined in the order of their weights
+            mine = sorted((r["weight_scale"], r) for r in runs.values() if r["arm"] == arm)
+            nfe = np.array([r["evaluations_per_seed"] for _, r in mine], dtype=float)
+            acc = 100 * np.array([r["accuracy_per_seed"] for _, r in mine], dtype=float)
+            ax.scatter(nfe.ravel(), acc.ravel(), color=c, alpha=0.35, s=14)
+            ax.plot(nfe.mean(1), acc.mean(1), "*-", color=c, ms=12, mec="k", label=arm)
+            for (scale, _), x, y in zip(mine, nfe.mean(1), acc.mean(1), strict=True):
+                ax.annotate(f"{scale:g}x" * (len(mine) > 1), (x, y), fontsize=6)
+        nfe, acc = (np.array([r[k] for r in runs.values()]) for k in ("evaluations", "accuracy"))
+        front = gj.pareto_front(nfe, acc)
+        ax.step(nfe[front], 100 * acc[front], "ko--", where="post", lw=1, mfc="none", ms=16,
+                label="Pareto front (means)")  # fmt: skip
         ax.set(xscale="log", ylabel="test accuracy (%)",
                xlabel=f"test field evaluations per example (Dopri5, rtol {config.test_rtol:g})",
                title=f"{name}: accuracy against cost (dots: seeds, stars: means)")  # fmt: skip
         ax.legend(fontsize=7)
         ax = axes[1, j]
-        for i, (arm, row) in enumerate(arms.items()):
-            curve = row["nfe_curve"]
-            if curve:
+        for run, row in runs.items():  # each arm at its weights (scale 1)
+            if row["nfe_curve"] and row["weight_scale"] == 1.0:
+                curve = row["nfe_curve"]
                 ax.plot([c["step"] for c in curve], [c["evaluations"] for c in curve], "o-",
-                        color=f"C{i}", label=arm)  # fmt: skip
+                        color=colour[row["arm"]], label=run)  # fmt: skip
         ax.set(yscale="log", xlabel="optimiser step", ylabel="test field evaluations per example",
-               title=f"{name}: solver cost over training")  # fmt: skip
+               title=f"{name}: solver cost over training (each arm at its weights)")  # fmt: skip
         ax.legend(fontsize=7)
         for ax in axes[:, j]:
             ax.grid(True, which="both", alpha=0.3)
@@ -386,26 +436,16 @@ def plot(results: dict, fig_dir: Path, config: Config) -> list[Path]:
     out.append(io.save_figure(fig, fig_dir / "regularizers.png", close=True))
     for name in names:
         entry = results[name]
-        if "trajectories" not in entry:
-            continue
-        arms = list(entry["trajectories"])
-        cols = min(3, len(arms))
-        rows = -(-len(arms) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
-        for ax in axes.flat[len(arms) :]:
-            ax.set_visible(False)
-        labels = np.asarray(entry["trajectory_labels"])
-        x0 = np.asarray(entry["trajectory_inputs"], dtype=float)
-        for ax, arm in zip(axes.flat, arms, strict=False):
-            traj = np.asarray(entry["trajectories"][arm], dtype=float)  # (t, n, d)
-            for n in range(traj.shape[1]):
-                path = np.concatenate([x0[None, n, :2], traj[:, n, :2]])
-                ax.plot(path[:, 0], path[:, 1], color=f"C{labels[n]}", lw=0.8, alpha=0.7)
-                ax.plot(path[-1, 0], path[-1, 1], "o", color=f"C{labels[n]}", ms=3)
-            nfe = entry["arms"][arm]["evaluations"]
-            ax.set(xlabel="z_1", ylabel="z_2")
-            ax.set_title(f"{arm}\nNFE {nfe:.0f} per example", fontsize=9)
-        fig.suptitle(f"{name}: trajectories of seed 0 (colour: class; dot: z(T))")
-        fig.tight_layout()
-        out.append(io.save_figure(fig, fig_dir / f"trajectories_{name}.png", close=True))
+        if "trajectories" in entry:
+            nfe = {
+                r["arm"]: r["evaluations"] for r in entry["arms"].values() if r["weight_scale"] == 1
+            }
+            panels = [
+                (f"{a}\nNFE {nfe[a]:.0f} per example", t) for a, t in entry["trajectories"].items()
+            ]
+            out.append(gj.planar_flow_figure(
+                fig_dir / f"trajectories_{name}.png", entry["trajectory_inputs"], panels,
+                np.asarray(entry["trajectory_labels"]).tolist(),
+                title=f"{name}: trajectories of seed 0 (colour: class; dot: z(T))",
+            ))  # fmt: skip
     return out

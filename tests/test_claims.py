@@ -198,3 +198,29 @@ def test_figures_are_written_and_refuse_empty_input(tmp_path):
     with pytest.raises(ValueError, match=r"`panels` must hold at least one"):
         gj.small_multiples_figure(tmp_path / "e.png", [], xlabel="", title="")
     assert not (tmp_path / "e.png").exists()
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    # (cost, score): 1 beats 2 (cheaper, better); 3 and 0 are on the front; 4 ties 3's cost
+    # with a lower score; 5 ties 0 exactly (the first is kept)
+    costs = [30.0, 10.0, 12.0, 20.0, 20.0, 30.0]
+    scores = [0.99, 0.95, 0.90, 0.97, 0.96, 0.99]
+    np.testing.assert_array_equal(gj.pareto_front(costs, scores), [1, 3, 0])
+    # a cheaper and better point removes every other one
+    np.testing.assert_array_equal(gj.pareto_front([5.0, *costs], [1.0, *scores]), [0])
+    with pytest.raises(ValueError, match=r"one length; received shapes \(2,\) and \(3,\)"):
+        gj.pareto_front([1.0, 2.0], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="finite"):
+        gj.pareto_front([1.0, np.nan], [0.1, 0.2])
+
+
+def test_planar_flow_figure_draws_each_panel_and_names_a_wrong_one(tmp_path):
+    x0 = np.array([[0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]])
+    states = np.cumsum(np.ones((5, 3, 4)) * 0.1, axis=0)  # augmented: 4 coordinates
+    panels = [(f"arm {i}", states * (i + 1)) for i in range(4)]  # two rows of panels
+    path = gj.planar_flow_figure(tmp_path / "flow.png", x0, panels, [0, 1, 1], title="t")
+    assert path.stat().st_size > 10_000
+    with pytest.raises(ValueError, match=r"panel 'bad'.*states of shape \(5, 2, 4\)"):
+        gj.planar_flow_figure(tmp_path / "b.png", x0, [("bad", states[:, :2])], [0, 1], title="")
+    with pytest.raises(ValueError, match="at least one"):
+        gj.planar_flow_figure(tmp_path / "c.png", x0, [], [0, 1, 1], title="")

@@ -211,3 +211,76 @@ def plain_log_ticks(ax) -> None:
 
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def pareto_front(
+    costs: Float[np.ndarray, " n"] | Sequence[float],
+    scores: Float[np.ndarray, " n"] | Sequence[float],
+) -> np.ndarray:
+    """Indices of the points no other point beats: none has a lower-or-equal cost and a higher
+    score, or a lower cost and an equal score. Sorted by cost, so that the front draws as a
+    staircase (`ax.step(c[i], s[i], where="post")`); ties keep the first point.
+
+    **Raises:** `ValueError` when `costs` and `scores` differ in length or hold a non-finite
+    value.
+    """
+    c, s = np.asarray(costs, dtype=float), np.asarray(scores, dtype=float)
+    if c.shape != s.shape or c.ndim != 1 or not (np.isfinite(c).all() and np.isfinite(s).all()):
+        raise ValueError(
+            f"`costs` and `scores` must be finite 1-D sequences of one length; received shapes "
+            f"{c.shape} and {s.shape}."
+        )
+    front, best = [], -np.inf
+    for i in np.lexsort((-s, c)):  # by cost, the higher score first among equal costs
+        if s[i] > best:
+            front.append(int(i))
+            best = s[i]
+    return np.asarray(front, dtype=int)
+
+
+def planar_flow_figure(
+    path: str | os.PathLike,
+    inputs: Any,
+    panels: Sequence[tuple[str, Any]],
+    labels: Sequence[int],
+    *,
+    title: str,
+) -> Path:
+    """Paths of a flow in its first two coordinates, one panel per `(title, states)`: each
+    input's path from `inputs[i]` (array-like `(n, d)`) through `states[:, i]` (`(t, n, e)`, a
+    solve's saved states, e.g. of an augmented state), coloured by its class `labels[i]`, a dot
+    at its end; at most 3 panels a row. Written to `path` as PNG; returns the path.
+
+    **Raises:** `ValueError` when `panels` is empty, `inputs` is not `(n, d)` with `d >= 2`, or
+    a panel's states are not `(t, n, e)` with `e >= 2`.
+    """
+    x0 = np.asarray(inputs, dtype=float)
+    for name, states in panels:
+        shape = np.shape(states)
+        bad_inputs = x0.ndim != 2 or x0.shape[1] < 2
+        if bad_inputs or len(shape) != 3 or shape[1] != x0.shape[0] or shape[2] < 2:
+            raise ValueError(
+                f"panel {name!r}: expected inputs (n, d >= 2) and states (t, n, e >= 2); "
+                f"received inputs of shape {x0.shape} and states of shape {shape}."
+            )
+    if not panels:
+        raise ValueError("`panels` must hold at least one (title, states) panel; received [].")
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    with PLOT_LOCK:
+        plt = pyplot()
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+        for ax in axes.flat[len(panels) :]:
+            ax.set_visible(False)
+        for ax, (name, states) in zip(axes.flat, panels, strict=False):
+            states = np.asarray(states, dtype=float)
+            for i, label in enumerate(labels):
+                path_i = np.concatenate([x0[None, i, :2], states[:, i, :2]])
+                ax.plot(path_i[:, 0], path_i[:, 1], color=f"C{label}", lw=0.8, alpha=0.7)
+                ax.plot(path_i[-1, 0], path_i[-1, 1], "o", color=f"C{label}", ms=3)
+            ax.set(xlabel="z_1", ylabel="z_2")
+            ax.set_title(name, fontsize=9)
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = io.save_figure(fig, path, close=True)
+    return path
