@@ -1,6 +1,5 @@
 """Run every experiment's checks at one preset and write `report.md` with measured numbers."""
 
-import contextlib
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
@@ -40,6 +39,7 @@ from . import (
 )
 from ._common import BAR_POSITION
 from ._config import presets
+from ._cores import child_cores, set_cores, unpin
 
 
 # the experiments `reproduce` can run, in report order (the benchmark is run on its own)
@@ -67,6 +67,8 @@ class Config:
     preset: str = "default"
     experiments: tuple[str, ...] = tuple(REPRODUCIBLE)  # all of them, in report order
     checks: tuple[str, ...] = ()
+    # "experiment=preset" entries: those experiments run at their own preset instead
+    presets: tuple[str, ...] = ()
     # experiments run concurrently in this many processes (1: one after another in this
     # process, so each experiment's wall time in the report is its own). 2: the training
     # experiments run one compiled program at a time on one core, so a second experiment fills
@@ -87,18 +89,32 @@ class Config:
         does not have (naming the ones it has).
         """
         selection = self.selection()
+        names = [e.partition("=")[0] for e in self.presets]
+        if (
+            not all("=" in e for e in self.presets)
+            or sorted(set(names)) != sorted(names)
+            or (not set(names) <= set(self.experiments))
+        ):
+            raise ValueError(
+                "`presets` entries must look like 'experiment=preset', one per experiment of "
+                f"`experiments`; received {list(self.presets)}."
+            )
         configs = {}
         for name in self.experiments:
-            found = presets(name)
-            if self.preset not in found:
+            found, preset = presets(name), self.preset_of(name)
+            if preset not in found:
                 raise ValueError(
-                    f"`preset` must be one of {sorted(found)} for {name}; received {self.preset!r}."
+                    f"`preset` must be one of {sorted(found)} for {name}; received {preset!r}."
                 )
-            values = dict(found[self.preset])
+            values = dict(found[preset])
             if name in selection:
                 values["checks"] = list(selection[name])
             configs[name] = make_config(REPRODUCIBLE[name].Config, values)
         return configs
+
+    def preset_of(self, name: str) -> str:
+        """The preset experiment `name` runs at: its `presets` entry, else `preset`."""
+        return dict(e.partition("=")[::2] for e in self.presets).get(name, self.preset)
 
     def selection(self) -> dict[str, tuple[str, ...]]:
         """`{experiment: checks}` for the experiments that `checks` restricts."""
@@ -181,7 +197,8 @@ def _left_out(config: Config) -> list[str]:
             continue
         # the selection, else the preset's own choice (e.g. the census leaves `scale` out)
         chosen = (
-            selection.get(name) or make_config(module.Config, presets(name)[config.preset]).checks
+            selection.get(name)
+            or make_config(module.Config, presets(name)[config.preset_of(name)]).checks
         )
         out += [f"{name}.{check}" for check, _ in module.CHECKS if chosen and check not in chosen]
     return out
@@ -199,7 +216,8 @@ def write_report(path: Path, claims_by_exp: dict, env: dict, config: Config, wal
         "(arXiv 2402.02362), checked numerically.",
         "",
         f"- date (UTC): {env['date_utc']}",
-        f"- preset: `{config.preset}`; experiments: {', '.join(config.experiments)}"
+        f"- preset: `{config.preset}` ({', '.join(config.presets) or 'every experiment'}); "
+        f"experiments: {', '.join(config.experiments)}"
         + (f" ({config.workers} at a time: wall times overlap)" if config.workers > 1 else ""),
         f"- backend: {env['backend']} ({', '.join(env['devices'])}); x64: {env['x64']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
@@ -275,15 +293,15 @@ def _run_in_child(
     name: str, config: Any, sub_dir: Path, slot: int, cores: set[int] | None, settings: dict
 ) -> None:
     """A child process's whole life: one experiment, its summary written to `sub_dir`, on the
-    cores `cores` when given (each child its own share: see `_child_cores`). It
+    cores `cores` when given (each child its own share: see `child_cores`). It
     stops as the CLI does on SIGTERM, which the parent sends once when it is interrupted (a
     Ctrl-C reaches the parent and its children alike: the children ignore it, so that the one
     stop request they get arrives while their experiment runs, not during its clean-up)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop)
     if cores is not None:  # before XLA starts its threads (they inherit it); and every thread
-        # started on import (e.g. BLAS's); the parent unpins the last ones (`_unpin`)
-        _set_cores("self", cores)
+        # started on import (e.g. BLAS's); the parent unpins the last ones (`unpin`)
+        set_cores("self", cores)
     jax.config.update("jax_enable_x64", settings["x64"])
     jax.config.update("jax_num_cpu_devices", settings["cpu_devices"])
     if getattr(REPRODUCIBLE[name], "FAST_COMPILE", False):  # as the CLI runs it alone
@@ -302,34 +320,6 @@ def _run_in_child(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(INTERRUPTED)
-
-
-def _set_cores(pid: int | str, cores: set[int]) -> None:
-    """Run every thread of process `pid` on `cores` (threads it starts later inherit it)."""
-    for thread in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
-            os.sched_setaffinity(int(thread), cores)
-
-
-def _unpin(pid: int) -> None:
-    """Give a pinned child every core this process may use (nothing where nothing is pinned)."""
-    with contextlib.suppress(AttributeError, FileNotFoundError, ProcessLookupError):
-        _set_cores(pid, os.sched_getaffinity(0))
-
-
-def _child_cores(workers: int) -> list[set[int] | None]:
-    """The cores each child slot runs on: this process's cores dealt out evenly (one each for
-    two workers on two cores) while there are at least as many cores as workers, else no
-    pinning (None). Unpinned, two children on two cores each spread their XLA:CPU threads over
-    both cores and slow each other down: regularizers took 275 s alone on one core and 421 s
-    beside the other experiments (2-core machine, 2026-12-06)."""
-    try:
-        available = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux: no affinity to set
-        return [None] * workers
-    if len(available) < workers:
-        return [None] * workers
-    return [set(available[slot::workers]) for slot in range(workers)]
 
 
 # a child's exit code when it stopped on request (the CLI's code for an interrupted run)
@@ -370,7 +360,7 @@ def _run_in_children(order, workers: int, start, finished, run_dir: Path) -> dic
                 done[name] = finished(name, summary, time.perf_counter() - began)
                 if not pending:  # a core is free for good: the children left may use it
                     for child, _, _ in running.values():
-                        _unpin(child.pid)
+                        unpin(child.pid)
     except BaseException:
         for child, _, _ in running.values():
             if child.is_alive():
@@ -426,7 +416,7 @@ def run(config: Config, run_dir: Path) -> dict:
         )
         return summary, wall
 
-    cores = _child_cores(config.workers)
+    cores = child_cores(config.workers)
     # with several workers the long ones start first; the report keeps `experiments` order
     rank = {name: i for i, name in enumerate(EXPENSIVE_FIRST)}
     order = sorted(config.experiments, key=lambda n: rank.get(n, len(rank)))

@@ -357,6 +357,17 @@ def test_reproduce_config_validation():
         make_config(orbit_geometry.Config, {"checks": ["nope"]})
     with pytest.raises(ValueError, match="twice"):
         make_config(attention_symmetry.Config, {"checks": ["cubic", "cubic"]})
+    # an experiment at its own preset: the full preset's frontier; entries named or refused
+    full = make_config(reproduce.Config, presets("reproduce")["full"])
+    configs = full.experiment_configs()
+    assert configs["regularizers"].weight_scales == (0.3, 1.0, 3.0, 10.0)
+    assert configs["node_symmetry"] == node_symmetry.Config()  # the others at `preset`
+    assert full.preset_of("regularizers") == "frontier" and full.preset_of("alignment") == "default"
+    for bad in (["regularizers"], ["nope=smoke"], ["regularizers=smoke", "regularizers=frontier"]):
+        with pytest.raises(ValueError, match=r"'experiment=preset', one per experiment.*received"):
+            make_config(reproduce.Config, {"presets": bad})
+    with pytest.raises(ValueError, match=r"one of \[.*'frontier'.*\] for regularizers; .*'huge'"):
+        make_config(reproduce.Config, {"presets": ["regularizers=huge"]})
     # the smoke preset's selection is valid and covers every experiment
     smoke = make_config(reproduce.Config, presets("reproduce")["smoke"])
     with_checks = {n for n in smoke.experiments if hasattr(EXPERIMENTS[n], "CHECKS")}
