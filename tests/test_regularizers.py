@@ -164,6 +164,9 @@ def test_config_refusals_name_the_key():
         make_config(regularizers.Config, {"arms": ["kinetic"]})
     with pytest.raises(ValueError, match="multiple of `steps_per_chunk`"):
         make_config(regularizers.Config, {"num_steps": 150})
+    for bad in ({"weight_scales": [1.0, 0.0]}, {"steer_width": 1.0}):
+        with pytest.raises(ValueError, match=r"`steer_width` must be in \(0, t1 = 1\).*received"):
+            make_config(regularizers.Config, bad)
 
 
 def test_a_diverging_run_stops_at_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
