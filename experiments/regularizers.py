@@ -89,6 +89,7 @@ class Config:
         "r3_weight",
         "local_error_weight",
         "augment",
+        "curve_examples",  # 0: no NFE-over-training curve (then any chunking will do)
         "accuracy_drop",
     )
 

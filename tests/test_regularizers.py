@@ -164,6 +164,9 @@ def test_config_refusals_name_the_key():
         make_config(regularizers.Config, {"arms": ["kinetic"]})
     with pytest.raises(ValueError, match="multiple of `steps_per_chunk`"):
         make_config(regularizers.Config, {"num_steps": 150})
+    # without the NFE curve (no checkpoint is read) any chunking is accepted
+    no_curve = make_config(regularizers.Config, {"num_steps": 150, "curve_examples": 0})
+    assert no_curve.num_steps == 150 and no_curve.curve_examples == 0
     for bad in ({"weight_scales": [1.0, 0.0]}, {"steer_width": 1.0}):
         with pytest.raises(ValueError, match=r"`steer_width` must be in \(0, t1 = 1\).*received"):
             make_config(regularizers.Config, bad)
