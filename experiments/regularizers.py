@@ -82,15 +82,10 @@ class Config:
     # ...at no more than this loss of test accuracy (a fraction: 0.01 = 1 percentage point)
     accuracy_drop: float = 0.01
 
+    # every term's weight (STEER has none); `curve_examples = 0`: no NFE-over-training curve
     NONNEGATIVE: ClassVar[tuple[str, ...]] = (
-        "kinetic_weight",
-        "jacobian_weight",
-        "uniform_motion_weight",
-        "r3_weight",
-        "local_error_weight",
-        "augment",
-        "curve_examples",  # 0: no NFE-over-training curve (then any chunking will do)
-        "accuracy_drop",
+        *(f"{t}_weight" for t in gj.TRAJECTORY_TERMS if t != "steer"),
+        *("augment", "accuracy_drop", "curve_examples"),
     )
 
     def __post_init__(self):
