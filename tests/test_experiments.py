@@ -198,11 +198,14 @@ def test_reproduce_writes_the_report_and_resumes_an_interrupted_run(tmp_path, ca
     report.md with the checks left out and every disagreement with its evidence row; an
     interrupted run (one experiment unfinished, its last check not saved) resumed with
     `--resume` keeps the finished experiments and ends with the same report. Both runs in this
-    process (`_cli`): the interruption is simulated, not a signal (a killed CLI and its resume:
+    process (`_cli`), and their experiments too (`workers = 1`: the resume runs the programs
+    the first run compiled; the children of two workers are tested by
+    `test_interrupted_reproduce_stops_its_child_processes`). The interruption is simulated,
+    not a signal (a killed CLI and its resume:
     `test_killed_gauge_fixing_resumes_to_the_same_files`)."""
     code, out, err = _cli(
         ["reproduce", "--config", str(ROOT / "configs" / "reproduce" / "smoke.toml"), *PLUMBING,
-         "--out", str(tmp_path / "runs")],
+         "workers=1", "--out", str(tmp_path / "runs")],
         capfd,
     )  # fmt: skip
     assert code == 0, out[-2000:] + err[-3000:]
