@@ -170,9 +170,14 @@ class _Prepared(NamedTuple):
     how: str
 
 
-def _prepare(model, gauge, inputs, mode, observable, chunk_size, mesh, precision, axis="samples"):
+def _prepare(
+    model, gauge, inputs, mode, observable, chunk_size, mesh, precision, axis="samples",
+    trace_reference=True,
+):  # fmt: skip
     """Validate (before anything is traced), resolve `mode`, ask the model for its sweep copy
-    and its tightened copy, and split `(model, gauge)` into arrays and the static plan."""
+    and its tightened copy, and split `(model, gauge)` into arrays and the static plan; with
+    `trace_reference`, trace the reference program once (the trace its run reuses) so that a
+    shape error names the inputs."""
     if not isinstance(gauge, AbstractGauge):
         raise TypeError(f"`gauge` must be an AbstractGauge; received {type(gauge).__name__}.")
     gauge.check_model(model)
@@ -204,6 +209,8 @@ def _prepare(model, gauge, inputs, mode, observable, chunk_size, mesh, precision
             tight, how = None, "no tighter solve with the same structure"
         else:
             tight = Tight(tight, tight_params, how)
+    if not trace_reference:
+        return _Prepared(plan, params, tight, how)
     try:  # trace once (no compilation) so shape errors name the inputs
         reference = functools.partial(observe_reference, plan.without_blocks())
         # at the sweep's precision, as the reference runs: the same trace, reused
@@ -380,9 +387,12 @@ def _sweep(
     _check_devices_and_precision(jax.tree.leaves(inputs)[0].dtype, devices, precision)
     control = gauge.control() if control_samples else None
     if control is not None:
+        # the control's lanes compare with the sweep's reference: its own reference program
+        # never runs, and tracing it (for the shape check) cost a second reference's trace
         controlled = _prepare(
-            model, control, inputs, plan.mode, observable, chunk_size, mesh, precision, mesh_axis
-        )
+            model, control, inputs, plan.mode, observable, chunk_size, mesh, precision, mesh_axis,
+            trace_reference=False,
+        )  # fmt: skip
     # no more chunks per block than the samples need (padding lanes are wasted work)
     chunks_needed = -(-num_samples // (chunk_size * shards))
     block = chunk_size * min(chunks_per_block, chunks_needed) * shards
