@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         pool_threads_for,
         use_compilation_cache,
         use_fast_compile,
+        use_tracing_gc,
     )
 
     from . import EXPERIMENTS
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--cpu-devices {n}: {e}")
 
     module = EXPERIMENTS[args.name]
+    # every experiment traces many programs: its imports frozen, garbage collected less often
+    use_tracing_gc()
     # an experiment that compiles many programs and runs each briefly (the check suites) asks
     # for compile time over run time; before any JAX operation, so XLA's flags apply too
     if getattr(module, "FAST_COMPILE", False):

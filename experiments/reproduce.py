@@ -21,6 +21,7 @@ from gaugejax import (
     make_config,
     use_compilation_cache,
     use_fast_compile,
+    use_tracing_gc,
     validate_checks,
 )
 
@@ -304,7 +305,8 @@ def _run_in_child(
         set_cores("self", cores)
     jax.config.update("jax_enable_x64", settings["x64"])
     jax.config.update("jax_num_cpu_devices", settings["cpu_devices"])
-    if getattr(REPRODUCIBLE[name], "FAST_COMPILE", False):  # as the CLI runs it alone
+    use_tracing_gc()  # as the CLI runs it alone
+    if getattr(REPRODUCIBLE[name], "FAST_COMPILE", False):
         use_fast_compile()
     if settings["cache"]:
         use_compilation_cache(settings["cache"])

@@ -188,6 +188,7 @@ from ._infra.devices import (
     supports_float64 as supports_float64,
     use_compilation_cache as use_compilation_cache,
     use_fast_compile as use_fast_compile,
+    use_tracing_gc as use_tracing_gc,
 )
 from ._infra.io import RunLocked as RunLocked
 from ._infra.measure import (

@@ -1,6 +1,5 @@
 """Tests run in float64 on the CPU with strict dtype promotion (set here, never on import)."""
 
-import gc
 import os
 import shutil
 import tempfile
@@ -49,20 +48,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 _CACHE_ENV = "GAUGEJAX_TEST_JAX_CACHE"
 
 
-# Python's cyclic garbage collector, tuned for tracing: JAX's tracing and lowering make and drop
-# millions of small objects, and with the default thresholds a worker ran ~30 full (oldest
-# generation) collections of its ever larger heap, about 1 s each: 31 s and 43 s of the two
-# workers' time (gc.callbacks, full suite, 2-core machine, 2026-12-06). Freezing what the
-# imports made and collecting the youngest generation every 100000 allocations instead of 700:
-# 13 s of collection in all, the suite 482 -> 462 s with the same peak memory. Garbage is
-# still collected; only less often.
-GC_THRESHOLDS = (100_000, 50, 1000)
-
-
 def pytest_configure(config):
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
     if not hasattr(config, "workerinput") and os.environ.get(_CACHE_ENV) == "session":
         config._gaugejax_jax_cache = tempfile.mkdtemp(prefix="gaugejax-test-jax-cache-")
         os.environ[_CACHE_ENV] = config._gaugejax_jax_cache  # inherited by the workers
@@ -76,6 +62,18 @@ def pytest_unconfigure(config):
     owned = getattr(config, "_gaugejax_jax_cache", None)
     if owned:
         shutil.rmtree(owned, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracing_gc():
+    """Python's garbage collector as the CLI runs it (`gj.use_tracing_gc`): with the default
+    thresholds a worker's full collections of its large heap (~1 s each) cost 31 s and 43 s
+    of the two workers' time; 13 s in all with it, the suite 482 -> 462 s (2-core machine,
+    2026-12-06). At the first test: collection has imported gaugejax (under the jaxtyping
+    import hook) and the test modules, which are frozen with it."""
+    import gaugejax as gj
+
+    gj.use_tracing_gc()
 
 
 @pytest.fixture

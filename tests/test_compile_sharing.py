@@ -91,3 +91,35 @@ def test_fast_compile_is_the_suites_setting_and_adds_nothing_twice(monkeypatch):
         jax.config.update("jax_disable_most_optimizations", before)
     monkeypatch.setattr(metadata, "version", lambda name: "0.11.0")
     assert gj.fast_compile_xla_flags() == ""
+
+
+def test_tracing_gc_is_the_suites_setting_and_still_collects_cycles():
+    """`gj.use_tracing_gc` is what this suite runs under (the session fixture): the thresholds
+    (100000, 50, 1000), the imports frozen. Cyclic garbage is still collected without an
+    explicit `gc.collect()`: a dropped reference cycle is freed once 100000 more container
+    objects have been made, and not after 1000 (the default thresholds would have freed it
+    after 700)."""
+    import gc
+    import weakref
+
+    assert gc.get_threshold() == (100_000, 50, 1000)
+    assert gc.get_freeze_count() > 10_000  # gaugejax, jax and the test modules
+    frozen = gc.get_freeze_count()
+    assert gj.use_tracing_gc() == (100_000, 50, 1000)
+    assert gc.get_freeze_count() == frozen  # called again: nothing collected or frozen
+
+    class Node:
+        pass
+
+    def cycle():
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    gc.collect()  # the youngest generation starts empty
+    alive = cycle()
+    kept = [[] for _ in range(1000)]
+    assert alive() is not None  # not collected yet: 1000 << 100000
+    kept += [[] for _ in range(150_000)]
+    assert alive() is None  # collected by an automatic pass of the youngest generation
+    del kept
