@@ -145,7 +145,7 @@ class BlockAttentionGauge(AbstractParameterGauge):
             )
 
     @classmethod
-    def from_model(cls, model: BlockAttention, **kwargs: Any) -> "BlockAttentionGauge":
+    def from_model(cls, model: Any, **kwargs: Any) -> "BlockAttentionGauge":
         """The family with `model`'s sizes and every symmetry it has (overridable by
         `kwargs`).
 

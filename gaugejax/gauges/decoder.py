@@ -144,7 +144,7 @@ class DecoderGauge(AbstractParameterGauge):
             )
 
     @classmethod
-    def from_model(cls, model: Decoder, **kwargs: Any) -> "DecoderGauge":
+    def from_model(cls, model: Any, **kwargs: Any) -> "DecoderGauge":
         """The family with `model`'s sizes and its attention families.
 
         **Raises:** as `check_model`.

@@ -133,7 +133,7 @@ class HeadPermutationGauge(AbstractPermutationGauge):
             )
 
     @classmethod
-    def from_model(cls, attention: BlockAttention) -> "HeadPermutationGauge":
+    def from_model(cls, attention: Any) -> "HeadPermutationGauge":
         """The family with the head counts of `attention`."""
         if not isinstance(attention, BlockAttention):
             raise model_error(cls.__name__, "a BlockAttention", attention)
@@ -269,7 +269,7 @@ class UnitPermutationGauge(AbstractPermutationGauge):
             )
 
     @classmethod
-    def from_model(cls, mlp: BlockMLP | eqx.nn.MLP) -> "UnitPermutationGauge":
+    def from_model(cls, mlp: Any) -> "UnitPermutationGauge":
         """The family with the hidden widths of `mlp`."""
         if isinstance(mlp, BlockMLP):
             return cls((mlp.W1.shape[1],))
