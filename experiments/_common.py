@@ -41,8 +41,18 @@ def write_outputs(run_dir: Path, results: dict, records: list[dict], plot, confi
     io.atomic_write_bytes(run_dir / "metrics.jsonl", text.encode())
     io.write_json(run_dir / "results.json", results)
     saved = io.read_json(run_dir / "results.json")
+    import matplotlib.pyplot as plt
+
     with gj.PLOT_LOCK:  # pyplot's figure registry is global: one plot at a time
-        figures = plot(saved, run_dir / "figures", config)
+        opened = set(plt.get_fignums())
+        try:
+            figures = plot(saved, run_dir / "figures", config)
+        except BaseException:
+            # a plot that fails closes what it opened: the process's later plots (another
+            # experiment, a resumed run) would otherwise find its figures in the registry
+            for number in set(plt.get_fignums()) - opened:
+                plt.close(number)
+            raise
     return saved, figures
 
 

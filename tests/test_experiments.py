@@ -537,9 +537,10 @@ def _without_timings(name: str, data: bytes):
     return data
 
 
-def test_an_interrupted_experiment_resumes_to_the_same_files(tmp_path):
+def test_an_interrupted_experiment_resumes_to_the_same_files(tmp_path, monkeypatch):
     """What an interrupted run left (finished checks in checks/) is kept; the rest runs; every
-    file but timings equals an uninterrupted run's (figures byte for byte)."""
+    file but timings equals an uninterrupted run's (figures byte for byte). A failing plot
+    raises and closes the figures it opened."""
     cfg = make_config(
         node_symmetry.Config,
         {**presets("node_symmetry")["smoke"], "checks": ["lie_bracket", "eq16"], "workers": 1},
@@ -563,6 +564,19 @@ def test_an_interrupted_experiment_resumes_to_the_same_files(tmp_path):
     other = dataclasses.replace(cfg, seed=1)
     with pytest.raises(ValueError, match="another node_symmetry config"):
         node_symmetry.run(other, part)
+    # a plot that fails (every check already saved: only the files and figures are redone)
+    # raises, and leaves no figure of its own open in this process
+    import matplotlib.pyplot as plt
+
+    def failing_plot(results, fig_dir, config):
+        plt.figure()
+        raise RuntimeError("plot failed")
+
+    before = plt.get_fignums()
+    monkeypatch.setattr(node_symmetry, "plot", failing_plot)
+    with pytest.raises(RuntimeError, match="plot failed"):
+        node_symmetry.run(cfg, part)
+    assert plt.get_fignums() == before
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
