@@ -78,19 +78,24 @@ def test_deform_spatial_is_eq16_term_by_term(getkey):
     F = mlp_field(getkey)
     eps = generator(getkey, time=False)
     s = 0.37
-    for t, y in [
-        (0.3, jax.random.normal(getkey(), (3,))),
-        (0.8, jax.random.normal(getkey(), (3,))),
-    ]:
-        t = jnp.asarray(t)
+
+    @jax.jit  # one program for both points (not the eager ops of each)
+    def terms(t, y):
         e0, ey = eps(t, y)
-        assert e0 == 0
         f = F(t, y, None)
         DF = jax.jacfwd(lambda y: F(t, y, None))(y)
         Deps = jax.jacfwd(lambda y: eps(t, y)[1])(y)
         dt_eps = jax.jacfwd(lambda t: eps(t, y)[1])(t)
         eq16 = f + s * (DF @ ey - Deps @ f - dt_eps)
-        np.testing.assert_allclose(gj.deform(F, eps, s)(t, y, None), eq16, rtol=0, atol=1e-12)
+        return e0, gj.deform(F, eps, s)(t, y, None), eq16
+
+    for t, y in [
+        (0.3, jax.random.normal(getkey(), (3,))),
+        (0.8, jax.random.normal(getkey(), (3,))),
+    ]:
+        e0, got, eq16 = terms(jnp.asarray(t), y)
+        assert e0 == 0
+        np.testing.assert_allclose(got, eq16, rtol=0, atol=1e-12)
 
 
 def time_only_fields(getkey):
@@ -107,12 +112,18 @@ def test_deform_time_only_is_derived_eq20_not_printed(getkey):
     F, e0 = time_only_fields(getkey)
     y = jax.random.normal(getkey(), (3,))
     t, s = jnp.asarray(0.41), 0.2
-    f = F(t, y, None)
-    dtF = jax.jacfwd(lambda t: F(t, y, None))(t)
-    de0 = jax.grad(e0)(t)
-    derived = f + s * (de0 * f + e0(t) * dtF)
-    printed = f + s * (f * e0(t) + dtF * e0(t))
-    got = gj.deform(F, lambda t, y: (e0(t), jnp.zeros_like(y)), s)(t, y, None)
+
+    @jax.jit  # one program (not the eager ops)
+    def terms(t, y):
+        f = F(t, y, None)
+        dtF = jax.jacfwd(lambda t: F(t, y, None))(t)
+        de0 = jax.grad(e0)(t)
+        derived = f + s * (de0 * f + e0(t) * dtF)
+        printed = f + s * (f * e0(t) + dtF * e0(t))
+        got = gj.deform(F, lambda t, y: (e0(t), jnp.zeros_like(y)), s)(t, y, None)
+        return got, derived, printed
+
+    got, derived, printed = terms(t, y)
     np.testing.assert_allclose(got, derived, rtol=0, atol=1e-12)
     assert jnp.max(jnp.abs(got - printed)) > 1e-3
 
@@ -124,17 +135,18 @@ def test_deform_matches_finite_spacetime_diffeo_to_first_order(getkey):
     points = [(jnp.asarray(t), jax.random.normal(getkey(), (3,))) for t in (0.2, 0.5, 0.9)]
     hs = [4e-2, 2e-2, 1e-2, 5e-3]
 
-    def gap(h, sign):
+    @jax.jit  # one program for every h, sign and point (h traced)
+    def gap_at(h, scale, t, y):
         def chart(s, y):
             e0, ey = eps(s, y)
             return s + h * e0, y + h * ey
 
         finite = gj.spacetime_pullback(F, chart)
-        infinitesimal = gj.deform(F, eps, sign * h)
-        return max(
-            float(jnp.max(jnp.abs(finite(t, y, None) - infinitesimal(t, y, None))))
-            for t, y in points
-        )
+        infinitesimal = gj.deform(F, eps, scale)
+        return jnp.max(jnp.abs(finite(t, y, None) - infinitesimal(t, y, None)))
+
+    def gap(h, sign):
+        return max(float(gap_at(h, sign * h, t, y)) for t, y in points)
 
     errors = [gap(h, +1) for h in hs]
     assert 1.9 < gj.loglog_slope(hs, errors) < 2.1, errors
@@ -161,15 +173,19 @@ def test_pullback_linear_is_eq25(getkey):
 
     F = lambda t, x, args: w(t) @ x + b(t)  # noqa: E731
     pulled = gj.pullback(F, lambda t, y: G(t) @ y + c(t))
-    for t in (0.1, 0.45, 0.77):
-        t = jnp.asarray(t)
-        y = jax.random.normal(getkey(), (d,))
+
+    @jax.jit  # one program for the three times (not the eager ops of each)
+    def both(t, y):
         Gi = jnp.linalg.inv(G(t))
         dG = jax.jacfwd(G)(t)
         dc = jax.jacfwd(c)(t)
         w_new = Gi @ w(t) @ G(t) - Gi @ dG
         b_new = Gi @ (b(t) + w(t) @ c(t) - dc)
-        np.testing.assert_allclose(pulled(t, y, None), w_new @ y + b_new, rtol=0, atol=1e-12)
+        return pulled(t, y, None), w_new @ y + b_new
+
+    for t in (0.1, 0.45, 0.77):
+        y = jax.random.normal(getkey(), (d,))
+        np.testing.assert_allclose(*both(jnp.asarray(t), y), rtol=0, atol=1e-12)
 
 
 def test_spacetime_pullback_reduces_to_reparametrize(getkey):

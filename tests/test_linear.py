@@ -21,6 +21,25 @@ D, T = 3, 1.0
 TIGHT = diffrax.PIDController(rtol=1e-11, atol=1e-11)
 
 
+@eqx.filter_jit
+def _outputs(net, x):
+    """`net` on a batch of inputs: one compiled program per structure and shapes."""
+    return jax.vmap(net)(x)
+
+
+@eqx.filter_jit
+def _euler_error(w, b, num_layers, x, ref):
+    """The largest deviation of the Euler-discretised network's outputs from `ref`."""
+    euler = gj.LinearNet(*gj.euler_discretize(w, b, T, num_layers))
+    return jnp.max(jnp.abs(jax.vmap(euler)(x) - ref))
+
+
+@eqx.filter_jit
+def _lifted_at(lifted, t):
+    """`(G(t), c(t))` of a lifted gauge."""
+    return lifted.G(t), lifted.c(t)
+
+
 @pytest.fixture(scope="module")
 def lin():
     k = jax.random.split(jax.random.key(42), 4)
@@ -121,7 +140,7 @@ def test_gauge_with_G_T_not_one_changes_output(lin):
     new = model.with_field(
         gj.FunctionLinearField(*gj.linear_gauge_transform(model.weight, model.bias, G, c))
     )
-    out, old = jax.vmap(new)(x), jax.vmap(model)(x)
+    out, old = _outputs(new, x), _outputs(model, x)
     assert jnp.max(jnp.abs(out - old)) > 1e-2
     np.testing.assert_allclose(out, jnp.linalg.solve(G(T), old.T).T, atol=1e-8)  # G(T)^-1 x(T)
 
@@ -172,17 +191,13 @@ def test_eq27_time_reparametrisation_is_a_linear_gauge(lin):
 def test_integrated_relation_is_exact_euler_is_not(lin):
     model, x, k = lin
     w, b = model.weight, model.bias
-    ref = jax.vmap(model)(x)
+    ref = _outputs(model, x)
     euler = []
     Ns = [2, 4, 8, 16]
     for N in Ns:
         net = gj.LinearNet(*gj.discretize(w, b, T, N))
-        np.testing.assert_allclose(jax.vmap(net)(x), ref, atol=1e-8)
-        euler.append(
-            float(
-                jnp.max(jnp.abs(jax.vmap(gj.LinearNet(*gj.euler_discretize(w, b, T, N)))(x) - ref))
-            )
-        )
+        np.testing.assert_allclose(_outputs(net, x), ref, atol=1e-8)
+        euler.append(float(_euler_error(w, b, N, x, ref)))
     assert min(euler) > 1e-3
     assert abs(gj.loglog_slope(Ns, euler) + 1) < 0.2, euler
 
@@ -194,8 +209,8 @@ def test_discrete_gauge_invariance_and_group(lin):
     res = gj.sweep(net, gauge, x, key=k[0], num_samples=16, chunk_size=8)
     assert res.max_rel.max() < 1e-12
     g1, g2 = gauge.sample(k[1]), gauge.sample(k[2])
-    a = jax.vmap(gauge.act(gauge.compose(g1, g2), net))(x)
-    b2 = jax.vmap(gauge.act(g2, gauge.act(g1, net)))(x)
+    a = _outputs(gauge.act(gauge.compose(g1, g2), net), x)
+    b2 = _outputs(gauge.act(g2, gauge.act(g1, net)), x)
     np.testing.assert_allclose(a, b2, atol=1e-12)
     back = gauge.act(gauge.inverse(g1), gauge.act(g1, net))
     np.testing.assert_allclose(back.weights, net.weights, atol=1e-12)
@@ -216,8 +231,9 @@ def test_theorem_31_lift(lin):
     g = gj.DiscreteLinearGauge(D, N).sample(k[3])
     lifted = gj.lift(g.Gs, g.cs, T)
     for n in range(N + 1):
-        np.testing.assert_allclose(lifted.G(jnp.asarray(n * T / N)), g.Gs[n], atol=1e-12)
-        np.testing.assert_allclose(lifted.c(jnp.asarray(n * T / N)), g.cs[n], atol=1e-12)
+        G_n, c_n = _lifted_at(lifted, jnp.asarray(n * T / N))
+        np.testing.assert_allclose(G_n, g.Gs[n], atol=1e-12)
+        np.testing.assert_allclose(c_n, g.cs[n], atol=1e-12)
     lhs = gj.discretize(*gj.linear_gauge_transform(w, b, lifted.G, lifted.c), T, N)
     rhs = gj.discrete_gauge_transform(*gj.discretize(w, b, T, N), g.Gs, g.cs)
     np.testing.assert_allclose(lhs[0], rhs[0], atol=1e-8)
@@ -237,7 +253,7 @@ def test_relu_version_of_theorem_31():
     Gs = jnp.concatenate([jnp.eye(D)[None], jax.vmap(jnp.diag)(alphas), jnp.eye(D)[None]])
     lifted = gj.lift(Gs, jnp.zeros((5, D)), T)
     for t in (0.1, 0.3, 0.62, 0.9):
-        G = lifted.G(jnp.asarray(t))
+        G = _lifted_at(lifted, jnp.asarray(t))[0]
         assert jnp.max(jnp.abs(G - jnp.diag(jnp.diag(G)))) < 1e-12 and jnp.all(jnp.diag(G) > 0)
 
 

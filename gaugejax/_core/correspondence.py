@@ -237,10 +237,14 @@ def discretize(
     **Returns:** `(weights (N, d, d), biases (N, d))` for `LinearNet`.
     """
     _check_layers(t1, num_layers)
-    edges = jnp.linspace(0.0, float(t1), num_layers + 1)
-    return jax.vmap(lambda a, z: affine_propagator(w, b, z, a, rtol=rtol, atol=atol))(
-        edges[:-1], edges[1:]
-    )
+    # one compiled program per (structure of w and b, num_layers): t1 is traced
+    return _discretize(w, b, jnp.asarray(float(t1)), num_layers, rtol, atol)
+
+
+@eqx.filter_jit
+def _discretize(w, b, t1, num_layers, rtol, atol):
+    edges = jnp.linspace(0.0, t1, num_layers + 1)
+    return _layer_maps(w, b, edges[:-1], edges[1:], rtol, atol)
 
 
 def discretize_many(
@@ -279,7 +283,18 @@ def discretize_many(
 
 @eqx.filter_jit
 def _layers(w, b, starts, ends, rtol, atol):
-    return jax.vmap(lambda a, z: affine_propagator(w, b, z, a, rtol=rtol, atol=atol))(starts, ends)
+    return _layer_maps(w, b, starts, ends, rtol, atol)
+
+
+def _layer_maps(w, b, starts, ends, rtol, atol):
+    return jax.vmap(lambda a, z: _layer_map(w, b, z, a, rtol, atol))(starts, ends)
+
+
+# jitted per layer (then batched): the solve is traced once per structure of w and b, not once
+# per number of layers
+@eqx.filter_jit
+def _layer_map(w, b, t_end, t_start, rtol, atol):
+    return affine_propagator(w, b, t_end, t_start, rtol=rtol, atol=atol)
 
 
 def euler_discretize(
