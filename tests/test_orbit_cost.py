@@ -62,8 +62,8 @@ def test_composed_identity_compose_inverse(setup):
     first_then = at(gauge.act(g2, gauge.act(g1, model)))
     np.testing.assert_array_equal(at(gauge.act(both, model)), first_then)
     swapped = at(gauge.act(gauge.compose(g2, g1), model)) - first_then
-    assert float(jnp.max(jnp.abs(swapped))) > 1e-6
-    assert float(jnp.max(jnp.abs(at(gauge.act(g1, model)) - model.field(t, y, None)))) > 1e-3
+    assert float(np.max(np.abs(swapped))) > 1e-6
+    assert float(np.max(np.abs(at(gauge.act(g1, model)) - at(model)))) > 1e-3
 
 
 def test_composed_tangent_and_sample(setup):
@@ -78,15 +78,16 @@ def test_composed_tangent_and_sample(setup):
     expected = eqx.filter_jit(lambda: jax.jvp(moved, (0.0,), (1.0,))[1])()
     got = eqx.filter_jit(lambda m: m.field(t, y, None))(gauge.tangent(model, v))
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)  # same jvp, reordered
-    assert float(jnp.max(jnp.abs(got))) > 1e-6
+    assert float(np.max(np.abs(got))) > 1e-6
     keys = jax.random.split(key, 3)
-    batched = jax.vmap(gauge.sample)(keys)
+    batched = eqx.filter_jit(lambda ks: jax.vmap(gauge.sample)(ks))(keys)  # one program
     jitted = eqx.filter_jit(gauge.sample)
     for i in range(3):
         for a, b in zip(jax.tree.leaves(jitted(keys[i])), jax.tree.leaves(batched), strict=True):
-            np.testing.assert_allclose(a, b[i], rtol=1e-14, atol=1e-15)
+            np.testing.assert_allclose(a, np.asarray(b)[i], rtol=1e-14, atol=1e-15)
     assert isinstance(batched, ComposedElement)
-    assert not np.allclose(batched.first[0], batched.first[1])
+    first = np.asarray(batched.first)
+    assert not np.allclose(first[0], first[1])
 
 
 def test_composed_refusals(setup, getkey):
@@ -142,22 +143,23 @@ def test_lipschitz_charts(getkey):
     diffeo = gj.SpatialDiffeoGauge(3, 1.0, key=getkey(), num_features=5)
     reparam = gj.TimeReparamGauge(1.0)
     chart = gs.element_chart(ComposedGauge(diffeo, reparam))
-    bound = lambda g: (  # noqa: E731
-        float(jnp.linalg.norm(g.first, ord=2) * diffeo.features.lipschitz),
-        float(jnp.sum(jnp.abs(g.then) * reparam.omega)),
+    bound = lambda g: (  # noqa: E731  (test-side arithmetic: numpy)
+        float(np.linalg.norm(np.asarray(g.first), ord=2) * float(diffeo.features.lipschitz)),
+        float(np.sum(np.abs(np.asarray(g.then)) * np.asarray(reparam.omega))),
     )
+    element = eqx.filter_jit(lambda c, raw: c.element(raw))  # one program per structure
     huge = ComposedElement(100 * jax.random.normal(getkey(), (3, 5)), jnp.asarray([50.0, -9, 3]))
     # any raw gives a valid element: bound rho tanh(L / rho) <= rho (= rho once tanh rounds to 1)
-    assert max(bound(chart.element(huge))) <= 0.5 * (1 + 1e-12)
+    assert max(bound(element(chart, huge))) <= 0.5 * (1 + 1e-12)
     # the sampled elements (bound <= rho) lie in the image: element(to_raw(g)) = g, to 1e-12
     # (arctanh then tanh in float64)
     g = ComposedGauge(diffeo, reparam).sample(getkey())
-    back = chart.element(chart.to_raw(g))
+    back = element(chart, chart.to_raw(g))
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(g), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     # value and gradient finite at the identity, where the chart is the identity map
     zero = jax.tree.map(jnp.zeros_like, g)
-    grads = jax.grad(lambda r: jnp.sum(jax.tree.leaves(chart.element(r))[0]))(zero)
+    grads = eqx.filter_jit(jax.grad(lambda r: jnp.sum(jax.tree.leaves(chart.element(r))[0])))(zero)
     assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(grads))
     np.testing.assert_array_equal(jax.tree.leaves(grads)[0], np.ones((3, 5)))
     # outside the image: refused eagerly and under jit

@@ -1,5 +1,6 @@
 """Training loop: optimisation, regularisers, one compilation, checkpoints, exact resume."""
 
+import functools
 import os
 import signal
 import subprocess
@@ -20,8 +21,11 @@ import gaugejax as gj
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@functools.cache
 def problem():
-    """Noisy samples of y = A x + c fitted by a linear layer (deterministic from fixed keys)."""
+    """Noisy samples of y = A x + c fitted by a linear layer (deterministic from fixed keys).
+    One set of objects per process: `train` keys its compiled chunk on the functions, so the
+    runs of this file that share an optimiser object share their programs."""
     ka, kc = jax.random.split(jax.random.key(0))
     A, c = jax.random.normal(ka, (3, 3)), jax.random.normal(kc, (3,))
 
@@ -149,19 +153,23 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert steps == list(range(300))
 
 
+SGD = optax.sgd(1e-2)  # one object: the runs below that take it share one compiled chunk
+ADAM5 = optax.adam(5e-2)  # as ADAM, for the runs below at 5e-2 (share the optimiser's programs)
+
+
 def test_refuses_other_config_and_corrupt_checkpoints(tmp_path):
     model, batch_fn, loss_fn = problem()
     kw = dict(key=jax.random.key(2), steps_per_chunk=10, checkpoint_every=10, run_dir=tmp_path)
-    gj.train(loss_fn, model, optax.sgd(1e-2), batch_fn, num_steps=20, config={"lr": 0.01}, **kw)
+    gj.train(loss_fn, model, SGD, batch_fn, num_steps=20, config={"lr": 0.01}, **kw)
     with pytest.raises(ValueError, match=r"different config \(lr: 0.01 -> 0.1\)"):
         gj.train(loss_fn, model, optax.sgd(1e-1), batch_fn, num_steps=40, config={"lr": 0.1}, **kw)
     ckpt = tmp_path / "checkpoints" / "step_00000020.eqx"
     ckpt.write_bytes(ckpt.read_bytes()[:-7])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        gj.train(loss_fn, model, optax.sgd(1e-2), batch_fn, num_steps=40, config={"lr": 0.01}, **kw)
+        gj.train(loss_fn, model, SGD, batch_fn, num_steps=40, config={"lr": 0.01}, **kw)
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a gaugejax checkpoint"):
-        gj.train(loss_fn, model, optax.sgd(1e-2), batch_fn, num_steps=40, config={"lr": 0.01}, **kw)
+        gj.train(loss_fn, model, SGD, batch_fn, num_steps=40, config={"lr": 0.01}, **kw)
 
 
 def _run(tmp_path, optimizer=None, num_steps=20, key=2, loss=None, **kw):
@@ -169,7 +177,7 @@ def _run(tmp_path, optimizer=None, num_steps=20, key=2, loss=None, **kw):
     return gj.train(
         loss or loss_fn,
         model,
-        optimizer or optax.sgd(1e-2),
+        optimizer or SGD,
         batch_fn,
         key=jax.random.key(key),
         num_steps=num_steps,
@@ -266,7 +274,7 @@ def test_resume_with_other_run_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"different run \(num_steps: 20 -> 40\)"):
         _run(tmp_path, num_steps=40)
     with pytest.raises(ValueError, match="optimizer_state"):
-        _run(tmp_path, optimizer=optax.adam(1e-2))
+        _run(tmp_path, optimizer=ADAM)
     # the same optimiser with another learning rate: its state has the same structure, its
     # first update of a probe gradient (sum -0.12 = -lr x 12 parameters) does not
     with pytest.raises(ValueError, match=r"optimizer_probe: \['-0.12', '0.0012'\] -> \['-1.2',"):
@@ -333,9 +341,9 @@ def test_terms_returned_by_the_loss_are_weighted_like_regularisers():
     penalty = lambda m, b: jnp.sum(m.weight**2)  # noqa: E731
     both = lambda m, b: (loss_fn(m, b), {"l2": penalty(m, b)})  # noqa: E731
     kw = dict(key=jax.random.key(2), num_steps=20, steps_per_chunk=10)
-    separate = gj.train(loss_fn, model, optax.adam(5e-2), batch_fn, **kw,
+    separate = gj.train(loss_fn, model, ADAM5, batch_fn, **kw,
                         regularizers={"l2": (0.3, penalty)})  # fmt: skip
-    shared = gj.train(both, model, optax.adam(5e-2), batch_fn, **kw,
+    shared = gj.train(both, model, ADAM5, batch_fn, **kw,
                       regularizers={"l2": (0.3, None)})  # fmt: skip
     for a, b in zip(separate.history, shared.history, strict=True):
         assert a["total"] == pytest.approx(b["total"], rel=1e-12) and a["l2"] > 0
@@ -365,7 +373,7 @@ def test_hook_moves_the_state_every_k_steps_and_resumes_exactly(tmp_path, killed
     to the uninterrupted run's model bit for bit, calling the hook again where the checkpoint
     stands, and its history is the whole run's (steps 0-39, each once)."""
     model, batch_fn, loss_fn = problem()
-    opt = optax.adam(5e-2)
+    opt = ADAM5
     key = jax.random.key(2)
     kw = dict(key=key, num_steps=40, steps_per_chunk=5, checkpoint_every=5, hook_every=10)
     calls = []
@@ -431,14 +439,14 @@ def test_stacked_members_train_as_if_alone():
     assert stack.weight.shape == (3, 3, 3)
     kw = dict(key=jax.random.key(2), num_steps=30, steps_per_chunk=10)
     with_terms = lambda m, b: (loss_fn(m, b), {"w2": jnp.sum(m.weight**2)})  # noqa: E731
-    res = gj.train(gj.StackedLoss(with_terms), stack, optax.adam(5e-2), batch_fn, **kw,
+    res = gj.train(gj.StackedLoss(with_terms), stack, ADAM5, batch_fn, **kw,
                    regularizers={"w2": (0.0, None)})  # fmt: skip
     first = gj.unstack_model(stack, 0)
     assert res.history[0]["w2"] == pytest.approx(
         sum(float(jnp.sum(gj.unstack_model(stack, i).weight ** 2)) for i in range(3)), rel=1e-12
     )
     for i, k in enumerate(keys):
-        alone = gj.train(loss_fn, eqx.nn.Linear(3, 3, key=k), optax.adam(5e-2), batch_fn, **kw)
+        alone = gj.train(loss_fn, eqx.nn.Linear(3, 3, key=k), ADAM5, batch_fn, **kw)
         member = gj.unstack_model(res.model, i)
         np.testing.assert_allclose(member.weight, alone.model.weight, rtol=1e-15, atol=1e-15)
     np.testing.assert_array_equal(first.weight, stack.weight[0])
@@ -447,6 +455,10 @@ def test_stacked_members_train_as_if_alone():
         gj.unstack_model(stack, 3)
     with pytest.raises(TypeError):
         gj.stack_models(lambda k: eqx.nn.Linear(3, 3, key=k), jax.random.key(0))
+
+
+# `eqx.tree_equal` (exact) as one program per structure, not a program per leaf op and shape
+_tree_equal = eqx.filter_jit(eqx.tree_equal)
 
 
 def test_solve_options_are_never_trained():
@@ -470,15 +482,15 @@ def test_solve_options_are_never_trained():
                          stepsize_controller=diffrax.ConstantStepSize())  # fmt: skip
     adaptive = gj.NeuralODE(field, t1=1.0, stepsize_controller=diffrax.PIDController(
         rtol=jnp.asarray(1e-6), atol=jnp.asarray(1e-6)))  # fmt: skip
-    grad = eqx.filter_grad(loss_fn)(fixed, x)
+    grad = eqx.filter_jit(eqx.filter_grad(loss_fn))(fixed, x)  # one program, not op by op
     # measured 5.6e-7: the truncation error of 4 RK4 steps changes with the step
     assert 1e-7 < abs(float(grad.solve_options.dt0)) < 5e-6
     for model in (fixed, adaptive):
         res = gj.train(loss_fn, model, optax.adam(0.05), lambda k: x, key=key[2], num_steps=4,
                        steps_per_chunk=2)  # fmt: skip
         assert res.history[-1]["loss"] < res.history[0]["loss"]
-        assert not bool(eqx.tree_equal(res.model.field, model.field))  # the field learned
-        assert bool(eqx.tree_equal(res.model.solve_options, model.solve_options))  # bitwise
+        assert not bool(_tree_equal(res.model.field, model.field))  # the field learned
+        assert bool(_tree_equal(res.model.solve_options, model.solve_options))  # bitwise
     spec = gj.trainable(adaptive)
     assert spec.solve_options is False  # the whole subtree, a prefix of the model
     assert jax.tree.leaves(spec.field) == [eqx.is_inexact_array(a) for a in jax.tree.leaves(field)]
