@@ -316,6 +316,9 @@ class Decoder(eqx.Module):
         self.b_out = None
 
     def __call__(self, x: Float[Array, "n i"] | Int[Array, " n"]) -> Float[Array, "n o"]:
+        return _decoder_forward(self, x)
+
+    def _forward(self, x: Float[Array, "n i"] | Int[Array, " n"]) -> Float[Array, "n o"]:
         # token ids: a row lookup, the one-hot product without the (n, vocab) one-hot
         h = self.W_in[x] if jnp.issubdtype(x.dtype, jnp.integer) else x @ self.W_in
         if self.positions is not None:
@@ -329,6 +332,14 @@ class Decoder(eqx.Module):
             h = b(h)
         out = jax.vmap(self.norm)(h) @ self.W_out
         return out if self.b_out is None else out + self.b_out
+
+
+# the forward pass compiled once per decoder structure and input shape: called eagerly (or
+# under an eager `vmap`) it ran as one small program per operation and shape; under an outer
+# transformation it is traced into the caller's program as before
+@eqx.filter_jit
+def _decoder_forward(model: Decoder, x: Array) -> Array:
+    return model._forward(x)
 
 
 def _centred(W: Float[Array, "... d"]) -> Float[Array, "... d"]:
