@@ -254,7 +254,6 @@ CASES = {
 }
 
 
-@eqx.filter_jit  # one program per model structure (eager dispatch would compile op by op)
 def _out(model, inputs):
     return gj.default_observable(model, inputs)[0]
 
@@ -287,10 +286,14 @@ def _moved(gauge, model, v):
 
 @eqx.filter_jit
 def _field_tangents(gauge, model, v, t, y):
-    """The tangent field at `(t, y)`, and the jvp of the moved field there."""
+    """At `(t, y)`: the tangent field, the jvp of the moved field, and the first-order term of
+    `deform(field, eps, s)` for the family's generator eps of `v` (one program per family for
+    both tests that use them)."""
     moved = _moved(gauge, model, v)
     expected = jax.jvp(lambda a: moved(a).field(t, y, None), (0.0,), (1.0,))[1]
-    return gauge.tangent(model, v).field(t, y, None), expected
+    eps = gauge.first_order_generator(v)
+    generated = jax.jvp(lambda s: gj.deform(model.field, eps, s)(t, y, None), (0.0,), (1.0,))[1]
+    return gauge.tangent(model, v).field(t, y, None), expected, generated
 
 
 @eqx.filter_jit
@@ -314,34 +317,55 @@ def case(request):
     return c, c.gauge(k[0]), model, c.inputs(k[1]), k
 
 
+@eqx.filter_jit
+def _group_law_outputs(gauge, model, x, g1, g2, finite):
+    """The outputs of the model, of the identity's action and (a finite family) of compose,
+    g1 then g2 and inverse: one program per case (one per operation, eager, compiled op by op;
+    a neural ODE's acted model is a new structure)."""
+    act = gauge.act
+    outputs = [_out(model, x), _out(act(gauge.identity(), model), x)]
+    if not finite:
+        return outputs
+    outputs += [
+        _out(act(gauge.compose(g1, g2), model), x),
+        _out(act(g2, act(g1, model)), x),
+        _out(act(gauge.inverse(g1), act(g1, model)), x),
+    ]
+    return outputs
+
+
+@eqx.filter_jit  # one small program per case, run per draw (8 acts inlined trace 8 times)
+def _moved_params(gauge, model, g):
+    return eqx.filter(gauge.act(g, model), eqx.is_inexact_array)
+
+
 def test_identity_compose_inverse(case):
     c, gauge, model, x, k = case
-    ref = _out(model, x)
-    ok, err = _close(_out(gauge.act(gauge.identity(), model), x), ref, c.tol)
-    assert ok, f"identity moves the outputs by {err:.2e}"
     g1, g2 = _sample(gauge, k[2]), _sample(gauge, k[3])
+    outputs = _group_law_outputs(gauge, model, x, g1, g2, c.finite)
+    ref, identity = outputs[:2]
+    ok, err = _close(identity, ref, c.tol)
+    assert ok, f"identity moves the outputs by {err:.2e}"
     if c.finite:  # an infinitesimal family composes to first order only (its Lie algebra)
-        both = _out(gauge.act(gauge.compose(g1, g2), model), x)
-        ok, err = _close(both, _out(gauge.act(g2, gauge.act(g1, model)), x), c.tol)
+        both, sequential, back = outputs[2:]
+        ok, err = _close(both, sequential, c.tol)
         assert ok, f"compose(g1, g2) is not g1 then g2: {err:.2e}"
-        back = gauge.act(gauge.inverse(g1), gauge.act(g1, model))
-        ok, err = _close(_out(back, x), ref, c.tol)
+        ok, err = _close(back, ref, c.tol)
         assert ok, f"inverse(g) does not undo g: {err:.2e}"
         # not vacuous: samples move the parameters (the outputs stay, by the symmetry); of a
         # small discrete family (2 heads) one draw may be the identity, so any of 8 draws
         base = eqx.filter(model, eqx.is_inexact_array)
         draws = [g1, *(_sample(gauge, kk) for kk in jax.random.split(k[4], 7))]
 
-        def moves(g):
-            moved = eqx.filter(gauge.act(g, model), eqx.is_inexact_array)
-            if jax.tree.structure(moved) != jax.tree.structure(base):  # the structure moved
+        def moves(params):
+            if jax.tree.structure(params) != jax.tree.structure(base):  # the structure moved
                 return True
             return any(
                 not np.allclose(a, b)
-                for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(base), strict=True)
+                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base), strict=True)
             )
 
-        assert any(moves(g) for g in draws)
+        assert any(moves(_moved_params(gauge, model, g)) for g in draws)
     else:
         summed = gauge.compose(g1, g2)
         for a, b, s in zip(
@@ -361,7 +385,7 @@ def test_tangent_is_the_jvp_of_act(case):
         assert jax.tree.structure(tangent) == jax.tree.structure(arrays)
         assert all(not np.any(np.asarray(t)) for t in jax.tree.leaves(tangent))
     elif isinstance(gauge, gj.AbstractFieldGauge):
-        got, expected = _field_tangents(gauge, model, v, jnp.asarray(0.37), x[0])
+        got, expected, _ = _field_tangents(gauge, model, v, jnp.asarray(0.37), x[0])
         np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)  # same jvp, reordered
         assert float(jnp.max(jnp.abs(got))) > 1e-6  # not vacuous
     else:
@@ -381,17 +405,6 @@ def test_tangent_is_the_jvp_of_act(case):
         assert max(float(jnp.max(jnp.abs(t))) for t in arrays) > 1e-6
 
 
-@eqx.filter_jit
-def _generator_tangents(gauge, model, v, t, y):
-    """The first-order term of `deform(field, eps, s)` for the family's generator eps of `v`,
-    and the jvp of the moved field."""
-    eps = gauge.first_order_generator(v)
-    moved = _moved(gauge, model, v)
-    expected = jax.jvp(lambda a: moved(a).field(t, y, None), (0.0,), (1.0,))[1]
-    got = jax.jvp(lambda s: gj.deform(model.field, eps, s)(t, y, None), (0.0,), (1.0,))[1]
-    return got, expected
-
-
 def test_first_order_generator_is_the_tangent_of_act(case):
     # every field family here is a spacetime diffeomorphism to first order: its generator's
     # deformation (Eq. 9) is the jvp of `act` (the sweep's first-order lanes rely on it); the
@@ -402,7 +415,7 @@ def test_first_order_generator_is_the_tangent_of_act(case):
         assert gauge.first_order_generator(v) is None
         return
     assert gauge.first_order_generator(v) is not None
-    got, expected = _generator_tangents(gauge, model, v, jnp.asarray(0.37), x[0])
+    _, expected, got = _field_tangents(gauge, model, v, jnp.asarray(0.37), x[0])
     # the same derivatives, reordered: measured <= 1.1e-16 of the largest entry (Cayley)
     ok, err = _close(got, expected, 1e-15)
     assert ok, f"the generator's deformation differs from the jvp of act by {err:.2e}"
@@ -415,10 +428,11 @@ def test_sample_under_jit_and_vmap(case):
     batched = _samples(gauge, keys)  # vmapped (one program; eager would compile op by op)
     for i in range(3):
         single = _sample(gauge, keys[i])  # one jitted program for every key
+        # b[i] of a numpy copy (eager indexing of a jax array compiles per shape and index)
         for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(batched), strict=True):
-            np.testing.assert_allclose(a, b[i], rtol=1e-14, atol=1e-15)
+            np.testing.assert_allclose(a, np.asarray(b)[i], rtol=1e-14, atol=1e-15)
     # samples differ between keys (a constant 'sample' would pass the comparison above)
-    leaves = jax.tree.leaves(batched)
+    leaves = [np.asarray(x) for x in jax.tree.leaves(batched)]
     assert any(not np.allclose(x[0], x[1]) for x in leaves if np.size(x[0]) > 0)
 
 
