@@ -153,6 +153,11 @@ def test_permutations_of_heads_and_units_keep_the_function_and_one_sided_ones_do
         gj.UnitPermutationGauge.from_model(eqx.nn.MLP(D, D, 4, 0, key=keys[0]))
     with pytest.raises(TypeError, match="UnitPermutationGauge acts on a BlockMLP or an eqx.nn.MLP"):
         gj.UnitPermutationGauge((7,)).check_model(models[0])
+    # from_model refuses a model of another kind itself (its docstring's Raises)
+    with pytest.raises(TypeError, match="UnitPermutationGauge acts on .*; received BlockAttention"):
+        gj.UnitPermutationGauge.from_model(models[0])
+    with pytest.raises(TypeError, match="HeadPermutationGauge acts on .*; received MLP"):
+        gj.HeadPermutationGauge.from_model(eqx.nn.MLP(D, D, 4, 1, key=keys[0]))
 
 
 def test_bad_input_is_refused():

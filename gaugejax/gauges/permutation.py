@@ -134,7 +134,12 @@ class HeadPermutationGauge(AbstractPermutationGauge):
 
     @classmethod
     def from_model(cls, attention: Any) -> "HeadPermutationGauge":
-        """The family with the head counts of `attention`."""
+        """The family with the head counts of `attention`.
+
+        **Raises:** `TypeError` naming the family and the model's type when `attention` is not
+        a `BlockAttention`; `ValueError` (the constructor's) for head counts that make no
+        family, e.g. a single query head.
+        """
         if not isinstance(attention, BlockAttention):
             raise model_error(cls.__name__, "a BlockAttention", attention)
         return cls(attention.num_heads, attention.num_kv_heads)
@@ -270,7 +275,12 @@ class UnitPermutationGauge(AbstractPermutationGauge):
 
     @classmethod
     def from_model(cls, mlp: Any) -> "UnitPermutationGauge":
-        """The family with the hidden widths of `mlp`."""
+        """The family with the hidden widths of `mlp`.
+
+        **Raises:** `TypeError` naming the family and the model's type when `mlp` is neither a
+        `BlockMLP` nor an `eqx.nn.MLP`; `ValueError` (the constructor's) for widths that make
+        no family, e.g. an MLP without hidden layers.
+        """
         if isinstance(mlp, BlockMLP):
             return cls((mlp.W1.shape[1],))
         if isinstance(mlp, eqx.nn.MLP):
