@@ -42,7 +42,8 @@ def test_readme_example_runs_and_holds(index):
     lines = _run(_examples()[index], f"README example {index}")
     assert lines[0].startswith("holds - "), lines
     if index == 1:
-        assert lines[1].split()[0] == "True" and float(lines[1].split()[1]) < 1e-8
+        # balanced to its tol 1e-10 on the factors: the largest charge measured 3.25e-11
+        assert lines[1].split()[0] == "True" and float(lines[1].split()[1]) < 3e-10
     if index == 2:  # the user's own attention through its AttentionSpec
         assert lines[1] == "holds", lines
 
