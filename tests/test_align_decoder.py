@@ -51,8 +51,10 @@ def test_align_decoder_fits_permutations_of_heads_and_units(getkey):
     factors above and, per block, a permutation of the two key-value groups, of the two query
     heads inside each and of the 16 hidden units (drawn: block 0 swaps the heads of group 0,
     block 1 swaps the groups and the heads of one). Fitting the permutations too brings the
-    distance from 307 to 2.3e-19 in 12 rounds (measured) with B's logits kept (8.5e-16,
-    measured); the plain family stalls (215.5 after 3 rounds, 215.4 after its 12: measured)."""
+    distance from 307 to its rounding floor in 12 rounds, about 100x a round (measured 2.3e-19
+    with the tests' compile flags, 1.16e-17 with XLA's default optimisations: the floor is how
+    `act` rounds), with B's logits kept (8.5e-16, measured); the plain family stalls (215.5
+    after 3 rounds, 215.4 after its 12: measured)."""
     A = _decoder(getkey(), **GQA)
     gauge = gj.DecoderGauge.from_model(A, permutations=True)
     g = gauge.sample(getkey())
@@ -65,7 +67,10 @@ def test_align_decoder_fits_permutations_of_heads_and_units(getkey):
     res = gj.align(A, B, gauge, max_rounds=12)
     assert _monotone(res.history)
     assert 100.0 < res.history[0] < 1000.0  # measured 307
-    assert res.history[-1] < 2.3e-18  # measured 2.3e-19
+    # linear convergence (rounds 4 to 10: measured 545x to 102x a round), then the floor
+    rates = [a / b for a, b in zip(res.history[3:10], res.history[4:11], strict=True)]
+    assert min(rates) > 50.0, rates
+    assert res.history[-1] < 1e-16  # measured 2.3e-19 and 1.16e-17 (see above)
     plain = gj.align(A, B, gj.DecoderGauge.from_model(A), max_rounds=3)
     assert plain.history[0] == res.history[0] and plain.history[-1] > 150.0  # measured 215.5
     x = jax.random.normal(getkey(), (6, 5))

@@ -96,9 +96,11 @@ def test_teleport_keeps_the_function_and_raises_the_gradient_norm():
         np.testing.assert_allclose(a, b, rtol=KEEPS, atol=0)
     # the bounded step: |log alpha| <= num_steps * max_log_step (to rounding of exp and log)
     assert _max_abs_log(res.element) <= 1.0 + 1e-12
-    # the charges are the library's and a teleport changes them (O(1) here)
+    # the charges are the library's and a teleport changes them (O(1) here): the same sums in
+    # another compiled program, equal with the tests' compile flags, 6.5e-16 apart (relative)
+    # with XLA's default optimisations (measured)
     for q, want in zip(res.charges_before, gj.rescaling_conserved_quantity(model), strict=True):
-        np.testing.assert_array_equal(q, want)
+        np.testing.assert_allclose(q, want, rtol=5e-15, atol=0)
     jump = max(
         float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
         for a, b in zip(res.charges_after, res.charges_before, strict=True)
