@@ -579,30 +579,36 @@ def test_an_interrupted_experiment_resumes_to_the_same_files(tmp_path, monkeypat
     assert plt.get_fignums() == before
 
 
+# A child's SIGINT set to its default and unblocked, then `python ARGS...` exec'd in its place
+# (Python installs its own SIGINT handler only when it starts with the default). A
+# `preexec_fn` would do the same between fork and exec, but it forks this multithreaded
+# process and runs Python there (what CPython warns may deadlock: "os.fork() was called ...
+# JAX is multithreaded"); this trampoline is an ordinary spawn.
+DEFAULT_SIGINT = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_cli_interrupt_stops_within_seconds_and_marks_the_run(tmp_path, signum):
     """SIGINT (Ctrl-C) or SIGTERM (a scheduler, `kill`) while a check runs: the CLI exits within
     10 s (the checks not started are
     cancelled), status "interrupted", nothing claimed, and it says how to resume (resuming to
     the same files: `test_an_interrupted_experiment_resumes_to_the_same_files` for checks,
-    `test_killed_gauge_fixing_resumes_to_the_same_files` through the CLI). The child starts
-    with SIGINT at its default and unblocked (`preexec_fn`): in full-suite runs the pytest
+    `test_killed_gauge_fixing_resumes_to_the_same_files` through the CLI). The CLI starts
+    with SIGINT at its default and unblocked (`DEFAULT_SIGINT`): in full-suite runs the pytest
     worker could hand its children a SIGINT they ignored (every signal had no effect, even
     re-sent every 2 s; alone the test passes), which would test the worker's state, not the
     CLI's. The signal is still re-sent every 2 s (a user's second Ctrl-C); 10 s from the first
     bounds the exit, and a CLI that ignored SIGINT would run to completion and fail."""
-
-    def default_sigint():  # in the child, before exec: Python then installs its own handler
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-    cmd = [sys.executable, "-m", "experiments", "node_symmetry", "--config",
-           "configs/node_symmetry/smoke.toml", 'checks=["thm21", "lie_bracket"]', "workers=1",
-           "--out", str(tmp_path)]  # fmt: skip
+    cmd = [sys.executable, "-c", DEFAULT_SIGINT, "-m", "experiments", "node_symmetry",
+           "--config", "configs/node_symmetry/smoke.toml", 'checks=["thm21", "lie_bracket"]',
+           "workers=1", "--out", str(tmp_path)]  # fmt: skip
     env = dict(os.environ, GAUGEJAX_JAX_CACHE="")
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
-    )
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("node_symmetry/*/status.json")):
         assert proc.poll() is None and time.monotonic() < deadline
