@@ -167,8 +167,12 @@ def load_dataset(
     x, y = _raw(name, num_samples, float(noise), seed)
     index = np.arange(len(y))
     train, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=y)
-    scaler = StandardScaler().fit(x[train])
-    if not np.all(np.isfinite(scaler.transform(x))):  # the variance overflowed
+    # a variance that overflows is refused below with its reason, so numpy's own overflow
+    # warnings from inside scikit-learn would only say the same thing less clearly
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaler = StandardScaler().fit(x[train])
+        standardised = scaler.transform(x)
+    if not np.all(np.isfinite(standardised)):  # the variance overflowed
         raise ValueError(
             f"`noise` must keep the standardised features finite; received {noise!r}, whose "
             "samples overflow the variance (noise of order 1 is the generated sets' scale)."
